@@ -1,0 +1,145 @@
+"""The frozen run configuration, built from scenario TOML + CLI + environment.
+
+It is passed down explicitly (never a global) and round-trips to JSON, so
+every result directory records exactly what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab.run import BadInput
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str | int | float, what: str = "duration") -> float:
+    """'30s', '2m', '1.5h', '500ms' or a number of seconds -> seconds."""
+    if isinstance(text, (int, float)):
+        if text <= 0:
+            raise BadInput(f"{what} must be positive, got {text}")
+        return float(text)
+    m = _DURATION.match(text)
+    if not m:
+        raise BadInput(f"bad {what}: {text!r}", hint="use e.g. 500ms, 30s, 2m, 1h")
+    v = float(m.group(1)) * _UNITS[m.group(2)]
+    if v <= 0:
+        raise BadInput(f"{what} must be positive, got {text!r}")
+    return v
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return f"{seconds / 60:.1f}m"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides what one `racelab run` / `repro` does."""
+
+    scenario: str                       # scenario name (scenarios/NAME.toml)
+    scenario_data: dict[str, Any]       # the validated, override-applied scenario as data
+    backend: str = "netns"              # netns | vm
+    kernels: tuple[str, ...] = ()       # kernel specs (vm backend); empty = host kernel
+    duration: float = 30.0              # seconds of load per target
+    vms: int = 1                        # guests per kernel (vm backend)
+    seed: int = 0                       # seeds names and sender payloads
+    stop_on_first: bool = False         # end a target's run at its first violation
+    expect: str | None = None           # reproduced | clean | None
+    inject: str | None = None           # fault class the checker commits on purpose
+    mitigation: str | None = None       # workaround applied to the affected kernel
+    evidence: tuple[str, ...] = ()      # extra evidence: "trace"
+    out: str = ""                       # results directory
+    overrides: tuple[str, ...] = ()     # the --set KEY=VALUE strings, as given
+    uris: tuple[str, ...] = ("qemu:///system",)  # libvirt hosts for the fleet
+
+    def to_json(self) -> str:
+        return json.dumps(to_jsonable(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return from_jsonable(cls, json.loads(text))
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def from_jsonable(tp: Any, data: Any) -> Any:
+    """Inverse of to_jsonable for the dataclasses used in configs and results."""
+    if isinstance(tp, str):
+        raise TypeError("unresolved annotation")
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        kwargs = {f.name: from_jsonable(hints[f.name], data[f.name])
+                  for f in dataclasses.fields(tp) if f.name in data}
+        return tp(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        if data is None:
+            return None
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return from_jsonable(args[0], data)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(from_jsonable(args[0], x) for x in data)
+        return tuple(from_jsonable(a, x) for a, x in zip(args, data))
+    if origin is list:
+        (a,) = typing.get_args(tp)
+        return [from_jsonable(a, x) for x in data]
+    if origin is dict:
+        _, v = typing.get_args(tp)
+        return {k: from_jsonable(v, x) for k, x in data.items()}
+    if tp is float and isinstance(data, int):
+        return float(data)
+    return data
+
+
+def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:
+    """--set load.senders=4 --set xdp.mode=native -> {'load.senders': 4, ...}.
+
+    Values are parsed as TOML values where possible (numbers, booleans,
+    quoted strings, arrays), otherwise taken as bare strings.
+    """
+    import tomllib
+
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. load.senders=4")
+            continue
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key] = value
+    if problems:
+        raise BadInput("; ".join(problems))
+    return out
+
+
+__all__ = ["RunConfig", "parse_duration", "fmt_duration", "to_jsonable", "from_jsonable",
+           "parse_overrides", "field"]
