@@ -1,0 +1,1 @@
+"""racelab pytest plugin (fixtures and options); see issue 6."""
