@@ -1,0 +1,358 @@
+"""The agent: runs one scenario where the kernel under test is.
+
+The orchestrator starts `python -m lab.agent` through a Host (locally for the
+netns backend, over SSH inside a guest) and writes an AgentSpec as one JSON
+line to its stdin.  The agent builds the topology, starts the checker and the
+load, and streams JSON events on stdout:
+
+  {"type":"topology", ...}            namespaces are up
+  {"type":"ready", ...}               the checker's sockets are bound (from xskcheck)
+  {"type":"load-start","t":...}       senders / iperf3 started (t: agent clock)
+  {"type":"violation", ...}           from xskcheck, as it happens
+  {"type":"stats", ...}               from xskcheck, periodically
+  {"type":"sender", ...}              sender progress
+  {"type":"evidence", ...}            kernel-side evidence (trace), at the end
+  {"type":"done", ...}                final checker counters
+  {"type":"agent-done","load_seconds":...,"reason":...}
+
+Everything it starts runs with PR_SET_PDEATHSIG and inside namespaces held by
+keeper processes, so killing the agent in any way removes all of it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab.config import from_jsonable, to_jsonable
+from lab.topology import Topology, TopologySpec, build
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class CheckerOpts:
+    ns: str
+    dev: str
+    peer_dev: str = ""
+    mode: str = "rxdrop"
+    xdp: str = "generic"
+    queues: int = 1
+    frame_size: int = 2048
+    headroom: int = 0
+    frames: int = 256
+    shared_umem: bool = False
+    batch: int = 64
+    busy_poll: bool = False
+    checks: str = "all"
+    inject: str = ""
+    trace_marker: bool = False
+    stats_ms: int = 500
+
+
+@dataclass(frozen=True)
+class SenderOpts:
+    ns: str
+    dev: str
+    dst_mac: str
+    src_ip: str
+    dst_ip: str
+    senders: int = 2
+    burst: int = 32
+    gap_ns: int = 0
+    size: int = 64
+    rate: int = 0
+    inject: str = ""
+
+
+@dataclass(frozen=True)
+class IperfOpts:
+    server_ns: str
+    client_ns: str
+    server_ip: str
+    streams: int = 1
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    topology: TopologySpec
+    checker: CheckerOpts
+    sender: SenderOpts | None
+    iperf: IperfOpts | None
+    duration: float
+    stop_on_first: bool = False
+    seed: int = 0
+    bin_dir: str = ""
+    trace: dict[str, Any] = field(default_factory=dict)   # evidence options (lab.evidence)
+
+    def to_json(self) -> str:
+        return json.dumps(to_jsonable(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> AgentSpec:
+        return from_jsonable(cls, json.loads(text))
+
+
+def checker_argv(bin_dir: str, c: CheckerOpts, duration: float, seed: int,
+                 stop_on_first: bool) -> list[str]:
+    argv = [str(Path(bin_dir) / "xskcheck"), "--dev", c.dev, "--mode", c.mode, "--xdp", c.xdp,
+            "--queues", str(c.queues), "--frame-size", str(c.frame_size),
+            "--headroom", str(c.headroom), "--frames", str(c.frames), "--batch", str(c.batch),
+            "--duration", f"{duration:.3f}", "--stats-ms", str(c.stats_ms),
+            "--checks", c.checks, "--seed", str(seed)]
+    if c.peer_dev:
+        argv += ["--peer-dev", c.peer_dev]
+    if c.shared_umem:
+        argv.append("--shared-umem")
+    if c.busy_poll:
+        argv.append("--busy-poll")
+    if c.inject:
+        argv += ["--inject", c.inject]
+    if c.trace_marker:
+        argv.append("--trace-marker")
+    if stop_on_first:
+        argv.append("--stop-on-first")
+    return argv
+
+
+def sender_argv(bin_dir: str, s: SenderOpts, duration: float, seed: int) -> list[str]:
+    ncpu = os.cpu_count() or 1
+    cpus = ",".join(str(i % ncpu) for i in range(s.senders))
+    argv = [str(Path(bin_dir) / "xsksend"), "--dev", s.dev, "--dst-mac", s.dst_mac,
+            "--src-ip", s.src_ip, "--dst-ip", s.dst_ip, "--senders", str(s.senders),
+            "--cpus", cpus, "--burst", str(s.burst), "--gap-ns", str(s.gap_ns),
+            "--size", str(s.size), "--duration", f"{duration:.3f}", "--rate", str(s.rate),
+            "--seed", str(seed)]
+    if s.inject:
+        argv += ["--inject", s.inject]
+    return argv
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Child:
+    """A process inside a namespace whose stdout lines go to a shared queue."""
+
+    def __init__(self, name: str, argv: Sequence[str], out: queue.Queue[tuple[str, str | None]]):
+        self.name = name
+        self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1, preexec_fn=_die_with_parent)
+        self.stderr: list[str] = []
+        self._t_out = threading.Thread(target=self._pump, args=(out,), daemon=True)
+        self._t_err = threading.Thread(target=self._pump_err, daemon=True)
+        self._t_out.start()
+        self._t_err.start()
+
+    def _pump(self, out: queue.Queue[tuple[str, str | None]]) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            out.put((self.name, line.rstrip("\n")))
+        out.put((self.name, None))
+
+    def _pump_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line.rstrip("\n"))
+            del self.stderr[:-50]
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._t_out.join(2)
+        self._t_err.join(2)
+
+
+_T0 = time.monotonic()
+
+
+def emit(obj: dict[str, Any]) -> None:
+    """One event line; "at" is the agent's clock, shared by all sources."""
+    obj.setdefault("at", round(time.monotonic() - _T0, 6))
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class Stop(Exception):
+    pass
+
+
+def run_agent(spec: AgentSpec) -> int:
+    from lab import evidence
+
+    t0 = time.monotonic()
+    bin_dir = spec.bin_dir
+    events: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    reason = "duration"
+    load_start: float | None = None
+    final: dict[str, Any] | None = None
+    with ExitStack() as stack:
+        topo: Topology = stack.enter_context(build(spec.topology))
+        emit({"type": "topology", "t": time.monotonic() - t0, "netns": list(topo.keepers)})
+        tracer = None
+        if spec.trace:
+            tracer = stack.enter_context(evidence.Tracer(spec.trace))
+        c = spec.checker
+        # the checker ends by itself a little after the load, if nobody stops it
+        checker = Child("checker", topo.nsenter(c.ns, checker_argv(
+            bin_dir, c, spec.duration + 30, spec.seed, spec.stop_on_first)), events)
+        stack.callback(checker.stop)
+        _wait_ready(checker, events, t0)
+        children: list[Child] = []
+        if spec.sender and spec.sender.senders > 0:
+            s = spec.sender
+            sender = Child("sender", topo.nsenter(s.ns, sender_argv(
+                bin_dir, s, spec.duration + 30, spec.seed)), events)
+            stack.callback(sender.stop)
+            children.append(sender)
+        if spec.iperf:
+            ip = spec.iperf
+            srv = Child("iperf3-server", topo.nsenter(ip.server_ns, ["iperf3", "-s", "-1", "-J"]),
+                        queue.Queue())
+            stack.callback(srv.stop)
+            time.sleep(0.5)
+            cli = Child("iperf3", topo.nsenter(ip.client_ns, [
+                "iperf3", "-c", ip.server_ip, "-t", str(max(1, int(spec.duration))),
+                "-P", str(ip.streams), "-J"]), queue.Queue())
+            stack.callback(cli.stop)
+            children.append(cli)
+        load_start = time.monotonic()
+        emit({"type": "load-start", "t": load_start - t0})
+        deadline = load_start + spec.duration
+        checker_open = True
+        while checker_open:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            try:
+                src, line = events.get(timeout=min(timeout, 1.0))
+            except queue.Empty:
+                continue
+            if line is None:
+                if src == "checker":
+                    checker_open = False
+                    reason = "checker-exit"
+                continue
+            ev = _parse(line)
+            if ev is None:
+                continue
+            if src == "sender":
+                ev = {**ev, "type": "sender", "sender_type": ev.get("type")}
+            emit(ev)
+            if ev.get("type") == "violation" and spec.stop_on_first:
+                reason = "first-violation"
+                break
+        load_seconds = time.monotonic() - load_start
+        for ch in children:
+            ch.stop()
+        checker.stop()
+        # drain what the checker printed while stopping (its final "done")
+        while True:
+            try:
+                src, line = events.get(timeout=0.5)
+            except queue.Empty:
+                break
+            if line is None:
+                continue
+            ev = _parse(line)
+            if ev is None:
+                continue
+            if src == "sender":
+                ev = {**ev, "type": "sender", "sender_type": ev.get("type")}
+            if ev.get("type") == "done" and src == "checker":
+                final = ev
+            emit(ev)
+        if checker.proc.returncode not in (0, -signal.SIGTERM) and final is None:
+            emit({"type": "agent-error", "what": "checker",
+                  "returncode": checker.proc.returncode, "stderr": checker.stderr[-20:]})
+        if tracer is not None:
+            emit({"type": "evidence", **tracer.collect()})
+        emit({"type": "agent-done", "t": time.monotonic() - t0, "load_seconds": load_seconds,
+              "reason": reason, "checker_returncode": checker.proc.returncode,
+              "checker_stderr": checker.stderr[-10:]})
+    return 0
+
+
+def _wait_ready(checker: Child, events: queue.Queue[tuple[str, str | None]], t0: float,
+                timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            src, line = events.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if line is None:
+            checker.proc.wait(5)
+            emit({"type": "agent-error", "what": "checker-start", "returncode": checker.proc.returncode,
+                  "stderr": checker.stderr[-20:]})
+            raise Stop(f"checker exited before ready: {' | '.join(checker.stderr[-5:])}")
+        ev = _parse(line)
+        if ev is not None:
+            emit(ev)
+            if ev.get("type") == "ready":
+                return
+    raise Stop("checker not ready within 60 s")
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        ev = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return ev if isinstance(ev, dict) else None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    # the spec: a JSON argument, a file, or one line on stdin
+    arg = sys.argv[1] if len(sys.argv) > 1 else None
+    if arg is None:
+        text = sys.stdin.readline()
+    elif arg.lstrip().startswith("{"):
+        text = arg
+    else:
+        text = Path(arg).read_text()
+    spec = AgentSpec.from_json(text)
+    # SIGTERM/SIGINT/SIGHUP unwind the ExitStack: topology and children go away
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    try:
+        return run_agent(spec)
+    except Stop as e:
+        emit({"type": "agent-done", "reason": "error", "error": str(e)})
+        return 3
+    except KeyboardInterrupt:
+        emit({"type": "agent-done", "reason": "interrupted"})
+        return 130
+    except Exception as e:  # noqa: BLE001 - reported to the orchestrator, which decides
+        emit({"type": "agent-done", "reason": "error", "error": f"{type(e).__name__}: {e}"})
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""racelab: does this race reproduce on this kernel?
+
+Exit codes: 0 the run completed (and matched --expect if given); 1 the
+verdict contradicts --expect; 2 bad input; 3 infrastructure failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lab import scenario as scen
+from lab.config import RunConfig, parse_duration, parse_overrides
+from lab.run import (EXIT_BAD_INPUT, EXIT_INFRA, EXIT_MISMATCH, EXIT_OK, BadInput, RacelabError,
+                     setup_logging)
+
+
+def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False) -> None:
+    p.add_argument("scenario", help="scenario name (scenarios/NAME.toml) or a .toml path")
+    p.add_argument("--backend", choices=("netns", "vm"), default=None,
+                   help="netns: this machine's kernel in namespaces; vm: guests on chosen kernels")
+    p.add_argument("--kernel", action="append", default=[], metavar="K",
+                   help="kernel to test (repeatable): catalog name, deb:, git:, tarball:, bzimage:")
+    p.add_argument("--vms", type=int, default=None, help="guests per kernel (vm backend)")
+    if budget:
+        p.add_argument("--budget", default=None, help="time budget per kernel, e.g. 60s, 10m")
+    else:
+        p.add_argument("--duration", default=None, help="load time, e.g. 30s, 2m (default: scenario's)")
+    p.add_argument("--stop-on-first", action="store_true", help="stop a target at its first violation")
+    p.add_argument("--expect", choices=("reproduced", "clean"), help="exit 1 if the verdict differs")
+    p.add_argument("--out", default="", help="results directory (default: results/SCENARIO-TIME-PID)")
+    p.add_argument("--json", action="store_true", help="print summary.json to stdout")
+    p.add_argument("--seed", type=int, default=None, help="seed for names and payloads (default: random)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario knob, e.g. --set load.senders=4")
+    p.add_argument("--mitigation", choices=scen.MITIGATIONS, help="apply a workaround to the scenario")
+    p.add_argument("--evidence", action="append", default=[], choices=("trace",),
+                   help="collect kernel-side evidence (ftrace kprobes)")
+    p.add_argument("--inject", default=None, help="fault class the checker commits on purpose")
+    p.add_argument("--uri", action="append", default=[], help="libvirt URI(s) hosting the fleet")
+
+
+def build_config(a: argparse.Namespace, *, default_backend: str, duration: float | None = None
+                 ) -> RunConfig:
+    overrides = parse_overrides(a.set)
+    s = scen.load(a.scenario, overrides)
+    s = scen.apply_mitigation(s, a.mitigation)
+    dur = duration if duration is not None else (
+        parse_duration(a.duration, "--duration") if getattr(a, "duration", None) else s.duration())
+    vms = a.vms if a.vms is not None else 1
+    if vms < 1:
+        raise BadInput(f"--vms must be >= 1, got {vms}")
+    seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
+    return RunConfig(
+        scenario=s.name, scenario_data=s.data, backend=a.backend or default_backend,
+        kernels=tuple(a.kernel), duration=dur, vms=vms, seed=seed,
+        stop_on_first=a.stop_on_first, expect=a.expect, inject=a.inject,
+        mitigation=a.mitigation, evidence=tuple(a.evidence), out=a.out,
+        overrides=tuple(a.set), uris=tuple(a.uri) or ("qemu:///system",))
+
+
+def _exit_for(outcome, expect: str | None) -> int:  # noqa: ANN001
+    from lab.verdict import INCONCLUSIVE, matches
+
+    if any(r.verdict == INCONCLUSIVE for r in outcome.rows):
+        return EXIT_INFRA
+    if expect and not all(matches(r, expect) for r in outcome.rows):
+        return EXIT_MISMATCH
+    return EXIT_OK
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from lab import report, session
+
+    cfg = build_config(a, default_backend="netns")
+    if cfg.inject:
+        from lab import dataplane
+        if cfg.inject not in dataplane.INJECT_KINDS:
+            raise BadInput(f"unknown --inject {cfg.inject!r}", hint=f"one of: {', '.join(dataplane.INJECT_KINDS)}")
+    if cfg.backend == "netns":
+        if cfg.kernels:
+            raise BadInput("--kernel needs --backend vm", hint="the netns backend tests this machine's kernel")
+        outcome = session.run_netns(cfg, progress=not a.json)
+    else:
+        from lab import fleet
+        outcome = fleet.run_vm(cfg, progress=not a.json)
+    return _report(outcome, cfg, a.json)
+
+
+def _report(outcome, cfg: RunConfig, as_json: bool) -> int:  # noqa: ANN001
+    from lab import report
+
+    if as_json:
+        print((outcome.out / "summary.json").read_text())
+    else:
+        report.print_table(outcome.rows, f"racelab {cfg.scenario} ({cfg.backend}), seed {cfg.seed}")
+        print(f"results: {outcome.out}  (summary.json, events.jsonl, junit.xml, report.html)")
+    return _exit_for(outcome, cfg.expect)
+
+
+def cmd_repro(a: argparse.Namespace) -> int:
+    from lab import repro
+
+    budget = parse_duration(a.budget, "--budget") if a.budget else None
+    cfg = build_config(a, default_backend="vm", duration=budget)
+    outcome = repro.run_repro(cfg, budget_given=budget is not None, progress=not a.json)
+    return _report_repro(outcome, cfg, a.json)
+
+
+def _report_repro(outcome, cfg: RunConfig, as_json: bool) -> int:  # noqa: ANN001
+    from lab import report
+    from lab.verdict import INCONCLUSIVE
+
+    if as_json:
+        print((outcome.out / "summary.json").read_text())
+    else:
+        report.print_table(outcome.rows, f"racelab repro {cfg.scenario} ({cfg.backend}), seed {cfg.seed}")
+        print(f"results: {outcome.out}  (summary.json, junit.xml, report.html, evidence/)")
+    if any(r.verdict == INCONCLUSIVE for r in outcome.rows):
+        return EXIT_INFRA
+    expected = outcome.meta.get("expected", {})
+    if cfg.expect:
+        from lab.verdict import matches
+        return EXIT_OK if all(matches(r, cfg.expect) for r in outcome.rows) else EXIT_MISMATCH
+    # without --expect, a repro "matches" when each kernel did what the catalog says it should
+    if expected and not all(report_ok(r, expected.get(r.kernel)) for r in outcome.rows):
+        return EXIT_MISMATCH
+    return EXIT_OK
+
+
+def report_ok(row, exp: str | None) -> bool:  # noqa: ANN001
+    from lab.verdict import matches
+    return exp is None or matches(row, exp)
+
+
+def cmd_selftest(a: argparse.Namespace) -> int:
+    from lab import selftest
+
+    return selftest.main(xdp_modes=a.xdp, kinds=a.kind, seconds=parse_duration(a.duration), as_json=a.json)
+
+
+def cmd_kernel(a: argparse.Namespace) -> int:
+    from lab import kernel
+
+    if a.kcmd == "list":
+        kernel.cli_list()
+    elif a.kcmd == "build":
+        path = kernel.cli_build(a.spec, a.fragment, a.patch, a.vmlinux)
+        print(path)
+    elif a.kcmd == "show":
+        kernel.cli_show(a.name)
+    elif a.kcmd == "gc":
+        kernel.cli_gc(a.keep)
+    return EXIT_OK
+
+
+def cmd_image(a: argparse.Namespace) -> int:
+    from lab import image
+
+    img = image.ensure_image(progress=True)
+    print(img.path)
+    return EXIT_OK
+
+
+def cmd_vm(a: argparse.Namespace) -> int:
+    from lab import fleet
+
+    if a.vcmd == "run":
+        argv = a.command[1:] if a.command and a.command[0] == "--" else a.command
+        if not argv:
+            raise BadInput("racelab vm run KERNEL -- COMMAND...: no command given")
+        return fleet.vm_run(a.kernel, argv, vcpus=a.vcpus, memory_mib=a.memory)
+    return fleet.vm_shell(a.kernel, vcpus=a.vcpus, memory_mib=a.memory)
+
+
+def cmd_cleanup(a: argparse.Namespace) -> int:
+    from lab import fleet
+
+    fleet.cleanup_stale(verbose=True)
+    return EXIT_OK
+
+
+def cmd_matrix(a: argparse.Namespace) -> int:
+    from lab import matrix
+
+    return matrix.main(a)
+
+
+def cmd_bisect(a: argparse.Namespace) -> int:
+    from lab import bisect
+
+    return bisect.main(a)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="racelab", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="run a scenario (netns: this kernel; vm: guests on chosen kernels)")
+    _common_run_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("repro", help="one-command repro of a named bug: affected vs fixed kernels")
+    _common_run_args(p, budget=True)
+    p.set_defaults(func=cmd_repro)
+
+    p = sub.add_parser("selftest", help="prove every detector fires (fault injection) on this kernel")
+    p.add_argument("--xdp", action="append", choices=("generic", "native"), default=None)
+    p.add_argument("--kind", action="append", default=None, help="only these detector kinds")
+    p.add_argument("--duration", default="4s", help="traffic per injected fault")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_selftest)
+
+    p = sub.add_parser("kernel", help="kernels: list, build, show, gc")
+    ks = p.add_subparsers(dest="kcmd", required=True)
+    ks.add_parser("list", help="named kernels in kernels/catalog.toml and what is cached")
+    b = ks.add_parser("build", help="build or fetch a kernel; prints the artifact path")
+    b.add_argument("spec")
+    b.add_argument("--fragment", action="append", default=[], help="extra config fragment")
+    b.add_argument("--patch", action="append", default=[], help="extra patch")
+    b.add_argument("--vmlinux", action="store_true", help="keep vmlinux too")
+    s = ks.add_parser("show", help="source, patches, config hash, cache key, build log")
+    s.add_argument("name")
+    g = ks.add_parser("gc", help="drop cached kernels, keeping the most recently used")
+    g.add_argument("--keep", type=int, default=5)
+    p.set_defaults(func=cmd_kernel)
+
+    p = sub.add_parser("image", help="guest image")
+    p.add_argument("icmd", choices=("build",))
+    p.set_defaults(func=cmd_image)
+
+    p = sub.add_parser("vm", help="boot one guest: run a command, or a shell")
+    vs = p.add_subparsers(dest="vcmd", required=True)
+    for name in ("run", "shell"):
+        v = vs.add_parser(name)
+        v.add_argument("kernel")
+        v.add_argument("--vcpus", type=int, default=2)
+        v.add_argument("--memory", type=int, default=1024, help="MiB")
+        if name == "run":
+            v.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_vm)
+
+    p = sub.add_parser("cleanup", help="remove guests and namespaces left by killed runs")
+    p.set_defaults(func=cmd_cleanup)
+
+    p = sub.add_parser("matrix", help="kernel x scenario grid")
+    p.add_argument("--kernels", required=True)
+    p.add_argument("--scenarios", required=True)
+    p.add_argument("--budget", default="5m")
+    p.add_argument("--vms", type=int, default=1)
+    p.add_argument("--out", default="")
+    p.add_argument("--jobs", "-j", type=int, default=1)
+    p.set_defaults(func=cmd_matrix)
+
+    p = sub.add_parser("bisect", help="flake-aware bisection of kernel commits for a race")
+    p.add_argument("--tree", required=True)
+    p.add_argument("--good", required=True)
+    p.add_argument("--bad", required=True)
+    p.add_argument("--scenario", required=True)
+    p.add_argument("--find", choices=("cause", "fix"), default="cause")
+    p.set_defaults(func=cmd_bisect)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = make_parser()
+    a = ap.parse_args(argv)
+    setup_logging(a.verbose)
+    try:
+        return int(a.func(a) or 0)
+    except RacelabError as e:
+        print(f"racelab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("racelab: interrupted; everything started was torn down", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Results: the terminal table, summary.json, JUnit XML and an HTML report.
+
+Every results directory records what produced it (provenance()): the run
+configuration, the kernels' build keys and configs, the scenario, the host
+kernel, the QEMU version, the accelerator and the seed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+import shutil
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from lab.config import RunConfig, fmt_duration, to_jsonable
+from lab.verdict import NOT_REPRODUCED, REPRODUCED, Row, level_text, verdict_text
+
+
+def provenance(cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    qemu = ""
+    if shutil.which("qemu-system-x86_64"):
+        try:
+            out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                                 text=True, timeout=10).stdout
+            qemu = out.splitlines()[0] if out else ""
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        from lab import __version__ as lab_version
+    except ImportError:
+        lab_version = "0"
+    git = ""
+    try:
+        from lab.run import project_root
+        git = subprocess.run(["git", "-C", str(project_root()), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {
+        "racelab": lab_version, "racelab_git": git,
+        "host_kernel": platform.release(), "host": platform.node(),
+        "python": platform.python_version(), "qemu": qemu,
+        "seed": cfg.seed, "scenario": cfg.scenario, "backend": cfg.backend,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+
+
+def row_dict(row: Row) -> dict[str, Any]:
+    d = to_jsonable(row)
+    d["violations"] = row.violations
+    d["verdict_text"] = verdict_text(row)
+    d["rate_text"] = level_text(row.corruption, row.packets, row.confidence)
+    d["window_text"] = level_text(row.window, row.packets, row.confidence)
+    return d
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    """A verdict table, one row per kernel (rich when stdout is a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_lines=True)
+    for col in ("kernel", "VMs", "wall", "packets", "violations by kind", "first violation",
+                "corruption rate (95%)", "window hits", "verdict"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        kinds = ", ".join(f"{k}={n}" for k, n in sorted(r.by_kind.items())) or "-"
+        first = fmt_duration(r.first_violation_s) if r.first_violation_s is not None else "-"
+        window = (str(r.window.count) if r.window.available else "n/a")
+        style = {REPRODUCED: "bold red", NOT_REPRODUCED: "bold green"}.get(r.verdict, "bold yellow")
+        t.add_row(r.kernel, str(r.vms), fmt_duration(r.wall), f"{r.packets:,}", kinds, first,
+                  level_text(r.corruption, r.packets, r.confidence), window,
+                  f"[{style}]{verdict_text(r)}[/]")
+    Console(width=max(140, shutil.get_terminal_size((140, 24)).columns)).print(t)
+
+
+def write_junit(path: Path, rows: list[Row], suite: str, expected: dict[str, str]) -> None:
+    """One testcase per kernel; it fails when the verdict contradicts the expectation."""
+    ts = ET.Element("testsuite", name=suite, tests=str(len(rows)))
+    failures = 0
+    for r in rows:
+        tc = ET.SubElement(ts, "testcase", classname=suite, name=r.kernel, time=f"{r.wall:.1f}")
+        props = ET.SubElement(tc, "properties")
+        for k, v in (("verdict", r.verdict), ("packets", r.packets), ("violations", r.violations),
+                     ("first_violation_s", r.first_violation_s), ("rate", level_text(r.corruption, r.packets, r.confidence)),
+                     ("window_hits", r.window.count if r.window.available else "n/a"),
+                     ("expected", expected.get(r.kernel, ""))):
+            ET.SubElement(props, "property", name=k, value=str(v))
+        exp = expected.get(r.kernel)
+        if r.verdict not in (REPRODUCED, NOT_REPRODUCED):
+            ET.SubElement(tc, "error", message=verdict_text(r))
+            failures += 1
+        elif exp == "reproduced" and r.verdict != REPRODUCED:
+            ET.SubElement(tc, "failure", message=f"expected REPRODUCED, got {verdict_text(r)}")
+            failures += 1
+        elif exp == "clean" and r.verdict != NOT_REPRODUCED:
+            ET.SubElement(tc, "failure", message=f"expected clean, got {verdict_text(r)}")
+            failures += 1
+    ts.set("failures", str(failures))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(ts).write(path, encoding="unicode", xml_declaration=True)
+
+
+def write_html(path: Path, title: str, rows: list[Row], targets: list[dict[str, Any]],
+               meta: dict[str, Any]) -> None:
+    """A self-contained page: verdict table, violation timeline per VM, rate chart per kernel."""
+    esc = html.escape
+    colors = {REPRODUCED: "#c0392b", NOT_REPRODUCED: "#27ae60"}
+    trs = []
+    for r in rows:
+        kinds = ", ".join(f"{k}={n}" for k, n in sorted(r.by_kind.items())) or "-"
+        first = fmt_duration(r.first_violation_s) if r.first_violation_s is not None else "-"
+        trs.append(
+            f"<tr><td>{esc(r.kernel)}</td><td>{r.vms}</td><td>{fmt_duration(r.wall)}</td>"
+            f"<td>{r.packets:,}</td><td>{esc(kinds)}</td><td>{first}</td>"
+            f"<td>{esc(level_text(r.corruption, r.packets, r.confidence))}</td>"
+            f"<td>{esc(level_text(r.window, r.packets, r.confidence))}</td>"
+            f"<td style='color:#fff;background:{colors.get(r.verdict, '#d68910')}'><b>"
+            f"{esc(verdict_text(r))}</b></td></tr>")
+    timeline = _svg_timeline(targets)
+    rates = _svg_rates(rows)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #aaa;padding:4px 8px}}th{{background:#eee}}pre{{background:#f6f6f6;padding:1em}}</style>
+</head><body><h1>{esc(title)}</h1>
+<table><tr><th>kernel</th><th>VMs</th><th>wall</th><th>packets</th><th>violations by kind</th>
+<th>first violation</th><th>corruption rate (95%)</th><th>window hits</th><th>verdict</th></tr>
+{''.join(trs)}</table>
+<h2>Violations over time, per target</h2>{timeline}
+<h2>Violation rate per kernel (95% interval, per million packets)</h2>{rates}
+<h2>Provenance</h2><pre>{esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre>
+</body></html>"""
+    path.write_text(page)
+
+
+def _svg_timeline(targets: list[dict[str, Any]]) -> str:
+    if not targets:
+        return "<p>no targets</p>"
+    w, lane = 900, 28
+    tmax = max([t.get("load_seconds", 0) or 0 for t in targets] + [1.0])
+    h = lane * len(targets) + 30
+    parts = [f"<svg width='{w + 220}' height='{h}' xmlns='http://www.w3.org/2000/svg'>"]
+    for i, t in enumerate(targets):
+        y = 10 + i * lane
+        parts.append(f"<text x='0' y='{y + 14}' font-size='12'>{html.escape(t['label'])} "
+                     f"({html.escape(t['kernel'])})</text>")
+        parts.append(f"<line x1='210' y1='{y + 10}' x2='{210 + w}' y2='{y + 10}' stroke='#ccc'/>")
+        for ts, _, n in t.get("timeline", []):
+            pass
+        prev = 0
+        for ts, _, n in t.get("timeline", []):
+            if n > prev:
+                x = 210 + w * min(ts, tmax) / tmax
+                parts.append(f"<circle cx='{x:.1f}' cy='{y + 10}' r='4' fill='#c0392b'>"
+                             f"<title>{n} violations by {ts:.2f}s</title></circle>")
+            prev = n
+        if t.get("first_violation_s") is not None:
+            x = 210 + w * min(t["first_violation_s"], tmax) / tmax
+            parts.append(f"<line x1='{x:.1f}' y1='{y}' x2='{x:.1f}' y2='{y + 20}' stroke='#c0392b' stroke-width='2'/>")
+        if t.get("infra_error"):
+            parts.append(f"<text x='{220}' y='{y + 24}' font-size='10' fill='#d68910'>"
+                         f"infrastructure: {html.escape(str(t['infra_error'])[:120])}</text>")
+    parts.append(f"<text x='210' y='{h - 2}' font-size='11'>0 s</text>"
+                 f"<text x='{210 + w - 40}' y='{h - 2}' font-size='11'>{tmax:.1f} s</text></svg>")
+    return "".join(parts)
+
+
+def _svg_rates(rows: list[Row]) -> str:
+    if not rows:
+        return ""
+    vals = [r.corruption.per_packet[1] * 1e6 for r in rows if r.packets]
+    vmax = max(vals + [1e-9])
+    w, bar = 700, 26
+    parts = [f"<svg width='{w + 320}' height='{bar * len(rows) + 20}' xmlns='http://www.w3.org/2000/svg'>"]
+    for i, r in enumerate(rows):
+        y = 5 + i * bar
+        lo, hi = (x * 1e6 for x in r.corruption.per_packet)
+        color = "#c0392b" if r.verdict == REPRODUCED else "#27ae60"
+        x0, x1 = 200 + w * lo / vmax, 200 + w * hi / vmax
+        parts.append(f"<text x='0' y='{y + 15}' font-size='12'>{html.escape(r.kernel)}</text>")
+        parts.append(f"<rect x='{x0:.1f}' y='{y + 4}' width='{max(2, x1 - x0):.1f}' height='14' fill='{color}' opacity='0.7'/>")
+        label = f"{lo:.3g}..{hi:.3g} /Mpkt" if r.violations else f"< {hi:.3g} /Mpkt"
+        parts.append(f"<text x='{x1 + 5:.1f}' y='{y + 15}' font-size='11'>{label}</text>")
+    parts.append("</svg>")
+    return "".join(parts)

@@ -1,0 +1,259 @@
+"""Scenarios: the TOML files under scenarios/, validated completely before use.
+
+A scenario is data: the bug it hunts (commits, versions), the topology, the
+XDP mode, the checker set-up and the load.  load() applies --set overrides
+and reports every bad field at once.  to_topology() and agent_spec() turn a
+scenario into what the agent builds and runs inside the kernel under test.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lab.config import parse_duration
+from lab.run import BadInput, project_root
+from lab.topology import TopologySpec, VethSpec
+
+MITIGATIONS = ("single-queue", "threaded-napi", "gro-on", "busy-poll")
+
+
+def _pos(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _nonneg(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _pow2(v: Any) -> bool:
+    return _pos(v) and v & (v - 1) == 0
+
+
+def _dur(v: Any) -> bool:
+    try:
+        parse_duration(v)
+    except BadInput:
+        return False
+    return True
+
+
+# section -> field -> (check, what a good value looks like).  The schema is
+# data, so validation can name every bad field at once.
+SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
+    "bug": {
+        "name": (lambda v: isinstance(v, str) and v, "a non-empty string"),
+        "title": (lambda v: isinstance(v, str), "a string"),
+        "fix": (lambda v: isinstance(v, str) and len(v) >= 7, "a commit hash"),
+        "fixed_in": (lambda v: isinstance(v, str), "a version string"),
+        "introduced_by": (lambda v: isinstance(v, str), "a commit hash"),
+        "introduced_in": (lambda v: isinstance(v, str), "a version string"),
+        "stable_backports": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                             "a list of version strings"),
+        "follow_ups": (lambda v: isinstance(v, list), "a list of commit hashes"),
+        "revert_patch": (lambda v: isinstance(v, str), "a patch name"),
+        "mechanism": (lambda v: isinstance(v, str), "a string"),
+        "user_visible": (lambda v: isinstance(v, list), "a list of violation kinds"),
+    },
+    "kernels": {
+        "affected": (lambda v: isinstance(v, str) and v, "a kernel name"),
+        "fixed": (lambda v: isinstance(v, str) and v, "a kernel name"),
+    },
+    "topology": {
+        "queues": (lambda v: _pos(v) and v <= 64, "an integer 1..64"),
+        "gro": (lambda v: isinstance(v, bool), "true or false"),
+        "threaded_napi": (lambda v: isinstance(v, bool), "true or false"),
+        "channels": (_nonneg, "an integer >= 0"),
+        "xps": (lambda v: v in ("auto", "same", "spread"), "auto, same or spread"),
+    },
+    "xdp": {
+        "mode": (lambda v: v in ("generic", "native"), "generic or native"),
+    },
+    "checker": {
+        "mode": (lambda v: v in ("rxdrop", "forward"), "rxdrop or forward"),
+        "queues": (lambda v: _pos(v) and v <= 64, "an integer 1..64"),
+        "frame_size": (lambda v: v in (2048, 4096), "2048 or 4096"),
+        "headroom": (lambda v: _nonneg(v) and v <= 1024, "an integer 0..1024"),
+        "frames": (lambda v: _pos(v) and v <= 1 << 20, "an integer 1..1048576"),
+        "shared_umem": (lambda v: isinstance(v, bool), "true or false"),
+        "batch": (lambda v: _pos(v) and v <= 4096, "an integer 1..4096"),
+        "busy_poll": (lambda v: isinstance(v, bool), "true or false"),
+    },
+    "load": {
+        "senders": (lambda v: _nonneg(v) and v <= 64, "an integer 0..64"),
+        "burst": (lambda v: _pos(v) and v <= 1024, "an integer 1..1024"),
+        "gap_ns": (_nonneg, "an integer >= 0"),
+        "size": (lambda v: isinstance(v, int) and 64 <= v <= 1500, "an integer 64..1500"),
+        "rate": (_nonneg, "an integer >= 0 (0 = as fast as possible)"),
+        "iperf3": (lambda v: isinstance(v, bool), "true or false"),
+    },
+    "vm": {
+        "vcpus": (lambda v: _pos(v) and v <= 64, "an integer 1..64"),
+        "memory_mib": (lambda v: isinstance(v, int) and 256 <= v <= 65536, "an integer 256..65536"),
+        "cmdline": (lambda v: isinstance(v, str), "a string"),
+        "pin": (lambda v: isinstance(v, bool), "true or false"),
+    },
+    "run": {
+        "duration": (_dur, "a duration like 30s or 2m"),
+        "budget": (_dur, "a duration like 60s or 10m"),
+        "confidence": (lambda v: isinstance(v, float) and 0.5 <= v < 1, "a number in [0.5, 1)"),
+    },
+    "mitigations": {m: (lambda v: v in ("prevents", "no-effect"), "prevents or no-effect")
+                    for m in MITIGATIONS},
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    data: dict[str, Any]   # validated sections, overrides applied
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.data[section]
+
+    @property
+    def bug(self) -> dict[str, Any]:
+        return self.data["bug"]
+
+    def duration(self) -> float:
+        return parse_duration(self.data["run"]["duration"])
+
+    def budget(self) -> float:
+        return parse_duration(self.data["run"]["budget"])
+
+
+def scenario_dir() -> Path:
+    return project_root() / "scenarios"
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in scenario_dir().glob("*.toml"))
+
+
+def find(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.exists():
+        return p
+    cand = scenario_dir() / f"{name_or_path}.toml"
+    if cand.exists():
+        return cand
+    names = available()
+    close = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known scenarios: {', '.join(names)}"
+    raise BadInput(f"unknown scenario {name_or_path!r}", hint=hint)
+
+
+def load(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Scenario:
+    path = find(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"{path}: malformed TOML: {e}",
+                       hint="fix the syntax; see scenarios/generic-rx-race.toml for the format") from None
+    return from_data(raw, path=str(path), overrides=overrides)
+
+
+def from_data(raw: Mapping[str, Any], path: str = "<data>",
+              overrides: Mapping[str, Any] | None = None) -> Scenario:
+    data = copy.deepcopy(dict(raw))
+    problems: list[str] = []
+    for key, value in (overrides or {}).items():
+        section, _, fld = key.partition(".")
+        if section not in SCHEMA or fld not in SCHEMA[section]:
+            close = difflib.get_close_matches(key, [f"{s}.{f}" for s in SCHEMA for f in SCHEMA[s]], n=1)
+            problems.append(f"--set {key}: no such field" + (f" (did you mean {close[0]}?)" if close else ""))
+            continue
+        data.setdefault(section, {})[fld] = value
+    problems += validate(data)
+    if not problems and Path(path).suffix == ".toml" and data["bug"]["name"] != Path(path).stem:
+        problems.append(f"bug.name: {data['bug']['name']!r} differs from the file name {Path(path).stem!r}")
+    if problems:
+        raise BadInput(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems),
+                       hint="fix the fields named above (see scenarios/generic-rx-race.toml)")
+    return Scenario(name=data["bug"]["name"], path=path, data=data)
+
+
+def validate(data: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for section, fields in SCHEMA.items():
+        sec = data.get(section)
+        if not isinstance(sec, dict):
+            problems.append(f"[{section}]: missing section")
+            continue
+        for fld, (check, good) in fields.items():
+            if fld not in sec:
+                problems.append(f"{section}.{fld}: missing (expected {good})")
+                continue
+            try:
+                ok = bool(check(sec[fld]))
+            except Exception:  # a check on a wrong type
+                ok = False
+            if not ok:
+                problems.append(f"{section}.{fld}: {sec[fld]!r} is not {good}")
+        for fld in sec:
+            if fld not in fields:
+                problems.append(f"{section}.{fld}: unknown field")
+    for section in data:
+        if section not in SCHEMA:
+            problems.append(f"[{section}]: unknown section")
+    if not problems:
+        c, t = data["checker"], data["topology"]
+        if c["queues"] > t["queues"]:
+            problems.append(f"checker.queues: {c['queues']} sockets but topology.queues is {t['queues']}")
+        if c["frames"] < c["queues"]:
+            problems.append(f"checker.frames: {c['frames']} frames cannot feed {c['queues']} sockets")
+        if c["mode"] == "rxdrop" and data["load"]["iperf3"]:
+            problems.append("load.iperf3: TCP needs checker.mode = \"forward\"")
+        if data["load"]["size"] > c["frame_size"] - 256 - c["headroom"] - 64:
+            problems.append("load.size: frames do not fit frame_size - 256 - headroom")
+    return problems
+
+
+# Addresses live in 198.18.0.0/15 (RFC 2544 benchmarking), only inside our namespaces.
+MAC_TX, MAC_RX = "02:52:4c:00:00:01", "02:52:4c:00:00:02"
+MAC_CLI, MAC_MID_A, MAC_MID_B, MAC_SRV = ("02:52:4c:00:01:01", "02:52:4c:00:01:02",
+                                          "02:52:4c:00:01:03", "02:52:4c:00:01:04")
+
+
+def apply_mitigation(s: Scenario, mitigation: str | None) -> Scenario:
+    """The scenario with a workaround applied (see [mitigations])."""
+    if not mitigation:
+        return s
+    if mitigation not in MITIGATIONS:
+        close = difflib.get_close_matches(mitigation, MITIGATIONS, n=1)
+        raise BadInput(f"unknown mitigation {mitigation!r}",
+                       hint=f"did you mean {close[0]}?" if close else f"one of: {', '.join(MITIGATIONS)}")
+    data = copy.deepcopy(s.data)
+    if mitigation == "single-queue":
+        data["topology"]["channels"] = 1
+        data["checker"]["queues"] = 1
+    elif mitigation == "threaded-napi":
+        data["topology"]["threaded_napi"] = True
+    elif mitigation == "gro-on":
+        data["topology"]["gro"] = True
+    elif mitigation == "busy-poll":
+        data["checker"]["busy_poll"] = True
+    return Scenario(name=s.name, path=s.path, data=data)
+
+
+def to_topology(s: Scenario) -> TopologySpec:
+    t = s["topology"]
+    common = dict(queues=t["queues"], gro_b=t["gro"], threaded_b=t["threaded_napi"],
+                  channels_b=t["channels"])
+    if s["checker"]["mode"] == "rxdrop":
+        return TopologySpec(("tx", "rx"), (
+            VethSpec("tx", "v0", "rx", "v1", a_addr="198.18.0.1/24", b_addr="198.18.0.2/24",
+                     a_mac=MAC_TX, b_mac=MAC_RX, xps_a=t["xps"], **common),))
+    # forward: cli -- a0|a1 [checker forwards a1 <-> b1] b1|b0 -- srv, one L2 segment
+    return TopologySpec(("cli", "mid", "srv"), (
+        VethSpec("cli", "a0", "mid", "a1", a_addr="198.18.1.1/24", a_mac=MAC_CLI, b_mac=MAC_MID_A,
+                 xps_a=t["xps"], **common),
+        VethSpec("srv", "b0", "mid", "b1", a_addr="198.18.1.2/24", a_mac=MAC_SRV, b_mac=MAC_MID_B,
+                 xps_a=t["xps"], **common),
+    ))

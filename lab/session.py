@@ -1,0 +1,186 @@
+"""One `racelab run`: a scenario on one backend, to a verdict and a results directory.
+
+The netns backend runs the agent on this machine's own kernel.  The vm
+backend boots a fleet on each requested kernel (lab.fleet) and runs the same
+agent in every guest.  Both end in the same rows, reports and exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab import report
+from lab.config import RunConfig, fmt_duration, to_jsonable
+from lab.host import LocalHost
+from lab.run import BadInput, log, require_root, require_tools
+from lab.scenario import Scenario, from_data
+from lab.verdict import Row, decide
+from lab.workload import TargetResult, agent_spec, run_target, write_json
+
+AF_XDP = 44
+
+
+class Progress:
+    """A live line: elapsed, packets and violations summed over targets."""
+
+    def __init__(self, enabled: bool = True, interval: float = 0.5) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.interval = interval if self.tty else 10.0
+        self.t0 = time.monotonic()
+        self.rx: dict[str, int] = {}
+        self.viol: dict[str, int] = {}
+        self.first: dict[str, float] = {}
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def on_event(self, label: str, ev: dict[str, Any]) -> None:
+        with self._lock:
+            typ = ev.get("type")
+            if typ in ("stats", "done"):
+                self.rx[label] = int(ev.get("rx", 0))
+                self.viol[label] = max(self.viol.get(label, 0), int(ev.get("violations", 0)))
+            elif typ == "violation":
+                self.viol[label] = self.viol.get(label, 0) + 1
+                if label not in self.first:
+                    self.first[label] = time.monotonic() - self.t0
+                    if self.enabled:
+                        self._print(f"first violation on {label}: {ev.get('kind')} "
+                                    f"(queue {ev.get('queue')}, cpu {ev.get('cpu')})", newline=True)
+            now = time.monotonic()
+            if self.enabled and now - self._last >= self.interval:
+                self._last = now
+                self._print(self.line())
+
+    def line(self) -> str:
+        return (f"[{fmt_duration(time.monotonic() - self.t0):>6}] targets {len(self.rx)}  "
+                f"packets {sum(self.rx.values()):,}  violations {sum(self.viol.values()):,}")
+
+    def _print(self, text: str, newline: bool = False) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text + ("\n" if newline else ""))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+@dataclass
+class Outcome:
+    rows: list[Row]
+    targets: list[TargetResult]
+    out: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def preflight_netns() -> None:
+    """Everything the netns backend needs, checked before anything is built."""
+    require_root("the netns backend")
+    require_tools("nsenter", "ethtool", "tee")
+    try:
+        s = socket.socket(AF_XDP, socket.SOCK_RAW, 0)
+        s.close()
+    except OSError as e:
+        raise BadInput(f"this kernel ({platform.release()}) has no XDP sockets ({e.strerror})",
+                       hint="use a kernel with CONFIG_XDP_SOCKETS=y (and CONFIG_BPF_SYSCALL=y, "
+                            "CONFIG_VETH); or run --backend vm on a catalog kernel") from None
+
+
+def rows_from_targets(kernel: str, targets: list[TargetResult], wall: float, confidence: float,
+                      vms: int) -> Row:
+    packets = sum(t.packets for t in targets)
+    seconds = sum(t.load_seconds for t in targets)
+    by_kind: dict[str, int] = {}
+    for t in targets:
+        for k, n in t.by_kind.items():
+            by_kind[k] = by_kind.get(k, 0) + n
+    firsts = [t.first_violation_s for t in targets if t.first_violation_s is not None]
+    window_hits = sum(int(t.evidence.get("window_hits", 0)) for t in targets)
+    window_avail = any(t.evidence.get("available") for t in targets)
+    notes = sorted({str(t.evidence.get("note")) for t in targets if t.evidence.get("note")})
+    infra = [f"{t.label}: {t.infra_error}" for t in targets if t.infra_error]
+    # a target lost to infrastructure contributes no evidence either way
+    good = [t for t in targets if not t.infra_error]
+    if infra and not good:
+        packets, seconds = 0, 0.0
+    row = decide(kernel, vms=vms, packets=packets, seconds=seconds, wall=wall, by_kind=by_kind,
+                 first_violation_s=min(firsts) if firsts else None, window_hits=window_hits,
+                 window_available=window_avail, window_note="; ".join(notes),
+                 confidence=confidence, infra_errors=infra)
+    return row
+
+
+def results_dir(cfg: RunConfig) -> Path:
+    if cfg.out:
+        p = Path(cfg.out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        p = Path("results") / f"{cfg.scenario}-{stamp}-{os.getpid()}"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def run_netns(cfg: RunConfig, progress: bool = True) -> Outcome:
+    from lab import dataplane
+
+    scenario = from_data(cfg.scenario_data, path=f"{cfg.scenario}.toml")
+    preflight_netns()
+    bin_dir = dataplane.build()
+    out = results_dir(cfg)
+    (out / "config.json").write_text(cfg.to_json())
+    meta = report.provenance(cfg, {"kernel": f"host:{platform.release()}", "accelerator": "none (host kernel)",
+                                   "bin_dir": str(bin_dir)})
+    write_json(out / "provenance.json", meta)
+    spec = agent_spec(scenario, duration=cfg.duration, seed=cfg.seed, bin_dir=str(bin_dir),
+                      stop_on_first=cfg.stop_on_first, inject=cfg.inject or "",
+                      trace=_trace_opts(cfg, scenario))
+    prog = Progress(progress)
+    t0 = time.monotonic()
+    kernel = f"host:{platform.release()}"
+    try:
+        with open(out / "events.jsonl", "w") as ev:
+            res = run_target(LocalHost(str(bin_dir)), spec, label="local", kernel=kernel,
+                             on_event=prog.on_event, events_file=ev)
+    finally:
+        prog.close()
+    row = rows_from_targets(kernel, [res], time.monotonic() - t0,
+                            scenario["run"]["confidence"], vms=0)
+    return finish(cfg, scenario, [row], [res], out, meta)
+
+
+def _trace_opts(cfg: RunConfig, scenario: Scenario) -> dict[str, Any]:
+    if "trace" not in cfg.evidence:
+        return {}
+    from lab import evidence
+
+    return evidence.trace_options(scenario.name, stop_on_first=True)
+
+
+def finish(cfg: RunConfig, scenario: Scenario, rows: list[Row], targets: list[TargetResult],
+           out: Path, meta: dict[str, Any], title: str | None = None) -> Outcome:
+    title = title or f"racelab {cfg.scenario} ({cfg.backend})"
+    expected = {r.kernel: cfg.expect for r in rows if cfg.expect}
+    summary = {
+        "scenario": cfg.scenario, "backend": cfg.backend, "bug": scenario.bug,
+        "rows": [report.row_dict(r) for r in rows],
+        "targets": [to_jsonable(t) | {"violations": t.violations[:50]} for t in targets],
+        "provenance": meta, "config": json.loads(cfg.to_json()),
+    }
+    write_json(out / "summary.json", summary)
+    report.write_junit(out / "junit.xml", rows, f"racelab.{cfg.scenario}", expected)
+    report.write_html(out / "report.html", title, rows, [to_jsonable(t) for t in targets], meta)
+    log.debug("results in %s", out)
+    return Outcome(rows, targets, out, meta)

@@ -1,0 +1,210 @@
+"""Verdicts with statistics: REPRODUCED, or NOT REPRODUCED below a rate bound.
+
+Violations are counted as a Poisson process over packets and over time.
+With k = 0 the one-sided upper bound at confidence c is -ln(1 - c) / n (the
+"rule of three" at 95%).  With k > 0 the two-sided exact (Garwood) interval
+comes from gamma quantiles.  No scipy: the regularised incomplete gamma
+function is computed here and inverted by bisection.
+
+Two levels (issue 8): CORRUPTION counts ring-invariant violations seen by
+user space; WINDOW HIT counts kernel-side evidence of the racy interleaving.
+Only corruption makes a row REPRODUCED.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+REPRODUCED = "REPRODUCED"
+NOT_REPRODUCED = "NOT REPRODUCED"
+INCONCLUSIVE = "INCONCLUSIVE"   # infrastructure lost before any packet: no verdict
+
+
+def _gamma_p(a: float, x: float) -> float:
+    """Regularised lower incomplete gamma P(a, x) (Numerical Recipes 6.2)."""
+    if x <= 0:
+        return 0.0
+    gln = math.lgamma(a)
+    if x < a + 1:
+        ap, s, d = a, 1.0 / a, 1.0 / a
+        for _ in range(10000):
+            ap += 1
+            d *= x / ap
+            s += d
+            if abs(d) < abs(s) * 1e-15:
+                break
+        return s * math.exp(-x + a * math.log(x) - gln)
+    # continued fraction for Q, P = 1 - Q
+    b = x + 1 - a
+    c = 1 / 1e-300
+    d = 1 / b
+    h = d
+    for i in range(1, 10000):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = 1e-300 if abs(d) < 1e-300 else d
+        c = b + an / c
+        c = 1e-300 if abs(c) < 1e-300 else c
+        d = 1 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1) < 1e-15:
+            break
+    return 1.0 - math.exp(-x + a * math.log(x) - gln) * h
+
+
+def gamma_quantile(a: float, p: float) -> float:
+    """x such that P(a, x) = p."""
+    lo, hi = 0.0, max(1.0, a)
+    while _gamma_p(a, hi) < p:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _gamma_p(a, mid) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def poisson_interval(k: int, exposure: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided interval for a Poisson rate with k events over exposure."""
+    if exposure <= 0:
+        return (0.0, math.inf)
+    alpha = 1 - confidence
+    lower = 0.0 if k == 0 else gamma_quantile(k, alpha / 2) / exposure
+    upper = gamma_quantile(k + 1, 1 - alpha / 2) / exposure
+    return (lower, upper)
+
+
+def upper_bound(k: int, exposure: float, confidence: float = 0.95) -> float:
+    """One-sided upper bound on a Poisson rate (k = 0: -ln(1-c)/exposure)."""
+    if exposure <= 0:
+        return math.inf
+    return gamma_quantile(k + 1, confidence) / exposure
+
+
+def detection_probability(rate_per_s: float, seconds: float) -> float:
+    """P(at least one event in `seconds`) for a Poisson process."""
+    return 1.0 - math.exp(-rate_per_s * seconds)
+
+
+def budget_for(rate_per_s: float, miss: float = 0.01) -> float:
+    """Seconds of run needed so that P(no event | present at this rate) <= miss."""
+    if rate_per_s <= 0:
+        return math.inf
+    return -math.log(miss) / rate_per_s
+
+
+@dataclass
+class Level:
+    """One evidence level of a row: its count and rate statistics."""
+
+    name: str                 # "corruption" | "window"
+    count: int = 0
+    per_packet: tuple[float, float] = (0.0, 0.0)   # 95% interval (k > 0) or (0, upper bound)
+    per_second: tuple[float, float] = (0.0, 0.0)
+    available: bool = True    # False: this evidence was not collected (e.g. no kprobes)
+    note: str = ""
+
+
+@dataclass
+class Row:
+    """The verdict for one kernel (all its VMs together)."""
+
+    kernel: str
+    vms: int
+    packets: int
+    seconds: float            # summed load time over VMs (VM-seconds)
+    wall: float               # wall time of the whole row
+    by_kind: dict[str, int]
+    first_violation_s: float | None   # time from load start to the first violation, min over VMs
+    verdict: str
+    corruption: Level
+    window: Level
+    confidence: float = 0.95
+    infra_errors: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def violations(self) -> int:
+        return sum(self.by_kind.values())
+
+    def rate_text(self) -> str:
+        return level_text(self.corruption, self.packets, self.confidence)
+
+
+def level(name: str, k: int, packets: int, seconds: float, confidence: float = 0.95,
+          available: bool = True, note: str = "") -> Level:
+    if k > 0:
+        pp = poisson_interval(k, packets, confidence)
+        ps = poisson_interval(k, seconds, confidence)
+    else:
+        pp = (0.0, upper_bound(0, packets, confidence))
+        ps = (0.0, upper_bound(0, seconds, confidence))
+    return Level(name, k, pp, ps, available, note)
+
+
+def level_text(lv: Level, packets: int, confidence: float) -> str:
+    pct = f"{confidence * 100:.0f}%"
+    if not lv.available:
+        return f"not collected{': ' + lv.note if lv.note else ''}"
+    if lv.count == 0:
+        if packets <= 0:
+            return "no packets"
+        return (f"rate < {_sci(lv.per_packet[1])}/pkt, < {_sci(lv.per_second[1])}/s at {pct}")
+    return (f"{_sci(lv.per_packet[0])}..{_sci(lv.per_packet[1])}/pkt, "
+            f"{_sci(lv.per_second[0])}..{_sci(lv.per_second[1])}/s ({pct})")
+
+
+def _sci(x: float) -> str:
+    if x == math.inf:
+        return "inf"
+    if x == 0:
+        return "0"
+    if 0.01 <= x < 1000:
+        return f"{x:.3g}"
+    return f"{x:.2e}"
+
+
+def decide(kernel: str, *, vms: int, packets: int, seconds: float, wall: float,
+           by_kind: dict[str, int], first_violation_s: float | None, window_hits: int = 0,
+           window_available: bool = False, window_note: str = "", confidence: float = 0.95,
+           infra_errors: list[str] | None = None) -> Row:
+    k = sum(by_kind.values())
+    corruption = level("corruption", k, packets, seconds, confidence)
+    window = level("window", window_hits, packets, seconds, confidence,
+                   available=window_available, note=window_note)
+    if k > 0:
+        verdict = REPRODUCED
+    elif packets == 0 or (infra_errors and seconds <= 0):
+        verdict = INCONCLUSIVE
+    else:
+        verdict = NOT_REPRODUCED
+    return Row(kernel=kernel, vms=vms, packets=packets, seconds=seconds, wall=wall,
+               by_kind=dict(by_kind), first_violation_s=first_violation_s, verdict=verdict,
+               corruption=corruption, window=window, confidence=confidence,
+               infra_errors=list(infra_errors or []))
+
+
+def verdict_text(row: Row) -> str:
+    if row.verdict == REPRODUCED:
+        return REPRODUCED
+    if row.verdict == NOT_REPRODUCED:
+        return (f"NOT REPRODUCED (rate < {_sci(row.corruption.per_packet[1])}/pkt at "
+                f"{row.confidence * 100:.0f}%)")
+    return f"{INCONCLUSIVE} (infrastructure: {'; '.join(row.infra_errors) or 'no packets'})"
+
+
+def matches(row: Row, expect: str | None) -> bool:
+    """--expect reproduced|clean against a row."""
+    if expect is None:
+        return True
+    if expect == "reproduced":
+        return row.verdict == REPRODUCED
+    if expect == "clean":
+        return row.verdict == NOT_REPRODUCED
+    raise ValueError(expect)

@@ -1,0 +1,198 @@
+"""The workload seen from the orchestrator: scenario -> AgentSpec -> results.
+
+run_target() starts the agent on any Host (local namespaces or a guest over
+SSH), streams its events to a callback and to events.jsonl, and returns a
+TargetResult.  A stream that ends without the agent's "agent-done" is an
+infrastructure loss, recorded as such and never counted as "not reproduced".
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from lab.agent import AgentSpec, CheckerOpts, IperfOpts, SenderOpts
+from lab.host import Host
+from lab.run import InfraError, LostVM
+from lab.scenario import MAC_RX, Scenario, to_topology
+
+MAX_KEPT_VIOLATIONS = 500
+
+
+def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on_first: bool,
+               inject: str = "", trace: dict[str, Any] | None = None,
+               checks: str = "all") -> AgentSpec:
+    c, ld, x = s["checker"], s["load"], s["xdp"]
+    topo = to_topology(s)
+    queues = c["queues"]
+    if s["topology"]["channels"]:
+        queues = min(queues, s["topology"]["channels"])
+    sender_inject = inject if inject in ("sequence", "checksum") else ""
+    checker_inject = "" if sender_inject else inject
+    if c["mode"] == "rxdrop":
+        checker = CheckerOpts(ns="rx", dev="v1", mode="rxdrop", xdp=x["mode"], queues=queues,
+                              frame_size=c["frame_size"], headroom=c["headroom"], frames=c["frames"],
+                              shared_umem=c["shared_umem"], batch=c["batch"], busy_poll=c["busy_poll"],
+                              checks=checks, inject=checker_inject, trace_marker=bool(trace))
+        sender = SenderOpts(ns="tx", dev="v0", dst_mac=MAC_RX, src_ip="198.18.0.1", dst_ip="198.18.0.2",
+                            senders=ld["senders"], burst=ld["burst"], gap_ns=ld["gap_ns"],
+                            size=ld["size"], rate=ld["rate"], inject=sender_inject)
+        iperf = None
+    else:
+        from lab.scenario import MAC_SRV
+
+        checker = CheckerOpts(ns="mid", dev="a1", peer_dev="b1", mode="forward", xdp=x["mode"],
+                              queues=queues, frame_size=c["frame_size"], headroom=c["headroom"],
+                              frames=c["frames"], shared_umem=True, batch=c["batch"],
+                              busy_poll=c["busy_poll"], checks=checks, inject=checker_inject,
+                              trace_marker=bool(trace))
+        sender = SenderOpts(ns="cli", dev="a0", dst_mac=MAC_SRV, src_ip="198.18.1.1",
+                            dst_ip="198.18.1.2", senders=ld["senders"], burst=ld["burst"],
+                            gap_ns=ld["gap_ns"], size=ld["size"], rate=ld["rate"],
+                            inject=sender_inject)
+        iperf = IperfOpts(server_ns="srv", client_ns="cli", server_ip="198.18.1.2") if ld["iperf3"] else None
+    return AgentSpec(topology=topo, checker=checker, sender=sender, iperf=iperf, duration=duration,
+                     stop_on_first=stop_on_first, seed=seed, bin_dir=bin_dir, trace=trace or {})
+
+
+@dataclass
+class TargetResult:
+    """What one agent run produced (one VM, or the local host)."""
+
+    label: str
+    kernel: str
+    packets: int = 0
+    load_seconds: float = 0.0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    first_violation_s: float | None = None
+    violations: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[tuple[float, int, int]] = field(default_factory=list)  # (s since load, rx, violations)
+    foreign: int = 0
+    infra_error: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
+    senders: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    iperf: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def violation_count(self) -> int:
+        return sum(self.by_kind.values())
+
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class _Watchdog:
+    """Stops waiting on a stream whose host is gone (a guest that died mid-run)."""
+
+    def __init__(self, alive: Callable[[], bool] | None, on_dead: Callable[[], None]) -> None:
+        self.alive = alive
+        self.dead = False
+        self._stop = threading.Event()
+        if alive is not None:
+            self._t = threading.Thread(target=self._run, args=(on_dead,), daemon=True)
+            self._t.start()
+
+    def _run(self, on_dead: Callable[[], None]) -> None:
+        while not self._stop.wait(1.0):
+            assert self.alive is not None
+            if not self.alive():
+                self.dead = True
+                on_dead()
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
+               on_event: EventSink | None = None, events_file: IO[str] | None = None,
+               alive: Callable[[], bool] | None = None, deadline_slack: float = 120.0) -> TargetResult:
+    """Run the agent on host; infrastructure loss is recorded in .infra_error."""
+    res = TargetResult(label=label, kernel=kernel)
+    env = {"PYTHONPATH": host.lab_root}
+    argv = [host.python, "-m", "lab.agent", spec.to_json()]
+    load_at: float | None = None
+    done = False
+    last_rx = 0
+    started = time.monotonic()
+    try:
+        with host.spawn(argv, env=env) as proc:
+            dog = _Watchdog(alive, proc.terminate)
+            try:
+                for line in proc.lines():
+                    try:
+                        ev = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if not isinstance(ev, dict):
+                        continue
+                    ev["target"] = label
+                    if events_file is not None:
+                        events_file.write(json.dumps(ev) + "\n")
+                    typ = ev.get("type")
+                    at = float(ev.get("at", 0.0))
+                    if typ == "load-start":
+                        load_at = at
+                    elif typ == "violation":
+                        kind = str(ev.get("kind", "unknown"))
+                        res.by_kind[kind] = res.by_kind.get(kind, 0) + 1
+                        if res.first_violation_s is None and load_at is not None:
+                            res.first_violation_s = max(0.0, at - load_at)
+                        if len(res.violations) < MAX_KEPT_VIOLATIONS:
+                            res.violations.append(ev)
+                    elif typ in ("stats", "done"):
+                        rx = int(ev.get("rx", 0))
+                        last_rx = max(last_rx, rx)
+                        res.foreign = int(ev.get("foreign", res.foreign))
+                        # the checker counts every violation; we may have seen only the first ones
+                        by_kind = ev.get("by_kind")
+                        if isinstance(by_kind, dict):
+                            for k, n in by_kind.items():
+                                if int(n) > res.by_kind.get(k, 0):
+                                    res.by_kind[k] = int(n)
+                        if load_at is not None:
+                            res.timeline.append((round(at - load_at, 3), rx, res.violation_count))
+                        if typ == "done":
+                            res.final = ev
+                    elif typ == "sender":
+                        res.senders = ev
+                    elif typ == "evidence":
+                        res.evidence = ev
+                    elif typ == "agent-error":
+                        res.infra_error = f"{ev.get('what')}: {' | '.join(ev.get('stderr') or [])[-500:]}"
+                    elif typ == "agent-done":
+                        done = ev.get("reason") not in ("error", "interrupted")
+                        res.reason = str(ev.get("reason"))
+                        res.load_seconds = float(ev.get("load_seconds", 0.0))
+                        if ev.get("reason") == "error":
+                            res.infra_error = res.infra_error or str(ev.get("error"))
+                    if on_event is not None:
+                        on_event(label, ev)
+                    if time.monotonic() - started > spec.duration + deadline_slack:
+                        res.infra_error = "agent overran its deadline"
+                        break
+                proc.wait(30)
+            finally:
+                dog.close()
+            if dog.dead:
+                raise LostVM(f"{label}: guest died or stopped answering during the run")
+    except InfraError as e:
+        res.infra_error = f"{type(e).__name__}: {e.message}"
+    res.packets = last_rx
+    if not done and res.infra_error is None:
+        res.infra_error = "agent stream ended without a result (host lost?)"
+    return res
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
