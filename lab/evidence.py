@@ -1,19 +1,214 @@
-"""Kernel-side evidence: ftrace kprobes as a flight recorder (filled in by issue 5/8 work)."""
+"""Kernel-side evidence: an ftrace flight recorder and the interleaving detector.
+
+Tracer (runs in the agent, next to the kernel under test) puts kprobes on the
+AF_XDP RX producer and on the flush path, with the `counter` trace clock (a
+global atomic counter: monotonic across CPUs even under TCG, where `global`
+gave false interleavings).  The checker writes its own events into the same
+buffer through trace_marker and turns tracing off at the first violation, so
+the buffer ends just after the corruption: a flight recorder.
+
+analyze() runs on the orchestrator's side and flags the ordering described
+by fa349e396e48: a receive into socket S on CPU Y while another CPU X holds
+receives into S that it has not flushed yet.  The same condition catches the
+generic-receive race, because the receive and the flush both sit inside
+xsk_generic_rcv()'s locked region on a fixed kernel: two CPUs inside that
+region for one socket at once show up as the same unflushed interleaving.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# Probe candidates in order of preference; resolved against the running kernel.
+RECEIVE_CANDIDATES = ("__xsk_rcv_zc", "xskq_prod_reserve_desc", "__xsk_rcv")
+FLUSH_CANDIDATES = ("xsk_flush", "__xsk_map_flush")
+GROUP = "racelab"
+TRACE_OUT = "/tmp/racelab-trace.txt"
+
+
+def trace_options(scenario: str, stop_on_first: bool = True, buffer_kb: int = 2048) -> dict[str, Any]:
+    return {"scenario": scenario, "stop_on_first": stop_on_first, "buffer_kb": buffer_kb}
+
+
+def tracefs() -> Path | None:
+    for p in (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing")):
+        if (p / "kprobe_events").exists():
+            return p
+    return None
+
+
+def kernel_symbols(names: Iterable[str]) -> set[str]:
+    """Which of names the running kernel can kprobe (text symbols in kallsyms)."""
+    wanted = set(names)
+    found: set[str] = set()
+    try:
+        with open("/proc/kallsyms") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] in "tT" and parts[2] in wanted:
+                    found.add(parts[2])
+    except OSError:
+        pass
+    return found
 
 
 class Tracer:
+    """Context manager: kprobes + counter clock on; everything restored on exit."""
+
     def __init__(self, opts: dict[str, Any]) -> None:
         self.opts = opts
+        self.root = tracefs()
+        self.probes: dict[str, str] = {}      # event name -> symbol
+        self.missing: list[str] = []
+        self.note = ""
+        self._saved: dict[str, str] = {}
 
-    def __enter__(self) -> "Tracer":
+    def _w(self, name: str, value: str, append: bool = False) -> None:
+        assert self.root is not None
+        with open(self.root / name, "a" if append else "w") as f:
+            f.write(value + "\n")
+
+    def __enter__(self) -> Tracer:
+        if self.root is None:
+            self.note = "no tracefs with kprobe_events (CONFIG_KPROBE_EVENTS, tracefs mounted?)"
+            return self
+        syms = kernel_symbols(RECEIVE_CANDIDATES + FLUSH_CANDIDATES)
+        rcv = next((s for s in RECEIVE_CANDIDATES if s in syms), None)
+        flush = next((s for s in FLUSH_CANDIDATES if s in syms), None)
+        for role, sym, cands in (("rcv", rcv, RECEIVE_CANDIDATES), ("flush", flush, FLUSH_CANDIDATES)):
+            if sym is None:
+                self.missing.append(f"{role}: none of {', '.join(cands)} is probeable in this kernel")
+        if rcv is None or flush is None:
+            self.note = "; ".join(self.missing)
+            self.root = None if rcv is None and flush is None else self.root
+        try:
+            self._saved["trace_clock"] = _current_clock((self.root / "trace_clock").read_text()) if self.root else ""
+            self._w("tracing_on", "0")
+            self._w("trace", "")
+            self._w("buffer_size_kb", str(self.opts.get("buffer_kb", 2048)))
+            self._w("trace_clock", "counter")
+            for role, sym in (("rcv", rcv), ("flush", flush)):
+                if sym is None:
+                    continue
+                # first argument (the xdp_sock) is in %di on x86_64
+                self._w("kprobe_events", f"p:{GROUP}/{role} {sym} xs=%di:x64", append=True)
+                self._w(f"events/{GROUP}/{role}/enable", "1")
+                self.probes[role] = sym
+            self._w("tracing_on", "1")
+        except OSError as e:
+            self.note = f"tracing set-up failed: {e}"
+            self._cleanup()
+            self.root = None
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def _cleanup(self) -> None:
+        if self.root is None:
+            return
+        for name, value in (("tracing_on", "0"),):
+            try:
+                self._w(name, value)
+            except OSError:
+                pass
+        for role in list(self.probes) or ["rcv", "flush"]:
+            try:
+                self._w(f"events/{GROUP}/{role}/enable", "0")
+            except OSError:
+                pass
+            try:
+                self._w("kprobe_events", f"-:{GROUP}/{role}", append=True)
+            except OSError:
+                pass
+        if self._saved.get("trace_clock"):
+            try:
+                self._w("trace_clock", self._saved["trace_clock"])
+            except OSError:
+                pass
 
     def collect(self) -> dict[str, Any]:
-        return {"available": False, "note": "tracing not implemented yet"}
+        """Stop tracing, save the buffer to a file, and describe it."""
+        if self.root is None or not self.probes:
+            return {"available": False, "note": self.note or "tracing unavailable", "missing": self.missing}
+        self._w("tracing_on", "0")
+        t = time.monotonic()
+        with open(self.root / "trace") as src, open(TRACE_OUT, "w") as dst:
+            for line in src:
+                dst.write(line)
+        return {"available": True, "trace_path": TRACE_OUT, "probes": self.probes,
+                "missing": self.missing, "note": self.note, "cpus": os.cpu_count(),
+                "save_seconds": round(time.monotonic() - t, 3)}
+
+    def __exit__(self, *exc: object) -> None:
+        self._cleanup()
+
+
+def _current_clock(text: str) -> str:
+    m = re.search(r"\[(\w+)\]", text)
+    return m.group(1) if m else ""
+
+
+# "  <idle>-0  [001] ..s1.  123456: rcv: (__xsk_rcv_zc+0x0/0x1d0) xs=0xffff888004a1c000"
+_EVENT = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+(rcv|flush):.*?xs=(0x[0-9a-fA-F]+|\d+)")
+_MARK = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+tracing_mark_write:\s*(.*)$")
+
+
+@dataclass
+class Analysis:
+    receives: int = 0
+    flushes: int = 0
+    window_hits: int = 0                 # receives that interleaved with another CPU's unflushed ones
+    sockets: int = 0
+    cpus: set[int] = field(default_factory=set)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    marks: list[str] = field(default_factory=list)
+    first_hit_ts: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"receives": self.receives, "flushes": self.flushes, "window_hits": self.window_hits,
+                "sockets": self.sockets, "cpus": sorted(self.cpus), "examples": self.examples[:20],
+                "marks": self.marks[:50], "first_hit_ts": self.first_hit_ts}
+
+
+def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
+    """Count receives into S on CPU Y while CPU X != Y holds unflushed receives into S."""
+    a = Analysis()
+    pending: dict[str, dict[int, int]] = {}   # socket -> cpu -> receives since its last flush
+    events = []
+    for line in lines:
+        m = _EVENT.search(line)
+        if m:
+            events.append((int(m.group(2)), int(m.group(1)), m.group(3), m.group(4)))
+            continue
+        mk = _MARK.search(line)
+        if mk:
+            a.marks.append(mk.group(3).strip())
+    # per-CPU buffers are printed merged by timestamp already; sort to be safe (counter clock)
+    events.sort(key=lambda e: e[0])
+    for ts, cpu, kind, xs in events:
+        a.cpus.add(cpu)
+        per = pending.setdefault(xs, {})
+        if kind == "flush":
+            a.flushes += 1
+            per[cpu] = 0
+            continue
+        a.receives += 1
+        others = {c: n for c, n in per.items() if c != cpu and n > 0}
+        if others:
+            a.window_hits += 1
+            if a.first_hit_ts is None:
+                a.first_hit_ts = ts
+            if len(a.examples) < max_examples:
+                a.examples.append({"ts": ts, "cpu": cpu, "socket": xs, "unflushed_on": others})
+        per[cpu] = per.get(cpu, 0) + 1
+    a.sockets = len(pending)
+    return a
+
+
+def analyze_file(path: Path) -> Analysis:
+    with open(path, errors="replace") as f:
+        return analyze(f)

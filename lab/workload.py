@@ -196,3 +196,23 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     tmp.replace(path)
+
+
+def fetch_evidence(host: Host, res: TargetResult, out: Path) -> None:
+    """Bring the trace home and run the interleaving analysis on it (host side)."""
+    from lab import evidence
+
+    ev = res.evidence
+    if not ev.get("available") or not ev.get("trace_path"):
+        return
+    dest = out / "evidence" / f"{res.label.replace('/', '_')}.trace"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        host.get(str(ev["trace_path"]), dest)
+    except (OSError, InfraError) as e:
+        ev["note"] = f"trace not fetched: {e}"
+        ev["available"] = False
+        return
+    a = evidence.analyze_file(dest)
+    ev.update(a.to_dict())
+    ev["trace_file"] = str(dest)

@@ -1,0 +1,47 @@
+import math
+
+import pytest
+
+from lab import verdict as v
+
+
+def test_zero_events_upper_bound_is_rule_of_three():
+    assert v.upper_bound(0, 1_000_000) == pytest.approx(-math.log(0.05) / 1e6, rel=1e-6)
+
+
+@pytest.mark.parametrize("k,lo,hi", [(1, 0.0253, 5.572), (5, 1.624, 11.67), (10, 4.795, 18.39)])
+def test_garwood_interval_matches_tables(k, lo, hi):
+    a, b = v.poisson_interval(k, 1.0)
+    assert a == pytest.approx(lo, rel=2e-3)
+    assert b == pytest.approx(hi, rel=2e-3)
+
+
+def test_gamma_quantile_inverts():
+    for a in (1, 2.5, 10, 200):
+        for p in (0.025, 0.5, 0.975):
+            x = v.gamma_quantile(a, p)
+            assert v._gamma_p(a, x) == pytest.approx(p, abs=1e-9)
+
+
+def test_budget_gives_miss_probability():
+    t = v.budget_for(0.1, miss=0.01)
+    assert 1 - v.detection_probability(0.1, t) == pytest.approx(0.01)
+    assert v.budget_for(0) == math.inf
+
+
+def test_decide_reproduced_and_not():
+    r = v.decide("k", vms=2, packets=10_000, seconds=20, wall=25, by_kind={"order": 3, "poison": 1},
+                 first_violation_s=0.2)
+    assert r.verdict == v.REPRODUCED and r.violations == 4
+    assert r.corruption.per_packet[0] > 0
+    c = v.decide("k", vms=2, packets=10_000, seconds=20, wall=25, by_kind={}, first_violation_s=None)
+    assert c.verdict == v.NOT_REPRODUCED
+    assert "NOT REPRODUCED (rate < 3" in v.verdict_text(c)
+    assert v.matches(c, "clean") and not v.matches(c, "reproduced")
+
+
+def test_lost_infrastructure_is_never_not_reproduced():
+    r = v.decide("k", vms=1, packets=0, seconds=0, wall=5, by_kind={}, first_violation_s=None,
+                 infra_errors=["vm-0: LostVM"])
+    assert r.verdict == v.INCONCLUSIVE
+    assert not v.matches(r, "clean")
