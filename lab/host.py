@@ -120,7 +120,8 @@ class LocalHost:
         import tempfile
 
         with tempfile.TemporaryFile("w+") as errf:
-            with runmod.spawn(argv, stderr=errf.fileno(), env=env) as proc:
+            with runmod.spawn(argv, stderr=errf.fileno(), env=env, die_with_parent=True,
+                              stdin=subprocess.DEVNULL) as proc:
                 lp = _FileErrProcess(proc, errf)
                 yield lp
 

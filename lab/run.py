@@ -130,24 +130,33 @@ def _s(b: bytes | str | None) -> str:
 def spawn(argv: Sequence[str | os.PathLike[str]], *, stdout: int | None = subprocess.PIPE,
           stderr: int | None = subprocess.PIPE, cwd: str | os.PathLike[str] | None = None,
           env: Mapping[str, str] | None = None, stop_signal: int = signal.SIGTERM,
-          grace: float = 5.0) -> Iterator[subprocess.Popen[str]]:
+          grace: float = 5.0, die_with_parent: bool = False,
+          stdin: int | None = None) -> Iterator[subprocess.Popen[str]]:
     """A background process as a context manager: always stopped on exit.
 
     It runs in its own process group so that Ctrl-C reaches only racelab, which
-    then stops the group itself in a known order.
+    then stops the group itself in a known order.  die_with_parent: the
+    kernel SIGKILLs it if racelab dies, even by SIGKILL (PR_SET_PDEATHSIG).
     """
     args = [os.fspath(a) for a in argv]
     log.debug("+ %s &", shlex.join(args))
     full_env = {**os.environ, **env} if env is not None else None
     try:
-        proc = subprocess.Popen(args, stdout=stdout, stderr=stderr, cwd=cwd, env=full_env,
-                                text=True, start_new_session=True, bufsize=1)
+        proc = subprocess.Popen(args, stdout=stdout, stderr=stderr, stdin=stdin, cwd=cwd,
+                                env=full_env, text=True, start_new_session=True, bufsize=1,
+                                preexec_fn=_pdeathsig if die_with_parent else None)
     except FileNotFoundError:
         raise BadInput(f"missing tool: {args[0]}", hint=tool_hint(args[0])) from None
     try:
         yield proc
     finally:
         stop(proc, stop_signal, grace)
+
+
+def _pdeathsig() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
