@@ -93,6 +93,7 @@ class AgentSpec:
     iperf: IperfOpts | None
     duration: float
     stop_on_first: bool = False
+    stop_grace: float = 0.0      # with stop_on_first: keep the load on this long after the first violation
     seed: int = 0
     bin_dir: str = ""
     trace: dict[str, Any] = field(default_factory=dict)   # evidence options (lab.evidence)
@@ -258,9 +259,11 @@ def run_agent(spec: AgentSpec) -> int:
             if src == "sender":
                 ev = {**ev, "type": "sender", "sender_type": ev.get("type")}
             emit(ev)
-            if ev.get("type") == "violation" and spec.stop_on_first:
+            if ev.get("type") == "violation" and spec.stop_on_first and reason != "first-violation":
                 reason = "first-violation"
-                break
+                deadline = min(deadline, time.monotonic() + spec.stop_grace)
+                if spec.stop_grace <= 0:
+                    break
         load_seconds = time.monotonic() - load_start
         for ch in children:
             ch.stop()

@@ -56,6 +56,7 @@ class RunConfig:
     vms: int = 1                        # guests per kernel (vm backend)
     seed: int = 0                       # seeds names and sender payloads
     stop_on_first: bool = False         # end a target's run at its first violation
+    stop_grace: float = 0.0             # ...but keep the load on this long after it
     expect: str | None = None           # reproduced | clean | None
     inject: str | None = None           # fault class the checker commits on purpose
     mitigation: str | None = None       # workaround applied to the affected kernel

@@ -236,7 +236,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                              f" - {kr.accel_reason}" if kr.accel_reason else "")
                     spec = agent_spec(s, duration=cfg.duration, seed=cfg.seed, bin_dir="/opt/racelab/bin",
                                       stop_on_first=cfg.stop_on_first, inject=cfg.inject or "",
-                                      trace=trace)
+                                      trace=trace, stop_grace=cfg.stop_grace)
                     with ThreadPoolExecutor(len(vms)) as ex:
                         futs = [ex.submit(run_on_vm, m, kr.name, i, spec, out, prog, events_lock,
                                           events_file) for i, m in enumerate(vms)]

@@ -146,7 +146,7 @@ def run_netns(cfg: RunConfig, progress: bool = True) -> Outcome:
     write_json(out / "provenance.json", meta)
     spec = agent_spec(scenario, duration=cfg.duration, seed=cfg.seed, bin_dir=str(bin_dir),
                       stop_on_first=cfg.stop_on_first, inject=cfg.inject or "",
-                      trace=_trace_opts(cfg, scenario))
+                      trace=_trace_opts(cfg, scenario), stop_grace=cfg.stop_grace)
     prog = Progress(progress)
     t0 = time.monotonic()
     kernel = f"host:{platform.release()}"

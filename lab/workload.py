@@ -26,7 +26,7 @@ MAX_KEPT_VIOLATIONS = 500
 
 def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on_first: bool,
                inject: str = "", trace: dict[str, Any] | None = None,
-               checks: str = "all") -> AgentSpec:
+               checks: str = "all", stop_grace: float = 0.0) -> AgentSpec:
     c, ld, x = s["checker"], s["load"], s["xdp"]
     topo = to_topology(s)
     queues = c["queues"]
@@ -57,7 +57,7 @@ def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on
                             inject=sender_inject)
         iperf = IperfOpts(server_ns="srv", client_ns="cli", server_ip="198.18.1.2") if ld["iperf3"] else None
     return AgentSpec(topology=topo, checker=checker, sender=sender, iperf=iperf, duration=duration,
-                     stop_on_first=stop_on_first, seed=seed, bin_dir=bin_dir, trace=trace or {})
+                     stop_on_first=stop_on_first, stop_grace=stop_grace, seed=seed, bin_dir=bin_dir, trace=trace or {})
 
 
 @dataclass
