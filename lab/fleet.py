@@ -287,7 +287,7 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
     meta = report.provenance(cfg, {"kernels": kmeta, "image": {"key": img.key, "path": str(img.path)},
                                    "expected": expected or {}})
     write_json(out / "provenance.json", meta)
-    return finish(cfg, s, rows, targets, out, meta, title=title)
+    return finish(cfg, s, rows, targets, out, meta, title=title, expected=expected)
 
 
 # --- single guests, for `racelab vm run|shell` ---------------------------------

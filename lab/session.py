@@ -170,14 +170,17 @@ def _trace_opts(cfg: RunConfig, scenario: Scenario) -> dict[str, Any]:
 
 
 def finish(cfg: RunConfig, scenario: Scenario, rows: list[Row], targets: list[TargetResult],
-           out: Path, meta: dict[str, Any], title: str | None = None) -> Outcome:
+           out: Path, meta: dict[str, Any], title: str | None = None,
+           expected: dict[str, str] | None = None) -> Outcome:
     title = title or f"racelab {cfg.scenario} ({cfg.backend})"
-    expected = {r.kernel: cfg.expect for r in rows if cfg.expect}
+    if cfg.expect:
+        expected = {r.kernel: cfg.expect for r in rows}
+    expected = expected or {}
     summary = {
         "scenario": cfg.scenario, "backend": cfg.backend, "bug": scenario.bug,
         "rows": [report.row_dict(r) for r in rows],
         "targets": [to_jsonable(t) | {"violations": t.violations[:50]} for t in targets],
-        "provenance": meta, "config": json.loads(cfg.to_json()),
+        "provenance": meta, "config": json.loads(cfg.to_json()), "expected": expected,
     }
     write_json(out / "summary.json", summary)
     report.write_junit(out / "junit.xml", rows, f"racelab.{cfg.scenario}", expected)
