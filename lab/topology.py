@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,19 +223,36 @@ def _add_veth(topo: Topology, v: VethSpec, NetNS) -> None:  # noqa: ANN001, N803
     # Senders build whole frames themselves: no segmentation offloads on the sending side.
     _ethtool(topo, v.a_ns, ["-K", v.a, "tso", "off", "gso", "off"], quiet=True)
     _ethtool(topo, v.b_ns, ["-K", v.b, "gro", "on" if v.gro_b else "off"], quiet=not v.gro_b)
-    if v.channels_b:
-        _ethtool(topo, v.b_ns, ["-L", v.b, "combined", str(v.channels_b)])
-        _ethtool(topo, v.a_ns, ["-L", v.a, "combined", str(v.channels_b)])
+    # veth starts with one active queue whatever numrxqueues says, and caps
+    # channels at the CPU count: ask for what the spec wants, within the cap.
+    want = v.channels_b or v.queues
+    for ns, dev in ((v.b_ns, v.b), (v.a_ns, v.a)):
+        _set_channels(topo, ns, dev, want)
     if v.threaded_b:
         topo.write_sysfs(v.b_ns, f"/sys/class/net/{v.b}/threaded", "1")
     if v.xps_a != "auto" and v.queues > 1:
         ncpu = os.cpu_count() or 1
-        for q in range(v.queues):
+        active = len([q for q in range(v.queues)
+                      if run(topo.nsenter(v.a_ns, ["test", "-e", f"/sys/class/net/{v.a}/queues/tx-{q}"],
+                                          mount=True), check=False).returncode == 0])
+        for q in range(active):
             if v.xps_a == "same":
                 cpus = (1 << ncpu) - 1 if q == 0 else 0
             else:  # spread: CPU c sends on queue c % queues
-                cpus = sum(1 << c for c in range(ncpu) if c % v.queues == q)
+                cpus = sum(1 << c for c in range(ncpu) if c % active == q)
             topo.write_sysfs(v.a_ns, f"/sys/class/net/{v.a}/queues/tx-{q}/xps_cpus", f"{cpus:x}")
+
+
+def _set_channels(topo: Topology, ns: str, dev: str, want: int) -> int:
+    p = run(topo.nsenter(ns, ["ethtool", "-l", dev]), check=False)
+    maxima = re.findall(r"^(RX|TX):\s+(\d+)", p.stdout.split("Current")[0], re.M)
+    cap = min((int(n) for _, n in maxima), default=1)
+    n = max(1, min(want, cap))
+    if n != want:
+        log.info("%s: %d queue(s) asked, %d usable (veth caps channels at the CPU count)", dev, want, n)
+    if maxima:
+        _ethtool(topo, ns, ["-L", dev, "rx", str(n), "tx", str(n)], quiet=True)
+    return n
 
 
 def _ethtool(topo: Topology, ns: str, args: list[str], quiet: bool = False) -> None:
