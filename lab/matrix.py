@@ -1,0 +1,219 @@
+"""`racelab matrix`: the kernel x scenario grid, without writing any pytest.
+
+Each cell boots a fleet on one kernel and runs one scenario to a verdict.
+Its expectation comes from the catalog: a kernel whose `affected` list names
+the scenario should reproduce; any other kernel must stay clean.  A fixed
+kernel with any violation fails its cell; an affected kernel that does not
+reproduce within the budget is reported as such, with its rate bound.
+
+Cells run `--jobs` at a time, spread round-robin over the libvirt URIs given
+with --uri (or RACELAB_URIS, comma-separated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import random
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lab import scenario as scen
+from lab.config import RunConfig, parse_duration
+from lab.run import BadInput, InfraError, log
+from lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Row, level_text, verdict_text
+
+PASS, FAIL, MISSED, ERROR = "pass", "fail", "not-reproduced-within-budget", "error"
+
+
+@dataclass
+class Cell:
+    kernel: str
+    scenario: str
+    expected: str                  # reproduced | clean
+    row: Row | None = None
+    outcome: str = ERROR           # pass | fail | not-reproduced-within-budget | error
+    out: str = ""
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        from lab.report import row_dict
+        return {"kernel": self.kernel, "scenario": self.scenario, "expected": self.expected,
+                "outcome": self.outcome, "out": self.out, "error": self.error,
+                "row": row_dict(self.row) if self.row else None}
+
+
+def judge(expected: str, row: Row) -> str:
+    if row.verdict == INCONCLUSIVE:
+        return ERROR
+    if expected == "clean":
+        return PASS if row.verdict == NOT_REPRODUCED else FAIL
+    return PASS if row.verdict == REPRODUCED else MISSED
+
+
+def expected_for(kernel_spec: Any, scenario: str) -> str:
+    return "reproduced" if scenario in tuple(getattr(kernel_spec, "affected", ()) or ()) else "clean"
+
+
+def run_cell(cell: Cell, *, budget: float, vms: int, seed: int, out: Path, uri: str,
+             progress: bool) -> Cell:
+    from lab import fleet
+
+    s = scen.load(cell.scenario)
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(cell.kernel,),
+                    duration=budget, vms=vms, seed=seed, stop_on_first=True, stop_grace=1.0,
+                    out=str(out), uris=(uri,), evidence=("trace",))
+    try:
+        outcome = fleet.run_vm(cfg, progress=progress, expected={cell.kernel: cell.expected})
+        cell.row = outcome.rows[0]
+        cell.outcome = judge(cell.expected, cell.row)
+    except InfraError as e:
+        cell.outcome, cell.error = ERROR, str(e)
+    cell.out = str(out)
+    return cell
+
+
+def uris_from(args: list[str] | None) -> list[str]:
+    env = [u for u in os.environ.get("RACELAB_URIS", "").split(",") if u]
+    return list(args or []) or env or ["qemu:///system"]
+
+
+def run_matrix(kernels: list[str], scenarios: list[str], *, budget: float, vms: int, jobs: int,
+               out: Path, uris: list[str], seed: int, progress: bool = True) -> list[Cell]:
+    from lab import fleet, image
+
+    for s in scenarios:
+        scen.load(s)                           # every bad scenario before anything boots
+    specs = fleet.resolve_kernels(kernels)     # every bad kernel, too
+    fleet.preflight_vm()
+    fleet.build_kernels(kernels, progress=progress)
+    image.ensure_image(progress=progress)
+    cells = [Cell(k, s, expected_for(sp, s)) for k, sp in zip(kernels, specs) for s in scenarios]
+    out.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max(1, jobs)) as ex:
+        futs = [ex.submit(run_cell, c, budget=budget, vms=vms, seed=seed + i,
+                          out=out / f"{c.scenario}__{c.kernel.replace('/', '_').replace(':', '_')}",
+                          uri=uris[i % len(uris)], progress=progress and jobs == 1)
+                for i, c in enumerate(cells)]
+        cells = [f.result() for f in futs]
+    return cells
+
+
+def cell_text(c: Cell) -> str:
+    if c.row is None:
+        return f"ERROR: {c.error[:60]}"
+    w = f", window {c.row.window.count}" if c.row.window.available else ""
+    if c.row.verdict == REPRODUCED:
+        return f"REPRODUCED ({c.row.violations} viol{w}) [{c.outcome}]"
+    if c.row.verdict == NOT_REPRODUCED:
+        return f"clean (< {c.row.corruption.per_packet[1]:.2g}/pkt{w}) [{c.outcome}]"
+    return f"{verdict_text(c.row)} [{c.outcome}]"
+
+
+def print_grid(cells: list[Cell], kernels: list[str], scenarios: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="racelab matrix", show_lines=True)
+    t.add_column("kernel")
+    for s in scenarios:
+        t.add_column(s)
+    by = {(c.kernel, c.scenario): c for c in cells}
+    colours = {PASS: "green", FAIL: "bold red", MISSED: "yellow", ERROR: "magenta"}
+    for k in kernels:
+        t.add_row(k, *[f"[{colours[by[(k, s)].outcome]}]{cell_text(by[(k, s)])}[/]" for s in scenarios])
+    Console(width=160).print(t)
+
+
+def write_junit(path: Path, cells: list[Cell]) -> None:
+    ts = ET.Element("testsuite", name="racelab.matrix", tests=str(len(cells)))
+    nfail = nskip = nerr = 0
+    for c in cells:
+        tc = ET.SubElement(ts, "testcase", classname=f"racelab.matrix.{c.scenario}", name=c.kernel,
+                           time=f"{c.row.wall:.1f}" if c.row else "0")
+        props = ET.SubElement(tc, "properties")
+        r = c.row
+        for k, v in (("expected", c.expected), ("outcome", c.outcome),
+                     ("verdict", r.verdict if r else "error"), ("packets", r.packets if r else 0),
+                     ("rate", level_text(r.corruption, r.packets, r.confidence) if r else ""),
+                     ("first_violation_s", r.first_violation_s if r else None),
+                     ("window_hits", (r.window.count if r.window.available else "n/a") if r else "n/a"),
+                     ("window_rate", level_text(r.window, r.packets, r.confidence) if r else "")):
+            ET.SubElement(props, "property", name=k, value=str(v))
+        if c.outcome == FAIL:
+            ET.SubElement(tc, "failure", message=f"expected {c.expected}: {cell_text(c)}")
+            nfail += 1
+        elif c.outcome == MISSED:
+            ET.SubElement(tc, "skipped", message=f"affected kernel did not reproduce within budget: {cell_text(c)}")
+            nskip += 1
+        elif c.outcome == ERROR:
+            ET.SubElement(tc, "error", message=c.error or (verdict_text(r) if r else "error"))
+            nerr += 1
+    ts.set("failures", str(nfail))
+    ts.set("skipped", str(nskip))
+    ts.set("errors", str(nerr))
+    ET.ElementTree(ts).write(path, encoding="unicode", xml_declaration=True)
+
+
+def parse_junit(path: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """(scenario, kernel) -> properties + outcome: what CI tooling reads back."""
+    root = ET.parse(path).getroot()
+    out = {}
+    for tc in root.iter("testcase"):
+        scenario = tc.get("classname", "").rsplit(".", 1)[-1]
+        props = {p.get("name", ""): p.get("value", "") for p in tc.iter("property")}
+        out[(scenario, tc.get("name", ""))] = props
+    return out
+
+
+def write_heatmap(path: Path, cells: list[Cell], kernels: list[str], scenarios: list[str]) -> None:
+    colours = {PASS: "#27ae60", FAIL: "#c0392b", MISSED: "#f1c40f", ERROR: "#8e44ad"}
+    by = {(c.kernel, c.scenario): c for c in cells}
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in scenarios)
+    rows = []
+    for k in kernels:
+        tds = []
+        for s in scenarios:
+            c = by[(k, s)]
+            rel = os.path.relpath(Path(c.out) / "report.html", path.parent) if c.out else "#"
+            tds.append(f"<td style='background:{colours[c.outcome]};color:#fff'>"
+                       f"<a style='color:#fff' href='{html.escape(rel)}'>{html.escape(cell_text(c))}</a>"
+                       f"<br><small>expected {c.expected}</small></td>")
+        rows.append(f"<tr><th>{html.escape(k)}</th>{''.join(tds)}</tr>")
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>racelab matrix</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #999;padding:8px}}
+table{{border-collapse:collapse}}</style></head><body><h1>racelab matrix</h1>
+<p>green: as expected; red: a fixed kernel showed violations (or an affected one was clean when
+expected otherwise); yellow: affected kernel not reproduced within budget; purple: infrastructure error</p>
+<table><tr><th>kernel</th>{head}</tr>{''.join(rows)}</table></body></html>""")
+
+
+def main(a: argparse.Namespace) -> int:
+    kernels = [k.strip() for k in a.kernels.split(",") if k.strip()]
+    scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    if not kernels or not scenarios:
+        raise BadInput("--kernels and --scenarios need at least one name each")
+    budget = parse_duration(a.budget, "--budget")
+    out = Path(a.out or f"results/matrix-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    seed = random.SystemRandom().randrange(1 << 31)
+    t0 = time.monotonic()
+    cells = run_matrix(kernels, scenarios, budget=budget, vms=a.vms, jobs=a.jobs, out=out,
+                       uris=uris_from(getattr(a, "uri", None)), seed=seed)
+    print_grid(cells, kernels, scenarios)
+    write_junit(out / "junit.xml", cells)
+    write_heatmap(out / "matrix.html", cells, kernels, scenarios)
+    (out / "matrix.json").write_text(json.dumps({"cells": [c.to_dict() for c in cells], "seed": seed,
+                                                 "wall_seconds": time.monotonic() - t0}, indent=2, default=str))
+    print(f"results: {out}  (matrix.json, junit.xml, matrix.html); wall {time.monotonic() - t0:.0f}s")
+    if any(c.outcome == ERROR for c in cells):
+        return 3
+    return 1 if any(c.outcome == FAIL for c in cells) else 0
+
+
+__all__ = ["Cell", "judge", "expected_for", "run_matrix", "parse_junit", "main"]
