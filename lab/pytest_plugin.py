@@ -1,1 +1,166 @@
-"""racelab pytest plugin (fixtures and options); see issue 6."""
+"""racelab's pytest plugin (entry point `pytest11`): fixtures and a scenario x kernel grid.
+
+Options:
+  --racelab-kernels=K1,K2     kernels for the grid (catalog names, deb:, git:, ...)
+  --racelab-scenarios=S1,S2   scenarios for the grid
+  --racelab-budget=60s        load budget per cell
+  --racelab-vms=1             guests per cell
+  --racelab-expect=K:S=clean  override a cell's expectation (repeatable)
+
+With --racelab-kernels and --racelab-scenarios, the plugin adds its own test,
+`racelab_grid::test_cell[SCENARIO-KERNEL]`, one per cell.  A cell passes or
+fails against the expectation derived from the catalog (the kernel's
+`affected` list, i.e. its source and patches): a fixed kernel with any
+violation fails; an affected kernel that does not reproduce within the
+budget fails with its rate bound in the message.  Rate, time to first
+violation, packets and verdict go into JUnit as properties.
+
+Fixtures (names unique per xdist worker: guests and namespaces carry the
+worker's pid; the kernel cache is shared behind a file lock):
+
+  racelab_kernel     session  factory: racelab_kernel("6.1.192") -> KernelArtifact (built or cached)
+  racelab_image      session  the guest image (built or cached)
+  racelab_vm         function factory: racelab_vm(kernel_name, vcpus=2) -> a booted VM; destroyed after
+  racelab_fleet      function factory: racelab_fleet(kernel_name, n) -> list of booted VMs
+  racelab_topology   function factory: racelab_topology(TopologySpec) -> Topology in fresh namespaces
+  racelab_host       session  the local Host (netns backend)
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+GRID_MODULE = Path(__file__).with_name("racelab_grid.py")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("racelab", "racelab kernel x scenario grid")
+    g.addoption("--racelab-kernels", default="", help="comma-separated kernels for the grid")
+    g.addoption("--racelab-scenarios", default="", help="comma-separated scenarios for the grid")
+    g.addoption("--racelab-budget", default="60s", help="load budget per cell (default 60s)")
+    g.addoption("--racelab-vms", type=int, default=1, help="guests per cell")
+    g.addoption("--racelab-expect", action="append", default=[],
+                help="KERNEL:SCENARIO=reproduced|clean overrides the catalog's expectation")
+    g.addoption("--racelab-backend", default="vm", choices=("vm", "netns"),
+                help="vm (default) or netns (the host kernel; --racelab-kernels=host)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "racelab_cell: a kernel x scenario grid cell")
+    if config.getoption("--racelab-kernels") and config.getoption("--racelab-scenarios"):
+        # collect the grid module too, whatever paths were given
+        if str(GRID_MODULE) not in config.args:
+            config.args.append(str(GRID_MODULE))
+
+
+def _split(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "racelab_cell" not in metafunc.fixturenames:
+        return
+    cfg = metafunc.config
+    kernels = _split(cfg.getoption("--racelab-kernels"))
+    scenarios = _split(cfg.getoption("--racelab-scenarios"))
+    cells = [(s, k) for s in scenarios for k in kernels]
+    metafunc.parametrize("racelab_cell", cells, ids=[f"{s}-{k}" for s, k in cells], indirect=True)
+
+
+def expectation(config: pytest.Config, kernel: str, scenario: str) -> str:
+    for item in config.getoption("--racelab-expect"):
+        key, _, value = item.partition("=")
+        if key == f"{kernel}:{scenario}":
+            return value
+    if kernel == "host":
+        return "clean"
+    from lab import kernel as kmod
+    from lab.matrix import expected_for
+    return expected_for(kmod.resolve(kernel), scenario)
+
+
+@pytest.fixture
+def racelab_cell(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """One grid cell: {"scenario", "kernel", "expected", "budget", "vms", "backend"}."""
+    scenario, kernel = request.param
+    cfg = request.config
+    from lab.config import parse_duration
+    return {"scenario": scenario, "kernel": kernel, "expected": expectation(cfg, kernel, scenario),
+            "budget": parse_duration(cfg.getoption("--racelab-budget")),
+            "vms": cfg.getoption("--racelab-vms"), "backend": cfg.getoption("--racelab-backend")}
+
+
+@pytest.fixture(scope="session")
+def racelab_host():
+    """The local Host: this machine's kernel, for netns-backend scenarios."""
+    from lab import dataplane
+    from lab.host import LocalHost
+    return LocalHost(str(dataplane.build()))
+
+
+@pytest.fixture(scope="session")
+def racelab_kernel():
+    """Factory: name -> KernelArtifact.  Builds once per key across xdist workers (file lock)."""
+    from lab import kernel as kmod
+    cache: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in cache:
+            cache[name] = kmod.ensure(kmod.resolve(name), progress=False)
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def racelab_image():
+    """The guest image (cached by recipe and lab-layer hash)."""
+    from lab import image
+    return image.ensure_image(progress=False)
+
+
+@pytest.fixture
+def racelab_fleet(racelab_kernel, racelab_image, tmp_path):
+    """Factory: (kernel name, n, vcpus=2, memory_mib=1024) -> n booted guests; all destroyed after."""
+    from lab import vm as vmmod
+    stack = ExitStack()
+    counter = [0]
+
+    def boot(kernel_name: str, n: int = 1, vcpus: int = 2, memory_mib: int = 1024,
+             cmdline: str = "") -> list[Any]:
+        art = racelab_kernel(kernel_name)
+        vms = []
+        for _ in range(n):
+            i = counter[0]
+            counter[0] += 1
+            m = vmmod.VM(art, racelab_image, name=f"racelab-{os.getpid()}-pytest-{i}", vcpus=vcpus,
+                         memory_mib=memory_mib, cmdline=cmdline, pin=None,
+                         results_dir=tmp_path / f"vm-{i}")
+            vms.append(stack.enter_context(m))
+        return vms
+    with stack:
+        yield boot
+
+
+@pytest.fixture
+def racelab_vm(racelab_fleet):
+    """Factory: kernel name -> one booted guest (destroyed after the test)."""
+    def boot(kernel_name: str, **kw: Any) -> Any:
+        return racelab_fleet(kernel_name, 1, **kw)[0]
+    return boot
+
+
+@pytest.fixture
+def racelab_topology():
+    """Factory: TopologySpec -> Topology in fresh anonymous namespaces (gone after the test)."""
+    from lab.topology import build
+    stack = ExitStack()
+
+    def make(spec: Any) -> Any:
+        return stack.enter_context(build(spec))
+    with stack:
+        yield make

@@ -1,0 +1,49 @@
+"""The grid test the pytest plugin adds when --racelab-kernels/--racelab-scenarios are given."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.racelab_cell
+
+
+def test_cell(racelab_cell, record_property, tmp_path):
+    from lab import scenario as scen
+    from lab.config import RunConfig
+    from lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, level_text, verdict_text
+
+    c = racelab_cell
+    s = scen.load(c["scenario"])
+    out = Path(os.environ.get("RACELAB_GRID_OUT", tmp_path)) / f"{c['scenario']}__{c['kernel'].replace(':', '_')}"
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend=c["backend"],
+                    kernels=() if c["backend"] == "netns" else (c["kernel"],), duration=c["budget"],
+                    vms=c["vms"], seed=random.SystemRandom().randrange(1 << 31), stop_on_first=True,
+                    stop_grace=1.0, out=str(out))
+    if c["backend"] == "netns":
+        from lab import session
+        outcome = session.run_netns(cfg, progress=False)
+    else:
+        from lab import fleet
+        outcome = fleet.run_vm(cfg, progress=False, expected={c["kernel"]: c["expected"]})
+    row = outcome.rows[0]
+    for k, v in (("verdict", row.verdict), ("expected", c["expected"]), ("packets", row.packets),
+                 ("violations", row.violations), ("first_violation_s", row.first_violation_s),
+                 ("rate", level_text(row.corruption, row.packets, row.confidence)),
+                 ("window_hits", row.window.count if row.window.available else "n/a"),
+                 ("window_rate", level_text(row.window, row.packets, row.confidence)),
+                 ("results", str(outcome.out))):
+        record_property(k, v)
+    if row.verdict == INCONCLUSIVE:
+        pytest.fail(f"infrastructure: {verdict_text(row)}")
+    if c["expected"] == "clean":
+        assert row.verdict == NOT_REPRODUCED, (
+            f"{c['kernel']} is expected to be fixed for {c['scenario']} but showed "
+            f"{row.violations} violation(s): {row.by_kind}")
+    else:
+        assert row.verdict == REPRODUCED, (
+            f"{c['kernel']} is affected by {c['scenario']} but did not reproduce within "
+            f"{c['budget']:.0f}s: {level_text(row.corruption, row.packets, row.confidence)}")
