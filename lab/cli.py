@@ -197,6 +197,16 @@ def cmd_bisect(a: argparse.Namespace) -> int:
     return bisect.main(a)
 
 
+def cmd_bisect_step(a: argparse.Namespace) -> int:
+    from lab import bisect
+
+    try:
+        return bisect.step_main(a.state)
+    except RacelabError as e:  # a step that cannot decide is a skip, never a verdict
+        print(f"racelab bisect-step: {e}", file=sys.stderr)
+        return bisect.EXIT_SKIP
+
+
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="racelab", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,8 +275,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--good", required=True)
     p.add_argument("--bad", required=True)
     p.add_argument("--scenario", required=True)
-    p.add_argument("--find", choices=("cause", "fix"), default="cause")
+    p.add_argument("--find", choices=("cause", "fix"), default="cause",
+                   help="cause: --bad (newer) reproduces; fix: --good (older) reproduces")
+    p.add_argument("--vms", type=int, default=1, help="guests per step")
+    p.add_argument("--out", default="", help="results directory")
+    p.add_argument("--calibrate-runs", type=int, default=3, help="runs on the reproducing end")
+    p.add_argument("--calibrate-budget", default="2m", help="max load per calibration run")
+    p.add_argument("--min-step", default="5s", help="minimum load per step")
     p.set_defaults(func=cmd_bisect)
+
+    p = sub.add_parser("bisect-step", help="internal: one `git bisect run` step (exit 0/1/125)")
+    p.add_argument("--state", required=True)
+    p.set_defaults(func=cmd_bisect_step)
     return ap
 
 

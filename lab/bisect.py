@@ -1,0 +1,269 @@
+"""Flake-aware bisection of kernel commits for a race.
+
+A race that shows in 1 of N runs makes plain `git bisect` lie: one lucky
+"good" sends it down the wrong half.  racelab reasons with measured rates:
+
+1. calibrate: on the known-reproducing end, run the scenario to its first
+   violation a few times and take a conservative (one-sided 95% lower) bound
+   on the reproduction rate;
+2. budget: give each step enough load time that P(miss | race present) <= 1%
+   at that lower bound, stopping early at the first violation;
+3. drive `git bisect run` with `racelab bisect-step`, which builds the commit
+   incrementally (one persistent build directory per tree, ccache), boots the
+   fleet and runs the scenario.  It exits 0/1 for a verdict and 125 (skip)
+   for a build failure or a lost guest: infrastructure is never a verdict;
+4. report a confidence (the product of the per-step confidences) and verify
+   the answer by testing the culprit and its parent again.
+
+--good is the older end and --bad the newer one.  --find cause: the newer end
+reproduces.  --find fix: the older end reproduces and the newer one is fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab import verdict as v
+from lab.config import RunConfig, parse_duration
+from lab.run import BadInput, InfraError, log, run
+
+EXIT_GOOD_OLD, EXIT_NEW, EXIT_SKIP = 0, 1, 125
+MISS = 0.01                 # per-step P(miss | race present)
+
+
+# --- statistics ----------------------------------------------------------------
+
+def rate_lower_bound(events: int, seconds: float, confidence: float = 0.95) -> float:
+    """One-sided lower bound on a Poisson rate (0 when no events)."""
+    if events <= 0 or seconds <= 0:
+        return 0.0
+    return v.gamma_quantile(events, 1 - confidence) / seconds
+
+
+def step_budget(rate_low: float, miss: float = MISS, floor: float = 5.0, cap: float = 3600.0) -> float:
+    """Seconds of load per step so that P(no violation | race present) <= miss."""
+    if rate_low <= 0:
+        return cap
+    return min(cap, max(floor, v.budget_for(rate_low, miss)))
+
+
+def step_confidence(reproduced: bool, rate_low: float, seconds: float) -> float:
+    """How sure one step's verdict is.  A violation is proof; a clean run is 1 - P(miss)."""
+    if reproduced:
+        return 1.0
+    return v.detection_probability(rate_low, seconds)
+
+
+def overall_confidence(steps: list[float]) -> float:
+    return math.prod(steps) if steps else 0.0
+
+
+def exit_code(find: str, outcome: str) -> int:
+    """Map a step's outcome (reproduced | clean | skip) to `git bisect run`'s exit codes."""
+    if outcome == "skip":
+        return EXIT_SKIP
+    reproduced = outcome == "reproduced"
+    if find == "cause":     # terms good(old, clean) / bad(new, racy)
+        return EXIT_NEW if reproduced else EXIT_GOOD_OLD
+    return EXIT_GOOD_OLD if reproduced else EXIT_NEW   # terms racy(old) / fixed(new)
+
+
+# --- one step ---------------------------------------------------------------------
+
+@dataclass
+class State:
+    """What every bisect-step needs; written once by `racelab bisect`."""
+
+    tree: str
+    scenario: str
+    find: str
+    budget: float
+    rate_low: float
+    vms: int
+    log: str
+    out: str
+    seed: int
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> State:
+        return cls(**json.loads(path.read_text()))
+
+
+def test_commit(st: State, sha: str, label: str) -> dict[str, Any]:
+    """Build, boot, run one commit.  Returns the step record (never raises for infra)."""
+    from lab import fleet, kernel
+    from lab import scenario as scen
+
+    rec: dict[str, Any] = {"commit": sha, "label": label, "time": time.time()}
+    t0 = time.monotonic()
+    try:
+        spec = kernel.resolve(f"git:{st.tree}@{sha}")
+        art = kernel.ensure(spec, progress=False)
+        rec["build_s"] = round(time.monotonic() - t0, 1)
+        rec["kernel_key"] = getattr(art, "key", "")
+    except (InfraError, BadInput) as e:
+        rec.update(outcome="skip", reason=f"build failed: {str(e)[:300]}",
+                   build_s=round(time.monotonic() - t0, 1), confidence=1.0)
+        return rec
+    s = scen.load(st.scenario, st.overrides)
+    kname = f"git:{st.tree}@{sha}"
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(kname,),
+                    duration=st.budget, vms=st.vms, seed=st.seed, stop_on_first=True,
+                    out=str(Path(st.out) / f"step-{sha[:12]}-{label}"))
+    t1 = time.monotonic()
+    try:
+        outcome = fleet.run_vm(cfg, progress=False)
+    except InfraError as e:
+        rec.update(outcome="skip", reason=f"infrastructure: {e.message}", confidence=1.0,
+                   run_s=round(time.monotonic() - t1, 1))
+        return rec
+    row = outcome.rows[0]
+    boots = outcome.meta.get("kernels", {}).get(kname, {}).get("boot_seconds", [])
+    rec["boot_s"] = round(max(boots), 1) if boots else None
+    rec["run_s"] = round(time.monotonic() - t1, 1)
+    rec["load_s"] = round(row.seconds, 1)
+    rec["violations"] = row.by_kind
+    rec["packets"] = row.packets
+    rec["first_violation_s"] = row.first_violation_s
+    if row.verdict == v.INCONCLUSIVE:
+        rec.update(outcome="skip", reason=v.verdict_text(row), confidence=1.0)
+    else:
+        reproduced = row.verdict == v.REPRODUCED
+        rec["outcome"] = "reproduced" if reproduced else "clean"
+        rec["confidence"] = step_confidence(reproduced, st.rate_low, row.seconds)
+    return rec
+
+
+def _append(log_path: str, rec: dict[str, Any]) -> None:
+    with open(log_path, "a") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
+
+
+def step_main(state_path: str) -> int:
+    """`racelab bisect-step --state FILE`: run by `git bisect run` in the tree."""
+    st = State.load(Path(state_path))
+    sha = run(["git", "-C", st.tree, "rev-parse", "HEAD"]).stdout.strip()
+    rec = test_commit(st, sha, "step")
+    rec["exit"] = exit_code(st.find, rec["outcome"])
+    _append(st.log, rec)
+    print(f"racelab bisect-step {sha[:12]}: {rec['outcome']} "
+          f"(confidence {rec.get('confidence', 0):.3f}; build {rec.get('build_s')}s, "
+          f"run {rec.get('run_s')}s) -> exit {rec['exit']}", file=sys.stderr, flush=True)
+    return rec["exit"]
+
+
+# --- the whole bisection ----------------------------------------------------------
+
+def calibrate(st: State, ref_sha: str, attempts: int, max_seconds: float) -> tuple[int, float]:
+    """(events, load seconds) on the reproducing end: runs to the first violation."""
+    events, seconds = 0, 0.0
+    cal = dataclasses.replace(st, budget=max_seconds)
+    for i in range(attempts):
+        rec = test_commit(cal, ref_sha, f"calibrate{i}")
+        _append(st.log, {**rec, "phase": "calibrate"})
+        if rec["outcome"] == "skip":
+            raise InfraError(f"calibration run failed on {ref_sha[:12]}: {rec.get('reason')}")
+        if rec["outcome"] == "reproduced":
+            events += 1
+            seconds += float(rec.get("first_violation_s") or rec.get("load_s") or 0.0)
+        else:
+            seconds += float(rec.get("load_s") or max_seconds)
+        log.info("calibration %d/%d: %s after %.1fs", i + 1, attempts, rec["outcome"],
+                 rec.get("first_violation_s") or rec.get("load_s") or 0)
+    if events == 0:
+        raise BadInput(f"the race did not reproduce on the known-reproducing end {ref_sha[:12]} "
+                       f"in {attempts} x {max_seconds:.0f}s",
+                       hint="check --good/--bad and --find, or raise --calibrate-budget")
+    return events, seconds
+
+
+def subject(tree: str, sha: str) -> str:
+    return run(["git", "-C", tree, "log", "-1", "--format=%h (\"%s\")", sha]).stdout.strip()
+
+
+def main(a: argparse.Namespace) -> int:
+    tree = str(Path(a.tree).resolve())
+    if not (Path(tree) / ".git").exists() and run(["git", "-C", tree, "rev-parse", "--git-dir"],
+                                                   check=False).returncode != 0:
+        raise BadInput(f"{tree} is not a git tree", hint="--tree must point at a kernel git checkout")
+    shas = {}
+    for name in ("good", "bad"):
+        p = run(["git", "-C", tree, "rev-parse", "--verify", f"{getattr(a, name)}^{{commit}}"], check=False)
+        if p.returncode != 0:
+            raise BadInput(f"--{name} {getattr(a, name)!r} is not a commit in {tree}")
+        shas[name] = p.stdout.strip()
+    from lab import scenario as scen
+    s = scen.load(a.scenario)
+    out = Path(a.out or f"results/bisect-{s.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    st = State(tree=tree, scenario=s.name, find=a.find, budget=0.0, rate_low=0.0, vms=a.vms,
+               log=str(out / "bisect.jsonl"), out=str(out),
+               seed=random.SystemRandom().randrange(1 << 31))
+    t0 = time.monotonic()
+    racy_end = shas["bad"] if a.find == "cause" else shas["good"]
+    events, seconds = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget))
+    rate_low = rate_lower_bound(events, seconds)
+    budget = step_budget(rate_low, floor=parse_duration(a.min_step))
+    st = dataclasses.replace(st, budget=budget, rate_low=rate_low)
+    state_path = out / "state.json"
+    st.save(state_path)
+    print(f"calibrated on {racy_end[:12]}: {events} reproduction(s) in {seconds:.1f}s of load; "
+          f"rate >= {rate_low:.3g}/s (95%); step budget {budget:.1f}s for P(miss) <= {MISS:.0%}",
+          flush=True)
+    terms = [] if a.find == "cause" else ["--term-old=racy", "--term-new=fixed"]
+    run(["git", "-C", tree, "bisect", "reset"], check=False)
+    run(["git", "-C", tree, "bisect", "start", *terms, shas["bad"], shas["good"]])
+    try:
+        step = [sys.executable, "-m", "lab.cli", "bisect-step", "--state", str(state_path)]
+        env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        p = run(["git", "-C", tree, "bisect", "run", *step], check=False, capture=True, env=env)
+        (out / "git-bisect-run.log").write_text(p.stdout + p.stderr)
+        ref = "refs/bisect/bad" if a.find == "cause" else "refs/bisect/fixed"
+        culprit = run(["git", "-C", tree, "rev-parse", ref], check=False).stdout.strip()
+        blog = run(["git", "-C", tree, "bisect", "log"], check=False).stdout
+        (out / "git-bisect.log").write_text(blog)
+    finally:
+        run(["git", "-C", tree, "bisect", "reset"], check=False)
+    if not culprit or "first " not in p.stdout:
+        raise InfraError("git bisect did not converge (too many skipped commits?)",
+                         hint=f"see {out / 'git-bisect-run.log'}")
+    steps = [json.loads(l) for l in Path(st.log).read_text().splitlines() if l.strip()]
+    confs = [r.get("confidence", 1.0) for r in steps if r.get("label") == "step" and r["outcome"] != "skip"]
+    # verify: the culprit and its parent again
+    parent = run(["git", "-C", tree, "rev-parse", f"{culprit}^"]).stdout.strip()
+    vc = test_commit(st, culprit, "verify-culprit")
+    vp = test_commit(st, parent, "verify-parent")
+    _append(st.log, {**vc, "phase": "verify"})
+    _append(st.log, {**vp, "phase": "verify"})
+    want_c, want_p = ("reproduced", "clean") if a.find == "cause" else ("clean", "reproduced")
+    verified = vc.get("outcome") == want_c and vp.get("outcome") == want_p
+    conf = overall_confidence(confs + [vc.get("confidence", 0.0), vp.get("confidence", 0.0)])
+    report = {"find": a.find, "culprit": culprit, "subject": subject(tree, culprit),
+              "parent": parent, "verified": verified, "confidence": conf,
+              "steps": len(confs), "step_budget_s": budget, "rate_low_per_s": rate_low,
+              "wall_s": round(time.monotonic() - t0, 1), "log": st.log}
+    (out / "bisect.json").write_text(json.dumps(report, indent=2))
+    what = "introduced" if a.find == "cause" else "fixed"
+    print(f"\nfirst commit that {what} {s.name}: {report['subject']}")
+    print(f"  confidence {conf:.4f} over {len(confs)} steps + verification "
+          f"({'verified' if verified else 'NOT verified'}: culprit {vc.get('outcome')}, parent {vp.get('outcome')})")
+    print(f"  wall {report['wall_s']:.0f}s; log {st.log}")
+    for r in steps:
+        print(f"  {r.get('phase', r.get('label')):<10} {r['commit'][:12]} {r['outcome']:<10} "
+              f"build {r.get('build_s')}s boot {r.get('boot_s')}s run {r.get('run_s')}s "
+              f"conf {r.get('confidence', 0):.3f}")
+    return 0 if verified else 1

@@ -1,0 +1,52 @@
+import math
+
+import pytest
+
+from lab import bisect as b
+from lab import verdict as v
+
+
+def test_budget_from_rate_gives_one_percent_miss():
+    rate = b.rate_lower_bound(3, 2.0)           # 3 reproductions in 2 s of load
+    assert rate == pytest.approx(v.gamma_quantile(3, 0.05) / 2.0)
+    budget = b.step_budget(rate, floor=0)
+    assert math.exp(-rate * budget) == pytest.approx(0.01)
+    # a conservative rate means a longer budget than the point estimate would give
+    assert budget > -math.log(0.01) / (3 / 2.0)
+
+
+def test_budget_floor_and_cap():
+    assert b.step_budget(1000.0, floor=5) == 5
+    assert b.step_budget(0.0, cap=600) == 600
+
+
+def test_step_confidence():
+    assert b.step_confidence(True, 0.1, 1.0) == 1.0
+    assert b.step_confidence(False, 1.0, 4.6052) == pytest.approx(0.99, abs=1e-4)
+    assert b.overall_confidence([0.99, 1.0, 0.99]) == pytest.approx(0.9801)
+    assert b.overall_confidence([]) == 0.0
+
+
+@pytest.mark.parametrize("find,outcome,code", [
+    ("cause", "reproduced", 1), ("cause", "clean", 0), ("cause", "skip", 125),
+    ("fix", "reproduced", 0), ("fix", "clean", 1), ("fix", "skip", 125),
+])
+def test_exit_codes_for_git_bisect_run(find, outcome, code):
+    assert b.exit_code(find, outcome) == code
+
+
+def test_infrastructure_failure_is_a_skip(monkeypatch, tmp_path):
+    """A build failure in a step becomes exit 125, never a verdict."""
+    from lab import kernel
+    from lab.run import BuildFailed
+
+    st = b.State(tree=str(tmp_path), scenario="generic-rx-race", find="cause", budget=5, rate_low=1.0,
+                 vms=1, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1)
+    monkeypatch.setattr(kernel, "resolve", lambda spec: spec)
+
+    def boom(spec, progress=False):
+        raise BuildFailed("make failed")
+    monkeypatch.setattr(kernel, "ensure", boom)
+    rec = b.test_commit(st, "abc123", "step")
+    assert rec["outcome"] == "skip" and "build failed" in rec["reason"]
+    assert b.exit_code("cause", rec["outcome"]) == 125
