@@ -1,0 +1,250 @@
+"""Kernel configuration and compilation in a persistent tree.
+
+Config: required fragments are merged (later fragments win per option) and
+applied over `make allnoconfig` through KCONFIG_ALLCONFIG, then
+`olddefconfig`; every option a fragment asks for must survive, or the build
+stops naming each lost option and its Kconfig "depends on" lines.
+
+Build: `make -jN bzImage` with ccache, output to build.log, and a live
+one-line progress on a TTY (periodic log lines otherwise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab.run import BadInput, BuildFailed, cache_dir, log, require_tools, run, spawn
+
+ARCH = "x86_64"
+BUILD_TOOLS = ("make", "gcc", "ld", "bc", "bison", "flex", "perl", "ccache", "patch", "tar", "xz")
+BUILD_PACKAGES = "build-essential bc bison flex libssl-dev libelf-dev dwarves cpio zstd ccache patch xz-utils"
+
+_SET = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
+_UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
+
+
+# ---------------------------------------------------------------- fragments
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """.config / fragment text -> {CONFIG_X: value}; 'is not set' becomes 'n'."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        m = _SET.match(line)
+        if m:
+            out[m.group(1)] = m.group(2)
+            continue
+        m = _UNSET.match(line)
+        if m:
+            out[m.group(1)] = "n"
+    return out
+
+
+def merge_fragments(paths: Sequence[Path]) -> dict[str, str]:
+    """Options of all fragments in order; a later fragment overrides an earlier one."""
+    merged: dict[str, str] = {}
+    for p in paths:
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise BadInput(f"cannot read config fragment {p}: {e.strerror}") from None
+        for k, v in parse_config(text).items():
+            merged.pop(k, None)       # keep the order of the last setting
+            merged[k] = v
+    return merged
+
+
+def render_config(options: dict[str, str]) -> str:
+    return "".join(f"# {k} is not set\n" if v == "n" else f"{k}={v}\n" for k, v in options.items())
+
+
+def config_hash(options: dict[str, str]) -> str:
+    return hashlib.sha256(render_config(options).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LostOption:
+    option: str       # CONFIG_X
+    wanted: str       # what the fragment asked for
+    got: str          # what olddefconfig left ('n' = not set)
+    depends: tuple[str, ...]   # "depends on" lines from Kconfig, with the file they are in
+
+    def __str__(self) -> str:
+        got = "not set" if self.got == "n" else self.got
+        dep = "; ".join(self.depends) if self.depends else "no 'depends on' (check 'select'/choice)"
+        return f"{self.option}={self.wanted} became {got}; depends on: {dep}"
+
+
+def missing_options(wanted: dict[str, str], final: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(option, wanted, got) for every wanted value the final config lacks."""
+    lost = []
+    for k, v in wanted.items():
+        got = final.get(k, "n")
+        if v.startswith('"') and got.startswith('"'):
+            same = v == got
+        else:
+            same = v == got or (v == "n" and got in ("", "n"))
+        if not same:
+            lost.append((k, v, got))
+    return lost
+
+
+def kconfig_depends(tree: Path, option: str) -> tuple[str, ...]:
+    """The 'depends on' lines of `config OPTION` in the tree's Kconfig files."""
+    sym = option.removeprefix("CONFIG_")
+    head = re.compile(rf"^\s*(menu)?config\s+{re.escape(sym)}\s*$")
+    out = []
+    for kc in _kconfig_files(tree):
+        try:
+            lines = kc.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for i, line in enumerate(lines):
+            if not head.match(line):
+                continue
+            for body in lines[i + 1:]:
+                s = body.strip()
+                if re.match(r"^(config|menuconfig|choice|endchoice|menu|endmenu|if|endif|source|comment)\b", s):
+                    break
+                if s.startswith("depends on"):
+                    out.append(f"{s} ({kc.relative_to(tree)})")
+    return tuple(dict.fromkeys(out))
+
+
+def _kconfig_files(tree: Path) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in ("Documentation", "tools")]
+        for f in filenames:
+            if f.startswith("Kconfig"):
+                yield Path(dirpath) / f
+
+
+def configure(tree: Path, options: dict[str, str], logf) -> dict[str, str]:
+    """allnoconfig + the merged fragment, then olddefconfig; verify; return the final config."""
+    frag = tree / ".racelab-fragment.config"
+    frag.write_text(render_config(options))
+    for target in ("allnoconfig", "olddefconfig"):
+        argv = ["make", f"ARCH={ARCH}", f"KCONFIG_ALLCONFIG={frag}", target]
+        logf.write(f"+ {' '.join(argv)}\n")
+        logf.flush()
+        proc = run(argv, cwd=tree, check=False, env=_make_env())
+        logf.write(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise BuildFailed(f"make {target} failed in {tree}:\n    " +
+                              "\n    ".join((proc.stdout + proc.stderr).strip().splitlines()[-15:]))
+    final = parse_config((tree / ".config").read_text())
+    lost = [LostOption(k, v, g, kconfig_depends(tree, k)) for k, v, g in missing_options(options, final)]
+    if lost:
+        raise BadInput("required kernel options did not survive olddefconfig:\n    " +
+                       "\n    ".join(str(x) for x in lost),
+                       hint="enable what they depend on in the fragment, or drop them")
+    return final
+
+
+# ---------------------------------------------------------------- compiling
+
+
+def require_toolchain() -> None:
+    from shutil import which
+    missing = [t for t in BUILD_TOOLS if which(t) is None]
+    if missing:
+        raise BadInput(f"missing kernel build tool(s): {', '.join(missing)}",
+                       hint=f"apt-get install {BUILD_PACKAGES}")
+
+
+def compiler_version() -> str:
+    require_tools("gcc")
+    return run(["gcc", "--version"]).stdout.splitlines()[0].strip()
+
+
+def jobs() -> int:
+    env = os.environ.get("RACELAB_JOBS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0))
+
+
+def _make_env() -> dict[str, str]:
+    ccache = cache_dir() / "ccache"
+    ccache.mkdir(parents=True, exist_ok=True)
+    return {"CCACHE_DIR": str(ccache), "CCACHE_MAXSIZE": os.environ.get("CCACHE_MAXSIZE", "8G"),
+            "KBUILD_BUILD_USER": "racelab", "KBUILD_BUILD_HOST": "racelab",
+            "LC_ALL": "C"}
+
+
+_COMPILE = re.compile(r"^\s+(CC|AS|LD|AR|HOSTCC|GEN|OBJCOPY)\s")
+
+
+class Progress:
+    """Live single-line progress on a TTY; a log line every `every` seconds otherwise."""
+
+    def __init__(self, label: str, enabled: bool, expected: int = 0, every: float = 30.0) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.expected = expected
+        self.every = every
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.steps = 0
+
+    def line(self, text: str) -> None:
+        if _COMPILE.match(text):
+            self.steps += 1
+        now = time.monotonic()
+        if not self.enabled or now - self.last < (0.2 if self.tty else self.every):
+            return
+        self.last = now
+        self.show(text.strip())
+
+    def show(self, current: str = "") -> None:
+        el = time.monotonic() - self.start
+        pct = f" ~{min(99, 100 * self.steps // self.expected)}%" if self.expected else ""
+        msg = f"[kernel] {self.label}: {self.steps} steps{pct}, {int(el) // 60}m{int(el) % 60:02d}s"
+        if self.tty:
+            width = 100
+            sys.stderr.write("\r" + (msg + "  " + current)[:width].ljust(width))
+            sys.stderr.flush()
+        else:
+            log.info("%s", msg)
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+def make(tree: Path, targets: Sequence[str], logf, progress: Progress) -> None:
+    """make -jN TARGETS with ccache; output to logf; BuildFailed with the tail on error."""
+    argv = ["make", f"-j{jobs()}", f"ARCH={ARCH}", "CC=ccache gcc", "HOSTCC=ccache gcc", *targets]
+    logf.write(f"+ {' '.join(argv)}\n")
+    logf.flush()
+    tail: list[str] = []
+    with spawn(argv, cwd=tree, env=_make_env(), stdout=subprocess.PIPE,
+               stderr=subprocess.STDOUT, grace=10) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logf.write(line)
+            tail.append(line.rstrip("\n"))
+            if len(tail) > 40:
+                del tail[0]
+            progress.line(line)
+        rc = proc.wait()
+    logf.flush()
+    progress.done()
+    if rc != 0:
+        raise BuildFailed(f"kernel build failed (make exit {rc}) in {tree}:\n    " + "\n    ".join(tail[-25:]),
+                          hint=f"full log: {logf.name}")
+
+
+def kernelrelease(tree: Path) -> str:
+    return run(["make", "-s", f"ARCH={ARCH}", "kernelrelease"], cwd=tree, env=_make_env()).stdout.strip()

@@ -1,0 +1,744 @@
+"""Kernels on demand: the catalog, spec resolution, and the content-addressed cache.
+
+    spec string --resolve()--> KernelSpec --ensure()--> KernelArtifact
+
+A spec is a catalog name (kernels/catalog.toml), `NAME+patch...`, or a
+source string (debsrc:, deb:, git:, tarball:, bzimage:; see lab.ksource).
+ensure() builds or fetches it once: the cache key covers the source identity,
+the patch contents, the merged config fragment and the compiler, and an entry
+under cache_dir()/kernels/<key>/ appears only when it is complete (built in a
+temporary directory, renamed into place).  A lock per key makes concurrent
+builds of one kernel (pytest-xdist) build it once.
+
+Sources are compiled in one persistent tree per source (lab.ksource), with
+the config and make steps in lab.kbuild.
+
+    python -m lab.kernel build 6.1.192+revert-generic-rx
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from lab import kbuild, ksource
+from lab.run import BadInput, BuildFailed, RacelabError, cache_dir, log, project_root, setup_logging
+
+KEY_SCHEME = 1          # bump when the build procedure changes what a key produces
+DEFAULT_FRAGMENT = "config/lab.config"
+
+
+def kernels_root() -> Path:
+    """The kernels/ data directory of the source tree."""
+    return project_root() / "kernels"
+
+
+def store() -> Path:
+    """cache_dir()/kernels: one directory per cache key."""
+    p = cache_dir() / "kernels"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ---------------------------------------------------------------- catalog
+
+
+@dataclass(frozen=True)
+class CatalogPatch:
+    name: str
+    file: str                    # relative to kernels/, "{series}" substituted per source
+    undoes: tuple[str, ...]
+    affects: tuple[str, ...]
+    note: str = ""
+
+    def path(self, series: str, root: Path) -> Path:
+        return root / self.file.format(series=series)
+
+
+@dataclass(frozen=True)
+class CatalogSource:
+    spec: str
+    series: str
+    version: str
+    affected: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CatalogKernel:
+    name: str
+    source: str
+    patches: tuple[str, ...]
+    fragments: tuple[str, ...]
+    affected: tuple[str, ...]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Catalog:
+    root: Path
+    races: dict[str, tuple[str, ...]]
+    sources: dict[str, CatalogSource]
+    patches: dict[str, CatalogPatch]
+    kernels: dict[str, CatalogKernel]
+    deb_modules: tuple[str, ...]
+
+
+def load_catalog(path: Path | None = None) -> Catalog:
+    """Parse and validate kernels/catalog.toml; every problem is reported at once."""
+    path = path or kernels_root() / "catalog.toml"
+    root = path.parent
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise BadInput(f"cannot read the kernel catalog {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise BadInput(f"{path}: {e}") from None
+    problems: list[str] = []
+
+    def strs(where: str, d: dict, key: str, required: bool = True) -> tuple[str, ...]:
+        v = d.get(key, None if required else [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            problems.append(f"{where}.{key}: expected a list of strings")
+            return ()
+        return tuple(v)
+
+    def text(where: str, d: dict, key: str, required: bool = True) -> str:
+        v = d.get(key, None if required else "")
+        if not isinstance(v, str):
+            problems.append(f"{where}.{key}: expected a string")
+            return ""
+        return v
+
+    races = {n: strs(f"race.{n}", d, "fix") for n, d in data.get("race", {}).items()}
+    sources = {}
+    for n, d in data.get("source", {}).items():
+        w = f"source.{n!r}"
+        sources[n] = CatalogSource(n, text(w, d, "series"), text(w, d, "version"), strs(w, d, "affected"))
+    patches = {}
+    for n, d in data.get("patch", {}).items():
+        w = f"patch.{n}"
+        patches[n] = CatalogPatch(n, text(w, d, "file"), strs(w, d, "undoes"), strs(w, d, "affects"),
+                                  text(w, d, "note", False))
+    kernels = {}
+    for n, d in data.get("kernel", {}).items():
+        w = f"kernel.{n!r}"
+        unknown = set(d) - {"source", "patches", "fragments", "affected", "note"}
+        if unknown:
+            problems.append(f"{w}: unknown field(s) {sorted(unknown)}")
+        k = CatalogKernel(n, text(w, d, "source"), strs(w, d, "patches"), strs(w, d, "fragments"),
+                          strs(w, d, "affected"), text(w, d, "note", False))
+        kernels[n] = k
+        for p in k.patches:
+            if p not in patches:
+                problems.append(f"{w}.patches: unknown patch {p!r} (known: {', '.join(patches)})")
+        for r in k.affected:
+            if r not in races:
+                problems.append(f"{w}.affected: unknown race {r!r} (known: {', '.join(races)})")
+        for f in k.fragments:
+            if not (root / f).is_file():
+                problems.append(f"{w}.fragments: {f} does not exist under {root}")
+        try:
+            ref = ksource.parse_source(k.source)
+        except BadInput as e:
+            problems.append(f"{w}.source: {e.message}")
+            continue
+        if ref.kind == "debsrc":
+            src = sources.get(k.source)
+            if src is None:
+                problems.append(f"{w}.source: {k.source} has no [source.{k.source!r}] table (series unknown)")
+            else:
+                for p in k.patches:
+                    if p in patches and not patches[p].path(src.series, root).is_file():
+                        problems.append(f"{w}: patch file {patches[p].path(src.series, root)} does not exist")
+        elif k.patches or k.fragments:
+            problems.append(f"{w}: a {ref.kind}: kernel is not built here; patches/fragments must be empty")
+    deb_modules = strs("deb", data.get("deb", {}), "modules", False)
+    if problems:
+        raise BadInput(f"{path} has {len(problems)} problem(s):\n    " + "\n    ".join(problems))
+    return Catalog(root, races, sources, patches, kernels, deb_modules)
+
+
+# ---------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What to build or fetch, fully named; frozen and JSON round-trippable."""
+
+    name: str                          # catalog name, or the spec as the user typed it
+    source: str                        # debsrc:/deb:/git:/tarball:/bzimage: string
+    patches: tuple[str, ...] = ()      # absolute patch file paths, applied in order
+    fragments: tuple[str, ...] = ()    # absolute fragment paths, merged in order
+    affected: tuple[str, ...] | None = None   # races it is affected by; None = unknown
+    note: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KernelSpec:
+        d = json.loads(text)
+        aff = d.get("affected")
+        return cls(d["name"], d["source"], tuple(d.get("patches", ())), tuple(d.get("fragments", ())),
+                   None if aff is None else tuple(aff), d.get("note", ""))
+
+
+def catalog_names(catalog: Catalog | None = None) -> list[str]:
+    return list((catalog or load_catalog()).kernels)
+
+
+def resolve(spec: str, *, fragments: Sequence[str | Path] = (), patches: Sequence[str | Path] = (),
+            catalog: Catalog | None = None) -> KernelSpec:
+    """A spec string (+ extra --fragment/--patch) -> KernelSpec.  Unknown names list close matches."""
+    cat = catalog or load_catalog()
+    spec = spec.strip()
+    base = _resolve_base(spec, cat)
+    if not fragments and not patches:
+        return base
+    ref = ksource.parse_source(base.source)
+    if not ref.builds:
+        raise BadInput(f"{spec}: a {ref.kind}: kernel is used as shipped; --fragment/--patch need a source build",
+                       hint="use a debsrc:, git: or tarball: source")
+    series = cat.sources[base.source].series if base.source in cat.sources else ""
+    extra_p = [_patch_path(p, series, cat) for p in patches]
+    extra_f = [_fragment_path(f, cat) for f in fragments]
+    affected = base.affected
+    if affected is not None:
+        for p in patches:
+            if isinstance(p, str) and p in cat.patches:
+                affected = tuple(dict.fromkeys(affected + cat.patches[p].affects))
+            else:
+                affected = None          # an outside patch may change anything
+                break
+    label = spec + "".join(f" +{Path(str(x)).name}" for x in (*patches, *fragments))
+    return KernelSpec(label, base.source, base.patches + tuple(map(str, extra_p)),
+                      base.fragments + tuple(map(str, extra_f)), affected, base.note)
+
+
+def _resolve_base(spec: str, cat: Catalog) -> KernelSpec:
+    if spec in cat.kernels:
+        return _from_catalog(cat.kernels[spec], cat)
+    # NAME+patch+patch over a catalog source build
+    head, *tail = spec.split("+")
+    if tail and head in cat.kernels and all(t in cat.patches for t in tail):
+        k = cat.kernels[head]
+        k2 = CatalogKernel(spec, k.source, k.patches + tuple(tail), k.fragments,
+                           tuple(dict.fromkeys(k.affected + sum((cat.patches[t].affects for t in tail), ()))),
+                           k.note)
+        return _from_catalog(k2, cat)
+    kind = spec.partition(":")[0]
+    if kind not in ksource.SOURCE_KINDS:
+        close = difflib.get_close_matches(spec, list(cat.kernels), n=5, cutoff=0.5)
+        hint = ("did you mean: " + ", ".join(close)) if close else "racelab kernel list shows the catalog"
+        raise BadInput(f"unknown kernel {spec!r}", hint=hint)
+    if kind == "debsrc":
+        src, *names = spec.split("+")
+        ksource.parse_source(src)
+        known = cat.sources.get(src)
+        series = known.series if known else ""
+        paths = tuple(str(_patch_path(n, series, cat)) for n in names)
+        affected: tuple[str, ...] | None = None
+        if known and all(n in cat.patches for n in names):
+            affected = tuple(dict.fromkeys(known.affected + sum((cat.patches[n].affects for n in names), ())))
+        return KernelSpec(spec, src, paths, (str(cat.root / DEFAULT_FRAGMENT),), affected)
+    ksource.parse_source(spec)
+    frags = (str(cat.root / DEFAULT_FRAGMENT),) if kind in ("git", "tarball") else ()
+    return KernelSpec(spec, spec, (), frags, None)
+
+
+def _from_catalog(k: CatalogKernel, cat: Catalog) -> KernelSpec:
+    series = cat.sources[k.source].series if k.source in cat.sources else ""
+    return KernelSpec(k.name, k.source,
+                      tuple(str(cat.patches[p].path(series, cat.root)) for p in k.patches),
+                      tuple(str(cat.root / f) for f in k.fragments), k.affected, k.note)
+
+
+def _patch_path(p: str | Path, series: str, cat: Catalog) -> Path:
+    if isinstance(p, str) and p in cat.patches:
+        if not series:
+            raise BadInput(f"catalog patch {p!r} needs a source of known series",
+                           hint="pass the patch file path instead")
+        path = cat.patches[p].path(series, cat.root)
+    else:
+        path = Path(p).expanduser().resolve()
+    if not path.is_file():
+        raise BadInput(f"patch not found: {p}", hint=f"catalog patches: {', '.join(cat.patches)}")
+    return path
+
+
+def _fragment_path(f: str | Path, cat: Catalog) -> Path:
+    cands = [Path(f).expanduser()]
+    if isinstance(f, str) and "/" not in f:
+        cands += [cat.root / "config" / f, cat.root / "config" / f"{f}.config"]
+    for c in cands:
+        if c.is_file():
+            return c.resolve()
+    avail = sorted(p.name for p in (cat.root / "config").glob("*.config"))
+    raise BadInput(f"config fragment not found: {f}", hint=f"kernels/config has: {', '.join(avail)}")
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class KernelArtifact:
+    """A built or fetched kernel in the cache (meta.json in its directory)."""
+
+    name: str
+    key: str
+    dir: Path
+    bzimage: Path
+    config: Path
+    system_map: Path
+    build_log: Path
+    version: str                              # what `uname -r` reports in the guest
+    source: str
+    source_identity: str = ""                 # exact source: package version, commit, sha256
+    patches: tuple[str, ...] = ()
+    fragments: tuple[str, ...] = ()
+    affected: tuple[str, ...] | None = None   # None: not from the catalog, unknown
+    vmlinux: Path | None = None
+    modules_dir: Path | None = None           # deb: only: a /lib/modules/<version> subset
+    module_load_order: tuple[str, ...] = ()   # .ko paths relative to modules_dir, dependencies first
+    config_hash: str = ""                     # sha256 of the merged required fragment
+    compiler: str = ""
+    build_seconds: float = 0.0
+    created: float = 0.0                      # unix time the entry was completed
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KernelArtifact:
+        d = json.loads(text)
+        kw: dict[str, Any] = {}
+        paths = {"dir", "bzimage", "config", "system_map", "build_log", "vmlinux", "modules_dir"}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            if f.name in paths:
+                v = None if v is None else Path(v)
+            elif f.name == "affected":
+                v = None if v is None else tuple(v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kw[f.name] = v
+        return cls(**kw)
+
+    def relocated(self, new_dir: Path) -> KernelArtifact:
+        """The same entry after its directory moved (paths follow it)."""
+        def move(p: Path | None) -> Path | None:
+            return None if p is None else new_dir / p.relative_to(self.dir)
+        return KernelArtifact(**{**{f.name: getattr(self, f.name) for f in fields(self)},
+                                 "dir": new_dir, "bzimage": move(self.bzimage), "config": move(self.config),
+                                 "system_map": move(self.system_map), "build_log": move(self.build_log),
+                                 "vmlinux": move(self.vmlinux), "modules_dir": move(self.modules_dir)})
+
+
+def load_artifact(entry: Path) -> KernelArtifact | None:
+    """The artifact in a complete cache entry, with paths rebased on where it is now."""
+    meta = entry / "meta.json"
+    try:
+        art = KernelArtifact.from_json(meta.read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if art.dir != entry:
+        art = art.relocated(entry)
+    return art if art.bzimage.is_file() else None
+
+
+def _touch(entry: Path) -> None:
+    used = entry / "used"
+    used.touch()
+
+
+# ---------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A spec pinned to exact inputs, with its cache key."""
+
+    spec: KernelSpec
+    res: ksource.Resolved
+    options: dict[str, str] = field(default_factory=dict)   # merged required fragment
+    compiler: str = ""
+    key: str = ""
+
+
+def cache_key(source_identity: str, patch_digests: Sequence[str], config_digest: str, compiler: str) -> str:
+    material = json.dumps({"scheme": KEY_SCHEME, "arch": kbuild.ARCH, "base": "allnoconfig",
+                           "source": source_identity, "patches": list(patch_digests),
+                           "config": config_digest, "compiler": compiler}, sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:24]
+
+
+def plan(spec: KernelSpec) -> Plan:
+    ref = ksource.parse_source(spec.source)
+    if not ref.builds and (spec.patches or spec.fragments):
+        raise BadInput(f"{spec.name}: patches/fragments need a source build, not {ref.kind}:")
+    res = ksource.resolve_source(ref)
+    if not ref.builds:
+        return Plan(spec, res, key=cache_key(res.identity, [], "", ""))
+    for p in spec.patches:
+        if not Path(p).is_file():
+            raise BadInput(f"patch not found: {p}")
+    options = kbuild.merge_fragments([Path(f) for f in spec.fragments])
+    kbuild.require_toolchain()
+    compiler = kbuild.compiler_version()
+    key = cache_key(res.identity, [ksource.sha256_file(Path(p)) for p in spec.patches],
+                    kbuild.config_hash(options), compiler)
+    return Plan(spec, res, options, compiler, key)
+
+
+# ---------------------------------------------------------------- ensure
+
+
+def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = False) -> KernelArtifact:
+    """The kernel for `spec`, from the cache or built/fetched now (once, under a lock)."""
+    p = plan(spec)
+    entry = store() / p.key
+    art = _usable(entry, want_vmlinux)
+    if art is not None:
+        _touch(entry)
+        return art
+    lock = FileLock(str(store() / f"{p.key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("[kernel] %s: another process is building it (key %s); waiting", spec.name, p.key)
+        lock.acquire()
+    try:
+        art = _usable(entry, want_vmlinux)
+        if art is not None:
+            _touch(entry)
+            return art
+        tmp = store() / f".tmp-{p.key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            if p.res.ref.builds:
+                art = _build(p, tmp, progress, want_vmlinux)
+            else:
+                art = _fetch(p, tmp)
+            art = art.relocated(entry) if art.dir != entry else art
+            (tmp / "meta.json").write_text(art.to_json())
+            if entry.exists():                       # an entry without vmlinux, upgraded
+                old = store() / f".old-{p.key}-{os.getpid()}"
+                os.replace(entry, old)
+                os.replace(tmp, entry)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _touch(entry)
+        log.info("[kernel] %s ready: %s (%.0fs)", spec.name, entry, art.build_seconds)
+        return art
+    finally:
+        lock.release()
+
+
+def _usable(entry: Path, want_vmlinux: bool) -> KernelArtifact | None:
+    art = load_artifact(entry)
+    if art is None or (want_vmlinux and art.vmlinux is None and ksource.parse_source(art.source).builds):
+        return None
+    return art
+
+
+def _build(p: Plan, tmp: Path, progress: bool, want_vmlinux: bool) -> KernelArtifact:
+    spec = p.spec
+    build_dir = cache_dir() / "build" / p.res.build_id
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    log_path = tmp / "build.log"
+    tree_lock = FileLock(str(build_dir) + ".lock")
+    try:
+        tree_lock.acquire(timeout=0)
+    except Timeout:
+        log.info("[kernel] %s: the %s tree is busy with another build; waiting", spec.name, p.res.build_id)
+        tree_lock.acquire()
+    try:
+        with open(log_path, "w") as logf:
+            logf.write(f"# racelab kernel build: {spec.name}\n# source {p.res.identity}\n"
+                       f"# patches {list(spec.patches)}\n# fragments {list(spec.fragments)}\n"
+                       f"# compiler {p.compiler}\n# key {p.key}\n")
+            stack = ksource.prepare_tree(p.res, build_dir, [Path(x) for x in spec.patches])
+            tree = stack.tree
+            try:
+                kbuild.configure(tree, p.options, logf)
+                state = stack.state()
+                fresh = not (tree / "vmlinux").exists()
+                prog = kbuild.Progress(spec.name, progress, expected=0 if not fresh else state.get("full_steps", 0))
+                log.info("[kernel] building %s in %s (-j%d%s)", spec.name, tree, kbuild.jobs(),
+                         ", fresh tree" if fresh else ", incremental")
+                kbuild.make(tree, ["bzImage"], logf, prog)
+                if fresh:
+                    stack.save(full_steps=prog.steps)
+            except BuildFailed as e:
+                failed = store() / "failed"
+                failed.mkdir(exist_ok=True)
+                keep = failed / f"{p.key}.log"
+                logf.flush()
+                shutil.copyfile(log_path, keep)
+                raise BuildFailed(e.message, hint=f"full log: {keep}") from None
+            version = kbuild.kernelrelease(tree)
+            shutil.copyfile(tree / "arch/x86/boot/bzImage", tmp / "bzImage")
+            shutil.copyfile(tree / ".config", tmp / "config")
+            shutil.copyfile(tree / "System.map", tmp / "System.map")
+            if want_vmlinux:
+                shutil.copyfile(tree / "vmlinux", tmp / "vmlinux")
+            applied = [a["sha256"] for a in stack.applied()]
+    finally:
+        tree_lock.release()
+    want = [ksource.sha256_file(Path(x)) for x in spec.patches]
+    if applied != want:
+        raise BuildFailed(f"{spec.name}: a patch file changed during the build", hint="build again")
+    return KernelArtifact(
+        name=spec.name, key=p.key, dir=tmp, bzimage=tmp / "bzImage", config=tmp / "config",
+        system_map=tmp / "System.map", build_log=log_path, version=version, source=spec.source,
+        source_identity=p.res.identity, patches=spec.patches, fragments=spec.fragments,
+        affected=spec.affected, vmlinux=tmp / "vmlinux" if want_vmlinux else None,
+        config_hash=kbuild.config_hash(p.options), compiler=p.compiler,
+        build_seconds=round(time.monotonic() - t0, 1), created=time.time())
+
+
+def _fetch(p: Plan, tmp: Path) -> KernelArtifact:
+    spec = p.spec
+    t0 = time.monotonic()
+    log_path = tmp / "build.log"
+    modules_dir = None
+    order: tuple[str, ...] = ()
+    if p.res.ref.kind == "deb":
+        log.info("[kernel] fetching %s", p.res.identity)
+        deb = ksource.fetch_deb(p.res, tmp, load_catalog().deb_modules)
+        version, order = deb.version, deb.load_order
+        modules_dir = tmp / "modules" if (tmp / "modules").is_dir() else None
+        log_path.write_text(f"# {p.res.identity}\n# modules, load order:\n" + "".join(f"{m}\n" for m in order))
+    else:
+        assert p.res.origin is not None
+        shutil.copyfile(p.res.origin, tmp / "bzImage")
+        version = p.res.version
+        for name, cands in (("config", (".config", "config")), ("System.map", ("System.map",))):
+            for c in cands:
+                sib = p.res.origin.parent / c
+                if sib.is_file():
+                    shutil.copyfile(sib, tmp / name)
+                    break
+            else:
+                (tmp / name).write_text("")     # unknown: the image/scenario code checks in the guest
+        log_path.write_text(f"# {p.res.identity}\n# copied from {p.res.origin}\n")
+    return KernelArtifact(
+        name=spec.name, key=p.key, dir=tmp, bzimage=tmp / "bzImage", config=tmp / "config",
+        system_map=tmp / "System.map", build_log=log_path, version=version, source=spec.source,
+        source_identity=p.res.identity, affected=spec.affected, modules_dir=modules_dir,
+        module_load_order=order, build_seconds=round(time.monotonic() - t0, 1), created=time.time())
+
+
+# ---------------------------------------------------------------- list / show / gc
+
+
+def cached() -> list[KernelArtifact]:
+    """Every complete cache entry, most recently used first."""
+    out = []
+    for entry in store().iterdir():
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name != "failed":
+            art = load_artifact(entry)
+            if art is not None:
+                out.append(art)
+    return sorted(out, key=lambda a: _last_used(a.dir), reverse=True)
+
+
+def _last_used(entry: Path) -> float:
+    for f in (entry / "used", entry / "meta.json"):
+        try:
+            return f.stat().st_mtime
+        except OSError:
+            pass
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Listing:
+    name: str
+    source: str
+    affected: tuple[str, ...] | None
+    note: str
+    cached: KernelArtifact | None     # the most recently used entry of that name
+
+
+def list_kernels() -> list[Listing]:
+    """Catalog kernels (with their newest cached build, matched by name), then other cached ones."""
+    cat = load_catalog()
+    by_name: dict[str, KernelArtifact] = {}
+    for a in cached():
+        by_name.setdefault(a.name, a)
+    rows = [Listing(k.name, k.source, k.affected, k.note, by_name.pop(k.name, None)) for k in cat.kernels.values()]
+    rows += [Listing(a.name, a.source, a.affected, "(not in the catalog)", a) for a in by_name.values()]
+    return rows
+
+
+def show(name: str, *, fragments: Sequence[str | Path] = (), patches: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """Everything about one kernel: spec, exact inputs, cache key, and the cached entry if any."""
+    spec = resolve(name, fragments=fragments, patches=patches)
+    p = plan(spec)
+    art = load_artifact(store() / p.key)
+    return {"name": spec.name, "source": spec.source, "source_identity": p.res.identity,
+            "patches": list(spec.patches), "fragments": list(spec.fragments),
+            "affected": None if spec.affected is None else list(spec.affected), "note": spec.note,
+            "config_hash": kbuild.config_hash(p.options) if p.options else "", "compiler": p.compiler,
+            "key": p.key, "cached": art is not None,
+            "dir": str(store() / p.key), "version": art.version if art else None,
+            "build_log": str(art.build_log) if art else None,
+            "build_seconds": art.build_seconds if art else None,
+            "modules": list(art.module_load_order) if art else []}
+
+
+def gc(keep: int) -> list[Path]:
+    """Keep the `keep` most recently used entries; remove the rest that nobody holds.
+
+    An entry whose key lock is held (being built or upgraded) is never removed,
+    nor are the persistent build trees (they make rebuilds incremental).
+    """
+    if keep < 0:
+        raise BadInput(f"--keep must be >= 0, got {keep}")
+    removed = []
+    for art in cached()[keep:]:
+        lock = FileLock(str(store() / f"{art.key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        try:
+            shutil.rmtree(art.dir)
+            removed.append(art.dir)
+        finally:
+            lock.release()
+        Path(lock.lock_file).unlink(missing_ok=True)
+    for tmp in store().glob(".tmp-*"):             # left by a killed build
+        key = tmp.name.split("-")[1]
+        lock = FileLock(str(store() / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        finally:
+            lock.release()
+    return removed
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _fmt_affected(a: tuple[str, ...] | None) -> str:
+    if a is None:
+        return "unknown"
+    return ",".join(a) if a else "fixed"
+
+
+def cli_list() -> None:
+    rows = list_kernels()
+    w = max(len(r.name) for r in rows) if rows else 10
+    print(f"{'NAME':<{w}}  {'AFFECTED':<16}  {'CACHED':<8}  NOTE")
+    for r in rows:
+        c = r.cached.key[:8] if r.cached else "-"
+        print(f"{r.name:<{w}}  {_fmt_affected(r.affected):<16}  {c:<8}  {r.note}")
+    print(f"\ncache: {store()}  (build trees: {cache_dir() / 'build'})")
+
+
+def cli_build(spec: str, fragments: Sequence[str] = (), patches: Sequence[str] = (),
+              want_vmlinux: bool = False) -> Path:
+    """Build or fetch; print a summary on stderr and return the artifact directory (the caller prints it)."""
+    ks = resolve(spec, fragments=fragments, patches=patches)
+    t0 = time.monotonic()
+    art = ensure(ks, progress=True, want_vmlinux=want_vmlinux)
+    took = time.monotonic() - t0
+    print(f"{art.name}: uname -r {art.version}, affected: {_fmt_affected(art.affected)}, "
+          f"{'cache hit' if took < art.build_seconds else 'built'} in {took:.1f}s", file=sys.stderr)
+    return art.dir
+
+
+def cli_show(name: str, fragments: Sequence[str] = (), patches: Sequence[str] = ()) -> dict[str, Any]:
+    info = show(name, fragments=fragments, patches=patches)
+    for k, v in info.items():
+        if isinstance(v, list):
+            v = "\n    ".join(["", *map(str, v)]) if v else "-"
+        print(f"{k}: {v}")
+    if info["build_log"]:
+        tail = Path(info["build_log"]).read_text(errors="replace").splitlines()[-5:]
+        print("build log tail:\n    " + "\n    ".join(tail))
+    return info
+
+
+def cli_gc(keep: int) -> list[Path]:
+    removed = gc(keep)
+    for r in removed:
+        print(f"removed {r}")
+    print(f"{len(removed)} removed; {len(cached())} kept in {store()}")
+    return removed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab.kernel", description="racelab kernels: build, list, show, gc")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build or fetch a kernel; prints its cache directory")
+    b.add_argument("spec", help="catalog name, NAME+patch, debsrc:, deb:, git:/repo@REF, tarball:, bzimage:")
+    b.add_argument("--fragment", action="append", default=[], help="extra config fragment (path or kernels/config name)")
+    b.add_argument("--patch", action="append", default=[], help="extra patch (path or catalog patch name)")
+    b.add_argument("--vmlinux", action="store_true", help="keep vmlinux too")
+    sub.add_parser("list", help="catalog kernels and what is cached")
+    s = sub.add_parser("show", help="source, patches, config hash, cache key, build log of one kernel")
+    s.add_argument("name")
+    s.add_argument("--fragment", action="append", default=[])
+    s.add_argument("--patch", action="append", default=[])
+    g = sub.add_parser("gc", help="remove all but the most recently used cache entries")
+    g.add_argument("--keep", type=int, default=5)
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if args.cmd == "build":
+            print(cli_build(args.spec, args.fragment, args.patch, args.vmlinux))
+        elif args.cmd == "list":
+            cli_list()
+        elif args.cmd == "show":
+            cli_show(args.name, args.fragment, args.patch)
+        elif args.cmd == "gc":
+            cli_gc(args.keep)
+    except RacelabError as e:
+        print(f"racelab: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("racelab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+__all__ = ["KernelSpec", "KernelArtifact", "Catalog", "load_catalog", "resolve", "ensure", "plan",
+           "cache_key", "list_kernels", "show", "gc", "cached", "cli_list", "cli_build", "cli_show",
+           "cli_gc", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())
