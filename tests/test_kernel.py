@@ -1,0 +1,477 @@
+"""Kernel catalog, specs, config fragments, cache keys, patch stack, cache (lab.kernel & co)."""
+
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lab import kbuild, kernel, ksource
+from lab.run import BadInput, BuildFailed
+
+FIX = Path(__file__).parent / "fixtures" / "kernel"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private RACELAB_CACHE, so tests never touch the real kernel cache."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("RACELAB_CACHE", str(d))
+    return d
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A copy of the small fixture source tree, with a PatchStack around it."""
+    build = tmp_path / "build"
+    shutil.copytree(FIX / "tree", build / "linux")
+    return ksource.PatchStack(build)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- catalog
+
+
+def test_catalog_names_and_consistency():
+    cat = kernel.load_catalog()
+    for ver in ("6.1.192", "6.12.117"):
+        for suffix in ("", "+revert-generic-rx", "+revert-veth-napi", "+widen-rx",
+                       "+revert-veth-napi+widen-rx", "+revert-generic-rx+widen-rx"):
+            assert ver + suffix in cat.kernels
+    for n in range(47, 57):
+        assert f"deb:6.1.0-{n}-amd64" in cat.kernels
+        assert f"deb:6.1.0-{n}-cloud-amd64" in cat.kernels
+    # `affected` is data the matrix trusts: it must follow from source + patches
+    for k in cat.kernels.values():
+        if k.source in cat.sources:
+            derived = set(cat.sources[k.source].affected)
+            for p in k.patches:
+                derived |= set(cat.patches[p].affects)
+            assert set(k.affected) == derived, k.name
+
+
+def test_catalog_patches_cite_the_commits_they_undo():
+    cat = kernel.load_catalog()
+    cite = re.compile(r'commit ([0-9a-f]{12}) \("[^"]+", in v\d+\.\d+\)')
+    for p in cat.patches.values():
+        for series in ("6.1", "6.12"):
+            text = p.path(series, cat.root).read_text()
+            assert set(p.undoes) <= set(cite.findall(text)), (p.name, series)
+
+
+def test_catalog_problems_are_all_reported(tmp_path):
+    (tmp_path / "catalog.toml").write_text('''
+[race.r]
+fix = []
+[kernel."a"]
+source = "debsrc:linux-source-6.1"
+patches = ["nope"]
+fragments = ["missing.config"]
+affected = ["unknown-race"]
+colour = "red"
+[kernel."b"]
+source = "floppy:/dev/fd0"
+patches = []
+fragments = []
+affected = []
+''')
+    with pytest.raises(BadInput) as e:
+        kernel.load_catalog(tmp_path / "catalog.toml")
+    msg = str(e.value)
+    for needle in ("unknown patch 'nope'", "missing.config", "unknown race 'unknown-race'",
+                   "colour", "not a kernel source", "no [source."):
+        assert needle in msg
+
+
+# ---------------------------------------------------------------- resolve
+
+
+def test_resolve_catalog_name():
+    s = kernel.resolve("6.1.192+revert-generic-rx")
+    assert s.source == "debsrc:linux-source-6.1"
+    assert [Path(p).name for p in s.patches] == ["revert-generic-rx.patch"]
+    assert Path(s.patches[0]).parent.name == "6.1"
+    assert Path(s.fragments[0]) == ROOT / "kernels/config/lab.config"
+    assert s.affected == ("generic-rx-race",)
+
+
+def test_resolve_composes_name_and_catalog_patches():
+    s = kernel.resolve("6.12.117+widen-rx+revert-veth-napi")
+    assert [Path(p).name for p in s.patches] == ["widen-rx.patch", "revert-veth-napi.patch"]
+    assert all(Path(p).parent.name == "6.12" for p in s.patches)
+    assert s.affected == ("veth-napi-race",)
+    s = kernel.resolve("debsrc:linux-source-6.1+revert-veth-napi")
+    assert s.affected == ("veth-napi-race",)
+
+
+def test_resolve_unknown_name_suggests_close_matches():
+    with pytest.raises(BadInput) as e:
+        kernel.resolve("6.1.192+revert-generic")
+    assert e.value.exit_code == 2
+    assert "6.1.192+revert-generic-rx" in e.value.hint
+
+
+def test_resolve_other_sources():
+    s = kernel.resolve("git:/src/linux@v6.1")
+    assert s.source == "git:/src/linux@v6.1" and s.affected is None
+    assert s.fragments and s.fragments[0].endswith("lab.config")
+    assert kernel.resolve("deb:6.1.0-50-amd64").affected == ()
+    assert kernel.resolve("deb:6.12.48+deb12-amd64").affected is None
+    assert kernel.resolve("bzimage:/tmp/bzImage").fragments == ()
+    with pytest.raises(BadInput, match="needs a ref"):
+        kernel.resolve("git:/src/linux")
+
+
+def test_resolve_extras(tmp_path):
+    p = tmp_path / "mine.patch"
+    p.write_text("")
+    s = kernel.resolve("6.1.192", fragments=["kcsan"], patches=[str(p)])
+    assert s.fragments[-1].endswith("kcsan.config")
+    assert s.patches[-1] == str(p)
+    assert s.affected is None                   # an outside patch: unknown
+    s = kernel.resolve("6.1.192", patches=["revert-veth-napi"])
+    assert s.affected == ("veth-napi-race",)
+    with pytest.raises(BadInput, match="as shipped"):
+        kernel.resolve("deb:6.1.0-50-amd64", fragments=["kcsan"])
+    with pytest.raises(BadInput, match="fragment not found"):
+        kernel.resolve("6.1.192", fragments=["nosuch"])
+
+
+def test_spec_json_roundtrip():
+    s = kernel.resolve("6.1.192+revert-veth-napi+widen-rx")
+    assert kernel.KernelSpec.from_json(s.to_json()) == s
+    u = kernel.resolve("git:/x@HEAD")
+    assert kernel.KernelSpec.from_json(u.to_json()) == u
+
+
+def test_tarball_mirror(monkeypatch):
+    monkeypatch.delenv("RACELAB_TARBALL_MIRROR", raising=False)
+    assert ksource.tarball_url("linux-6.1.5.tar.xz") == "https://cdn.kernel.org/pub/linux/kernel/v6.x/linux-6.1.5.tar.xz"
+    monkeypatch.setenv("RACELAB_TARBALL_MIRROR", "http://mirror.example/kernel/")
+    assert ksource.tarball_url("linux-6.1.5.tar.xz") == "http://mirror.example/kernel/v6.x/linux-6.1.5.tar.xz"
+    assert ksource.tarball_url("https://cdn.kernel.org/pub/linux/kernel/v5.x/linux-5.15.77.tar.xz") == \
+        "http://mirror.example/kernel/v5.x/linux-5.15.77.tar.xz"
+    assert ksource.tarball_url("https://elsewhere.example/l.tar.gz") == "https://elsewhere.example/l.tar.gz"
+    assert ksource.tarball_url("/local/linux.tar.xz") is None
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_fragment_merging(tmp_path):
+    a = tmp_path / "a.config"
+    b = tmp_path / "b.config"
+    a.write_text("# comment\nCONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\nCONFIG_S=\"x\"\n")
+    b.write_text("# CONFIG_B is not set\nCONFIG_C=y\nCONFIG_N=8\n")
+    m = kbuild.merge_fragments([a, b])
+    assert m == {"CONFIG_A": "y", "CONFIG_S": '"x"', "CONFIG_B": "n", "CONFIG_C": "y", "CONFIG_N": "8"}
+    assert "# CONFIG_B is not set\n" in kbuild.render_config(m)
+    assert kbuild.parse_config(kbuild.render_config(m)) == m
+    assert kbuild.config_hash(m) != kbuild.config_hash(kbuild.merge_fragments([b, a]))
+
+
+def test_lab_fragment_has_what_the_lab_needs():
+    opts = kbuild.merge_fragments([ROOT / "kernels/config/lab.config"])
+    for o in ("XDP_SOCKETS", "XDP_SOCKETS_DIAG", "VETH", "BPF_SYSCALL", "BPF_JIT", "KPROBES", "KPROBE_EVENTS",
+              "FTRACE", "DEBUG_FS", "VIRTIO_NET", "VIRTIO_BLK", "VIRTIO_CONSOLE", "VIRTIO_PCI", "EXT4_FS",
+              "DEVTMPFS", "SERIAL_8250_CONSOLE", "BLK_DEV_INITRD", "NET_NS", "JUMP_LABEL", "ETHTOOL_NETLINK"):
+        assert opts.get(f"CONFIG_{o}") == "y", o
+    assert opts["CONFIG_NR_CPUS"] == "8"
+    assert "=m" not in (ROOT / "kernels/config/lab.config").read_text()
+
+
+def test_missing_option_detection_names_depends(tmp_path):
+    wanted = {"CONFIG_XDP_SOCKETS": "y", "CONFIG_XDP_SOCKETS_DIAG": "y", "CONFIG_KCSAN": "y",
+              "CONFIG_NR_CPUS": "8", "CONFIG_OFF": "n", "CONFIG_S": '"a"'}
+    final = {"CONFIG_XDP_SOCKETS": "y", "CONFIG_NR_CPUS": "64", "CONFIG_S": '"a"'}
+    lost = kbuild.missing_options(wanted, final)
+    assert [x[0] for x in lost] == ["CONFIG_XDP_SOCKETS_DIAG", "CONFIG_KCSAN", "CONFIG_NR_CPUS"]
+    deps = kbuild.kconfig_depends(FIX / "tree", "CONFIG_XDP_SOCKETS_DIAG")
+    assert deps == ("depends on XDP_SOCKETS (Kconfig)", "depends on INET_DIAG (Kconfig)")
+    msg = str(kbuild.LostOption("CONFIG_KCSAN", "y", "n", kbuild.kconfig_depends(FIX / "tree", "CONFIG_KCSAN")))
+    assert "CONFIG_KCSAN=y became not set" in msg and "HAVE_ARCH_KCSAN" in msg and "!KASAN" in msg
+
+
+def test_configure_stops_on_lost_options(tmp_path, monkeypatch):
+    """configure() raises BadInput naming each lost option and its depends line."""
+    t = tmp_path / "linux"
+    shutil.copytree(FIX / "tree", t)
+
+    def fake_run(argv, **kw):
+        (t / ".config").write_text("CONFIG_XDP_SOCKETS=y\n# CONFIG_XDP_SOCKETS_DIAG is not set\n")
+        import subprocess
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(kbuild, "run", fake_run)
+    with open(tmp_path / "log", "w") as logf, pytest.raises(BadInput) as e:
+        kbuild.configure(t, {"CONFIG_XDP_SOCKETS": "y", "CONFIG_XDP_SOCKETS_DIAG": "y"}, logf)
+    assert "CONFIG_XDP_SOCKETS_DIAG=y became not set" in str(e.value)
+    assert "INET_DIAG" in str(e.value)
+
+
+# ---------------------------------------------------------------- keys
+
+
+def test_cache_key_same_inputs_same_key():
+    args = ("debsrc:linux-source-6.1=6.1.192-2", ["aa", "bb"], "cfg", "gcc 12.2.0")
+    assert kernel.cache_key(*args) == kernel.cache_key(*args)
+
+
+@pytest.mark.parametrize("i,changed", [(0, "debsrc:linux-source-6.1=6.1.192-3"), (1, ["aa"]),
+                                       (1, ["bb", "aa"]), (2, "cfg2"), (3, "gcc 13")])
+def test_cache_key_any_change_new_key(i, changed):
+    args = ["debsrc:linux-source-6.1=6.1.192-2", ["aa", "bb"], "cfg", "gcc 12.2.0"]
+    base = kernel.cache_key(*args)
+    args[i] = changed
+    assert kernel.cache_key(*args) != base
+
+
+def test_plan_key_follows_patch_and_fragment_content(tmp_path, cache, monkeypatch):
+    src = tmp_path / "linux-6.1.tar.xz"
+    src.write_bytes(b"not really a tarball")
+    frag = tmp_path / "f.config"
+    frag.write_text("CONFIG_A=y\n")
+    patch = tmp_path / "p.patch"
+    patch.write_text("one\n")
+    spec = kernel.KernelSpec("t", f"tarball:{src}", (str(patch),), (str(frag),), None)
+    k1 = kernel.plan(spec).key
+    assert kernel.plan(spec).key == k1
+    patch.write_text("two\n")
+    k2 = kernel.plan(spec).key
+    frag.write_text("CONFIG_A=n\n")
+    k3 = kernel.plan(spec).key
+    monkeypatch.setattr(kbuild, "compiler_version", lambda: "gcc 99")
+    k4 = kernel.plan(spec).key
+    assert len({k1, k2, k3, k4}) == 4
+
+
+# ---------------------------------------------------------------- patches
+
+
+def test_patch_stack_apply_switch_reverse(tree):
+    pristine = snapshot(tree.tree)
+    a, b = FIX / "a-unlock.patch", FIX / "b-flush-late.patch"
+    tree.switch([a])
+    assert "rx_lock" not in (tree.tree / "net/xdp/xsk.c").read_text()
+    veth_mtime = (tree.tree / "drivers/net/veth.c").stat().st_mtime_ns
+    xsk_mtime = (tree.tree / "net/xdp/xsk.c").stat().st_mtime_ns
+    time.sleep(0.01)
+    tree.switch([a, b])                   # a stays: its file is not touched again
+    assert (tree.tree / "net/xdp/xsk.c").stat().st_mtime_ns == xsk_mtime
+    assert (tree.tree / "drivers/net/veth.c").stat().st_mtime_ns != veth_mtime
+    assert [Path(x["path"]).name for x in tree.applied()] == ["a-unlock.patch", "b-flush-late.patch"]
+    tree.switch([b])                      # reverse both, apply b
+    assert "rx_lock" in (tree.tree / "net/xdp/xsk.c").read_text()
+    tree.switch([])
+    assert snapshot(tree.tree) == pristine
+    assert tree.applied() == [] and not tree.state()["dirty"]
+
+
+def test_patch_stack_reverses_what_was_applied_even_if_the_file_changed(tree, tmp_path):
+    p = tmp_path / "a.patch"
+    shutil.copy(FIX / "a-unlock.patch", p)
+    pristine = snapshot(tree.tree)
+    tree.switch([p])
+    p.write_text("garbage that would not reverse\n")
+    tree.switch([])
+    assert snapshot(tree.tree) == pristine
+
+
+def test_bad_patch_names_file_and_hunk_and_changes_nothing(tree):
+    tree.switch([FIX / "a-unlock.patch"])
+    before = snapshot(tree.tree)
+    bad = FIX / "bad-context.patch"
+    with pytest.raises(BadInput) as e:
+        tree.switch([FIX / "b-flush-late.patch", bad])
+    msg = str(e.value)
+    assert "bad-context.patch" in msg and "net/xdp/xsk.c" in msg and "Hunk #1 FAILED" in msg
+    # b applied, a reversed; the bad one changed nothing, and the state says so
+    assert [Path(x["path"]).name for x in tree.applied()] == ["b-flush-late.patch"]
+    assert snapshot(tree.tree) != before
+    tree.switch([])
+    assert snapshot(tree.tree) == snapshot(FIX / "tree")
+
+
+def test_real_patches_apply_on_both_trees_in_catalog_order():
+    """Each catalog kernel's patch list applies (dry run) on the real Debian sources when installed."""
+    cat = kernel.load_catalog()
+    checked = 0
+    for src in cat.sources.values():
+        tarball = Path("/usr/src") / f"{src.spec.split(':')[1]}.tar.xz"
+        if not tarball.is_file():
+            continue
+        files = ["net/xdp/xsk.c", "net/xdp/xsk_queue.h", "net/xdp/xsk_buff_pool.c",
+                 "include/net/xsk_buff_pool.h", "drivers/net/veth.c"]
+        top = tarball.name.removesuffix(".tar.xz")
+        with pytest.MonkeyPatch.context():
+            import tempfile
+            with tempfile.TemporaryDirectory() as d:
+                import subprocess
+                subprocess.run(["tar", "-xf", tarball, "-C", d, *[f"{top}/{f}" for f in files]], check=True)
+                pristine = Path(d) / top
+                for k in cat.kernels.values():
+                    if k.source != src.spec or not k.patches:
+                        continue
+                    work = Path(d) / "w"
+                    shutil.rmtree(work, ignore_errors=True)
+                    shutil.copytree(pristine, work)
+                    for p in k.patches:
+                        ksource.apply_patch(work, cat.patches[p].path(src.series, cat.root))
+                    checked += 1
+    if not checked:
+        pytest.skip("no linux-source-6.1/6.12 installed (apt-get install linux-source-6.1)")
+
+
+# ---------------------------------------------------------------- binaries
+
+
+def fake_bzimage(path: Path, version: str) -> Path:
+    data = bytearray(0x1000)
+    data[0x202:0x206] = b"HdrS"
+    data[0x20E:0x210] = (0x400 - 0x200).to_bytes(2, "little")
+    s = f"{version} (racelab@test) #1 SMP".encode()
+    data[0x400:0x400 + len(s)] = s
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_bzimage_version(tmp_path):
+    assert ksource.bzimage_version(fake_bzimage(tmp_path / "bz", "6.1.192-lab")) == "6.1.192-lab"
+    (tmp_path / "no").write_bytes(b"\0" * 4096)
+    with pytest.raises(BadInput, match="not a bzImage"):
+        ksource.bzimage_version(tmp_path / "no")
+
+
+def test_module_load_order_dependencies_first():
+    deps = {"kernel/fs/ext4/ext4.ko": ["kernel/fs/jbd2/jbd2.ko", "kernel/fs/mbcache.ko", "kernel/lib/crc16.ko"],
+            "kernel/fs/jbd2/jbd2.ko": [], "kernel/fs/mbcache.ko": [], "kernel/lib/crc16.ko": [],
+            "kernel/drivers/net/virtio_net.ko": ["kernel/drivers/net/net_failover.ko", "kernel/net/core/failover.ko"],
+            "kernel/drivers/net/net_failover.ko": ["kernel/net/core/failover.ko"],
+            "kernel/net/core/failover.ko": [], "kernel/crypto/crc32c_generic.ko": []}
+    soft = {"ext4": ["crc32c"], "jbd2": ["crc32c-generic"]}
+    order = ksource._load_order(deps, soft, ["virtio_net", "ext4", "veth"])
+    assert order.index("kernel/net/core/failover.ko") < order.index("kernel/drivers/net/net_failover.ko") \
+        < order.index("kernel/drivers/net/virtio_net.ko")
+    for d in deps["kernel/fs/ext4/ext4.ko"]:
+        assert order.index(d) < order.index("kernel/fs/ext4/ext4.ko")
+    assert order.index("kernel/crypto/crc32c_generic.ko") < order.index("kernel/fs/jbd2/jbd2.ko")
+    assert len(order) == len(set(order)) == 8
+
+
+def test_ensure_bzimage_caches_and_hits_fast(tmp_path, cache):
+    bz = fake_bzimage(tmp_path / "bzImage", "6.1.99-mine")
+    (tmp_path / ".config").write_text("CONFIG_XDP_SOCKETS=y\n")
+    spec = kernel.resolve(f"bzimage:{bz}")
+    art = kernel.ensure(spec, progress=False)
+    assert art.version == "6.1.99-mine" and art.bzimage.read_bytes() == bz.read_bytes()
+    assert art.config.read_text() == "CONFIG_XDP_SOCKETS=y\n"
+    assert art.dir.parent == cache / "kernels"
+    assert kernel.KernelArtifact.from_json(art.to_json()) == art
+    assert kernel.KernelArtifact.from_json((art.dir / "meta.json").read_text()) == art
+    t0 = time.monotonic()
+    assert kernel.ensure(spec, progress=False) == art
+    assert time.monotonic() - t0 < 1.0
+    assert not list((cache / "kernels").glob(".tmp-*"))
+
+
+def test_concurrent_ensure_builds_once(tmp_path, cache, monkeypatch):
+    bz = fake_bzimage(tmp_path / "bzImage", "6.1.1")
+    spec = kernel.resolve(f"bzimage:{bz}")
+    calls = []
+    real = kernel._fetch
+
+    def slow_fetch(p, tmp):
+        calls.append(1)
+        time.sleep(0.5)
+        return real(p, tmp)
+
+    monkeypatch.setattr(kernel, "_fetch", slow_fetch)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(kernel.ensure(spec, progress=False)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 3 and len({r.key for r in results}) == 1
+
+
+def test_failed_build_leaves_no_entry(tmp_path, cache, monkeypatch):
+    bz = fake_bzimage(tmp_path / "bzImage", "6.1.1")
+    spec = kernel.resolve(f"bzimage:{bz}")
+
+    def broken(p, tmp):
+        (tmp / "bzImage").write_text("half")
+        raise BuildFailed("boom")
+
+    monkeypatch.setattr(kernel, "_fetch", broken)
+    with pytest.raises(BuildFailed):
+        kernel.ensure(spec, progress=False)
+    assert kernel.cached() == []
+    assert not list((cache / "kernels").glob(".tmp-*"))
+
+
+def test_gc_keeps_recent_and_locked(tmp_path, cache):
+    from filelock import FileLock
+    arts = []
+    for i in range(4):
+        bz = fake_bzimage(tmp_path / f"bz{i}", f"6.1.{i}")
+        arts.append(kernel.ensure(kernel.resolve(f"bzimage:{bz}"), progress=False))
+        os.utime(arts[-1].dir / "used", (1000 + i, 1000 + i))
+    held = FileLock(str(cache / "kernels" / f"{arts[0].key}.lock"))
+    held.acquire()
+    try:
+        removed = kernel.gc(keep=2)
+    finally:
+        held.release()
+    assert removed == [arts[1].dir]            # 3 and 2 are newest; 0 is locked
+    assert {a.key for a in kernel.cached()} == {arts[0].key, arts[2].key, arts[3].key}
+    assert len(kernel.gc(keep=0)) == 3
+
+
+def test_cli_help_runs_standalone():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "lab.kernel", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    for sub in ("build", "list", "show", "gc"):
+        assert sub in out
+
+
+# ---------------------------------------------------------------- the real thing
+
+
+def _slow_enabled(config) -> bool:
+    return os.environ.get("RACELAB_SLOW") == "1" or "slow" in (config.getoption("markexpr") or "")
+
+
+@pytest.mark.slow
+def test_build_revert_generic_rx_for_real(request):
+    """Builds 6.1.192+revert-generic-rx from linux-source-6.1 (cached: a warm machine does not rebuild)."""
+    if not _slow_enabled(request.config):
+        pytest.skip("slow: a real kernel build; enable with -m slow or RACELAB_SLOW=1")
+    if not Path("/usr/src/linux-source-6.1.tar.xz").is_file():
+        pytest.skip("needs linux-source-6.1: apt-get install linux-source-6.1")
+    spec = kernel.resolve("6.1.192+revert-generic-rx")
+    art = kernel.ensure(spec, progress=False)
+    cfg = kbuild.parse_config(art.config.read_text())
+    assert cfg["CONFIG_XDP_SOCKETS"] == "y" and cfg["CONFIG_VETH"] == "y"
+    assert art.version == "6.1.192" and art.affected == ("generic-rx-race",)
+    assert art.bzimage.stat().st_size > 1_000_000
+    # the reverted code: the tree, put back to this kernel's patch set (cheap), has no lock
+    p = kernel.plan(spec)
+    from filelock import FileLock
+    build_dir = kernel.cache_dir() / "build" / p.res.build_id
+    with FileLock(str(build_dir) + ".lock"):
+        stack = ksource.prepare_tree(p.res, build_dir, [Path(x) for x in spec.patches])
+        xsk = (stack.tree / "net/xdp/xsk.c").read_text()
+    body = xsk[xsk.index("int xsk_generic_rcv("):]
+    body = body[:body.index("\n}\n")]
+    assert "rx_lock" not in body and "__xsk_rcv(xs, xdp)" in body
