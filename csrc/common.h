@@ -1,0 +1,118 @@
+/* Shared by xskcheck and xsksend: the payload format, its checksum, and
+ * small helpers (clock, CPU lists).
+ *
+ * A racelab frame is Ethernet + IPv4 (IHL 5) + UDP + this payload:
+ *
+ *   u32 magic   0x52414345 ("RACE"), network byte order
+ *   u32 flow    network byte order
+ *   u64 seq     network byte order; strictly increasing per flow
+ *   u32 csum    payload_csum() over the bytes after it, network byte order
+ *   u8  rest[]  payload_fill(): pseudo-random, derived from seed/flow/seq
+ *
+ * The checksum only has to catch truncation, swapped frames and stale
+ * contents, so it is a fast multiply-xor hash, not a CRC.
+ */
+#ifndef RACELAB_COMMON_H
+#define RACELAB_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define RACE_MAGIC 0x52414345u
+#define ETH_HLEN_ 14
+#define IP_HLEN_ 20
+#define UDP_HLEN_ 8
+#define HDRS_LEN (ETH_HLEN_ + IP_HLEN_ + UDP_HLEN_) /* 42 */
+#define PL_HDR_LEN 20                              /* magic flow seq csum */
+#define MIN_FRAME (HDRS_LEN + PL_HDR_LEN)          /* 62 */
+#define UDP_PORT_BASE 0x5243                       /* source port = base + (flow & 0xff) */
+#define UDP_DPORT 0x5244
+
+static inline uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline uint64_t splitmix64(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+static inline uint32_t payload_csum(const uint8_t *p, size_t n)
+{
+	uint64_t h = 0xcbf29ce484222325ull ^ (uint64_t)n;
+	uint64_t w;
+
+	while (n >= 8) {
+		memcpy(&w, p, 8);
+		h = (h ^ w) * 0x100000001b3ull;
+		h ^= h >> 29;
+		p += 8;
+		n -= 8;
+	}
+	w = 0;
+	memcpy(&w, p, n);
+	h = (h ^ w ^ ((uint64_t)n << 56)) * 0x100000001b3ull;
+	h ^= h >> 32;
+	return (uint32_t)h;
+}
+
+static inline void payload_fill(uint8_t *p, size_t n, uint64_t seed, uint32_t flow, uint64_t seq)
+{
+	uint64_t s = seed ^ ((uint64_t)flow << 40) ^ (seq * 0xd6e8feb86659fd93ull);
+	uint64_t w;
+
+	while (n >= 8) {
+		w = splitmix64(&s);
+		memcpy(p, &w, 8);
+		p += 8;
+		n -= 8;
+	}
+	if (n) {
+		w = splitmix64(&s);
+		memcpy(p, &w, n);
+	}
+}
+
+/* "0,2-3,5" -> cpus[]; returns the count, or -1 on a malformed list. */
+static inline int parse_cpu_list(const char *s, int *cpus, int max)
+{
+	int n = 0;
+	char *end;
+
+	while (*s) {
+		long a = strtol(s, &end, 10), b;
+
+		if (end == s || a < 0 || a > 4095)
+			return -1;
+		b = a;
+		s = end;
+		if (*s == '-') {
+			s++;
+			b = strtol(s, &end, 10);
+			if (end == s || b < a || b > 4095)
+				return -1;
+			s = end;
+		}
+		for (long c = a; c <= b; c++) {
+			if (n >= max)
+				return -1;
+			cpus[n++] = (int)c;
+		}
+		if (*s == ',')
+			s++;
+		else if (*s)
+			return -1;
+	}
+	return n;
+}
+
+#endif
