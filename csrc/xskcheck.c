@@ -52,6 +52,13 @@
 #define SOL_XDP 283
 #endif
 
+#ifndef SO_PREFER_BUSY_POLL
+#define SO_PREFER_BUSY_POLL 69
+#endif
+#ifndef SO_BUSY_POLL_BUDGET
+#define SO_BUSY_POLL_BUDGET 70
+#endif
+
 #define POISON 0xdeadbeefdeadbeefull
 #define XDP_META_MAGIC 0x58534b4du /* "XSKM": written by our XDP program */
 #define APP_MAGIC 0x53544d50u	   /* "STMP": the application's own stamp */
@@ -102,6 +109,7 @@ static struct {
 	int cpus[256], ncpus;
 	uint64_t seed;
 	int spin;
+	int busy_poll_us; /* 0: off */
 } opt = {
 	.queues = 1, .frame_size = 2048, .frames = 256, .batch = 64, .stats_ms = 500,
 	.checks = true, .inject = -1, .seed = 1, .spin = 64,
@@ -837,6 +845,12 @@ static void *worker(void *arg)
 			idle = 0;
 			continue;
 		}
+		if (opt.busy_poll_us) {
+			/* drive the device's NAPI from here (preferred busy polling) */
+			for (int j = 0; j < g->ns; j++)
+				recvfrom(g->s[j]->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
+			continue;
+		}
 		if (++idle < opt.spin || tx_busy) {
 			__builtin_ia32_pause();
 			if (tx_busy && idle > opt.spin)
@@ -1157,6 +1171,15 @@ static int setup_socket(struct xsk *s, struct xsk *umem_owner)
 	} else {
 		sxdp.sxdp_flags = XDP_COPY;
 	}
+	if (opt.busy_poll_us) {
+		int one = 1, budget = opt.batch;
+
+		if (setsockopt(s->fd, SOL_SOCKET, SO_PREFER_BUSY_POLL, &one, sizeof(one)) ||
+		    setsockopt(s->fd, SOL_SOCKET, SO_BUSY_POLL, &opt.busy_poll_us, sizeof(int)) ||
+		    setsockopt(s->fd, SOL_SOCKET, SO_BUSY_POLL_BUDGET, &budget, sizeof(budget)))
+			fprintf(stderr, "xskcheck: busy polling on %s q%u: %s (continuing without)\n", s->dev,
+				s->queue, strerror(errno));
+	}
 	/* The previous socket's pool on this queue is freed late: EBUSY for a while. */
 	deadline = now_ns() + 2500000000ull;
 	while (bind(s->fd, (struct sockaddr *)&sxdp, sizeof(sxdp))) {
@@ -1270,7 +1293,7 @@ static void usage(FILE *f)
 		"                [--queues N] [--frame-size 2048|4096] [--headroom H] [--frames F]\n"
 		"                [--shared-umem] [--ring R] [--batch 64] [--duration SEC] [--stats-ms 500]\n"
 		"                [--checks all|none] [--inject KIND] [--stop-on-first] [--trace-marker]\n"
-		"                [--cpus LIST] [--seed N] [--spin N]\n"
+		"                [--cpus LIST] [--seed N] [--spin N] [--busy-poll] [--busy-poll-usec 20]\n"
 		"inject kinds: order poison duplicate offset over-held meta length state sequence checksum\n");
 }
 
@@ -1310,6 +1333,7 @@ static void parse_args(int argc, char **argv)
 		{ "inject", required_argument, 0, 'i' },     { "stop-on-first", no_argument, 0, '1' },
 		{ "trace-marker", no_argument, 0, 'M' },     { "cpus", required_argument, 0, 'C' },
 		{ "seed", required_argument, 0, 'S' },	     { "spin", required_argument, 0, 's' },
+		{ "busy-poll", no_argument, 0, 'B' },	     { "busy-poll-usec", required_argument, 0, 'U' },
 		{ "help", no_argument, 0, 'h' },	     { 0, 0, 0, 0 },
 	};
 	bool have_mode = false, have_xdp = false;
@@ -1385,6 +1409,11 @@ static void parse_args(int argc, char **argv)
 			break;
 		case 'S': opt.seed = (uint64_t)parse_long(optarg, "seed", 0, 0x7fffffffffffffffL); break;
 		case 's': opt.spin = (int)parse_long(optarg, "spin", 0, 1 << 30); break;
+		case 'B':
+			if (!opt.busy_poll_us)
+				opt.busy_poll_us = 20;
+			break;
+		case 'U': opt.busy_poll_us = (int)parse_long(optarg, "busy-poll-usec", 1, 1000000); break;
 		case 'h': usage(stdout); exit(0);
 		default: usage(stderr); exit(2);
 		}
@@ -1666,11 +1695,11 @@ int main(int argc, char **argv)
 		snprintf(line, sizeof(line),
 			 "{\"type\":\"ready\",\"t\":0.0,\"sockets\":%d,\"queues\":%d,\"xdp\":\"%s\",\"mode\":\"%s\","
 			 "\"frames\":%u,\"frame_size\":%u,\"headroom\":%u,\"expected_offset\":%u,\"ring\":%u,"
-			 "\"shared_umem\":%s,\"checks\":\"%s\",\"inject\":%s%s%s,\"dev\":\"%s\",\"peer_dev\":%s%s%s,"
+			 "\"shared_umem\":%s,\"busy_poll_usec\":%d,\"checks\":\"%s\",\"inject\":%s%s%s,\"dev\":\"%s\",\"peer_dev\":%s%s%s,"
 			 "\"pid\":%d}\n",
 			 nsocks, opt.queues, opt.native ? "native" : "generic", opt.forward ? "forward" : "rxdrop",
 			 opt.frames, opt.frame_size, opt.headroom, exp_off, opt.ring, opt.shared_umem ? "true" : "false",
-			 opt.checks ? "all" : "none", opt.inject >= 0 ? "\"" : "",
+			 opt.busy_poll_us, opt.checks ? "all" : "none", opt.inject >= 0 ? "\"" : "",
 			 opt.inject >= 0 ? kind_name[opt.inject] : "null", opt.inject >= 0 ? "\"" : "", opt.dev,
 			 opt.peer_dev ? "\"" : "", opt.peer_dev ? opt.peer_dev : "null", opt.peer_dev ? "\"" : "",
 			 (int)getpid());

@@ -1,0 +1,360 @@
+"""The C data plane: building xskcheck/xsksend, their argv, and their output.
+
+The binaries live in csrc/ (see the comments at the top of each file).  They
+are static, so the same build runs on the host and in any guest.  A build is
+keyed by the hash of csrc/, so editing a source file rebuilds and switching
+back reuses the older build.
+
+    python -m lab.dataplane build [--force]    prints the binary directory
+
+Output protocol (JSON lines on the checker's stdout), parsed by parse_event():
+
+    ready      t=0.0 once the sockets are bound and XDP is attached
+    violation  kind, dev, queue, cpu, addr, expected, actual, detail
+    stats      rx tx fill comp foreign ours violations by_kind rx_dropped ...
+    done       the final stats, plus reason and printed
+The sender prints ready, stats (sent, enobufs) and done (sent, per_sender).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lab.run import BadInput, BuildFailed, RacelabError, cache_dir, project_root, require_tools, run
+
+# One detector per kind; the names are the checker's (csrc/xskcheck.c kind_name[]).
+VIOLATION_KINDS: tuple[str, ...] = (
+    "order",      # RX order differs from FILL order (per FILL ring)
+    "poison",     # an RX slot the kernel never wrote (our poison still in it)
+    "duplicate",  # the same frame outstanding twice / twice in one RX batch
+    "offset",     # addr % frame_size != XDP_PACKET_HEADROOM + umem headroom
+    "over-held",  # the application holds more frames than the UMEM has
+    "meta",       # the app's stamp in a frame it owns changed, or no XDP metadata
+    "length",     # desc.len != the length the XDP program saw
+    "state",      # per-frame state machine FILL->RX->FILL|TX->COMP->FILL|TX broken
+    "sequence",   # a flow's sequence number did not increase
+    "checksum",   # payload checksum wrong, or the frame truncated
+)
+# Every detector has a fault the checker commits on purpose (--inject KIND).
+INJECT_KINDS: tuple[str, ...] = VIOLATION_KINDS
+# The sender can commit these two itself (xsksend --inject KIND).
+SENDER_INJECT_KINDS: tuple[str, ...] = ("sequence", "checksum")
+
+EVENT_TYPES: tuple[str, ...] = ("ready", "violation", "stats", "done")
+BINARIES: tuple[str, ...] = ("xskcheck", "xsksend")
+
+_SRC_SUFFIXES = (".c", ".h")
+_SRC_NAMES = ("Makefile",)
+
+
+# ---------------------------------------------------------------- build
+
+def source_dir() -> Path:
+    return project_root() / "csrc"
+
+
+def source_hash(src: Path | None = None) -> str:
+    """sha256 over csrc/'s build inputs (names and contents), hex."""
+    src = src or source_dir()
+    h = hashlib.sha256()
+    for p in sorted(src.iterdir()):
+        if p.is_file() and (p.suffix in _SRC_SUFFIXES or p.name in _SRC_NAMES):
+            h.update(p.name.encode() + b"\0")
+            h.update(p.read_bytes())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+def _complete(d: Path) -> bool:
+    return all(os.access(d / b, os.X_OK) for b in BINARIES)
+
+
+def build(force: bool = False) -> Path:
+    """Build (or reuse) the binaries; returns cache_dir()/bin/<hash16>/.
+
+    The build happens in a temporary directory renamed into place, so a
+    concurrent build (another pytest worker) or a crash never leaves a half
+    directory under the final name.
+    """
+    src = source_dir()
+    if not (src / "Makefile").is_file():
+        raise BuildFailed(f"no data-plane sources at {src}", hint="is this a complete racelab checkout?")
+    root = cache_dir() / "bin"
+    final = root / source_hash(src)[:16]
+    if not force and _complete(final):
+        return final
+    require_tools("gcc", "make")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=root))
+    try:
+        proc = run(["make", "-C", src, f"OUT={tmp}"], check=False)
+        output = ((proc.stdout or "") + (proc.stderr or "")).strip()
+        if proc.returncode != 0 or not _complete(tmp):
+            hint = "needs gcc, make and static glibc: apt-get install build-essential linux-libc-dev"
+            raise BuildFailed(f"building the data plane (csrc/) failed, make exit {proc.returncode}:\n"
+                              f"{output[-6000:]}", hint=hint)
+        if force and final.exists():
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _complete(final):  # not another builder winning the race
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------- events
+
+@dataclass(frozen=True)
+class Event:
+    """One JSON line from xskcheck or xsksend."""
+
+    type: str                        # ready | violation | stats | done (others passed through)
+    t: float                         # seconds since the checker's ready line (sender: its start)
+    kind: str | None = None          # violation kind (one of VIOLATION_KINDS), else None
+    data: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the whole line
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    @property
+    def queue(self) -> int | None:
+        return _int_or_none(self.data.get("queue"))
+
+    @property
+    def cpu(self) -> int | None:
+        return _int_or_none(self.data.get("cpu"))
+
+    @property
+    def addr(self) -> int | None:
+        return _int_or_none(self.data.get("addr"))
+
+    @property
+    def detail(self) -> str:
+        return str(self.data.get("detail", ""))
+
+    @property
+    def rx(self) -> int:
+        return _int_or_none(self.data.get("rx")) or 0
+
+    @property
+    def violations(self) -> int:
+        return _int_or_none(self.data.get("violations")) or 0
+
+    @property
+    def by_kind(self) -> dict[str, int]:
+        bk = self.data.get("by_kind")
+        if not isinstance(bk, Mapping):
+            return {}
+        return {str(k): int(v) for k, v in bk.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _int_or_none(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def parse_event(line: str | bytes) -> Event | None:
+    """One output line -> Event, or None for anything that is not one of ours."""
+    if isinstance(line, bytes):
+        line = line.decode(errors="replace")
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    typ, t = obj.get("type"), obj.get("t", 0.0)
+    if not isinstance(typ, str) or not typ:
+        return None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        return None
+    kind = obj.get("kind")
+    if typ == "violation":
+        if not isinstance(kind, str) or not kind:
+            return None
+    else:
+        kind = None
+    return Event(type=typ, t=float(t), kind=kind, data=types.MappingProxyType(obj))
+
+
+# ---------------------------------------------------------------- argv
+
+_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_IPV4 = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$")
+
+
+def _cpus_arg(cpus: Sequence[int] | str | None, problems: list[str]) -> str | None:
+    if cpus is None:
+        return None
+    if isinstance(cpus, str):
+        if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", cpus):
+            problems.append(f"cpus: bad CPU list {cpus!r} (e.g. '0,1' or '0-3')")
+        return cpus
+    lst = list(cpus)
+    if not lst or any(not isinstance(c, int) or c < 0 for c in lst):
+        problems.append(f"cpus: need non-negative integers, got {lst!r}")
+    return ",".join(str(c) for c in lst)
+
+
+def _check(problems: list[str], ok: bool, msg: str) -> None:
+    if not ok:
+        problems.append(msg)
+
+
+def _raise(problems: list[str], what: str) -> None:
+    if problems:
+        raise BadInput(f"bad {what} options:\n  " + "\n  ".join(problems),
+                       hint=f"see `{what} --help`")
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def checker_argv(bin_dir: str | os.PathLike[str], *, dev: str, mode: str = "rxdrop",
+                 xdp: str = "generic", peer_dev: str | None = None, queues: int = 1,
+                 frame_size: int = 2048, headroom: int = 0, frames: int = 256,
+                 shared_umem: bool = False, ring: int | None = None, batch: int = 64,
+                 duration: float = 0.0, stats_ms: int = 500, checks: str = "all",
+                 inject: str | None = None, stop_on_first: bool = False,
+                 trace_marker: bool = False, cpus: Sequence[int] | str | None = None,
+                 seed: int | None = None, busy_poll: bool = False,
+                 busy_poll_usec: int | None = None, spin: int | None = None) -> list[str]:
+    """argv for xskcheck; every bad option is reported at once (BadInput)."""
+    p: list[str] = []
+    _check(p, bool(_IFNAME.match(dev or "")), f"dev: bad interface name {dev!r}")
+    _check(p, mode in ("rxdrop", "forward"), f"mode: rxdrop or forward, got {mode!r}")
+    _check(p, xdp in ("native", "generic"), f"xdp: native or generic, got {xdp!r}")
+    if mode == "forward":
+        _check(p, bool(peer_dev and _IFNAME.match(peer_dev)), "peer_dev: forward mode needs a peer device")
+    elif peer_dev is not None:
+        p.append("peer_dev: only with mode='forward'")
+    _check(p, 1 <= queues <= 64, f"queues: 1..64, got {queues}")
+    _check(p, frame_size in (2048, 4096), f"frame_size: 2048 or 4096, got {frame_size}")
+    _check(p, 0 <= headroom < frame_size - 256, f"headroom: 0..{frame_size - 257}, got {headroom}")
+    nsock = queues * (2 if mode == "forward" else 1)
+    _check(p, nsock <= frames <= 1 << 20, f"frames: {nsock}..{1 << 20} (one per socket at least), got {frames}")
+    if ring is not None:
+        _check(p, ring >= 1 and ring & (ring - 1) == 0, f"ring: a power of two, got {ring}")
+    _check(p, 1 <= batch <= 1024, f"batch: 1..1024, got {batch}")
+    _check(p, duration >= 0, f"duration: >= 0 seconds (0 = until stopped), got {duration}")
+    _check(p, 10 <= stats_ms <= 3_600_000, f"stats_ms: 10..3600000, got {stats_ms}")
+    _check(p, checks in ("all", "none"), f"checks: all or none, got {checks!r}")
+    if inject is not None:
+        _check(p, inject in INJECT_KINDS, f"inject: one of {', '.join(INJECT_KINDS)}; got {inject!r}")
+        _check(p, checks == "all", "inject: needs checks='all'")
+    cpu_list = _cpus_arg(cpus, p)
+    _raise(p, "xskcheck")
+
+    argv = [os.fspath(Path(bin_dir) / "xskcheck"), "--dev", dev, "--mode", mode, "--xdp", xdp,
+            "--queues", str(queues), "--frame-size", str(frame_size), "--headroom", str(headroom),
+            "--frames", str(frames), "--batch", str(batch), "--duration", _num(duration),
+            "--stats-ms", str(stats_ms), "--checks", checks]
+    if peer_dev is not None:
+        argv += ["--peer-dev", peer_dev]
+    if shared_umem:
+        argv.append("--shared-umem")
+    if ring is not None:
+        argv += ["--ring", str(ring)]
+    if inject is not None:
+        argv += ["--inject", inject]
+    if stop_on_first:
+        argv.append("--stop-on-first")
+    if trace_marker:
+        argv.append("--trace-marker")
+    if cpu_list is not None:
+        argv += ["--cpus", cpu_list]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    if busy_poll_usec is not None:
+        argv += ["--busy-poll-usec", str(busy_poll_usec)]
+    elif busy_poll:
+        argv.append("--busy-poll")
+    if spin is not None:
+        argv += ["--spin", str(spin)]
+    return argv
+
+
+def sender_argv(bin_dir: str | os.PathLike[str], *, dev: str, dst_mac: str, src_ip: str,
+                dst_ip: str, senders: int = 1, cpus: Sequence[int] | str | None = None,
+                burst: int = 32, gap_ns: int = 0, size: int = 64, duration: float = 0.0,
+                rate: float = 0, flow_base: int = 0, seed: int | None = None,
+                inject: str | None = None, stats_ms: int | None = None) -> list[str]:
+    """argv for xsksend; every bad option is reported at once (BadInput)."""
+    p: list[str] = []
+    _check(p, bool(_IFNAME.match(dev or "")), f"dev: bad interface name {dev!r}")
+    _check(p, bool(_MAC.match(dst_mac or "")), f"dst_mac: like 02:00:00:00:00:01, got {dst_mac!r}")
+    for name, ip in (("src_ip", src_ip), ("dst_ip", dst_ip)):
+        m = _IPV4.match(ip or "")
+        _check(p, bool(m) and all(int(x) <= 255 for x in m.groups()), f"{name}: an IPv4 address, got {ip!r}")
+    _check(p, 1 <= senders <= 256, f"senders: 1..256, got {senders}")
+    _check(p, 1 <= burst <= 1024, f"burst: 1..1024, got {burst}")
+    _check(p, gap_ns >= 0, f"gap_ns: >= 0, got {gap_ns}")
+    _check(p, 64 <= size <= 1514, f"size: 64..1514 bytes (Ethernet frame), got {size}")
+    _check(p, duration >= 0, f"duration: >= 0 seconds, got {duration}")
+    _check(p, rate >= 0, f"rate: >= 0 packets/s (0 = as fast as possible), got {rate}")
+    _check(p, 0 <= flow_base <= 0xFFFFFFFF, f"flow_base: a u32, got {flow_base}")
+    if inject is not None:
+        _check(p, inject in SENDER_INJECT_KINDS,
+               f"inject: one of {', '.join(SENDER_INJECT_KINDS)}; got {inject!r}")
+    if stats_ms is not None:
+        _check(p, 10 <= stats_ms <= 3_600_000, f"stats_ms: 10..3600000, got {stats_ms}")
+    cpu_list = _cpus_arg(cpus, p)
+    _raise(p, "xsksend")
+
+    argv = [os.fspath(Path(bin_dir) / "xsksend"), "--dev", dev, "--dst-mac", dst_mac,
+            "--src-ip", src_ip, "--dst-ip", dst_ip, "--senders", str(senders),
+            "--burst", str(burst), "--gap-ns", str(gap_ns), "--size", str(size),
+            "--duration", _num(duration), "--rate", _num(rate), "--flow-base", str(flow_base)]
+    if cpu_list is not None:
+        argv += ["--cpus", cpu_list]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    if inject is not None:
+        argv += ["--inject", inject]
+    if stats_ms is not None:
+        argv += ["--stats-ms", str(stats_ms)]
+    return argv
+
+
+# ---------------------------------------------------------------- CLI
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab.dataplane", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build xskcheck and xsksend; print their directory")
+    b.add_argument("--force", action="store_true", help="rebuild even if the cached build is complete")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "build":
+            print(build(force=args.force))
+    except RacelabError as e:
+        print(f"racelab: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

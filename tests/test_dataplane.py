@@ -1,0 +1,209 @@
+"""lab.dataplane without root: events, argv, the build cache, the binaries' argument checks."""
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from lab import dataplane as dp
+from lab.run import BadInput, BuildFailed, project_root
+
+BIN = "/opt/bin"
+
+
+# ------------------------------------------------------------------ kinds
+
+def test_kinds_match_the_checker_source():
+    src = (project_root() / "csrc" / "xskcheck.c").read_text()
+    table = re.search(r"kind_name\[NKINDS\] = \{(.*?)\};", src, re.S).group(1)
+    assert tuple(re.findall(r'"([a-z-]+)"', table)) == dp.VIOLATION_KINDS
+
+
+def test_every_kind_can_be_injected():
+    assert set(dp.INJECT_KINDS) == set(dp.VIOLATION_KINDS)
+    assert set(dp.SENDER_INJECT_KINDS) <= set(dp.INJECT_KINDS)
+
+
+# ------------------------------------------------------------------ events
+
+READY = ('{"type":"ready","t":0.0,"sockets":1,"queues":1,"xdp":"generic","mode":"rxdrop","frames":256,'
+         '"frame_size":2048,"headroom":0,"expected_offset":256,"ring":256,"shared_umem":false,'
+         '"checks":"all","inject":null,"dev":"v1","peer_dev":null,"pid":42}')
+
+
+def violation_line(kind, t=0.25):
+    return json.dumps({"type": "violation", "t": t, "kind": kind, "dev": "v1", "queue": 0, "cpu": 1,
+                       "addr": 16045690984833335023, "expected": 256, "actual": 320, "detail": "x"})
+
+
+def test_parse_ready():
+    ev = dp.parse_event(READY + "\n")
+    assert ev.type == "ready" and ev.t == 0.0 and ev.kind is None
+    assert ev.get("expected_offset") == 256 and ev.get("pid") == 42
+
+
+@pytest.mark.parametrize("kind", dp.VIOLATION_KINDS)
+def test_parse_violation_of_each_kind(kind):
+    ev = dp.parse_event(violation_line(kind))
+    assert ev.type == "violation" and ev.kind == kind and ev.t == 0.25
+    assert ev.queue == 0 and ev.cpu == 1 and ev.addr == 0xDEADBEEFDEADBEEF and ev.detail == "x"
+
+
+def test_parse_stats_and_done():
+    by_kind = {k: 0 for k in dp.VIOLATION_KINDS} | {"order": 3}
+    line = json.dumps({"type": "done", "t": 20.0, "rx": 123, "violations": 3, "by_kind": by_kind,
+                       "rx_dropped": 5, "reason": "duration"})
+    ev = dp.parse_event(line)
+    assert ev.type == "done" and ev.rx == 123 and ev.violations == 3
+    assert ev.by_kind["order"] == 3 and set(ev.by_kind) == set(dp.VIOLATION_KINDS)
+    assert dp.parse_event('{"type":"stats","t":1,"rx":7}').rx == 7
+
+
+def test_parse_sender_lines():
+    ev = dp.parse_event(b'{"type":"done","t":2.0,"sent":64,"per_sender":[32,32]}')
+    assert ev.type == "done" and ev.get("per_sender") == [32, 32]
+
+
+@pytest.mark.parametrize("line", [
+    "", "   ", "garbage", "xskcheck: note: something", "{", "{}", "[1, 2]", "null", "42",
+    '{"t": 1.0}', '{"type": 5, "t": 1}', '{"type": "", "t": 1}', '{"type": "stats", "t": "soon"}',
+    '{"type": "stats", "t": true}', '{"type": "stats", "t": NaN}', '{"type": "violation", "t": 1}',
+    '{"type": "violation", "t": 1, "kind": 3}', '{"type":"stats","t":1} trailing',
+    "\x00\xff{binary", '{"type":"stats","t":1',
+])
+def test_garbage_is_none(line):
+    assert dp.parse_event(line) is None
+
+
+def test_events_are_frozen():
+    ev = dp.parse_event(violation_line("order"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ev.kind = "poison"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        ev.data["kind"] = "poison"  # type: ignore[index]
+
+
+def test_missing_fields_are_tolerated():
+    ev = dp.parse_event('{"type":"stats","t":1,"by_kind":{"order":"many"}}')
+    assert ev.rx == 0 and ev.violations == 0 and ev.by_kind == {} and ev.queue is None
+
+
+# ------------------------------------------------------------------ argv
+
+def test_checker_argv_defaults():
+    argv = dp.checker_argv(BIN, dev="v1")
+    assert argv[0] == "/opt/bin/xskcheck"
+    assert argv[1:] == ["--dev", "v1", "--mode", "rxdrop", "--xdp", "generic", "--queues", "1",
+                        "--frame-size", "2048", "--headroom", "0", "--frames", "256", "--batch", "64",
+                        "--duration", "0", "--stats-ms", "500", "--checks", "all"]
+
+
+def test_checker_argv_everything():
+    argv = dp.checker_argv(BIN, dev="m0", peer_dev="m1", mode="forward", xdp="native", queues=2,
+                           frame_size=4096, headroom=64, frames=1024, shared_umem=True, ring=2048,
+                           batch=32, duration=2.5, stats_ms=100, inject="meta", stop_on_first=True,
+                           trace_marker=True, cpus=[0, 1], seed=7, busy_poll=True, spin=10)
+    s = " ".join(argv)
+    for part in ["--peer-dev m1", "--mode forward", "--xdp native", "--queues 2", "--frame-size 4096",
+                 "--headroom 64", "--frames 1024", "--shared-umem", "--ring 2048", "--batch 32",
+                 "--duration 2.5", "--stats-ms 100", "--inject meta", "--stop-on-first",
+                 "--trace-marker", "--cpus 0,1", "--seed 7", "--busy-poll", "--spin 10"]:
+        assert part in s
+    assert "--cpus 0-1" in " ".join(dp.checker_argv(BIN, dev="v1", cpus="0-1"))
+    assert "--busy-poll-usec 50" in " ".join(dp.checker_argv(BIN, dev="v1", busy_poll_usec=50))
+
+
+def test_checker_argv_lists_every_problem():
+    with pytest.raises(BadInput) as e:
+        dp.checker_argv(BIN, dev="a very long interface name", mode="bridge", xdp="offload",
+                        frame_size=1000, frames=0, ring=100, checks="some", inject="nope", cpus="x")
+    msg = str(e.value)
+    for field in ["dev:", "mode:", "xdp:", "frame_size:", "frames:", "ring:", "checks:", "inject:", "cpus:"]:
+        assert field in msg
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"mode": "forward"}, "peer_dev"),
+    ({"peer_dev": "v2"}, "peer_dev"),
+    ({"inject": "order", "checks": "none"}, "inject"),
+    ({"headroom": 1800}, "headroom"),
+    ({"queues": 4, "frames": 2}, "frames"),
+])
+def test_checker_argv_rejects(kwargs, needle):
+    with pytest.raises(BadInput, match=needle):
+        dp.checker_argv(BIN, dev="v1", **kwargs)
+
+
+def test_sender_argv():
+    argv = dp.sender_argv(BIN, dev="v0", dst_mac="02:00:00:00:00:02", src_ip="198.18.0.1",
+                          dst_ip="198.18.0.2", senders=2, cpus=[0, 1], burst=16, gap_ns=1000,
+                          size=1500, duration=3, rate=100000, flow_base=10, seed=3, inject="sequence")
+    assert argv[0] == "/opt/bin/xsksend"
+    s = " ".join(argv)
+    for part in ["--dev v0", "--dst-mac 02:00:00:00:00:02", "--src-ip 198.18.0.1", "--dst-ip 198.18.0.2",
+                 "--senders 2", "--cpus 0,1", "--burst 16", "--gap-ns 1000", "--size 1500",
+                 "--duration 3", "--rate 100000", "--flow-base 10", "--seed 3", "--inject sequence"]:
+        assert part in s
+
+
+def test_sender_argv_lists_every_problem():
+    with pytest.raises(BadInput) as e:
+        dp.sender_argv(BIN, dev="v0", dst_mac="02:00", src_ip="300.1.1.1", dst_ip="x", senders=0,
+                       size=9000, rate=-1, inject="order")
+    msg = str(e.value)
+    for field in ["dst_mac:", "src_ip:", "dst_ip:", "senders:", "size:", "rate:", "inject:"]:
+        assert field in msg
+
+
+# ------------------------------------------------------------------ build
+
+def _fake_tree(tmp_path, monkeypatch):
+    src = tmp_path / "csrc"
+    shutil.copytree(project_root() / "csrc", src)
+    monkeypatch.setattr(dp, "source_dir", lambda: src)
+    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
+    return src
+
+
+def test_source_hash_follows_contents(tmp_path, monkeypatch):
+    src = _fake_tree(tmp_path, monkeypatch)
+    h1 = dp.source_hash(src)
+    (src / "README.txt").write_text("not a build input")
+    assert dp.source_hash(src) == h1
+    (src / "common.h").write_text((src / "common.h").read_text() + "\n/* changed */\n")
+    assert dp.source_hash(src) != h1
+
+
+def test_missing_compiler_names_build_essential(tmp_path, monkeypatch):
+    _fake_tree(tmp_path, monkeypatch)
+    import lab.run
+    monkeypatch.setattr(lab.run.shutil, "which", lambda tool: None)
+    with pytest.raises(BadInput, match="build-essential"):
+        dp.build()
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None,
+                    reason="needs gcc and make: apt-get install build-essential")
+def test_build_is_cached_and_reports_compiler_errors(tmp_path, monkeypatch):
+    src = _fake_tree(tmp_path, monkeypatch)
+    d = dp.build()
+    assert d.parent == tmp_path / "cache" / "bin" and d.name == dp.source_hash(src)[:16]
+    assert (d / "xskcheck").stat().st_mtime == dp.build().joinpath("xskcheck").stat().st_mtime
+    assert [p.name for p in d.parent.iterdir()] == [d.name]   # no temporary directories left
+
+    # the binaries are static and check their arguments without root
+    for binary, args in [("xskcheck", ["--dev", "v1", "--mode", "bogus", "--xdp", "generic"]),
+                         ("xsksend", ["--dev", "v0"])]:
+        p = subprocess.run([str(d / binary), *args], capture_output=True, text=True)
+        assert p.returncode == 2 and "usage" in p.stderr
+    assert "not a dynamic executable" in subprocess.run(["ldd", str(d / "xskcheck")], capture_output=True,
+                                                        text=True).stdout + subprocess.run(
+        ["ldd", str(d / "xskcheck")], capture_output=True, text=True).stderr
+
+    (src / "xsksend.c").write_text("int main(void) { return syntax error; }\n")
+    with pytest.raises(BuildFailed) as e:
+        dp.build()
+    assert "xsksend.c" in str(e.value) and "error" in str(e.value)
+    assert [p.name for p in d.parent.iterdir()] == [d.name]
