@@ -22,6 +22,7 @@ keeper processes, so killing the agent in any way removes all of it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import queue
@@ -208,11 +209,17 @@ def run_agent(spec: AgentSpec) -> int:
     final: dict[str, Any] | None = None
     with ExitStack() as stack:
         topo: Topology = stack.enter_context(build(spec.topology))
-        emit({"type": "topology", "t": time.monotonic() - t0, "netns": list(topo.keepers)})
+        emit({"type": "topology", "t": time.monotonic() - t0, "netns": list(topo.keepers),
+              "channels": topo.channels, "cpus": os.cpu_count()})
         tracer = None
         if spec.trace:
             tracer = stack.enter_context(evidence.Tracer(spec.trace))
         c = spec.checker
+        active = min(topo.channels.get(f"{c.ns}/{d}", c.queues) for d in filter(None, (c.dev, c.peer_dev)))
+        if active < c.queues:
+            emit({"type": "note", "text": f"{c.dev}: {c.queues} sockets asked, {active} queue(s) usable "
+                                          f"(veth caps channels at the CPU count)"})
+            c = dataclasses.replace(c, queues=active)
         # the checker ends by itself a little after the load, if nobody stops it
         checker = Child("checker", topo.nsenter(c.ns, checker_argv(
             bin_dir, c, spec.duration + 30, spec.seed, spec.stop_on_first)), events)

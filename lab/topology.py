@@ -89,6 +89,7 @@ class Topology:
 
     spec: TopologySpec
     keepers: dict[str, int] = field(default_factory=dict)
+    channels: dict[str, int] = field(default_factory=dict)   # "ns/dev" -> active queues
 
     def ns_path(self, ns: str) -> str:
         return f"/proc/{self.keepers[ns]}/ns/net"
@@ -106,7 +107,7 @@ class Topology:
         run(self.nsenter(ns, ["tee", path], mount=True), input=value + "\n")
 
     def describe(self) -> dict[str, object]:
-        return {"netns": {ns: self.ns_path(ns) for ns in self.keepers},
+        return {"netns": {ns: self.ns_path(ns) for ns in self.keepers}, "channels": self.channels,
                 "veths": [v.__dict__ for v in self.spec.veths]}
 
 
@@ -227,7 +228,7 @@ def _add_veth(topo: Topology, v: VethSpec, NetNS) -> None:  # noqa: ANN001, N803
     # channels at the CPU count: ask for what the spec wants, within the cap.
     want = v.channels_b or v.queues
     for ns, dev in ((v.b_ns, v.b), (v.a_ns, v.a)):
-        _set_channels(topo, ns, dev, want)
+        topo.channels[f"{ns}/{dev}"] = _set_channels(topo, ns, dev, want)
     if v.threaded_b:
         topo.write_sysfs(v.b_ns, f"/sys/class/net/{v.b}/threaded", "1")
     if v.xps_a != "auto" and v.queues > 1:
