@@ -43,6 +43,15 @@ def tracefs() -> Path | None:
     return None
 
 
+def mount_tracefs() -> bool:
+    """Mount tracefs where the kernel has it but nobody mounted it; True if we did."""
+    p = Path("/sys/kernel/tracing")
+    if not p.is_dir() or (p / "trace").exists():
+        return False
+    import subprocess
+    return subprocess.run(["mount", "-t", "tracefs", "nodev", str(p)], capture_output=True).returncode == 0
+
+
 def kernel_symbols(names: Iterable[str]) -> set[str]:
     """Which of names the running kernel can kprobe (text symbols in kallsyms)."""
     wanted = set(names)
@@ -68,6 +77,7 @@ class Tracer:
         self.missing: list[str] = []
         self.note = ""
         self._saved: dict[str, str] = {}
+        self._mounted = False
 
     def _w(self, name: str, value: str, append: bool = False) -> None:
         assert self.root is not None
@@ -75,6 +85,9 @@ class Tracer:
             f.write(value + "\n")
 
     def __enter__(self) -> Tracer:
+        if self.root is None and mount_tracefs():
+            self._mounted = True
+            self.root = tracefs()
         if self.root is None:
             self.note = "no tracefs with kprobe_events (CONFIG_KPROBE_EVENTS, tracefs mounted?)"
             return self
@@ -93,11 +106,16 @@ class Tracer:
             self._w("trace", "")
             self._w("buffer_size_kb", str(self.opts.get("buffer_kb", 2048)))
             self._w("trace_clock", "counter")
-            for role, sym in (("rcv", rcv), ("flush", flush)):
+            # __xsk_map_flush flushes every socket of its CPU's list: "flushall", no socket
+            if flush == "__xsk_map_flush":
+                roles = (("rcv", rcv, " xs=%di:x64"), ("flushall", flush, ""))
+            else:
+                roles = (("rcv", rcv, " xs=%di:x64"), ("flush", flush, " xs=%di:x64"))
+            for role, sym, fetch in roles:
                 if sym is None:
                     continue
                 # first argument (the xdp_sock) is in %di on x86_64
-                self._w("kprobe_events", f"p:{GROUP}/{role} {sym} xs=%di:x64", append=True)
+                self._w("kprobe_events", f"p:{GROUP}/{role} {sym}{fetch}", append=True)
                 self._w(f"events/{GROUP}/{role}/enable", "1")
                 self.probes[role] = sym
             self._w("tracing_on", "1")
@@ -115,7 +133,7 @@ class Tracer:
                 self._w(name, value)
             except OSError:
                 pass
-        for role in list(self.probes) or ["rcv", "flush"]:
+        for role in list(self.probes) or ["rcv", "flush", "flushall"]:
             try:
                 self._w(f"events/{GROUP}/{role}/enable", "0")
             except OSError:
@@ -129,6 +147,9 @@ class Tracer:
                 self._w("trace_clock", self._saved["trace_clock"])
             except OSError:
                 pass
+        if self._mounted:
+            import subprocess
+            subprocess.run(["umount", "/sys/kernel/tracing"], capture_output=True)
 
     def collect(self) -> dict[str, Any]:
         """Stop tracing, save the buffer to a file, and describe it."""
@@ -153,7 +174,7 @@ def _current_clock(text: str) -> str:
 
 
 # "  <idle>-0  [001] ..s1.  123456: rcv: (__xsk_rcv_zc+0x0/0x1d0) xs=0xffff888004a1c000"
-_EVENT = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+(rcv|flush):.*?xs=(0x[0-9a-fA-F]+|\d+)")
+_EVENT = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+(rcv|flush|flushall):(?:.*?xs=(0x[0-9a-fA-F]+|\d+))?")
 _MARK = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+tracing_mark_write:\s*(.*)$")
 
 
@@ -191,6 +212,13 @@ def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
     events.sort(key=lambda e: e[0])
     for ts, cpu, kind, xs in events:
         a.cpus.add(cpu)
+        if kind == "flushall":
+            a.flushes += 1
+            for per in pending.values():
+                per[cpu] = 0
+            continue
+        if xs is None:
+            continue
         per = pending.setdefault(xs, {})
         if kind == "flush":
             a.flushes += 1

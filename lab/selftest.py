@@ -70,7 +70,7 @@ def main(xdp_modes: list[str] | None = None, kinds: list[str] | None = None, sec
     if as_json:
         print(json.dumps([c.__dict__ for c in checks], indent=2))
     else:
-        print(f"{len(checks) - len(failed)} passed, {len(failed)} failed "
+        print(f"selftest: {len(checks) - len(failed)} detectors ok, {len(failed)} failed "
               f"({time.monotonic() - t0:.0f}s, kernel {platform.release()})")
     return 0 if not failed else 1
 

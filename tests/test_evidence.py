@@ -35,3 +35,15 @@ def test_out_of_order_lines_are_sorted_by_counter():
 
 def test_clock_name_parsing():
     assert evidence._current_clock("local [counter] global uptime") == "counter"
+
+
+def test_flushall_clears_every_socket_of_its_cpu():
+    lines = [
+        "  a-1 [000] ..s1. 1: rcv: (__xsk_rcv_zc+0x0/0x1) xs=0x10",
+        "  a-1 [000] ..s1. 2: rcv: (__xsk_rcv_zc+0x0/0x1) xs=0x20",
+        "  a-1 [000] ..s1. 3: flushall: (__xsk_map_flush+0x0/0x1)",
+        "  b-2 [001] ..s1. 4: rcv: (__xsk_rcv_zc+0x0/0x1) xs=0x10",
+        "  b-2 [001] ..s1. 5: rcv: (__xsk_rcv_zc+0x0/0x1) xs=0x20",
+    ]
+    assert evidence.analyze(lines).window_hits == 0
+    assert evidence.analyze(lines[:2] + lines[3:]).window_hits == 2
