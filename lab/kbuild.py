@@ -194,7 +194,7 @@ class Progress:
         self.expected = expected
         self.every = every
         self.start = time.monotonic()
-        self.last = 0.0
+        self.last = self.start if not self.tty else 0.0
         self.steps = 0
 
     def line(self, text: str) -> None:

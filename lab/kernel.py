@@ -482,7 +482,7 @@ def _build(p: Plan, tmp: Path, progress: bool, want_vmlinux: bool) -> KernelArti
             logf.write(f"# racelab kernel build: {spec.name}\n# source {p.res.identity}\n"
                        f"# patches {list(spec.patches)}\n# fragments {list(spec.fragments)}\n"
                        f"# compiler {p.compiler}\n# key {p.key}\n")
-            stack = ksource.prepare_tree(p.res, build_dir, [Path(x) for x in spec.patches])
+            stack = ksource.prepare_tree(p.res, build_dir, [Path(x) for x in spec.patches], logf)
             tree = stack.tree
             try:
                 kbuild.configure(tree, p.options, logf)
@@ -533,7 +533,10 @@ def _fetch(p: Plan, tmp: Path) -> KernelArtifact:
         deb = ksource.fetch_deb(p.res, tmp, load_catalog().deb_modules)
         version, order = deb.version, deb.load_order
         modules_dir = tmp / "modules" if (tmp / "modules").is_dir() else None
-        log_path.write_text(f"# {p.res.identity}\n# modules, load order:\n" + "".join(f"{m}\n" for m in order))
+        note = ""
+        if (tmp / "System.map").stat().st_size < 4096:
+            note = "# System.map: Debian ships a stub (the real one is in linux-image-*-dbg)\n"
+        log_path.write_text(f"# {p.res.identity}\n{note}# modules, load order:\n" + "".join(f"{m}\n" for m in order))
     else:
         assert p.res.origin is not None
         shutil.copyfile(p.res.origin, tmp / "bzImage")
@@ -634,7 +637,7 @@ def gc(keep: int) -> list[Path]:
         finally:
             lock.release()
         Path(lock.lock_file).unlink(missing_ok=True)
-    for tmp in store().glob(".tmp-*"):             # left by a killed build
+    for tmp in [*store().glob(".tmp-*"), *store().glob(".old-*")]:    # left by a killed build
         key = tmp.name.split("-")[1]
         lock = FileLock(str(store() / f"{key}.lock"))
         try:
@@ -672,11 +675,11 @@ def cli_build(spec: str, fragments: Sequence[str] = (), patches: Sequence[str] =
               want_vmlinux: bool = False) -> Path:
     """Build or fetch; print a summary on stderr and return the artifact directory (the caller prints it)."""
     ks = resolve(spec, fragments=fragments, patches=patches)
-    t0 = time.monotonic()
+    t0, wall = time.monotonic(), time.time()
     art = ensure(ks, progress=True, want_vmlinux=want_vmlinux)
     took = time.monotonic() - t0
     print(f"{art.name}: uname -r {art.version}, affected: {_fmt_affected(art.affected)}, "
-          f"{'cache hit' if took < art.build_seconds else 'built'} in {took:.1f}s", file=sys.stderr)
+          f"{'cache hit' if art.created < wall else 'built'} in {took:.1f}s", file=sys.stderr)
     return art.dir
 
 

@@ -222,12 +222,36 @@ def _git_resolve(ref: SourceRef) -> Resolved:
 
 def _deb_resolve(ref: SourceRef) -> Resolved:
     pkg = f"linux-image-{ref.arg}"
-    proc = run(["apt-cache", "show", "--no-all-versions", pkg], check=False)
-    m = re.search(r"^Version:\s*(\S+)", proc.stdout, re.M)
-    if proc.returncode != 0 or not m:
+    version = _apt_candidate(pkg)
+    if not version:
         raise BadInput(f"no Debian package {pkg}",
                        hint="apt-get update; list them with: apt-cache search --names-only '^linux-image-6'")
-    return Resolved(ref, f"deb:{pkg}={m.group(1)}", "", m.group(1).split("-")[0], None)
+    return Resolved(ref, f"deb:{pkg}={version}", "", version.split("-")[0], None)
+
+
+def _apt_candidate(pkg: str) -> str:
+    """The version apt would download, remembered until the package lists change
+    (apt-cache takes over a second, too slow for a cache hit)."""
+    lists = Path("/var/lib/apt/lists")
+    try:
+        stamp = str(lists.stat().st_mtime_ns)
+    except OSError:
+        stamp = ""
+    memo = cache_dir() / "apt-candidates.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if known.get("_lists") != stamp:
+        known = {"_lists": stamp}
+    if pkg not in known:
+        proc = run(["apt-cache", "show", "--no-all-versions", pkg], check=False)
+        m = re.search(r"^Version:\s*(\S+)", proc.stdout, re.M)
+        if proc.returncode != 0 or not m:
+            return ""
+        known[pkg] = m.group(1)
+        atomic_write(memo, json.dumps(known, indent=1))
+    return known[pkg]
 
 
 def bzimage_version(path: Path) -> str:
@@ -270,8 +294,11 @@ class PatchStack:
     def applied(self) -> list[dict]:
         return list(self.state().get("applied", []))
 
-    def switch(self, patches: Sequence[Path]) -> None:
-        """Make the tree carry exactly `patches`, in this order, touching as little as possible."""
+    def switch(self, patches: Sequence[Path]) -> list[str]:
+        """Make the tree carry exactly `patches`, in this order, touching as little as possible.
+
+        Returns what it did ("reversed X", "applied Y"), for the build log."""
+        done: list[str] = []
         want = [{"path": str(p), "sha256": sha256_file(p)} for p in patches]
         have = self.applied()
         common = 0
@@ -284,6 +311,7 @@ class PatchStack:
             have.pop()
             saved.unlink(missing_ok=True)
             self.save(applied=have)
+            done.append(f"reversed {entry['path']}")
         self.saved.mkdir(exist_ok=True)
         for i, entry in enumerate(want[common:], start=common):
             src = Path(entry["path"])
@@ -296,7 +324,10 @@ class PatchStack:
             shutil.copyfile(src, self.saved / name)
             have.append({**entry, "saved": name})
             self.save(applied=have)
+            done.append(f"applied {src}")
+        done += [f"kept {e['path']}" for e in want[:common]]
         self.save(dirty=False)
+        return done
 
 
 _HUNK_FAIL = re.compile(r"^(Hunk #\d+ FAILED at \d+.*|.*Reversed \(or previously applied\) patch detected.*|"
@@ -328,10 +359,10 @@ def apply_patch(tree: Path, patch: Path, *, reverse: bool = False, label: str | 
     run(argv, cwd=tree)
 
 
-def prepare_tree(res: Resolved, build_dir: Path, patches: Sequence[Path]) -> PatchStack:
+def prepare_tree(res: Resolved, build_dir: Path, patches: Sequence[Path], logf=None) -> PatchStack:
     """The persistent tree for this source, at the right ref, carrying exactly `patches`.
 
-    Caller holds the build directory's lock.
+    Caller holds the build directory's lock.  What was done goes to logf.
     """
     stack = PatchStack(build_dir)
     st = stack.state()
@@ -342,7 +373,11 @@ def prepare_tree(res: Resolved, build_dir: Path, patches: Sequence[Path]) -> Pat
         if st.get("dirty"):
             log.warning("build tree %s was left half-patched; extracting it again (full rebuild)", stack.tree)
         _extract(res, stack)
-    stack.switch(patches)
+        if logf:
+            logf.write(f"# extracted {res.origin} into {stack.tree}\n")
+    for line in stack.switch(patches):
+        if logf:
+            logf.write(f"# patch stack: {line}\n")
     return stack
 
 
@@ -430,7 +465,7 @@ def fetch_deb(res: Resolved, dest: Path, wanted_modules: Sequence[str]) -> DebKe
         if mods is not None:
             run(["depmod", "-b", root, uname])
             deps = _read_modules_dep(mods)
-            order = _load_order(deps, _soft_pre(mods), wanted_modules)
+            order = _load_order(deps, _soft_pre(mods), wanted_modules, _aliases(mods))
             out = dest / "modules"
             for rel in order:
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -484,16 +519,38 @@ def _soft_pre(mods: Path) -> dict[str, list[str]]:
     return out
 
 
+def _aliases(mods: Path) -> dict[str, list[str]]:
+    """Plain (non-wildcard) aliases: 'crypto-crc32c' -> ['crc32c_intel', 'crc32c_generic']."""
+    out: dict[str, list[str]] = {}
+    f = mods / "modules.alias"
+    if f.is_file():
+        for line in f.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "alias" and not any(c in parts[1] for c in "*?["):
+                out.setdefault(parts[1], []).append(_modname(parts[2]))
+    return out
+
+
 def _modname(path_or_name: str) -> str:
     base = Path(path_or_name).name
     base = re.sub(r"\.ko(\.(xz|zst|gz))?$", "", base)
     return base.replace("-", "_")
 
 
-def _load_order(deps: dict[str, list[str]], soft: dict[str, list[str]], wanted: Sequence[str]) -> tuple[str, ...]:
-    """Depth-first: every module after what it needs.  Wanted names not built
-    as modules (built in, or absent in this flavour) are skipped."""
+def _load_order(deps: dict[str, list[str]], soft: dict[str, list[str]], wanted: Sequence[str],
+                aliases: dict[str, list[str]] | None = None) -> tuple[str, ...]:
+    """Depth-first: every module after what it needs (modules.dep, then softdep
+    pre: names, which may be aliases such as crypto-crc32c).  Wanted names not
+    built as modules (built in, or absent in this flavour) are skipped."""
     by_name = {_modname(p): p for p in deps}
+    aliases = aliases or {}
+
+    def providers(name: str) -> list[str]:
+        n = _modname(name)
+        if n in by_name:
+            return [by_name[n]]
+        return [by_name[m] for m in aliases.get(name, []) if m in by_name]
+
     order: list[str] = []
     seen: set[str] = set()
 
@@ -502,8 +559,8 @@ def _load_order(deps: dict[str, list[str]], soft: dict[str, list[str]], wanted: 
             return
         seen.add(path)
         for pre in soft.get(_modname(path), []):
-            if _modname(pre) in by_name:
-                visit(by_name[_modname(pre)])
+            for dep in providers(pre):
+                visit(dep)
         for d in reversed(deps.get(path, [])):
             visit(d)
         order.append(path)

@@ -299,32 +299,45 @@ def test_bad_patch_names_file_and_hunk_and_changes_nothing(tree):
     assert snapshot(tree.tree) == snapshot(FIX / "tree")
 
 
-def test_real_patches_apply_on_both_trees_in_catalog_order():
-    """Each catalog kernel's patch list applies (dry run) on the real Debian sources when installed."""
+PATCHED_FILES = ["net/xdp/xsk.c", "net/xdp/xsk_queue.h", "net/xdp/xsk_buff_pool.c",
+                 "include/net/xsk_buff_pool.h", "drivers/net/veth.c"]
+
+
+def pristine_files(tarball: Path) -> Path:
+    """The files the catalog patches touch, from a Debian source tarball (extracted once, kept in the cache)."""
+    import subprocess
+    st = tarball.stat()
+    top = tarball.name.removesuffix(".tar.xz")
+    dest = kernel.cache_dir() / "test-kernel-files" / f"{top}-{st.st_size}-{int(st.st_mtime)}"
+    if not (dest / "done").exists():
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        subprocess.run(["tar", "-xf", tarball, "-C", tmp, *[f"{top}/{f}" for f in PATCHED_FILES]], check=True)
+        (tmp / top / "done").write_text("")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp / top, dest)
+        shutil.rmtree(tmp)
+    return dest
+
+
+def test_real_patches_apply_on_both_trees_in_catalog_order(tmp_path):
+    """Each catalog kernel's patch list applies, in order, on the real Debian sources when installed."""
     cat = kernel.load_catalog()
     checked = 0
     for src in cat.sources.values():
         tarball = Path("/usr/src") / f"{src.spec.split(':')[1]}.tar.xz"
         if not tarball.is_file():
             continue
-        files = ["net/xdp/xsk.c", "net/xdp/xsk_queue.h", "net/xdp/xsk_buff_pool.c",
-                 "include/net/xsk_buff_pool.h", "drivers/net/veth.c"]
-        top = tarball.name.removesuffix(".tar.xz")
-        with pytest.MonkeyPatch.context():
-            import tempfile
-            with tempfile.TemporaryDirectory() as d:
-                import subprocess
-                subprocess.run(["tar", "-xf", tarball, "-C", d, *[f"{top}/{f}" for f in files]], check=True)
-                pristine = Path(d) / top
-                for k in cat.kernels.values():
-                    if k.source != src.spec or not k.patches:
-                        continue
-                    work = Path(d) / "w"
-                    shutil.rmtree(work, ignore_errors=True)
-                    shutil.copytree(pristine, work)
-                    for p in k.patches:
-                        ksource.apply_patch(work, cat.patches[p].path(src.series, cat.root))
-                    checked += 1
+        pristine = pristine_files(tarball)
+        for k in cat.kernels.values():
+            if k.source != src.spec or not k.patches:
+                continue
+            work = tmp_path / k.name
+            shutil.copytree(pristine, work)
+            for p in k.patches:
+                ksource.apply_patch(work, cat.patches[p].path(src.series, cat.root))
+            checked += 1
     if not checked:
         pytest.skip("no linux-source-6.1/6.12 installed (apt-get install linux-source-6.1)")
 
@@ -355,8 +368,9 @@ def test_module_load_order_dependencies_first():
             "kernel/drivers/net/virtio_net.ko": ["kernel/drivers/net/net_failover.ko", "kernel/net/core/failover.ko"],
             "kernel/drivers/net/net_failover.ko": ["kernel/net/core/failover.ko"],
             "kernel/net/core/failover.ko": [], "kernel/crypto/crc32c_generic.ko": []}
-    soft = {"ext4": ["crc32c"], "jbd2": ["crc32c-generic"]}
-    order = ksource._load_order(deps, soft, ["virtio_net", "ext4", "veth"])
+    soft = {"ext4": ["crypto-crc32c"], "jbd2": ["crc32c-generic"]}
+    order = ksource._load_order(deps, soft, ["virtio_net", "ext4", "veth"],
+                                {"crypto-crc32c": ["crc32c_generic", "crc32c_nonexistent"]})
     assert order.index("kernel/net/core/failover.ko") < order.index("kernel/drivers/net/net_failover.ko") \
         < order.index("kernel/drivers/net/virtio_net.ko")
     for d in deps["kernel/fs/ext4/ext4.ko"]:
@@ -475,3 +489,128 @@ def test_build_revert_generic_rx_for_real(request):
     body = xsk[xsk.index("int xsk_generic_rcv("):]
     body = body[:body.index("\n}\n")]
     assert "rx_lock" not in body and "__xsk_rcv(xs, xdp)" in body
+
+
+def test_git_source_one_worktree_switches_refs_and_patches(tmp_path, cache):
+    """git: sources check out into one persistent worktree; a new ref keeps build output."""
+    import subprocess
+    repo = tmp_path / "linux"
+    shutil.copytree(FIX / "tree", repo)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    (repo / "README").write_text("two\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "two"], check=True)
+    r1 = ksource.resolve_source(ksource.parse_source(f"git:{repo}@HEAD~1"))
+    r2 = ksource.resolve_source(ksource.parse_source(f"git:{repo}@HEAD"))
+    assert r1.build_id == r2.build_id and r1.identity != r2.identity and r1.version == "6.1.192"
+    build = cache / "build" / r1.build_id
+    stack = ksource.prepare_tree(r1, build, [FIX / "a-unlock.patch"])
+    assert not (stack.tree / "README").exists()
+    (stack.tree / "built.o").write_text("object")          # untracked build output
+    stack = ksource.prepare_tree(r2, build, [FIX / "b-flush-late.patch"])
+    assert (stack.tree / "README").read_text() == "two\n"
+    assert "rx_lock" in (stack.tree / "net/xdp/xsk.c").read_text()       # a was reversed
+    assert "xdp_do_flush();\n\txdp_clear" in (stack.tree / "drivers/net/veth.c").read_text()
+    assert (stack.tree / "built.o").exists()
+    with pytest.raises(BadInput, match="unknown git ref"):
+        ksource.resolve_source(ksource.parse_source(f"git:{repo}@nosuch"))
+
+
+def test_tarball_tree_extracted_once_and_dirty_tree_reextracted(tmp_path, cache):
+    import tarfile
+    tb = tmp_path / "linux-6.1.192.tar.xz"
+    with tarfile.open(tb, "w:xz") as t:
+        t.add(FIX / "tree", arcname="linux-6.1.192")
+    res = ksource.resolve_source(ksource.parse_source(f"tarball:{tb}"))
+    assert res.version == "6.1.192" and res.build_id.startswith("tarball-")
+    build = cache / "build" / res.build_id
+    stack = ksource.prepare_tree(res, build, [FIX / "a-unlock.patch"])
+    (stack.tree / "built.o").write_text("object")
+    stack = ksource.prepare_tree(res, build, [])
+    assert (stack.tree / "built.o").exists()                  # not extracted again
+    stack.save(dirty=True)                                     # as if killed mid-patch
+    stack = ksource.prepare_tree(res, build, [])
+    assert not (stack.tree / "built.o").exists()
+    assert snapshot(stack.tree) == snapshot(FIX / "tree")
+
+
+FAKE_MAKEFILE = """\
+VERSION = 6
+PATCHLEVEL = 1
+SUBLEVEL = 192
+allnoconfig:
+\tgrep -v DROPPED $(KCONFIG_ALLCONFIG) > .config
+olddefconfig:
+\t@true
+kernelrelease:
+\t@echo 6.1.192-fake
+bzImage:
+\t@echo "  CC      net/xdp/xsk.o"
+\t@test ! -e FAIL || (echo "net/xdp/xsk.c:1: error: boom" >&2; exit 2)
+\tmkdir -p arch/x86/boot
+\tcat net/xdp/xsk.c > arch/x86/boot/bzImage
+\techo map > System.map
+\techo elf > vmlinux
+"""
+
+
+@pytest.fixture
+def fake_kernel(tmp_path):
+    """A tarball: source whose Makefile fakes allnoconfig/bzImage in a second (no compiler work)."""
+    import tarfile
+    src = tmp_path / "src"
+    shutil.copytree(FIX / "tree", src)
+    (src / "Makefile").write_text(FAKE_MAKEFILE)
+    tb = tmp_path / "linux-6.1.192.tar.xz"
+    with tarfile.open(tb, "w:xz") as t:
+        t.add(src, arcname="linux-6.1.192")
+    frag = tmp_path / "lab.config"
+    frag.write_text("CONFIG_XDP_SOCKETS=y\nCONFIG_VETH=y\n")
+    return tb, frag
+
+
+def test_ensure_source_build_end_to_end(fake_kernel, cache):
+    tb, frag = fake_kernel
+    base = kernel.KernelSpec("fake", f"tarball:{tb}", (), (str(frag),), ())
+    art = kernel.ensure(base, progress=False, want_vmlinux=True)
+    assert art.version == "6.1.192-fake" and art.vmlinux and art.vmlinux.read_text() == "elf\n"
+    assert kbuild.parse_config(art.config.read_text()) == {"CONFIG_XDP_SOCKETS": "y", "CONFIG_VETH": "y"}
+    assert "rx_lock" in art.bzimage.read_text()
+    patched = kernel.KernelSpec("fake+a", f"tarball:{tb}", (str(FIX / "a-unlock.patch"),), (str(frag),), None)
+    art2 = kernel.ensure(patched, progress=False)
+    assert art2.key != art.key and "rx_lock" not in art2.bzimage.read_text()
+    assert "# patch stack: applied" in art2.build_log.read_text()
+    assert len(list((cache / "build").iterdir())) == 2      # one tree (+ its lock file)
+    assert kernel.ensure(base, progress=False) == art       # still cached, tree not touched
+    assert {a.key for a in kernel.cached()} == {art.key, art2.key}
+
+
+def test_ensure_lost_option_and_build_failure(fake_kernel, cache, tmp_path):
+    tb, frag = fake_kernel
+    frag.write_text("CONFIG_XDP_SOCKETS=y\nCONFIG_XDP_SOCKETS_DIAG=y # DROPPED\n")
+    spec = kernel.KernelSpec("fake", f"tarball:{tb}", (), (str(frag),), ())
+    with pytest.raises(BadInput) as e:
+        kernel.ensure(spec, progress=False)
+    assert "CONFIG_XDP_SOCKETS_DIAG" in str(e.value) and "INET_DIAG" in str(e.value)
+    frag.write_text("CONFIG_XDP_SOCKETS=y\n")
+    fail = tmp_path / "fail.patch"
+    fail.write_text("--- /dev/null\n+++ b/FAIL\n@@ -0,0 +1 @@\n+x\n")
+    spec = kernel.KernelSpec("fake", f"tarball:{tb}", (str(fail),), (str(frag),), ())
+    with pytest.raises(BuildFailed) as e:
+        kernel.ensure(spec, progress=False)
+    assert e.value.exit_code == 3
+    assert "error: boom" in str(e.value) and "full log:" in str(e.value)
+    kept = Path(e.value.hint.split("full log: ")[1])
+    assert kept.is_file() and "error: boom" in kept.read_text()
+    assert kernel.cached() == [] and not list((cache / "kernels").glob(".tmp-*"))
+
+
+def test_missing_toolchain_names_packages(monkeypatch):
+    import shutil as sh
+    monkeypatch.setattr(sh, "which", lambda t: None if t in ("bison", "flex") else "/usr/bin/" + t)
+    with pytest.raises(BadInput) as e:
+        kbuild.require_toolchain()
+    assert "bison, flex" in str(e.value) and "apt-get install" in e.value.hint and "bison" in e.value.hint
