@@ -53,8 +53,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "racelab_cell: a kernel x scenario grid cell")
     if config.getoption("--racelab-kernels") and config.getoption("--racelab-scenarios"):
-        # collect the grid module too, whatever paths were given
-        if str(GRID_MODULE) not in config.args:
+        # the grid alone when no paths were given; the grid too when some were
+        if getattr(config, "args_source", None) == pytest.Config.ArgsSource.TESTPATHS:
+            config.args[:] = [str(GRID_MODULE)]
+        elif str(GRID_MODULE) not in config.args:
             config.args.append(str(GRID_MODULE))
 
 

@@ -38,7 +38,6 @@ def links(topo, ns):
 
 def test_build_and_teardown_rxdrop_topology():
     spec = scen.to_topology(scen.load("veth-napi-race"))
-    before = net_ns_inodes()
     with build(spec) as topo:
         rx = links(topo, "rx")
         tx = links(topo, "tx")
@@ -55,8 +54,8 @@ def test_build_and_teardown_rxdrop_topology():
         xps0 = subprocess.run(topo.nsenter("tx", ["cat", "/sys/class/net/v0/queues/tx-0/xps_cpus"], mount=True),
                               capture_output=True, text=True).stdout.strip()
         assert int(xps0, 16) == (1 << os.cpu_count()) - 1
-        inside = net_ns_inodes() - before
-        assert len(inside) >= 2
+        inside = {os.stat(topo.ns_path(ns)).st_ino for ns in topo.keepers}
+        assert len(inside) == 2 and inside <= net_ns_inodes()
     time.sleep(0.2)
     assert not (net_ns_inodes() & inside), "a namespace survived teardown"
 
@@ -90,8 +89,6 @@ def test_bad_spec_is_rejected_before_anything_is_built():
 
 
 def test_sigkill_leaves_no_namespace_or_keeper():
-    before_ns = net_ns_inodes()
-    before_keepers = keeper_pids()
     p = subprocess.Popen([sys.executable, "-m", "lab.topology", "demo", "--queues", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -105,11 +102,13 @@ def test_sigkill_leaves_no_namespace_or_keeper():
             break
     desc = json.loads(text)
     assert set(desc["netns"]) == {"tx", "rx"}
-    assert net_ns_inodes() - before_ns
+    ours = {int(path.split("/")[2]) for path in desc["netns"].values()}
+    inodes = {os.stat(path).st_ino for path in desc["netns"].values()}
+    assert inodes <= net_ns_inodes()
     p.send_signal(signal.SIGKILL)
     p.wait()
     deadline = time.time() + 10
-    while time.time() < deadline and (keeper_pids() - before_keepers or net_ns_inodes() - before_ns):
+    while time.time() < deadline and (keeper_pids() & ours or net_ns_inodes() & inodes):
         time.sleep(0.1)
-    assert not (keeper_pids() - before_keepers), "keepers outlived a SIGKILLed racelab"
-    assert not (net_ns_inodes() - before_ns), "a namespace outlived a SIGKILLed racelab"
+    assert not (keeper_pids() & ours), "keepers outlived a SIGKILLed racelab"
+    assert not (net_ns_inodes() & inodes), "a namespace outlived a SIGKILLed racelab"

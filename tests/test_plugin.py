@@ -1,0 +1,34 @@
+"""The pytest plugin on a small grid, with two workers, including a deliberate mismatch."""
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.root
+def test_grid_with_two_workers_passes_and_fails_per_cell(tmp_path):
+    junit = tmp_path / "grid.xml"
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2",
+         "--racelab-kernels=host", "--racelab-scenarios=generic-rx-race,veth-napi-race",
+         "--racelab-backend=netns", "--racelab-budget=3s",
+         # deliberate mismatch: the host kernel has the veth fix, so this cell must fail
+         "--racelab-expect=host:veth-napi-race=reproduced",
+         f"--junitxml={junit}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RACELAB_GRID_OUT": str(tmp_path)})
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-2000:]
+    cases = {tc.get("name"): tc for tc in ET.parse(junit).getroot().iter("testcase")}
+    assert set(cases) == {"test_cell[generic-rx-race-host]", "test_cell[veth-napi-race-host]"}
+    ok, bad = cases["test_cell[generic-rx-race-host]"], cases["test_cell[veth-napi-race-host]"]
+    assert ok.find("failure") is None
+    assert bad.find("failure") is not None and "did not reproduce" in bad.find("failure").get("message")
+    props = {pr.get("name"): pr.get("value") for pr in ok.iter("property")}
+    assert props["verdict"] == "NOT REPRODUCED" and int(props["packets"]) > 0 and props["expected"] == "clean"
+    assert "rate <" in props["rate"]
+    assert "2 workers" in p.stdout or "gw1" in p.stdout or "[gw" in p.stdout
