@@ -76,8 +76,12 @@ def print_table(rows: list[Row], title: str) -> None:
         style = {REPRODUCED: "bold red", NOT_REPRODUCED: "bold green"}.get(r.verdict, "bold yellow")
         t.add_row(r.kernel, str(r.vms), fmt_duration(r.wall), f"{r.packets:,}", kinds, first,
                   level_text(r.corruption, r.packets, r.confidence), window,
-                  f"[{style}]{verdict_text(r)}[/]")
+                  f"[{style}]{_short(verdict_text(r))}[/]")
     Console(width=max(140, shutil.get_terminal_size((140, 24)).columns)).print(t)
+
+
+def _short(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def write_junit(path: Path, rows: list[Row], suite: str, expected: dict[str, str]) -> None:

@@ -233,3 +233,5 @@ def setup_logging(verbose: int = 0) -> None:
     level = logging.DEBUG if verbose > 0 else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(message)s" if verbose == 0 else "%(asctime)s %(name)s: %(message)s")
+    # paramiko narrates every connection at INFO; only its problems matter here
+    logging.getLogger("paramiko").setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)

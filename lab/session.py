@@ -130,7 +130,7 @@ def results_dir(cfg: RunConfig) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         p = Path("results") / f"{cfg.scenario}-{stamp}-{os.getpid()}"
     p.mkdir(parents=True, exist_ok=True)
-    return p
+    return p.resolve()   # libvirt and guests' consoles need absolute paths
 
 
 def run_netns(cfg: RunConfig, progress: bool = True) -> Outcome:
