@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 # Probe candidates in order of preference; resolved against the running kernel.
-RECEIVE_CANDIDATES = ("__xsk_rcv_zc", "xskq_prod_reserve_desc", "__xsk_rcv")
+# __xsk_rcv first: copy mode always passes through it, and its kretprobe closes
+# the "inside the receive" interval used for the generic-receive race.
+RECEIVE_CANDIDATES = ("__xsk_rcv", "__xsk_rcv_zc", "xskq_prod_reserve_desc")
 FLUSH_CANDIDATES = ("xsk_flush", "__xsk_map_flush")
 GROUP = "racelab"
 TRACE_OUT = "/tmp/racelab-trace.txt"
@@ -81,8 +83,13 @@ class Tracer:
 
     def _w(self, name: str, value: str, append: bool = False) -> None:
         assert self.root is not None
-        with open(self.root / name, "a" if append else "w") as f:
-            f.write(value + "\n")
+        # raw os.write: Python's "a" mode seeks, which tracefs files refuse (EINVAL)
+        flags = os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC)
+        fd = os.open(self.root / name, flags)
+        try:
+            os.write(fd, (value + "\n").encode())
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> Tracer:
         if self.root is None and mount_tracefs():
@@ -108,14 +115,15 @@ class Tracer:
             self._w("trace_clock", "counter")
             # __xsk_map_flush flushes every socket of its CPU's list: "flushall", no socket
             if flush == "__xsk_map_flush":
-                roles = (("rcv", rcv, " xs=%di:x64"), ("flushall", flush, ""))
+                roles = [("rcv", rcv, " xs=%di:x64", "p"), ("flushall", flush, "", "p")]
             else:
-                roles = (("rcv", rcv, " xs=%di:x64"), ("flush", flush, " xs=%di:x64"))
-            for role, sym, fetch in roles:
+                roles = [("rcv", rcv, " xs=%di:x64", "p"), ("flush", flush, " xs=%di:x64", "p")]
+            roles.append(("rcvret", rcv, "", "r"))
+            for role, sym, fetch, kind in roles:
                 if sym is None:
                     continue
                 # first argument (the xdp_sock) is in %di on x86_64
-                self._w("kprobe_events", f"p:{GROUP}/{role} {sym}{fetch}", append=True)
+                self._w("kprobe_events", f"{kind}:{GROUP}/{role} {sym}{fetch}", append=True)
                 self._w(f"events/{GROUP}/{role}/enable", "1")
                 self.probes[role] = sym
             self._w("tracing_on", "1")
@@ -133,7 +141,7 @@ class Tracer:
                 self._w(name, value)
             except OSError:
                 pass
-        for role in list(self.probes) or ["rcv", "flush", "flushall"]:
+        for role in list(self.probes) or ["rcv", "rcvret", "flush", "flushall"]:
             try:
                 self._w(f"events/{GROUP}/{role}/enable", "0")
             except OSError:
@@ -161,6 +169,7 @@ class Tracer:
             for line in src:
                 dst.write(line)
         return {"available": True, "trace_path": TRACE_OUT, "probes": self.probes,
+                "measure": window_measure(str(self.opts.get("scenario", ""))),
                 "missing": self.missing, "note": self.note, "cpus": os.cpu_count(),
                 "save_seconds": round(time.monotonic() - t, 3)}
 
@@ -174,7 +183,7 @@ def _current_clock(text: str) -> str:
 
 
 # "  <idle>-0  [001] ..s1.  123456: rcv: (__xsk_rcv_zc+0x0/0x1d0) xs=0xffff888004a1c000"
-_EVENT = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+(rcv|flush|flushall):(?:.*?xs=(0x[0-9a-fA-F]+|\d+))?")
+_EVENT = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+(rcvret|rcv|flushall|flush):(?:.*?xs=(0x[0-9a-fA-F]+|\d+))?")
 _MARK = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+tracing_mark_write:\s*(.*)$")
 
 
@@ -183,6 +192,7 @@ class Analysis:
     receives: int = 0
     flushes: int = 0
     window_hits: int = 0                 # receives that interleaved with another CPU's unflushed ones
+    overlap_hits: int = 0                # receives that began while another CPU was inside one for S
     sockets: int = 0
     cpus: set[int] = field(default_factory=set)
     examples: list[dict[str, Any]] = field(default_factory=list)
@@ -191,6 +201,7 @@ class Analysis:
 
     def to_dict(self) -> dict[str, Any]:
         return {"receives": self.receives, "flushes": self.flushes, "window_hits": self.window_hits,
+                "unflushed_hits": self.window_hits, "overlap_hits": self.overlap_hits,
                 "sockets": self.sockets, "cpus": sorted(self.cpus), "examples": self.examples[:20],
                 "marks": self.marks[:50], "first_hit_ts": self.first_hit_ts}
 
@@ -199,6 +210,7 @@ def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
     """Count receives into S on CPU Y while CPU X != Y holds unflushed receives into S."""
     a = Analysis()
     pending: dict[str, dict[int, int]] = {}   # socket -> cpu -> receives since its last flush
+    inside: dict[int, str] = {}               # cpu -> socket it is receiving into right now
     events = []
     for line in lines:
         m = _EVENT.search(line)
@@ -212,6 +224,9 @@ def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
     events.sort(key=lambda e: e[0])
     for ts, cpu, kind, xs in events:
         a.cpus.add(cpu)
+        if kind == "rcvret":
+            inside.pop(cpu, None)
+            continue
         if kind == "flushall":
             a.flushes += 1
             for per in pending.values():
@@ -225,6 +240,9 @@ def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
             per[cpu] = 0
             continue
         a.receives += 1
+        if any(c != cpu and x == xs for c, x in inside.items()):
+            a.overlap_hits += 1
+        inside[cpu] = xs
         others = {c: n for c, n in per.items() if c != cpu and n > 0}
         if others:
             a.window_hits += 1
@@ -240,3 +258,8 @@ def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
 def analyze_file(path: Path) -> Analysis:
     with open(path, errors="replace") as f:
         return analyze(f)
+
+
+def window_measure(scenario: str) -> str:
+    """Which interleaving is the race's window: overlap (generic-rx) or unflushed (veth)."""
+    return "overlap_hits" if scenario.startswith("generic") else "unflushed_hits"

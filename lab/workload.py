@@ -215,4 +215,6 @@ def fetch_evidence(host: Host, res: TargetResult, out: Path) -> None:
         return
     a = evidence.analyze_file(dest)
     ev.update(a.to_dict())
+    # the scenario decides which interleaving is its race window
+    ev["window_hits"] = ev.get(str(ev.get("measure", "unflushed_hits")), a.window_hits)
     ev["trace_file"] = str(dest)

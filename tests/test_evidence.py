@@ -47,3 +47,19 @@ def test_flushall_clears_every_socket_of_its_cpu():
     ]
     assert evidence.analyze(lines).window_hits == 0
     assert evidence.analyze(lines[:2] + lines[3:]).window_hits == 2
+
+
+def test_overlap_inside_receive_for_the_generic_race():
+    lines = [
+        "  a-1 [000] ..s1. 1: rcv: (__xsk_rcv+0x0/0x1) xs=0x10",
+        "  b-2 [001] ..s1. 2: rcv: (__xsk_rcv+0x0/0x1) xs=0x10",     # CPU0 still inside: overlap
+        "  a-1 [000] ..s1. 3: rcvret: (xsk_generic_rcv+0x5/0x1 <- __xsk_rcv)",
+        "  b-2 [001] ..s1. 4: rcvret: (xsk_generic_rcv+0x5/0x1 <- __xsk_rcv)",
+        "  a-1 [000] ..s1. 5: rcv: (__xsk_rcv+0x0/0x1) xs=0x10",     # nobody inside: serialised
+        "  a-1 [000] ..s1. 6: rcvret: (xsk_generic_rcv+0x5/0x1 <- __xsk_rcv)",
+        "  b-2 [001] ..s1. 7: rcv: (__xsk_rcv+0x0/0x1) xs=0x20",     # another socket: not the race
+    ]
+    a = evidence.analyze(lines)
+    assert a.overlap_hits == 1 and a.receives == 4
+    assert evidence.window_measure("generic-rx-race") == "overlap_hits"
+    assert evidence.window_measure("veth-napi-race") == "unflushed_hits"
