@@ -221,8 +221,10 @@ def run_agent(spec: AgentSpec) -> int:
                                           f"(veth caps channels at the CPU count)"})
             c = dataclasses.replace(c, queues=active)
         # the checker ends by itself a little after the load, if nobody stops it
+        # the checker itself stops at the first violation only when no grace period follows it
         checker = Child("checker", topo.nsenter(c.ns, checker_argv(
-            bin_dir, c, spec.duration + 30, spec.seed, spec.stop_on_first)), events)
+            bin_dir, c, spec.duration + 30, spec.seed,
+            spec.stop_on_first and spec.stop_grace <= 0)), events)
         stack.callback(checker.stop)
         _wait_ready(checker, events, t0)
         children: list[Child] = []
