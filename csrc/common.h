@@ -46,23 +46,45 @@ static inline uint64_t splitmix64(uint64_t *s)
 	return z ^ (z >> 31);
 }
 
+/* Four independent multiply-xor lanes, so a 1500-byte frame costs about a
+ * quarter of a single serial chain; then one final mix. */
 static inline uint32_t payload_csum(const uint8_t *p, size_t n)
 {
-	uint64_t h = 0xcbf29ce484222325ull ^ (uint64_t)n;
-	uint64_t w;
+	const uint64_t k = 0x100000001b3ull;
+	uint64_t h0 = 0xcbf29ce484222325ull ^ (uint64_t)n, h1 = 0x9e3779b97f4a7c15ull;
+	uint64_t h2 = 0xc2b2ae3d27d4eb4full, h3 = 0x165667b19e3779f9ull;
+	uint64_t w0, w1, w2, w3;
 
+	while (n >= 32) {
+		memcpy(&w0, p, 8);
+		memcpy(&w1, p + 8, 8);
+		memcpy(&w2, p + 16, 8);
+		memcpy(&w3, p + 24, 8);
+		h0 = (h0 ^ w0) * k;
+		h1 = (h1 ^ w1) * k;
+		h2 = (h2 ^ w2) * k;
+		h3 = (h3 ^ w3) * k;
+		h0 ^= h0 >> 29;
+		h1 ^= h1 >> 29;
+		h2 ^= h2 >> 29;
+		h3 ^= h3 >> 29;
+		p += 32;
+		n -= 32;
+	}
 	while (n >= 8) {
-		memcpy(&w, p, 8);
-		h = (h ^ w) * 0x100000001b3ull;
-		h ^= h >> 29;
+		memcpy(&w0, p, 8);
+		h0 = (h0 ^ w0) * k;
+		h0 ^= h0 >> 29;
 		p += 8;
 		n -= 8;
 	}
-	w = 0;
-	memcpy(&w, p, n);
-	h = (h ^ w ^ ((uint64_t)n << 56)) * 0x100000001b3ull;
-	h ^= h >> 32;
-	return (uint32_t)h;
+	w0 = 0;
+	memcpy(&w0, p, n);
+	h0 ^= w0 ^ ((uint64_t)n << 56);
+	h0 ^= (h1 << 17 | h1 >> 47) ^ (h2 << 31 | h2 >> 33) ^ (h3 << 47 | h3 >> 17);
+	h0 *= 0xff51afd7ed558ccdull;
+	h0 ^= h0 >> 32;
+	return (uint32_t)h0;
 }
 
 static inline void payload_fill(uint8_t *p, size_t n, uint64_t seed, uint32_t flow, uint64_t seq)

@@ -71,6 +71,7 @@
 #define MAX_BATCH 1024
 #define FLOWTAB 1024
 #define PRINT_CAP 1000
+#define IDLE_SLEEPS 2000 /* idle sleeps in a row before blocking in poll() */
 #define INJECT_TIMES 3
 #define INJECT_FIRST 500  /* rx descriptors before the first injected fault */
 #define INJECT_EVERY 2000 /* and between the next ones */
@@ -110,12 +111,16 @@ static struct {
 	uint64_t seed;
 	int spin;
 	int busy_poll_us; /* 0: off */
+	int idle_us;	  /* idle: sleep this long instead of poll() (0: poll) */
+	uint64_t selfbench; /* > 0: no kernel, an in-memory one; this many descriptors */
+	uint32_t selfbench_size; /* its frame size */
 } opt = {
 	.queues = 1, .frame_size = 2048, .frames = 256, .batch = 64, .stats_ms = 500,
-	.checks = true, .inject = -1, .seed = 1, .spin = 64,
+	.checks = true, .inject = -1, .seed = 1, .spin = 0, .idle_us = 50, .selfbench_size = 64,
 };
 
 static uint32_t exp_off; /* expected addr % frame_size of an RX descriptor */
+static unsigned fs_shift; /* frame_size = 1 << fs_shift: no division per descriptor */
 static uint64_t t0;
 static volatile sig_atomic_t stop_flag;
 static volatile int fatal_flag;
@@ -578,8 +583,8 @@ static int64_t check_rx(struct group *g, struct xsk *s, const struct xdp_desc *d
 		g->held--;
 		return RX_DISCARD;
 	}
-	local = addr / opt.frame_size;
-	off = (uint32_t)(addr % opt.frame_size);
+	local = addr >> fs_shift;
+	off = (uint32_t)(addr & (opt.frame_size - 1));
 	if (local >= s->umem_frames) {
 		violation(g, s, K_STATE, addr, s->umem_frames, local, "address beyond the UMEM (%llu frames)",
 			  (unsigned long long)s->umem_frames);
@@ -691,6 +696,20 @@ static uint32_t do_rx(struct group *g, struct xsk *s)
 			g->armed = false;
 		}
 	}
+	if (opt.checks) {
+		/* the kernel just wrote these frames from another CPU: fetch the
+		 * metadata+headers line and the payload line of all of them at once */
+		for (uint32_t i = 0; i < n; i++) {
+			uint64_t a = ring[(base + i) & s->rx.mask].addr;
+
+			if ((a >> fs_shift) < s->umem_frames) {
+				uint8_t *p = s->umem + a - META_LEN;
+
+				__builtin_prefetch(p, 1);
+				__builtin_prefetch(p + 64, 0);
+			}
+		}
+	}
 	for (uint32_t i = 0; i < n; i++) {
 		struct xdp_desc *d = &ring[(base + i) & s->rx.mask];
 		int64_t fi;
@@ -700,7 +719,7 @@ static uint32_t do_rx(struct group *g, struct xsk *s)
 			if (fi < 0)
 				continue;
 		} else {
-			fi = s->gbase + (uint32_t)(d->addr / opt.frame_size);
+			fi = s->gbase + (uint32_t)(d->addr >> fs_shift);
 		}
 		g->out[k].fi = (uint32_t)fi;
 		g->out[k].addr = d->addr;
@@ -760,11 +779,11 @@ static uint32_t do_comp(struct group *g, struct xsk *s)
 			  "the app holds %lld frames, the group has %u", (long long)g->held, g->nframes);
 	for (uint32_t i = 0; i < n; i++) {
 		uint64_t addr = ring[(s->comp.local + i) & s->comp.mask];
-		uint32_t fi = s->gbase + (uint32_t)(addr / opt.frame_size);
+		uint32_t fi = s->gbase + (uint32_t)(addr >> fs_shift);
 		struct xsk *h;
 
 		if (opt.checks) {
-			if (addr / opt.frame_size >= s->umem_frames || fi < g->first ||
+			if ((addr >> fs_shift) >= s->umem_frames || fi < g->first ||
 			    fi >= g->first + g->nframes) {
 				violation(g, s, K_STATE, addr, 0, addr, "completion of a frame never sent here");
 				g->held--;
@@ -851,14 +870,26 @@ static void *worker(void *arg)
 				recvfrom(g->s[j]->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
 			continue;
 		}
-		if (++idle < opt.spin || tx_busy) {
+		idle++;
+		if (tx_busy) { /* completions come without a wakeup */
 			__builtin_ia32_pause();
-			if (tx_busy && idle > opt.spin)
+			if (idle > 64)
 				sched_yield();
 			continue;
 		}
-		idle = 0;
-		poll(pfd, (nfds_t)g->ns, 50);
+		if (idle <= opt.spin) {
+			__builtin_ia32_pause();
+			continue;
+		}
+		if (opt.idle_us && idle <= opt.spin + IDLE_SLEEPS) {
+			/* Sleeping lets a batch build up; poll() would be woken by
+			 * every packet, which costs both CPUs more than the checks. */
+			struct timespec ts = { 0, opt.idle_us * 1000L };
+
+			nanosleep(&ts, NULL);
+		} else {
+			poll(pfd, (nfds_t)g->ns, 50); /* no traffic for a while */
+		}
 	}
 	return NULL;
 }
@@ -912,8 +943,14 @@ static int map_update(int fd, uint32_t key, uint32_t value)
 	return sys_bpf(BPF_MAP_UPDATE_ELEM, &a);
 }
 
+static uint32_t fake_len_bias; /* --selfbench: the fake kernel's length fault budget */
+
 static void set_len_bias(uint32_t v)
 {
+	if (opt.selfbench) {
+		fake_len_bias = v;
+		return;
+	}
 	/* a budget: the XDP program counts it down itself */
 	if (map_update(ctl_fd, 0, v))
 		fprintf(stderr, "xskcheck: cannot set the length bias: %s\n", strerror(errno));
@@ -1248,7 +1285,7 @@ static void print_stats(const char *type)
 		socklen_t len = sizeof(x);
 
 		memset(&x, 0, sizeof(x));
-		if (getsockopt(socks[i].fd, SOL_XDP, XDP_STATISTICS, &x, &len) == 0) {
+		if (socks[i].fd > 0 && getsockopt(socks[i].fd, SOL_XDP, XDP_STATISTICS, &x, &len) == 0) {
 			xs[0] += x.rx_dropped;
 			xs[1] += x.rx_invalid_descs;
 			xs[2] += x.tx_invalid_descs;
@@ -1276,6 +1313,15 @@ static void print_stats(const char *type)
 		n += snprintf(line + n, sizeof(line) - (size_t)n, "%s%llu", i ? "," : "",
 			      (unsigned long long)RD(socks[i].rx_count));
 	n += snprintf(line + n, sizeof(line) - (size_t)n, "]");
+	{
+		/* the checker's own CPU time: its cost per packet, whatever the load */
+		struct rusage ru;
+
+		getrusage(RUSAGE_SELF, &ru);
+		n += snprintf(line + n, sizeof(line) - (size_t)n, ",\"cpu_user\":%.3f,\"cpu_sys\":%.3f",
+			      (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6,
+			      (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6);
+	}
 	if (!strcmp(type, "done"))
 		n += snprintf(line + n, sizeof(line) - (size_t)n, ",\"reason\":\"%s\",\"printed\":%llu", stop_reason,
 			      (unsigned long long)(printed < PRINT_CAP ? printed : PRINT_CAP));
@@ -1293,7 +1339,10 @@ static void usage(FILE *f)
 		"                [--queues N] [--frame-size 2048|4096] [--headroom H] [--frames F]\n"
 		"                [--shared-umem] [--ring R] [--batch 64] [--duration SEC] [--stats-ms 500]\n"
 		"                [--checks all|none] [--inject KIND] [--stop-on-first] [--trace-marker]\n"
-		"                [--cpus LIST] [--seed N] [--spin N] [--busy-poll] [--busy-poll-usec 20]\n"
+		"                [--cpus LIST] [--seed N] [--idle-us 50 (0: block in poll)] [--spin 0]\n"
+		"                [--busy-poll] [--busy-poll-usec 20]\n"
+		"       xskcheck --selfbench N [--selfbench-size 64] [--checks all|none] [--inject KIND] [--frames F]\n"
+		"                (no kernel: time the checks against a correct in-memory one)\n"
 		"inject kinds: order poison duplicate offset over-held meta length state sequence checksum\n");
 }
 
@@ -1333,7 +1382,7 @@ static void parse_args(int argc, char **argv)
 		{ "inject", required_argument, 0, 'i' },     { "stop-on-first", no_argument, 0, '1' },
 		{ "trace-marker", no_argument, 0, 'M' },     { "cpus", required_argument, 0, 'C' },
 		{ "seed", required_argument, 0, 'S' },	     { "spin", required_argument, 0, 's' },
-		{ "busy-poll", no_argument, 0, 'B' },	     { "busy-poll-usec", required_argument, 0, 'U' },
+		{ "selfbench", required_argument, 0, 'X' }, { "selfbench-size", required_argument, 0, 'Z' }, { "idle-us", required_argument, 0, 'I' },   { "busy-poll", no_argument, 0, 'B' },	     { "busy-poll-usec", required_argument, 0, 'U' },
 		{ "help", no_argument, 0, 'h' },	     { 0, 0, 0, 0 },
 	};
 	bool have_mode = false, have_xdp = false;
@@ -1409,6 +1458,9 @@ static void parse_args(int argc, char **argv)
 			break;
 		case 'S': opt.seed = (uint64_t)parse_long(optarg, "seed", 0, 0x7fffffffffffffffL); break;
 		case 's': opt.spin = (int)parse_long(optarg, "spin", 0, 1 << 30); break;
+		case 'X': opt.selfbench = (uint64_t)parse_long(optarg, "selfbench", 1, 1L << 40); break;
+		case 'Z': opt.selfbench_size = (uint32_t)parse_long(optarg, "selfbench-size", 64, 1514); break;
+		case 'I': opt.idle_us = (int)parse_long(optarg, "idle-us", 0, 100000); break;
 		case 'B':
 			if (!opt.busy_poll_us)
 				opt.busy_poll_us = 20;
@@ -1420,6 +1472,13 @@ static void parse_args(int argc, char **argv)
 	}
 	if (optind < argc)
 		die_usage("unexpected argument '%s'", argv[optind]);
+	if (opt.selfbench) {
+		if (!opt.dev)
+			opt.dev = "selfbench";
+		have_mode = have_xdp = true;
+		if (opt.forward || opt.queues != 1)
+			die_usage("--selfbench checks one rxdrop socket%s", "");
+	}
 	if (!opt.dev || !have_mode || !have_xdp)
 		die_usage("--dev, --mode and --xdp are required%s", "");
 	if (opt.forward && !opt.peer_dev)
@@ -1495,6 +1554,109 @@ static void open_tracing(void)
 		fprintf(stderr, "xskcheck: no tracefs trace_marker: violations go to stdout only\n");
 }
 
+/* ------------------------------------------------------------------ */
+/* --selfbench: the checker against a correct in-memory "kernel"       */
+
+static void fake_ring(struct ring *r, uint32_t size, size_t desc)
+{
+	r->map = calloc(1, 3 * 64 + size * desc);
+	r->maplen = 0; /* not mmapped */
+	r->prod = (uint32_t *)r->map;
+	r->cons = (uint32_t *)((char *)r->map + 64);
+	r->flags = (uint32_t *)((char *)r->map + 128);
+	r->descs = (char *)r->map + 192;
+	r->size = size;
+	r->mask = size - 1;
+}
+
+/* What copy mode does per packet: take the next FILL address, write the
+ * XDP metadata and the frame, publish an RX descriptor. */
+static void fake_kernel(struct xsk *s, uint32_t max, uint64_t *seq, const uint8_t *tmpl, uint32_t len)
+{
+	uint32_t fprod = __atomic_load_n(s->fill.prod, __ATOMIC_ACQUIRE), fcons = *s->fill.cons;
+	uint32_t rprod = *s->rx.prod, rcons = __atomic_load_n(s->rx.cons, __ATOMIC_ACQUIRE);
+
+	for (uint32_t k = 0; k < max && fcons != fprod && rprod - rcons < s->rx.size; k++) {
+		uint64_t addr = ((uint64_t *)s->fill.descs)[fcons++ & s->fill.mask] + exp_off;
+		uint8_t *p = s->umem + addr;
+		struct xdp_desc *d = &((struct xdp_desc *)s->rx.descs)[rprod++ & s->rx.mask];
+		uint64_t be = htobe64(++*seq);
+		uint32_t meta[2] = { len, XDP_META_MAGIC };
+
+		if (fake_len_bias) {
+			meta[0]++;
+			fake_len_bias--;
+		}
+		memcpy(p - META_LEN, meta, META_LEN);
+		memcpy(p, tmpl, len);
+		memcpy(p + HDRS_LEN + 8, &be, 8);
+		d->addr = addr;
+		d->len = len;
+		d->options = 0;
+	}
+	__atomic_store_n(s->fill.cons, fcons, __ATOMIC_RELEASE);
+	__atomic_store_n(s->rx.prod, rprod, __ATOMIC_RELEASE);
+}
+
+static int selfbench(void)
+{
+	struct group *g = &groups[0];
+	struct xsk *s = g->s[0];
+	static uint8_t tmpl[1514];
+	uint32_t len = opt.selfbench_size, v32, *list;
+	uint64_t seq = 0, spent = 0, n = 0;
+
+	/* a valid 64-byte racelab frame: flow 0, seq patched per packet */
+	tmpl[12] = 0x08;
+	tmpl[ETH_HLEN_] = 0x45;
+	tmpl[ETH_HLEN_ + 2] = (uint8_t)((len - ETH_HLEN_) >> 8);
+	tmpl[ETH_HLEN_ + 3] = (uint8_t)(len - ETH_HLEN_);
+	tmpl[ETH_HLEN_ + 9] = 17;
+	v32 = htonl(RACE_MAGIC);
+	memcpy(tmpl + HDRS_LEN, &v32, 4);
+	payload_fill(tmpl + MIN_FRAME, len - MIN_FRAME, opt.seed, 0, 0);
+	v32 = htonl(payload_csum(tmpl + MIN_FRAME, len - MIN_FRAME));
+	memcpy(tmpl + HDRS_LEN + 16, &v32, 4);
+
+	s->fd = -1;
+	fake_ring(&s->fill, opt.ring, 8);
+	fake_ring(&s->rx, opt.ring, sizeof(struct xdp_desc));
+	list = calloc(s->home_n, sizeof(uint32_t));
+	for (uint32_t k = 0; k < s->home_n; k++)
+		list[k] = s->home_first + k;
+	post_fill(g, s, list, s->home_n);
+	free(list);
+	g->st.fill = 0;
+	t0 = now_ns();
+	while (n < opt.selfbench && !stop_flag) {
+		uint64_t a;
+		uint32_t got;
+
+		uint64_t left = opt.selfbench - n;
+
+		fake_kernel(s, left < (uint64_t)opt.batch ? (uint32_t)left : (uint32_t)opt.batch, &seq, tmpl, len);
+		a = now_ns();
+		got = do_rx(g, s);
+		spent += now_ns() - a;
+		if (!got && !s->npend) {
+			fprintf(stderr, "xskcheck: selfbench stalled after %llu descriptors\n", (unsigned long long)n);
+			return 3;
+		}
+		n += got;
+	}
+	{
+		char line[256];
+
+		snprintf(line, sizeof(line),
+			 "{\"type\":\"selfbench\",\"t\":%.3f,\"checks\":\"%s\",\"descs\":%llu,\"ns_per_desc\":%.2f}\n",
+			 tnow(), opt.checks ? "all" : "none", (unsigned long long)n, n ? (double)spent / (double)n : 0.0);
+		emit(line);
+	}
+	stop_reason = "selfbench";
+	print_stats("done");
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct rlimit rl = { RLIM_INFINITY, RLIM_INFINITY };
@@ -1513,9 +1675,10 @@ int main(int argc, char **argv)
 	devs[0] = opt.dev;
 	devs[1] = opt.peer_dev;
 	exp_off = XDP_HEADROOM + opt.headroom;
+	fs_shift = (unsigned)__builtin_ctz(opt.frame_size);
 	setrlimit(RLIMIT_MEMLOCK, &rl);
 
-	for (int d = 0; d < (opt.forward ? 2 : 1); d++) {
+	for (int d = 0; d < (opt.forward ? 2 : 1) && !opt.selfbench; d++) {
 		ifindex[d] = (int)if_nametoindex(devs[d]);
 		if (!ifindex[d]) {
 			fprintf(stderr, "xskcheck: no such device: %s\n", devs[d]);
@@ -1621,6 +1784,9 @@ int main(int argc, char **argv)
 			return 3;
 		}
 	}
+
+	if (opt.selfbench)
+		return selfbench();
 
 	/* BPF objects, before any socket so that EPERM is reported early */
 	ctl_fd = map_create(BPF_MAP_TYPE_ARRAY, 1, "xskcheck_ctl");

@@ -39,7 +39,8 @@
 #define MAX_SENDERS 256
 #define MAX_BURST 1024
 #define INJECT_EVERY 1000 /* packets between injected faults */
-#define INJECT_TIMES 3
+#define INJECT_TIMES 5	  /* injection points... */
+#define INJECT_RUN 4	  /* ...of this many faulty packets each: a drop must not hide them all */
 
 struct counters {
 	volatile uint64_t sent;
@@ -207,7 +208,7 @@ static int sender_main(int idx, struct counters *ctr, const uint8_t *src_mac, in
 	struct iovec iov[MAX_BURST];
 	struct sockaddr_ll sll = { 0 };
 	uint64_t seq = 1, deadline = 0, start, sent = 0, inj_next = INJECT_EVERY;
-	int inj_left = (opt.inject && idx == 0) ? INJECT_TIMES : 0;
+	int inj_left = (opt.inject && idx == 0) ? INJECT_TIMES * INJECT_RUN : 0;
 	double rate = opt.rate / opt.senders;
 	int fd, one = 1;
 
@@ -266,8 +267,8 @@ static int sender_main(int idx, struct counters *ctr, const uint8_t *src_mac, in
 					s = 1; /* a seq this flow already used */
 				else
 					bad = true;
-				inj_left--;
-				inj_next += INJECT_EVERY;
+				if (--inj_left % INJECT_RUN == 0)
+					inj_next += INJECT_EVERY;
 			}
 			stamp(bufs[i], flow, s, bad);
 		}

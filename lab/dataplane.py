@@ -241,7 +241,8 @@ def checker_argv(bin_dir: str | os.PathLike[str], *, dev: str, mode: str = "rxdr
                  inject: str | None = None, stop_on_first: bool = False,
                  trace_marker: bool = False, cpus: Sequence[int] | str | None = None,
                  seed: int | None = None, busy_poll: bool = False,
-                 busy_poll_usec: int | None = None, spin: int | None = None) -> list[str]:
+                 busy_poll_usec: int | None = None, idle_us: int | None = None,
+                 spin: int | None = None) -> list[str]:
     """argv for xskcheck; every bad option is reported at once (BadInput)."""
     p: list[str] = []
     _check(p, bool(_IFNAME.match(dev or "")), f"dev: bad interface name {dev!r}")
@@ -265,6 +266,8 @@ def checker_argv(bin_dir: str | os.PathLike[str], *, dev: str, mode: str = "rxdr
     if inject is not None:
         _check(p, inject in INJECT_KINDS, f"inject: one of {', '.join(INJECT_KINDS)}; got {inject!r}")
         _check(p, checks == "all", "inject: needs checks='all'")
+    if idle_us is not None:
+        _check(p, 0 <= idle_us <= 100_000, f"idle_us: 0..100000 (0 = block in poll()), got {idle_us}")
     cpu_list = _cpus_arg(cpus, p)
     _raise(p, "xskcheck")
 
@@ -292,6 +295,8 @@ def checker_argv(bin_dir: str | os.PathLike[str], *, dev: str, mode: str = "rxdr
         argv += ["--busy-poll-usec", str(busy_poll_usec)]
     elif busy_poll:
         argv.append("--busy-poll")
+    if idle_us is not None:
+        argv += ["--idle-us", str(idle_us)]
     if spin is not None:
         argv += ["--spin", str(spin)]
     return argv

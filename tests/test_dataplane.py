@@ -104,12 +104,12 @@ def test_checker_argv_everything():
     argv = dp.checker_argv(BIN, dev="m0", peer_dev="m1", mode="forward", xdp="native", queues=2,
                            frame_size=4096, headroom=64, frames=1024, shared_umem=True, ring=2048,
                            batch=32, duration=2.5, stats_ms=100, inject="meta", stop_on_first=True,
-                           trace_marker=True, cpus=[0, 1], seed=7, busy_poll=True, spin=10)
+                           trace_marker=True, cpus=[0, 1], seed=7, busy_poll=True, idle_us=0, spin=10)
     s = " ".join(argv)
     for part in ["--peer-dev m1", "--mode forward", "--xdp native", "--queues 2", "--frame-size 4096",
                  "--headroom 64", "--frames 1024", "--shared-umem", "--ring 2048", "--batch 32",
                  "--duration 2.5", "--stats-ms 100", "--inject meta", "--stop-on-first",
-                 "--trace-marker", "--cpus 0,1", "--seed 7", "--busy-poll", "--spin 10"]:
+                 "--trace-marker", "--cpus 0,1", "--seed 7", "--busy-poll", "--idle-us 0", "--spin 10"]:
         assert part in s
     assert "--cpus 0-1" in " ".join(dp.checker_argv(BIN, dev="v1", cpus="0-1"))
     assert "--busy-poll-usec 50" in " ".join(dp.checker_argv(BIN, dev="v1", busy_poll_usec=50))
@@ -207,3 +207,39 @@ def test_build_is_cached_and_reports_compiler_errors(tmp_path, monkeypatch):
         dp.build()
     assert "xsksend.c" in str(e.value) and "error" in str(e.value)
     assert [p.name for p in d.parent.iterdir()] == [d.name]
+
+
+# ------------------------------------------------------------------ the checks, without a kernel
+
+@pytest.fixture(scope="module")
+def built():
+    if shutil.which("gcc") is None or shutil.which("make") is None:
+        pytest.skip("needs gcc and make: apt-get install build-essential")
+    return dp.build()
+
+
+def selfbench(built, *args):
+    p = subprocess.run([str(built / "xskcheck"), "--selfbench", "200000", *args], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    events = [e for e in map(dp.parse_event, p.stdout.splitlines()) if e]
+    done = [e for e in events if e.type == "done"]
+    assert len(done) == 1 and any(e.type == "selfbench" for e in events), p.stdout
+    return done[0], [e for e in events if e.type == "violation"]
+
+
+@pytest.mark.parametrize("args", [[], ["--frames", "1"], ["--frames", "16", "--batch", "3"],
+                                  ["--selfbench-size", "1500", "--frame-size", "4096", "--headroom", "100"]])
+def test_a_correct_kernel_gives_no_violations(built, args):
+    """xskcheck --selfbench feeds the checker from a correct in-memory kernel."""
+    done, violations = selfbench(built, *args)
+    assert done.violations == 0 and not violations
+    assert done.rx == 200000 and done.get("ours") == 200000
+
+
+@pytest.mark.parametrize("kind", dp.INJECT_KINDS)
+def test_each_injected_fault_fires_only_its_detector(built, kind):
+    done, violations = selfbench(built, "--inject", kind)
+    assert done.by_kind[kind] >= 1
+    assert {k: n for k, n in done.by_kind.items() if n and k != kind} == {}
+    assert violations and {v.kind for v in violations} == {kind}
