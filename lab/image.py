@@ -1,0 +1,690 @@
+"""The guest image: a Debian rootfs plus the lab layer, packed as raw ext4.
+
+Two cached layers, each keyed by a hash of what it is made from:
+
+- base-<hash>/rootfs   mmdebstrap of images/recipe.toml (slow: ~30 s, network)
+- racelab-<hash>.img   base + lab layer (lab/ and pyroute2 sources, C binaries,
+                       SSH keys, /sbin/racelab-init), packed with `mke2fs -d`
+                       (no loop mounts, so no privileges beyond file ownership)
+
+Debian `deb:` kernels keep virtio and the block layer in modules; initrd_for()
+builds them a small busybox initramfs (cached per kernel) that loads the
+modules and switch_roots into the image.  Catalog source kernels have those
+drivers built in and boot the image directly.
+
+`python -m lab.image build` builds (or finds) the image and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import stat
+import sys
+import tomllib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from lab.run import BadInput, BuildFailed, cache_dir, project_root, require_tools, run
+
+log = logging.getLogger("racelab.image")
+
+IMAGES_DIR = project_root() / "images"
+RECIPE_PATH = IMAGES_DIR / "recipe.toml"
+READY_MARKER = "racelab-init: ready"     # printed by images/init on the console
+GUEST_INIT = "/sbin/racelab-init"
+GUEST_LAB_ROOT = "/opt/racelab"
+GUEST_SITE = "/opt/racelab/site"          # pyroute2 (pure Python) lives here
+GUEST_BIN = "/opt/racelab/bin"            # the C checker and senders
+MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
+BLOCK = 1024   # ext4 block size of the image: small files waste less
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """images/recipe.toml, validated.  Its key() is the base image cache key."""
+
+    suite: str
+    variant: str
+    mirror: str
+    packages: tuple[str, ...]
+    dpkg_excludes: tuple[str, ...]
+    dpkg_includes: tuple[str, ...]
+    remove: tuple[str, ...]
+    free_mib: int
+    lab_root: str
+
+    def key(self) -> str:
+        # free_mib and lab_root only shape the final image, not the base.
+        base = {k: v for k, v in asdict(self).items() if k not in ("free_mib", "lab_root")}
+        return _sha(json.dumps(base, sort_keys=True))[:16]
+
+
+@dataclass(frozen=True)
+class Image:
+    """A bootable guest root: raw ext4, never written (VMs get qcow2 overlays)."""
+
+    path: Path            # the raw ext4 file
+    key: str              # hash of (base key, lab layer)
+    size_bytes: int       # apparent size of path
+    ssh_key: Path         # client private key authorised for root in the guest
+    host_pubkey: str      # "ssh-ed25519 AAAA..." of the guest's fixed host key
+    recipe: Recipe
+
+
+class KernelLike(Protocol):
+    """What initrd_for() needs from lab.kernel's KernelArtifact."""
+
+    bzimage: Path
+    version: str
+    modules_dir: Path | None
+    module_load_order: list[str]
+
+
+def load_recipe(path: Path = RECIPE_PATH) -> Recipe:
+    """Parse and validate the recipe, naming every bad field at once."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise BadInput(f"cannot read image recipe {path}: {e}") from None
+    base, strip, image = (data.get(k, {}) for k in ("base", "strip", "image"))
+    problems: list[str] = []
+
+    def get(table: dict[str, Any], name: str, kind: type, where: str) -> Any:
+        v = table.get(name)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            problems.append(f"{where}.{name}: expected {kind.__name__}, got {v!r}")
+            return kind()
+        return v
+
+    def strings(table: dict[str, Any], name: str, where: str) -> tuple[str, ...]:
+        v = get(table, name, list, where)
+        if not all(isinstance(s, str) and s for s in v):
+            problems.append(f"{where}.{name}: expected a list of non-empty strings")
+            return ()
+        return tuple(v)
+
+    r = Recipe(
+        suite=get(base, "suite", str, "base"),
+        variant=get(base, "variant", str, "base"),
+        mirror=get(base, "mirror", str, "base"),
+        packages=strings(base, "packages", "base"),
+        dpkg_excludes=strings(strip, "dpkg_excludes", "strip"),
+        dpkg_includes=strings(strip, "dpkg_includes", "strip"),
+        remove=strings(strip, "remove", "strip"),
+        free_mib=get(image, "free_mib", int, "image"),
+        lab_root=get(image, "lab_root", str, "image"),
+    )
+    if r.lab_root and r.lab_root != GUEST_LAB_ROOT:
+        problems.append(f"image.lab_root: must be {GUEST_LAB_ROOT} (lab/remote.py relies on it)")
+    if r.free_mib < 0:
+        problems.append("image.free_mib: must be >= 0")
+    for p in r.remove:
+        if p.startswith("/") or ".." in Path(p).parts:
+            problems.append(f"strip.remove: {p!r} must be relative to the rootfs, without '..'")
+    if problems:
+        raise BadInput(f"bad image recipe {path}:\n    " + "\n    ".join(problems),
+                       hint="fix the fields named above")
+    return r
+
+
+# --- keys --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Keys:
+    client: Path          # id_ed25519 (root's authorised key)
+    host: Path            # ssh_host_ed25519_key (fixed, so it can be pinned)
+
+    @property
+    def client_pub(self) -> str:
+        return Path(f"{self.client}.pub").read_text().strip()
+
+    @property
+    def host_pub(self) -> str:
+        # "type base64 comment" -> "type base64": the comment is not part of the key
+        return " ".join(Path(f"{self.host}.pub").read_text().split()[:2])
+
+
+def ensure_keys() -> Keys:
+    """The per-lab key pairs, generated once in cache_dir()/keys/."""
+    d = cache_dir() / "keys"
+    d.mkdir(mode=0o700, exist_ok=True)
+    keys = Keys(client=d / "id_ed25519", host=d / "ssh_host_ed25519_key")
+    with _lock(d / ".lock"):
+        for path, comment in ((keys.client, "racelab-client"), (keys.host, "racelab-guest")):
+            if path.exists() and Path(f"{path}.pub").exists():
+                continue
+            require_tools("ssh-keygen")
+            for p in (path, Path(f"{path}.pub")):
+                p.unlink(missing_ok=True)
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
+    return keys
+
+
+# --- base rootfs ---------------------------------------------------------------
+
+def ensure_base(recipe: Recipe, progress: bool = True) -> Path:
+    """The stripped mmdebstrap rootfs of the recipe (cached by recipe key)."""
+    images = cache_dir() / "images"
+    images.mkdir(exist_ok=True)
+    final = images / f"base-{recipe.key()}"
+    rootfs = final / "rootfs"
+    if (final / "done").exists():
+        return rootfs
+    with _lock(images / ".lock"):
+        if (final / "done").exists():
+            return rootfs
+        require_tools("mmdebstrap")
+        if os.geteuid() != 0:
+            raise BadInput("building the guest image needs root (mmdebstrap in root mode, "
+                           "file ownership inside the image)", hint="run it as root")
+        _say(progress, f"building base rootfs {final.name} with mmdebstrap "
+                       f"({recipe.suite}, {len(recipe.packages)} packages; ~30 s, downloads)")
+        tmp = images / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        argv: list[str] = ["mmdebstrap", f"--variant={recipe.variant}", "--mode=root",
+                           "--format=directory", "--include=" + ",".join(recipe.packages)]
+        # merged /usr by symlinks, as debootstrap does; the alternative (the
+        # usrmerge package) drags in perl, ~50 MB.
+        if MERGED_USR_HOOKS.is_dir():
+            argv.append(f"--hook-dir={MERGED_USR_HOOKS}")
+        argv += [f"--dpkgopt=path-exclude={p}" for p in recipe.dpkg_excludes]
+        argv += [f"--dpkgopt=path-include={p}" for p in recipe.dpkg_includes]
+        argv += [recipe.suite, str(tmp / "rootfs")]
+        if recipe.mirror:
+            argv.append(recipe.mirror)
+        try:
+            run(argv, timeout=1800, hint="mmdebstrap needs the Debian mirror (deb.debian.org)")
+            _strip(tmp / "rootfs", recipe.remove)
+            (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+            (tmp / "done").write_text("")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _say(progress, f"base rootfs ready: {_du(rootfs) / 2**20:.0f} MiB")
+    return rootfs
+
+
+def _strip(rootfs: Path, patterns: Iterable[str]) -> None:
+    for pat in patterns:
+        for p in rootfs.glob(pat):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+# --- lab layer -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerFile:
+    guest: str                     # absolute path in the guest
+    mode: int                      # permission bits
+    source: Path | None = None     # copy from here...
+    data: bytes | None = None      # ...or write this
+
+    def content(self) -> bytes:
+        return self.data if self.data is not None else self.source.read_bytes()  # type: ignore[union-attr]
+
+
+def _tree(src: Path, guest: str) -> Iterator[LayerFile]:
+    for p in sorted(src.rglob("*")):
+        if "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo") or not p.is_file():
+            continue
+        yield LayerFile(f"{guest}/{p.relative_to(src).as_posix()}", 0o644, source=p)
+
+
+def _venv_pyroute2() -> list[Path]:
+    import pyroute2  # the venv's copy: pure Python, the version pinned in pyproject
+
+    pkg = Path(pyroute2.__file__).resolve().parent
+    dists = sorted(pkg.parent.glob("pyroute2-*.dist-info"))
+    return [pkg, *dists]
+
+
+def dataplane_binaries() -> list[Path]:
+    """The C checker/senders from lab.dataplane.build(), or [] if not there yet."""
+    try:
+        from lab import dataplane  # type: ignore[attr-defined]
+    except ImportError as e:
+        log.warning("lab.dataplane is not importable (%s): image built without C binaries", e)
+        return []
+    built = dataplane.build()
+    if isinstance(built, (str, os.PathLike)):
+        p = Path(built)
+        items = sorted(x for x in p.iterdir()) if p.is_dir() else [p]
+    elif isinstance(built, dict):
+        items = [Path(v) for v in built.values()]
+    elif dataclasses.is_dataclass(built):
+        items = [Path(v) for v in vars(built).values() if isinstance(v, (str, os.PathLike))]
+    else:
+        items = [Path(x) for x in built]
+    return sorted({x for x in items if x.is_file() and os.access(x, os.X_OK)})
+
+
+def lab_layer(keys: Keys, binaries: list[Path]) -> list[LayerFile]:
+    """Everything the lab adds on top of the Debian base."""
+    files: list[LayerFile] = []
+    files += _tree(project_root() / "lab", f"{GUEST_LAB_ROOT}/lab")
+    for p in _venv_pyroute2():
+        files += _tree(p, f"{GUEST_SITE}/{p.name}")
+    files += [LayerFile(f"{GUEST_BIN}/{b.name}", 0o755, source=b) for b in binaries]
+    files += [
+        LayerFile(GUEST_INIT, 0o755, source=IMAGES_DIR / "init"),
+        LayerFile("/etc/racelab/fstab", 0o644, source=IMAGES_DIR / "fstab"),
+        LayerFile("/etc/ssh/sshd_config", 0o644, source=IMAGES_DIR / "sshd_config"),
+        LayerFile("/etc/ssh/ssh_host_ed25519_key", 0o600, source=keys.host),
+        LayerFile("/etc/ssh/ssh_host_ed25519_key.pub", 0o644, data=(keys.host_pub + "\n").encode()),
+        LayerFile("/root/.ssh/authorized_keys", 0o600, data=(keys.client_pub + "\n").encode()),
+        # so `python3 -m lab.agent` works in any guest shell, PYTHONPATH or not
+        LayerFile("/usr/lib/python3/dist-packages/racelab.pth", 0o644,
+                  data=f"{GUEST_LAB_ROOT}\n{GUEST_SITE}\n".encode()),
+        LayerFile("/etc/hostname", 0o644, data=b"racelab\n"),
+        LayerFile("/etc/hosts", 0o644, data=b"127.0.0.1 localhost racelab\n"),
+    ]
+    return files
+
+
+def _layer_key(base_key: str, files: list[LayerFile], free_mib: int) -> str:
+    h = hashlib.sha256(f"base={base_key} free={free_mib}\n".encode())
+    for f in sorted(files, key=lambda f: f.guest):
+        h.update(f"{f.guest} {f.mode:o} {_sha(f.content())}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# --- final image ---------------------------------------------------------------
+
+def ensure_image(progress: bool = True) -> Image:
+    """The bootable guest image, built if its inputs changed.  Safe to call from
+    several processes at once (file lock; built beside, renamed into place)."""
+    recipe = load_recipe()
+    keys = ensure_keys()
+    rootfs = ensure_base(recipe, progress)
+    files = lab_layer(keys, dataplane_binaries())
+    key = _layer_key(recipe.key(), files, recipe.free_mib)
+    images = cache_dir() / "images"
+    path = images / f"racelab-{key}.img"
+    if not path.exists():
+        with _lock(images / ".lock"):
+            if not path.exists():
+                _build_image(rootfs, files, recipe, path, progress)
+                _prune(images, keep=path)
+    os.utime(path)  # mtime = last use, for _prune
+    return Image(path=path, key=key, size_bytes=path.stat().st_size, ssh_key=keys.client,
+                 host_pubkey=keys.host_pub, recipe=recipe)
+
+
+def _build_image(rootfs: Path, files: list[LayerFile], recipe: Recipe, out: Path,
+                 progress: bool) -> None:
+    require_tools("mke2fs")
+    _say(progress, f"packing guest image {out.name} (mke2fs -d)")
+    stage = out.parent / f".{out.stem}.stage-{os.getpid()}"
+    tmp_img = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        # Hard links: no copy of the ~120 MB base.  Layer files are always
+        # unlinked before being written, so the base itself is never touched.
+        run(["cp", "-al", rootfs, stage])
+        for f in files:
+            _place(stage, f)
+        (stage / "root/.ssh").chmod(0o700)  # sshd's StrictModes
+        _compile_pyc(stage)
+        blocks, inodes = _usage(stage)
+        inodes += 2048  # room for files the guest creates
+        # contents + ~3% metadata (bitmaps, extent blocks) + the inode table + free space
+        need = blocks * BLOCK * 103 // 100 + inodes * 256 + recipe.free_mib * 2**20
+        size_mib = -(-need // 2**20)
+        tmp_img.unlink(missing_ok=True)
+        # No journal: every VM writes to a throw-away overlay, and crashes are
+        # the norm (we destroy guests), so there is nothing to replay.
+        run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-O", "^has_journal", "-m", "0",
+             "-L", "racelab", "-N", str(inodes), "-E", "root_owner=0:0",
+             "-d", stage, tmp_img, f"{size_mib}M"])
+        tmp_img.rename(out)
+    except BaseException:
+        tmp_img.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    _say(progress, f"guest image ready: {out} ({out.stat().st_size / 2**20:.0f} MiB, "
+                   f"{_allocated(out) / 2**20:.0f} MiB allocated)")
+
+
+def _place(stage: Path, f: LayerFile) -> None:
+    dest = stage / f.guest.lstrip("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Never follow a symlink out of the stage (an absolute one in the base would).
+    if not Path(os.path.realpath(dest.parent)).is_relative_to(stage.resolve()):
+        raise BuildFailed(f"layer file {f.guest} would land outside the image "
+                          f"({os.path.realpath(dest.parent)})")
+    dest.unlink(missing_ok=True)  # break the hard link to the base
+    dest.write_bytes(f.content())
+    dest.chmod(f.mode)
+
+
+def _compile_pyc(stage: Path) -> None:
+    """Byte-compile the lab and pyroute2 when the host Python matches the guest's:
+    under TCG, compiling pyroute2 on first import costs seconds in every guest."""
+    guest_py = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    if not (stage / "usr/lib" / guest_py).is_dir():
+        log.debug("host %s differs from the guest Python: no .pyc precompiled", guest_py)
+        return
+    run([sys.executable, "-m", "compileall", "-q", "-j", "0",
+         stage / GUEST_LAB_ROOT.lstrip("/")])
+
+
+def _usage(root: Path) -> tuple[int, int]:
+    """(blocks of BLOCK bytes, inodes) the tree needs, hard links counted once."""
+    blocks = inodes = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        blocks += 1
+        inodes += 1
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            inodes += 1
+            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                blocks += -(-st.st_size // BLOCK)
+    return blocks, inodes
+
+
+def _prune(images: Path, keep: Path, keep_n: int = 3) -> None:
+    """Drop old final images (not bases).  A running VM keeps its backing file
+    open, so removing one under it is harmless."""
+    old = sorted((p for p in images.glob("racelab-*.img") if p != keep),
+                 key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in old[keep_n - 1:]:
+        log.debug("removing old image %s", p)
+        p.unlink(missing_ok=True)
+
+
+# --- initramfs for deb: kernels ------------------------------------------------
+
+def initrd_for(kernel: KernelLike) -> Path | None:
+    """The initramfs a kernel needs to mount the image, or None (drivers built in).
+
+    Cached per kernel under cache_dir()/initrd/, keyed by the modules, their
+    load order and the /init script."""
+    modules_dir = getattr(kernel, "modules_dir", None)
+    order = list(getattr(kernel, "module_load_order", None) or [])
+    if modules_dir is None or not order:
+        return None
+    modules_dir = Path(modules_dir)
+    missing = [m for m in order if not (modules_dir / m).is_file()]
+    if missing:
+        raise BuildFailed(f"kernel {kernel.version}: modules in load order not found under "
+                          f"{modules_dir}: {', '.join(missing[:5])}")
+    busybox = _busybox()
+    init = (IMAGES_DIR / "initramfs-init").read_bytes()
+    h = hashlib.sha256(f"{kernel.version}\n".encode())
+    h.update(init + _sha(busybox.read_bytes()).encode())
+    mods: list[tuple[str, bytes]] = []
+    for m in order:
+        data = _module_bytes(modules_dir / m)
+        mods.append((m, data))
+        h.update(f"{m} {_sha(data)}\n".encode())
+    out_dir = cache_dir() / "initrd"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / f"{kernel.version}-{h.hexdigest()[:16]}.cpio.gz"
+    if out.exists():
+        return out
+    cpio = Cpio()
+    for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules",
+              "lib/modules/racelab"):
+        cpio.dir(d)
+    cpio.char("dev/console", 0o600, 5, 1)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    cpio.file("init", init, 0o755)
+    cpio.file("lib/modules/racelab/load-order", "".join(f"{m}\n" for m, _ in mods).encode(), 0o644)
+    for m, data in mods:
+        parts = Path(m).parts
+        for i in range(1, len(parts)):
+            cpio.dir("lib/modules/racelab/" + "/".join(parts[:i]))
+        cpio.file(f"lib/modules/racelab/{m}", data, 0o644)
+    tmp = out.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_bytes(cpio.gzipped())
+    tmp.rename(out)
+    log.info("initramfs for %s: %s (%d modules, %d KiB)", kernel.version, out, len(mods),
+             out.stat().st_size // 1024)
+    return out
+
+
+# --- uncompressed kernels (PVH boot) ----------------------------------------------
+
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+_PAYLOADS = {  # bzImage payload magic -> decompressor in Python's standard library
+    b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\x5d\x00\x00": "lzma",
+}
+
+
+def kernel_for_boot(kernel: KernelLike) -> Path:
+    """The file to boot: the bzImage's payload, decompressed once on the host,
+    when it is a PVH-capable ELF; else the bzImage itself.
+
+    Under TCG the in-guest decompressor is the slowest part of a boot (~5 s of
+    ~10 s for Debian's xz kernels); QEMU loads a PVH ELF straight to its entry
+    point.  Cached beside the initrds, keyed by the bzImage's bytes."""
+    bz = Path(kernel.bzimage)
+    data = bz.read_bytes()
+    out_dir = cache_dir() / "boot"
+    out = out_dir / f"{getattr(kernel, 'version', 'kernel')}-{_sha(data)[:16]}.vmlinux"
+    if out.exists():
+        return out
+    marker = out.with_suffix(".no-pvh")
+    if marker.exists():
+        return bz
+    vmlinux = _bzimage_payload(data)
+    why = "" if vmlinux is not None else "payload compression not supported here"
+    if vmlinux is not None and not _has_pvh_note(vmlinux):
+        why, vmlinux = "no PVH entry note (CONFIG_PVH=n)", None
+    out_dir.mkdir(exist_ok=True)
+    if vmlinux is None:
+        log.info("kernel %s boots as a bzImage (%s): slower under TCG", bz, why)
+        marker.write_text(why + "\n")
+        return bz
+    tmp = out.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_bytes(vmlinux)
+    tmp.rename(out)
+    return out
+
+
+def _bzimage_payload(data: bytes) -> bytes | None:
+    """Decompress a bzImage's payload (setup header fields payload_offset/length)."""
+    import struct
+
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        return None
+    if struct.unpack_from("<H", data, 0x206)[0] < 0x208:
+        return None  # boot protocol too old to describe its payload
+    setup_sects = data[0x1F1] or 4
+    offset = (setup_sects + 1) * 512 + struct.unpack_from("<I", data, 0x248)[0]
+    payload = data[offset:]
+    kind = next((k for m, k in _PAYLOADS.items() if payload.startswith(m)), None)
+    try:
+        if kind in ("xz", "lzma"):
+            import lzma
+            # A decompressor object: the payload is followed by its size field.
+            return lzma.LZMADecompressor().decompress(payload)
+        if kind == "gzip":
+            import zlib
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+        if kind == "bzip2":
+            import bz2
+            return bz2.BZ2Decompressor().decompress(payload)
+    except (OSError, EOFError, ValueError) as e:
+        log.debug("cannot decompress the kernel payload (%s): %s", kind, e)
+    return None
+
+
+def _has_pvh_note(elf: bytes) -> bool:
+    """Is this a 64-bit ELF with a Xen PHYS32_ENTRY note (the PVH entry point)?"""
+    import struct
+
+    if elf[:5] != b"\x7fELF\x02":
+        return False
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
+        if p_type != 4:  # PT_NOTE
+            continue
+        pos, end = p_offset, p_offset + p_filesz
+        while pos + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12:pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def probe_initrd() -> Path:
+    """A tiny initramfs that prints PROBE_MARKER and powers off (the KVM probe)."""
+    script = (b"#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs d /dev\n"
+              b"echo " + PROBE_MARKER.encode() + b" > /dev/ttyS0\n/bin/busybox poweroff -f\n")
+    busybox = _busybox()
+    out = cache_dir() / "initrd" / f"probe-{_sha(script + _sha(busybox.read_bytes()).encode())[:16]}.cpio.gz"
+    if out.exists():
+        return out
+    out.parent.mkdir(exist_ok=True)
+    cpio = Cpio()
+    for d in ("bin", "dev"):
+        cpio.dir(d)
+    cpio.char("dev/console", 0o600, 5, 1)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    cpio.file("init", script, 0o755)
+    tmp = out.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_bytes(cpio.gzipped())
+    tmp.rename(out)
+    return out
+
+
+PROBE_MARKER = "racelab-probe: booted"
+
+
+def _busybox() -> Path:
+    for p in ("/bin/busybox", "/usr/bin/busybox"):
+        if Path(p).is_file():
+            return Path(p)
+    raise BadInput("busybox (static) is missing: deb: kernels need it for their initramfs",
+                   hint="apt-get install busybox-static  (or run ./bootstrap install)")
+
+
+def _module_bytes(path: Path) -> bytes:
+    """Busybox insmod takes plain ELF: decompress .ko.xz / .ko.zst / .ko.gz here."""
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        import lzma
+        return lzma.decompress(data)
+    if path.suffix == ".gz":
+        return gzip.decompress(data)
+    if path.suffix == ".zst":
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            run(["zstd", "-q", "-d", "-f", path, "-o", Path(d) / "m.ko"])
+            return (Path(d) / "m.ko").read_bytes()
+    return data
+
+
+class Cpio:
+    """A newc ("070701") cpio archive written in Python: device nodes and owners
+    without root or mknod, and byte-for-byte reproducible (mtime 0)."""
+
+    def __init__(self) -> None:
+        self._buf = io.BytesIO()
+        self._ino = 1
+        self.names: list[str] = []
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0),
+               nlink: int = 1) -> None:
+        nameb = name.encode() + b"\0"
+        fields = [self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1],
+                  len(nameb), 0]
+        self._ino += 1
+        hdr = b"070701" + b"".join(f"{v:08x}".encode() for v in fields)
+        self._buf.write(hdr + nameb)
+        self._buf.write(b"\0" * (-(len(hdr) + len(nameb)) % 4))
+        self._buf.write(data)
+        self._buf.write(b"\0" * (-len(data) % 4))
+        if name != "TRAILER!!!":
+            self.names.append(name)
+
+    def dir(self, name: str, perm: int = 0o755) -> None:
+        if name not in self.names:
+            self._entry(name, stat.S_IFDIR | perm, nlink=2)
+
+    def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | perm, data)
+
+    def char(self, name: str, perm: int, major: int, minor: int) -> None:
+        self._entry(name, stat.S_IFCHR | perm, rdev=(major, minor))
+
+    def gzipped(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return gzip.compress(self._buf.getvalue(), compresslevel=6, mtime=0)
+
+
+# --- helpers -------------------------------------------------------------------
+
+def _sha(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _du(path: Path) -> int:
+    return _usage(path)[0] * BLOCK
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def _lock(path: Path):  # noqa: ANN202
+    from filelock import FileLock
+
+    return FileLock(str(path))
+
+
+def _say(progress: bool, msg: str) -> None:
+    (log.info if progress else log.debug)("%s", msg)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from lab.run import RacelabError, setup_logging
+
+    ap = argparse.ArgumentParser(prog="python -m lab.image", description=__doc__.split("\n")[0])
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build", help="build (or find) the guest image and print its path")
+    sub.add_parser("key", help="print the recipe (base) key")
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if args.cmd == "key":
+            print(load_recipe().key())
+            return 0
+        img = ensure_image(progress=True)
+    except RacelabError as e:
+        print(f"racelab: {e}", file=sys.stderr)
+        return e.exit_code
+    print(json.dumps({"path": str(img.path), "key": img.key, "size_bytes": img.size_bytes,
+                      "allocated_bytes": _allocated(img.path), "ssh_key": str(img.ssh_key),
+                      "host_pubkey": img.host_pubkey}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
