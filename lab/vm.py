@@ -1,0 +1,666 @@
+"""One guest: a transient libvirt domain booted straight into a kernel, reached over SSH.
+
+    with VM(kernel, image, name="vm-0", results_dir=out) as vm:
+        vm.host.cmd(["uname", "-r"])
+
+What a VM is made of (all of it removed on every exit path):
+- a per-VM directory cache_dir()/vms/<domain>/ holding a qcow2 overlay over
+  the shared raw image (the image itself is never written);
+- a transient libvirt domain (createXML: nothing to undefine), q35, direct
+  kernel boot (kernel, per-kernel initramfs for deb: kernels, cmdline);
+- the serial console logged to <results_dir>/<name>.console.log;
+- QEMU user networking through <qemu:commandline> (libvirt 9.0 has no passt):
+  a virtio-net NIC at pcie.0 slot 0x10 and `hostfwd` 127.0.0.1:<free port> -> 22,
+  with restrict=on so the guest can reach nothing but that forward;
+- an SshHost (lab/remote.py) on that port, pinned to the image's host key.
+
+Accelerator: KVM when a probe shows it really boots this kernel, else TCG
+with one host thread per vCPU (MTTCG).  The probe is cached per (kernel,
+QEMU version); RACELAB_ACCEL=kvm|tcg overrides it.
+
+`python -m lab.vm run KERNEL -- CMD...` boots one guest, runs CMD, tears down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+import libvirt
+
+from lab import image as imagemod
+from lab.libvirtd import SYSTEM_URI, check_uri, connect, ensure_libvirtd, is_local
+from lab.remote import SshHost
+from lab.run import BadInput, InfraError, LostVM, cache_dir, require_tools, run, spawn
+
+__all__ = ["VM", "detect_accel", "ensure_libvirtd", "reap_stale", "domain_xml", "DomainSpec"]
+
+log = logging.getLogger("racelab.vm")
+
+QEMU = "qemu-system-x86_64"
+NS = "https://racelab.invalid/libvirt/vm/1"    # our <metadata> namespace
+NIC_ADDR = "0x10"                              # free slot on q35's pcie.0
+PROBE_TIMEOUT = 20.0                           # a KVM guest reaches /init in ~1 s
+GUEST_CONSOLE_LIMIT = 64 * 2**20               # stop logging a runaway console here
+_counter = 0
+_counter_lock = threading.Lock()
+
+
+# --- accelerator -----------------------------------------------------------------
+
+def kernel_key(kernel: Any) -> str:
+    """A stable identity for a kernel artifact (its cache key, else its bytes)."""
+    key = getattr(kernel, "key", None)
+    if key:
+        return str(key)
+    return hashlib.sha256(Path(kernel.bzimage).read_bytes()).hexdigest()[:24]
+
+
+def qemu_version() -> str:
+    require_tools(QEMU)
+    out = run([QEMU, "--version"]).stdout
+    m = re.search(r"version (\S+)", out)
+    return m.group(1) if m else out.strip().splitlines()[0]
+
+
+def detect_accel(kernel: Any, uri: str = SYSTEM_URI) -> tuple[str, str]:
+    """("kvm" | "tcg", why).  KVM only if it really boots this kernel."""
+    forced = os.environ.get("RACELAB_ACCEL", "").strip().lower()
+    if forced:
+        if forced not in ("kvm", "tcg"):
+            raise BadInput(f"RACELAB_ACCEL={forced!r}", hint="use kvm or tcg")
+        return forced, f"forced by RACELAB_ACCEL={forced}"
+    if not is_local(uri):
+        return _remote_accel(uri)
+    if not os.path.exists("/dev/kvm"):
+        return "tcg", "no /dev/kvm on this host"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg", "/dev/kvm is not accessible (not root, not in group kvm?)"
+    cache_file = cache_dir() / "accel.json"
+    key = f"{kernel_key(kernel)}|qemu-{qemu_version()}"
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        accel, reason = cached[key]
+        return accel, f"{reason} (cached probe)"
+    accel, reason = _probe_kvm(kernel)
+    from filelock import FileLock
+
+    with FileLock(str(cache_file) + ".lock"):
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        cached[key] = [accel, reason]
+        tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
+        tmp.rename(cache_file)
+    log.info("accelerator for kernel %s: %s (%s)", getattr(kernel, "version", "?"), accel, reason)
+    return accel, reason
+
+
+def _probe_kvm(kernel: Any) -> tuple[str, str]:
+    """Boot the kernel under KVM into a tiny initramfs that prints a marker."""
+    import tempfile
+
+    initrd = imagemod.probe_initrd()
+    with tempfile.TemporaryDirectory(prefix="racelab-kvm-probe-") as d:
+        console = Path(d) / "console"
+        console.touch()
+        argv = [QEMU, "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-m", "256",
+                "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+                "-no-reboot", "-serial", f"file:{console}", "-kernel", str(kernel.bzimage),
+                "-initrd", str(initrd), "-append", "console=ttyS0 rdinit=/init panic=-1 quiet"]
+        t0 = time.monotonic()
+        with spawn(argv, stdout=subprocess.DEVNULL, grace=2) as proc:
+            while time.monotonic() - t0 < PROBE_TIMEOUT:
+                if imagemod.PROBE_MARKER in console.read_text(errors="replace"):
+                    return "kvm", f"KVM probe booted the kernel in {time.monotonic() - t0:.1f}s"
+                if proc.poll() is not None:
+                    err = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
+                    if imagemod.PROBE_MARKER in console.read_text(errors="replace"):
+                        return "kvm", f"KVM probe booted the kernel in {time.monotonic() - t0:.1f}s"
+                    return "tcg", f"QEMU cannot use KVM: {(err or ['exited'])[-1]}"
+                time.sleep(0.1)
+    return "tcg", (f"KVM probe did not reach the kernel's /init in {PROBE_TIMEOUT:.0f}s "
+                   "(a nested or paravirtual KVM that hangs stock kernels)")
+
+
+def _remote_accel(uri: str) -> tuple[str, str]:
+    """For remote hosts we can only ask libvirt whether KVM exists (no boot probe)."""
+    conn = connect(uri)
+    try:
+        conn.getDomainCapabilities(None, "x86_64", "q35", "kvm")
+        return "kvm", f"{uri} offers KVM (not probed: set RACELAB_ACCEL=tcg if guests hang)"
+    except libvirt.libvirtError:
+        return "tcg", f"{uri} offers no KVM"
+    finally:
+        conn.close()
+
+
+# --- the domain --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """Everything that goes into one domain's XML."""
+
+    name: str
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    disk: Path                      # the qcow2 overlay
+    backing: Path                   # the raw image under it
+    console: Path
+    ssh_port: int
+    vcpus: int = 2
+    memory_mib: int = 1024
+    accel: str = "tcg"
+    pin: tuple[str, ...] = ()       # host cpuset per vCPU (cycled), e.g. ("0", "1")
+    title: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def domain_xml(s: DomainSpec) -> str:
+    """libvirt XML for a racelab guest (pure: unit-tested without libvirt)."""
+    a = quoteattr
+    pins = ""
+    if s.pin:
+        pins = "<cputune>" + "".join(
+            f"<vcpupin vcpu='{i}' cpuset={a(s.pin[i % len(s.pin)])}/>" for i in range(s.vcpus)
+        ) + "</cputune>"
+    meta = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in sorted(s.metadata.items()))
+    initrd = f"<initrd>{escape(str(s.initrd))}</initrd>" if s.initrd else ""
+    # TCG: libvirt 9.0 emits `-accel tcg`; QEMU >= 3.x turns MTTCG on by default
+    # for x86 guests on x86 hosts (checked by VM.tcg_threads()).  The tb-cache
+    # is capped so a fleet does not reserve 1 GiB of code cache per guest.
+    if s.accel == "kvm":
+        dom_type, cpu, features = "kvm", "<cpu mode='host-passthrough'/>", "<acpi/>"
+    else:
+        dom_type, cpu = "qemu", "<cpu mode='maximum'/>"
+        features = "<acpi/><tcg><tb-cache unit='MiB'>256</tb-cache></tcg>"
+    netdev = (f"user,id=racelabnet,restrict=on,"
+              f"hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22")
+    nic = f"virtio-net-pci,netdev=racelabnet,bus=pcie.0,addr={NIC_ADDR}"
+    return f"""<domain type='{dom_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{escape(s.name)}</name>
+  <title>{escape(s.title or s.name)}</title>
+  <metadata><racelab:vm xmlns:racelab='{NS}'>{meta}</racelab:vm></metadata>
+  <memory unit='MiB'>{s.memory_mib}</memory>
+  <vcpu placement='static'>{s.vcpus}</vcpu>
+  {pins}
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{escape(str(s.kernel))}</kernel>
+    {initrd}
+    <cmdline>{escape(s.cmdline)}</cmdline>
+  </os>
+  <features>{features}</features>
+  {cpu}
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='unsafe' discard='unmap'/>
+      <source file={a(str(s.disk))}/>
+      <backingStore type='file'>
+        <format type='raw'/>
+        <source file={a(str(s.backing))}/>
+        <backingStore/>
+      </backingStore>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='file'>
+      <source path={a(str(s.console))} append='off'/>
+      <target port='0'/>
+    </serial>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+    <video><model type='none'/></video>
+  </devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
+  <qemu:commandline>
+    <qemu:arg value='-netdev'/>
+    <qemu:arg value={a(netdev)}/>
+    <qemu:arg value='-device'/>
+    <qemu:arg value={a(nic)}/>
+  </qemu:commandline>
+</domain>
+"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _proc_start_time(pid: int) -> str:
+    """Start time of a process (field 22 of /proc/PID/stat): pid + this is unique."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_alive(pid: str, start: str, host: str) -> bool:
+    if host != socket.gethostname():
+        return True  # another machine's guest: not ours to judge
+    return pid.isdigit() and _proc_start_time(int(pid)) == start
+
+
+def _next_name() -> str:
+    global _counter
+    with _counter_lock:
+        _counter += 1
+        return f"racelab-{os.getpid()}-{_counter}"
+
+
+class VM:
+    """A running guest as a context manager; see the module docstring."""
+
+    def __init__(self, kernel: Any, image: imagemod.Image, *, name: str | None = None,
+                 vcpus: int = 2, memory_mib: int = 1024, cmdline: str = "",
+                 pin: Sequence[int | str] | None = None, results_dir: Path | None = None,
+                 uri: str = SYSTEM_URI, accel: str | None = None,
+                 ready_timeout: float | None = None) -> None:
+        problems = []
+        if vcpus < 1:
+            problems.append(f"vcpus must be >= 1, got {vcpus}")
+        if memory_mib < 256:
+            problems.append(f"memory_mib must be >= 256, got {memory_mib}")
+        if accel not in (None, "kvm", "tcg"):
+            problems.append(f"accel must be kvm, tcg or None (detect), got {accel!r}")
+        if not Path(kernel.bzimage).is_file():
+            problems.append(f"kernel image {kernel.bzimage} does not exist")
+        if not Path(image.path).is_file():
+            problems.append(f"guest image {image.path} does not exist")
+        if pin is not None and len(pin) == 0:
+            problems.append("pin must be None or a non-empty list of host CPUs")
+        if problems:
+            raise BadInput("bad VM settings:\n    " + "\n    ".join(problems))
+        check_uri(uri)
+        if not is_local(uri):
+            raise BadInput(f"remote libvirt URIs ({uri}) are not supported by lab.vm yet",
+                           hint="the image, kernel and SSH forward live on this machine; "
+                                "see 'Multiple URIs' in lab/vm.py for what a remote host needs")
+        self.kernel = kernel
+        self.image = image
+        if name and name.startswith("racelab-"):
+            self.domain_name = name
+        else:
+            self.domain_name = _next_name() + (f"-{name}" if name else "")
+        self.domain_name = re.sub(r"[^A-Za-z0-9_.+-]", "_", self.domain_name)
+        self.name = name or self.domain_name
+        self.vcpus = vcpus
+        self.memory_mib = memory_mib
+        self.extra_cmdline = cmdline
+        self.pin = tuple(str(p) for p in pin) if pin else ()
+        self.results_dir = Path(results_dir) if results_dir else None
+        self.uri = uri
+        self.accel = accel or ""
+        self.accel_reason = "requested by the caller" if accel else ""
+        self.ready_timeout = ready_timeout
+        self.dir = cache_dir() / "vms" / self.domain_name
+        self.console_path = ((self.results_dir or self.dir) / f"{_slug(self.name)}.console.log")
+        self.port = 0
+        self.boot_seconds = 0.0
+        self.host: SshHost = None  # type: ignore[assignment]  # set by __enter__
+        self._conn: libvirt.virConnect | None = None
+        self._dom: libvirt.virDomain | None = None
+        self._closed = False
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def __enter__(self) -> VM:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        require_tools("qemu-img", QEMU)
+        t0 = time.monotonic()
+        self._conn = connect(self.uri)
+        reap_stale(self._conn)
+        if not self.accel:
+            self.accel, self.accel_reason = detect_accel(self.kernel, self.uri)
+        initrd = imagemod.initrd_for(self.kernel)
+        boot_kernel = imagemod.kernel_for_boot(self.kernel)
+        self.dir.mkdir(parents=True, exist_ok=False)
+        (self.dir / "owner").write_text(json.dumps(self._owner()))
+        overlay = self.dir / "root.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+             str(self.image.path), str(overlay)])
+        self.console_path.parent.mkdir(parents=True, exist_ok=True)
+        cmdline = " ".join(filter(None, [
+            "console=ttyS0", "root=/dev/vda", "rw", f"init={imagemod.GUEST_INIT}",
+            f"racelab.hostname={_slug(self.name)[:63]}",
+            "panic=-1",  # a panic reboots, on_reboot destroys: the host sees the loss at once
+            self.extra_cmdline]))
+        timeout = self.ready_timeout or (60.0 if self.accel == "kvm" else 180.0)
+        last: Exception | None = None
+        for _attempt in range(5):
+            self.port = _free_port()
+            spec = DomainSpec(
+                name=self.domain_name, kernel=boot_kernel, initrd=initrd,
+                cmdline=cmdline, disk=overlay, backing=Path(self.image.path),
+                console=self.console_path, ssh_port=self.port, vcpus=self.vcpus,
+                memory_mib=self.memory_mib, accel=self.accel, pin=self.pin,
+                title=f"racelab {self.name}", metadata=self._owner())
+            try:
+                self._dom = self._conn.createXML(domain_xml(spec), 0)
+                break
+            except libvirt.libvirtError as e:
+                last = e
+                msg = e.get_error_message() or str(e)
+                if "hostfwd" in msg or "host forwarding" in msg:
+                    log.debug("%s: port %d taken, retrying: %s", self.name, self.port, msg)
+                    continue
+                raise InfraError(f"{self.name}: libvirt could not start the guest: {msg}",
+                                 hint=self._qemu_log_hint()) from None
+        else:
+            raise InfraError(f"{self.name}: no free SSH forward port after 5 tries: {last}")
+        log.debug("%s: domain %s started (%s), ssh on 127.0.0.1:%d", self.name,
+                  self.domain_name, self.accel, self.port)
+        self.host = SshHost(self.name, self.port, self.image.ssh_key, self.image.host_pubkey,
+                            describe_loss=self.describe)
+        self._wait_ready(t0 + timeout)
+        self.host.connect(timeout=max(5.0, t0 + timeout - time.monotonic()))
+        self.boot_seconds = time.monotonic() - t0
+        log.debug("%s: ready in %.1fs", self.name, self.boot_seconds)
+
+    def _owner(self) -> dict[str, str]:
+        return {"pid": str(os.getpid()), "start": _proc_start_time(os.getpid()),
+                "host": socket.gethostname(), "dir": str(self.dir)}
+
+    def _wait_ready(self, deadline: float) -> None:
+        """Until the guest's init prints its ready marker (sshd listening)."""
+        seen = 0
+        tail = b""
+        next_alive = 0.0
+        while True:
+            now = time.monotonic()
+            try:
+                with open(self.console_path, "rb") as f:
+                    f.seek(seen)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            if chunk:
+                seen += len(chunk)
+                tail = (tail + chunk)[-4096:]
+                if imagemod.READY_MARKER.encode() in tail:
+                    log.debug("%s: init ready marker on the console", self.name)
+                    return
+            if now >= next_alive:
+                if not self.alive():
+                    raise LostVM(f"{self.name}: the guest died while booting"
+                                 + self._console_block(), hint=f"console: {self.console_path}")
+                next_alive = now + 0.5
+            if now >= deadline:
+                raise LostVM(f"{self.name}: not ready after {self.ready_timeout or 'the boot timeout'}"
+                             f" ({self.accel})" + self._console_block(),
+                             hint=f"console: {self.console_path}")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        """Is the domain still running?  (False once destroyed or crashed.)"""
+        if self._dom is None:
+            return False
+        try:
+            return bool(self._dom.isActive())
+        except libvirt.libvirtError:
+            return False
+
+    def destroy(self) -> None:
+        """Kill the guest now (power cut).  close() still cleans up after it."""
+        if self._dom is not None:
+            try:
+                self._dom.destroy()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN,
+                                              libvirt.VIR_ERR_OPERATION_INVALID):
+                    raise InfraError(f"{self.name}: cannot destroy domain: {e}") from None
+
+    def close(self) -> None:
+        """Destroy the domain and remove everything this VM created.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        # Ctrl-C during cleanup must not leave a guest behind: finish first.
+        old = _block_sigint()
+        try:
+            if self.host is not None:
+                try:
+                    self.host.close()
+                except Exception as e:  # noqa: BLE001 - the guest may be gone already
+                    log.debug("%s: closing SSH: %r", self.name, e)
+            if self._dom is not None:
+                try:
+                    self.destroy()
+                    if self._dom.isPersistent():
+                        self._dom.undefine()
+                except libvirt.libvirtError:
+                    pass
+                except InfraError as e:
+                    log.warning("%s", e)
+                self._dom = None
+            self._collect_qemu_log()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None
+        finally:
+            _restore_sigint(old)
+
+    def _qemu_log(self) -> Path:
+        return Path("/var/log/libvirt/qemu") / f"{self.domain_name}.log"
+
+    def _collect_qemu_log(self) -> None:
+        """libvirt keeps one log per domain name; ours are unique, so they would
+        pile up.  Keep it with the results (if any), then remove it."""
+        p = self._qemu_log()
+        if not p.exists():
+            return
+        if self.results_dir is not None:
+            try:
+                shutil.copyfile(p, self.results_dir / f"{_slug(self.name)}.qemu.log")
+            except OSError:
+                pass
+        p.unlink(missing_ok=True)
+
+    def _qemu_log_hint(self) -> str:
+        p = self._qemu_log()
+        try:
+            tail = p.read_text(errors="replace").strip().splitlines()[-3:]
+        except OSError:
+            tail = []
+        return "QEMU said: " + " | ".join(tail) if tail else f"see {p}"
+
+    # --- diagnostics -----------------------------------------------------------
+
+    def console_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.console_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+    def _console_block(self) -> str:
+        tail = self.console_tail()
+        return ("\n  console tail:\n    " + "\n    ".join(tail.splitlines())) if tail else ""
+
+    def describe(self) -> str:
+        """Domain state and console tail, for LostVM/LostSSH messages."""
+        state = "running" if self.alive() else "gone (destroyed, crashed or powered off)"
+        return f"  domain {self.domain_name}: {state}" + self._console_block()
+
+    def tcg_threads(self) -> list[str]:
+        """Names of QEMU's vCPU threads ("CPU 0/TCG"... under MTTCG), local only."""
+        pid_file = Path("/run/libvirt/qemu") / f"{self.domain_name}.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return []
+        names = []
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                names.append((t / "comm").read_text().strip())
+            except OSError:
+                pass
+        return sorted(n for n in names if "CPU" in n)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _block_sigint() -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _restore_sigint(old: Any) -> None:
+    if old is not None:
+        signal.signal(signal.SIGINT, old)
+
+
+def reap_stale(conn: libvirt.virConnect | None = None) -> list[str]:
+    """Destroy racelab domains and remove VM directories whose owning process
+    is gone (a racelab killed with SIGKILL cannot clean up after itself)."""
+    own = conn is None
+    conn = conn or connect(SYSTEM_URI)
+    removed: list[str] = []
+    try:
+        for dom in conn.listAllDomains():
+            if not dom.name().startswith("racelab-"):
+                continue
+            try:
+                meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS))
+            except libvirt.libvirtError:
+                continue  # not made by this module
+            owner = {c.tag: c.text or "" for c in meta}
+            if _owner_alive(owner.get("pid", ""), owner.get("start", ""), owner.get("host", "")):
+                continue
+            try:
+                dom.destroy()
+            except libvirt.libvirtError:
+                pass
+            removed.append(dom.name())
+            log.info("removed stale guest %s (owner pid %s is gone)", dom.name(), owner.get("pid"))
+    finally:
+        if own:
+            conn.close()
+    vms = cache_dir() / "vms"
+    for d in vms.glob("racelab-*") if vms.is_dir() else []:
+        try:
+            owner = json.loads((d / "owner").read_text())
+        except (OSError, ValueError):
+            if time.time() - d.stat().st_mtime < 60:
+                continue  # being created right now
+            owner = {}
+        if not _owner_alive(owner.get("pid", ""), owner.get("start", ""), owner.get("host", "")):
+            shutil.rmtree(d, ignore_errors=True)
+            Path(f"/var/log/libvirt/qemu/{d.name}.log").unlink(missing_ok=True)
+    return removed
+
+
+# --- standalone ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BareKernel:
+    """A bzImage with its drivers built in (no modules), for `python -m lab.vm`."""
+
+    bzimage: Path
+    version: str = "?"
+    modules_dir: Path | None = None
+    module_load_order: tuple[str, ...] = ()
+
+
+def _resolve_kernel(text: str) -> Any:
+    p = Path(text)
+    if p.is_file():
+        return BareKernel(p.resolve())
+    from lab import kernel as kmod
+
+    return kmod.ensure(kmod.resolve(text))
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from lab.run import RacelabError, setup_logging
+
+    ap = argparse.ArgumentParser(prog="python -m lab.vm", description="boot one racelab guest")
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="boot KERNEL, run CMD over SSH (a shell if none), tear down")
+    r.add_argument("kernel", help="a bzImage path, or a kernel name lab.kernel knows")
+    r.add_argument("command", nargs="*")
+    r.add_argument("--vcpus", type=int, default=2)
+    r.add_argument("--memory", type=int, default=1024, help="MiB")
+    r.add_argument("--cmdline", default="")
+    r.add_argument("--accel", choices=["kvm", "tcg"])
+    r.add_argument("--results", type=Path, help="keep the console log here")
+    sub.add_parser("reap", help="destroy guests and directories left by dead racelab processes")
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if args.cmd == "reap":
+            for n in reap_stale():
+                print(n)
+            return 0
+        k = _resolve_kernel(args.kernel)
+        img = imagemod.ensure_image()
+        with VM(k, img, vcpus=args.vcpus, memory_mib=args.memory, cmdline=args.cmdline,
+                accel=args.accel, results_dir=args.results) as vm:
+            print(f"# {vm.domain_name}: ready in {vm.boot_seconds:.1f}s "
+                  f"({vm.accel}: {vm.accel_reason}); console {vm.console_path}", file=sys.stderr)
+            if not args.command:
+                return vm.host.interactive_shell()
+            with vm.host.spawn(args.command) as p:
+                for line in p.lines():
+                    print(line, flush=True)
+                rc = p.wait()
+                sys.stderr.write(p.stderr_text())
+            return rc
+    except RacelabError as e:
+        print(f"racelab: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
