@@ -184,6 +184,7 @@ def _current_clock(text: str) -> str:
 
 # "  <idle>-0  [001] ..s1.  123456: rcv: (__xsk_rcv_zc+0x0/0x1d0) xs=0xffff888004a1c000"
 _EVENT = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+(rcvret|rcv|flushall|flush):(?:.*?xs=(0x[0-9a-fA-F]+|\d+))?")
+_HEADER = re.compile(r"entries-in-buffer/entries-written:\s*(\d+)/(\d+)")
 _MARK = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+tracing_mark_write:\s*(.*)$")
 
 
@@ -198,12 +199,15 @@ class Analysis:
     examples: list[dict[str, Any]] = field(default_factory=list)
     marks: list[str] = field(default_factory=list)
     first_hit_ts: int | None = None
+    skipped: int = 0                     # events before every CPU's buffer has data
+    lost: int = 0                        # events the ring buffers overwrote
 
     def to_dict(self) -> dict[str, Any]:
         return {"receives": self.receives, "flushes": self.flushes, "window_hits": self.window_hits,
                 "unflushed_hits": self.window_hits, "overlap_hits": self.overlap_hits,
                 "sockets": self.sockets, "cpus": sorted(self.cpus), "examples": self.examples[:20],
-                "marks": self.marks[:50], "first_hit_ts": self.first_hit_ts}
+                "marks": self.marks[:50], "first_hit_ts": self.first_hit_ts, "skipped": self.skipped,
+                "lost": self.lost}
 
 
 def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
@@ -213,6 +217,11 @@ def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
     inside: dict[int, str] = {}               # cpu -> socket it is receiving into right now
     events = []
     for line in lines:
+        if line.startswith("#"):
+            h = _HEADER.search(line)
+            if h and int(h.group(1)) < int(h.group(2)):
+                a.lost = int(h.group(2)) - int(h.group(1))
+            continue
         m = _EVENT.search(line)
         if m:
             events.append((int(m.group(2)), int(m.group(1)), m.group(3), m.group(4)))
@@ -222,7 +231,17 @@ def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
             a.marks.append(mk.group(3).strip())
     # per-CPU buffers are printed merged by timestamp already; sort to be safe (counter clock)
     events.sort(key=lambda e: e[0])
+    # The ring buffers overwrite per CPU: a busy CPU loses its oldest events
+    # first, and a flush lost that way would look like an interleaving.  Only
+    # the span every traced CPU still covers is analysed.
+    first: dict[int, int] = {}
+    for ts, cpu, _, _ in events:
+        first.setdefault(cpu, ts)
+    start = max(first.values(), default=0) if a.lost else 0
+    a.skipped = sum(1 for e in events if e[0] < start)
     for ts, cpu, kind, xs in events:
+        if ts < start:
+            continue
         a.cpus.add(cpu)
         if kind == "rcvret":
             inside.pop(cpu, None)

@@ -63,3 +63,18 @@ def test_overlap_inside_receive_for_the_generic_race():
     assert a.overlap_hits == 1 and a.receives == 4
     assert evidence.window_measure("generic-rx-race") == "overlap_hits"
     assert evidence.window_measure("veth-napi-race") == "unflushed_hits"
+
+
+def test_events_before_every_cpu_has_data_are_ignored():
+    # CPU0's buffer wrapped: its flush at ts 1 is gone, so CPU1's early events look unflushed
+    lines = [
+        "# entries-in-buffer/entries-written: 4/9   #P:2",
+        "  b-2 [001] ..s1. 2: rcv: (__xsk_rcv+0x0/0x1) xs=0x10",
+        "  a-1 [000] ..s1. 3: rcv: (__xsk_rcv+0x0/0x1) xs=0x10",
+        "  a-1 [000] ..s1. 4: flushall: (__xsk_map_flush+0x0/0x1)",
+        "  b-2 [001] ..s1. 5: flushall: (__xsk_map_flush+0x0/0x1)",
+    ]
+    a = evidence.analyze(lines)
+    assert a.window_hits == 0 and a.skipped == 1 and a.lost == 5
+    # nothing lost: everything counts
+    assert evidence.analyze(lines[1:]).window_hits == 1
