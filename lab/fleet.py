@@ -162,8 +162,7 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
         threads = [threading.Thread(target=boot, args=(i,), daemon=True) for i in range(n)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        _join_all(threads)   # every boot finishes (and registers its teardown) before we unwind
         if errors:
             e = errors[0]
             if isinstance(e, (InfraError, BadInput, KeyboardInterrupt)):
@@ -172,12 +171,26 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
         yield vms
 
 
+def _join_all(threads: list[threading.Thread]) -> None:
+    """Join every thread even through Ctrl-C, then re-raise it."""
+    interrupted = False
+    for t in threads:
+        while t.is_alive():
+            try:
+                t.join(0.5)
+            except KeyboardInterrupt:
+                interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40]
 
 
 def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
-              events_lock: threading.Lock, events_file: Any) -> TargetResult:
+              events_lock: threading.Lock, events_file: Any,
+              cancel: threading.Event | None = None) -> TargetResult:
     label = f"{kname}/vm-{i}"
     splat_events: list[str] = []
 
@@ -194,8 +207,12 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
                 events_file.write(s)
 
     with SplatWatcher(Path(m.console_path), on_splat):
+        alive = m.alive if cancel is None else (lambda: not cancel.is_set() and m.alive())
         res = run_target(m.host, spec, label=label, kernel=kname, on_event=on_event,
-                         events_file=_Sink(), alive=m.alive)
+                         events_file=_Sink(), alive=alive)
+    if cancel is not None and cancel.is_set():
+        res.infra_error = "interrupted"
+        return res
     if splat_events:
         res.by_kind["kernel-splat"] = res.by_kind.get("kernel-splat", 0) + len(splat_events)
         for text in splat_events:
@@ -222,6 +239,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
     trace = _trace_opts(cfg, s)
     runs = [KernelRun(n, a) for n, a in zip(kernel_names, artifacts)]
     events_lock = threading.Lock()
+    cancel = threading.Event()
     with open(out / "events.jsonl", "a") as events_file:
 
         def one_kernel(kr: KernelRun) -> None:
@@ -239,15 +257,24 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                                       trace=trace, stop_grace=cfg.stop_grace)
                     with ThreadPoolExecutor(len(vms)) as ex:
                         futs = [ex.submit(run_on_vm, m, kr.name, i, spec, out, prog, events_lock,
-                                          events_file) for i, m in enumerate(vms)]
+                                          events_file, cancel) for i, m in enumerate(vms)]
                         kr.targets = [f.result() for f in futs]
             except InfraError as e:
                 kr.targets = [TargetResult(label=f"{kr.name}/fleet", kernel=kr.name,
                                            infra_error=f"{type(e).__name__}: {e.message}")]
             kr.wall = time.monotonic() - t0
 
-        with ThreadPoolExecutor(len(runs)) as ex:
-            list(ex.map(one_kernel, runs))
+        threads = [threading.Thread(target=one_kernel, args=(kr,), daemon=True) for kr in runs]
+        for t in threads:
+            t.start()
+        try:
+            _join_all(threads)
+        except KeyboardInterrupt:
+            # Ctrl-C: stop every agent, let every fleet tear down, then leave
+            cancel.set()
+            log.info("interrupted: stopping agents and destroying guests")
+            _join_all(threads)
+            raise
     return runs
 
 
@@ -260,6 +287,7 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
         raise BadInput("--backend vm needs at least one --kernel",
                        hint=f"e.g. --kernel {s['kernels']['affected']} --kernel {s['kernels']['fixed']}")
     preflight_vm()
+    cleanup_stale()                        # guests left by a racelab that was SIGKILLed
     names = list(cfg.kernels)
     resolve_kernels(names)                 # every bad name before any build
     artifacts = build_kernels(names, progress=progress)
@@ -325,35 +353,15 @@ def vm_shell(kernel_name: str, vcpus: int = 2, memory_mib: int = 1024) -> int:
 
 
 def cleanup_stale(verbose: bool = False) -> list[str]:
-    """Destroy racelab-<pid>-* domains whose racelab process is gone."""
+    """Destroy guests (and their overlays) whose racelab process is gone."""
     from lab import vm as vmmod
 
-    removed = []
-    try:
-        import libvirt
-    except ImportError:
-        return removed
+    preflight_vm()
     vmmod.ensure_libvirtd("qemu:///system")
-    conn = libvirt.open("qemu:///system")
-    try:
-        for dom in conn.listAllDomains():
-            m = re.match(r"racelab-(\d+)-", dom.name())
-            if not m:
-                continue
-            pid = int(m.group(1))
-            if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
-                try:
-                    if dom.isActive():
-                        dom.destroy()
-                    if dom.isPersistent():
-                        dom.undefine()
-                except libvirt.libvirtError:
-                    continue
-                removed.append(dom.name())
-                if verbose:
-                    print(f"removed stale guest {dom.name()}")
-    finally:
-        conn.close()
-    if verbose and not removed:
-        print("nothing to clean up")
+    removed = vmmod.reap_stale()
+    if verbose:
+        for name in removed:
+            print(f"removed stale guest {name}")
+        if not removed:
+            print("nothing to clean up: no guest left by a dead racelab")
     return removed
