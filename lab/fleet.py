@@ -171,14 +171,17 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
         yield vms
 
 
-def _join_all(threads: list[threading.Thread]) -> None:
-    """Join every thread even through Ctrl-C, then re-raise it."""
+def _join_all(threads: list[threading.Thread],
+              on_interrupt: Callable[[], None] | None = None) -> None:
+    """Join every thread even through Ctrl-C (calling on_interrupt at once), then re-raise it."""
     interrupted = False
     for t in threads:
         while t.is_alive():
             try:
                 t.join(0.5)
             except KeyboardInterrupt:
+                if not interrupted and on_interrupt is not None:
+                    on_interrupt()
                 interrupted = True
     if interrupted:
         raise KeyboardInterrupt
@@ -267,14 +270,11 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
         threads = [threading.Thread(target=one_kernel, args=(kr,), daemon=True) for kr in runs]
         for t in threads:
             t.start()
-        try:
-            _join_all(threads)
-        except KeyboardInterrupt:
-            # Ctrl-C: stop every agent, let every fleet tear down, then leave
-            cancel.set()
+        def stop_all() -> None:
+            # Ctrl-C: stop every agent; each fleet then tears itself down
             log.info("interrupted: stopping agents and destroying guests")
-            _join_all(threads)
-            raise
+            cancel.set()
+        _join_all(threads, stop_all)
     return runs
 
 
