@@ -783,6 +783,11 @@ static uint32_t do_comp(struct group *g, struct xsk *s)
 		struct xsk *h;
 
 		if (opt.checks) {
+			if (addr == POISON) {
+				violation(g, s, K_POISON, addr, 0, addr, "COMP slot still holds the poison: never written");
+				g->held--;
+				continue;
+			}
 			if ((addr >> fs_shift) >= s->umem_frames || fi < g->first ||
 			    fi >= g->first + g->nframes) {
 				violation(g, s, K_STATE, addr, 0, addr, "completion of a frame never sent here");
@@ -800,6 +805,9 @@ static uint32_t do_comp(struct group *g, struct xsk *s)
 		h = home_of(g, fi);
 		g->tmp[h == g->s[0] ? 0 : 1][nk[h == g->s[0] ? 0 : 1]++] = fi;
 	}
+	if (opt.checks)
+		for (uint32_t i = 0; i < n; i++)
+			ring[(s->comp.local + i) & s->comp.mask] = POISON;
 	cons_release(&s->comp, n);
 	ADD(g->st.comp, n);
 	for (int j = 0; j < g->ns; j++)
