@@ -159,10 +159,8 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
                 vms[i] = entered
                 stack.push(m.__exit__)
 
-        threads = [threading.Thread(target=boot, args=(i,), daemon=True) for i in range(n)]
-        for t in threads:
-            t.start()
-        _join_all(threads)   # every boot finishes (and registers its teardown) before we unwind
+        workers = [Worker(boot, i).start() for i in range(n)]
+        _join_all(workers)   # every boot finishes (and registers its teardown) before we unwind
         if errors:
             e = errors[0]
             if isinstance(e, (InfraError, BadInput, KeyboardInterrupt)):
@@ -171,14 +169,32 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
         yield vms
 
 
-def _join_all(threads: list[threading.Thread],
-              on_interrupt: Callable[[], None] | None = None) -> None:
-    """Join every thread even through Ctrl-C (calling on_interrupt at once), then re-raise it."""
-    interrupted = False
-    for t in threads:
-        while t.is_alive():
+class Worker:
+    """A thread whose end is an Event: Thread.join() interrupted by Ctrl-C can
+    mark a live thread as stopped on Python 3.11 (bpo-45274), Event.wait() cannot."""
+
+    def __init__(self, target: Callable[..., None], *args: Any) -> None:
+        self.done = threading.Event()
+
+        def body() -> None:
             try:
-                t.join(0.5)
+                target(*args)
+            finally:
+                self.done.set()
+        self.thread = threading.Thread(target=body, daemon=True)
+
+    def start(self) -> Worker:
+        self.thread.start()
+        return self
+
+
+def _join_all(workers: list[Worker], on_interrupt: Callable[[], None] | None = None) -> None:
+    """Wait for every worker even through Ctrl-C (calling on_interrupt at once), then re-raise it."""
+    interrupted = False
+    for w in workers:
+        while not w.done.is_set():
+            try:
+                w.done.wait(0.5)
             except KeyboardInterrupt:
                 if not interrupted and on_interrupt is not None:
                     on_interrupt()
@@ -267,14 +283,12 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                                            infra_error=f"{type(e).__name__}: {e.message}")]
             kr.wall = time.monotonic() - t0
 
-        threads = [threading.Thread(target=one_kernel, args=(kr,), daemon=True) for kr in runs]
-        for t in threads:
-            t.start()
+        workers = [Worker(one_kernel, kr).start() for kr in runs]
         def stop_all() -> None:
             # Ctrl-C: stop every agent; each fleet then tears itself down
             log.info("interrupted: stopping agents and destroying guests")
             cancel.set()
-        _join_all(threads, stop_all)
+        _join_all(workers, stop_all)
     return runs
 
 
