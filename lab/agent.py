@@ -227,6 +227,8 @@ def run_agent(spec: AgentSpec) -> int:
             spec.stop_on_first and spec.stop_grace <= 0)), events)
         stack.callback(checker.stop)
         _wait_ready(checker, events, t0)
+        for note in topo.apply_late():
+            emit({"type": "note", "text": note})
         children: list[Child] = []
         if spec.sender and spec.sender.senders > 0:
             s = spec.sender

@@ -106,6 +106,20 @@ class Topology:
         """Write a /sys or /proc/sys file as seen from inside namespace ns."""
         run(self.nsenter(ns, ["tee", path], mount=True), input=value + "\n")
 
+    def apply_late(self) -> list[str]:
+        """Settings that need the XDP program attached first; returns notes."""
+        notes = []
+        for v in self.spec.veths:
+            if v.threaded_b:
+                p = run(self.nsenter(v.b_ns, ["tee", f"/sys/class/net/{v.b}/threaded"], mount=True),
+                        input="1\n", check=False)
+                if p.returncode != 0:
+                    notes.append(f"threaded NAPI not applicable on {v.b}: {p.stderr.strip()} "
+                                 f"(no NAPI: neither GRO nor native XDP is on)")
+                else:
+                    notes.append(f"threaded NAPI on for {v.b}")
+        return notes
+
     def describe(self) -> dict[str, object]:
         return {"netns": {ns: self.ns_path(ns) for ns in self.keepers}, "channels": self.channels,
                 "veths": [v.__dict__ for v in self.spec.veths]}
@@ -229,8 +243,8 @@ def _add_veth(topo: Topology, v: VethSpec, NetNS) -> None:  # noqa: ANN001, N803
     want = v.channels_b or v.queues
     for ns, dev in ((v.b_ns, v.b), (v.a_ns, v.a)):
         topo.channels[f"{ns}/{dev}"] = _set_channels(topo, ns, dev, want)
-    if v.threaded_b:
-        topo.write_sysfs(v.b_ns, f"/sys/class/net/{v.b}/threaded", "1")
+    # threaded NAPI needs a NAPI instance, which veth creates only with GRO on or
+    # an XDP program attached: apply_late() sets it once the checker has attached.
     if v.xps_a != "auto" and v.queues > 1:
         ncpu = os.cpu_count() or 1
         active = len([q for q in range(v.queues)

@@ -64,6 +64,7 @@ def test_mitigations_are_applied():
     s = scen.apply_mitigation(scen.load("generic-rx-race"), "gro-on")
     s = scen.apply_mitigation(s, "threaded-napi")
     with build(scen.to_topology(s)) as topo:
+        assert topo.apply_late() == ["threaded NAPI on for v1"]   # GRO on gives veth a NAPI
         threaded = subprocess.run(topo.nsenter("rx", ["cat", "/sys/class/net/v1/threaded"], mount=True),
                                   capture_output=True, text=True).stdout.strip()
         assert threaded == "1"
