@@ -1,0 +1,90 @@
+"""racelab bisect end to end on a synthetic kernel history, in both directions.
+
+The history is linux-source-6.1 (6.1.192) plus 32 commits that touch only a
+text file, except one: on branch `cause` commit 13 applies the generic-rx
+revert (it introduces the race); on branch `fix` the race is there from the
+first commit and commit 19 removes it.  Built once and cached under
+$RACELAB_CACHE/fixtures; the kernel build directory is shared by both
+directions, so every step after the first is an incremental build.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab.run import cache_dir, project_root
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+PATCH = project_root() / "kernels" / "patches" / "6.1" / "revert-generic-rx.patch"
+N, CAUSE_AT, FIX_AT = 32, 13, 19
+
+
+def git(repo, *args, **kw):
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, **kw).stdout.strip()
+
+
+def synthetic_history() -> Path:
+    root = cache_dir() / "fixtures" / "linux-6.1-synth"
+    done = root / ".racelab-fixture-complete"
+    if done.exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    tarball = Path("/usr/src/linux-source-6.1.tar.xz")
+    if not tarball.exists():
+        pytest.skip("linux-source-6.1 missing: apt-get install linux-source-6.1 (./bootstrap install)")
+    subprocess.run(["tar", "-xf", str(tarball), "-C", str(root), "--strip-components=1"], check=True)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "racelab", "GIT_AUTHOR_EMAIL": "racelab@invalid",
+           "GIT_COMMITTER_NAME": "racelab", "GIT_COMMITTER_EMAIL": "racelab@invalid",
+           "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z"}
+    run = lambda *a: subprocess.run(["git", "-C", str(root), *a], check=True, capture_output=True, env=env)  # noqa: E731
+    run("init", "-q", "-b", "base")
+    run("add", "-A")
+    run("commit", "-q", "-m", "linux-source-6.1 6.1.192")
+    note = root / "Documentation" / "racelab-synth.txt"
+    for branch, special, action in (("cause", CAUSE_AT, "apply"), ("fix", FIX_AT, "unapply")):
+        run("checkout", "-q", "-B", branch, "base")
+        if branch == "fix":   # the race is there from the start of this branch
+            subprocess.run(["patch", "-p1", "-s", "-d", str(root), "-i", str(PATCH)], check=True)
+            run("commit", "-q", "-am", "synth: start with the generic-rx race (revert bf0bdd1343ef, a1356ac7749c)")
+        for i in range(1, N + 1):
+            if i == special:
+                args = ["-R"] if action == "unapply" else []
+                subprocess.run(["patch", "-p1", "-s", *args, "-d", str(root), "-i", str(PATCH)], check=True)
+                msg = ("synth: revert the generic-rx fix (introduces the race)" if action == "apply"
+                       else "synth: restore the generic-rx fix (fixes the race)")
+            else:
+                note.write_text(f"{branch} {i}\n")
+                run("add", str(note))
+                msg = f"synth: unrelated change {i}"
+            run("commit", "-q", "-am", msg)
+    done.write_text("ok\n")
+    return root
+
+
+def bisect(repo, good, bad, find, out):
+    p = subprocess.run([sys.executable, "-m", "lab.cli", "bisect", "--tree", str(repo), "--good", good,
+                        "--bad", bad, "--scenario", "generic-rx-race", "--find", find, "--out", str(out),
+                        "--calibrate-runs", "2", "--calibrate-budget", "60s", "--min-step", "6s"],
+                       cwd=project_root(), capture_output=True, text=True, timeout=3000,
+                       env={**os.environ, "PYTHONPATH": str(project_root())})
+    return p
+
+
+@pytest.mark.parametrize("find", ["cause", "fix"])
+def test_bisect_names_the_commit(find, tmp_path):
+    repo = synthetic_history()
+    branch = find
+    expected = git(repo, "rev-list", "-1", "--grep", "introduces the race" if find == "cause" else "fixes the race", branch)
+    p = bisect(repo, f"{branch}~{N}" if find == "cause" else f"{branch}~{N}", branch, find, tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads((tmp_path / "bisect.json").read_text())
+    assert report["culprit"] == expected, report
+    assert report["verified"] and report["confidence"] > 0.9
+    assert ("introduces" if find == "cause" else "fixes") in report["subject"]
+    steps = [json.loads(l) for l in (tmp_path / "bisect.jsonl").read_text().splitlines()]
+    assert all("build_s" in s and "outcome" in s for s in steps)
