@@ -234,6 +234,7 @@ def domain_xml(s: DomainSpec) -> str:
       <source path={a(str(s.console))} append='off'/>
       <target port='0'/>
     </serial>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
     <video><model type='none'/></video>
@@ -308,10 +309,12 @@ class VM:
         self.kernel = kernel
         self.image = image
         if name and name.startswith("racelab-"):
-            self.domain_name = name
+            self.domain_name = name  # the caller's racelab-<pid>-... name
         else:
             self.domain_name = _next_name() + (f"-{name}" if name else "")
         self.domain_name = re.sub(r"[^A-Za-z0-9_.+-]", "_", self.domain_name)
+        if (cache_dir() / "vms" / self.domain_name).exists():
+            self.domain_name = f"{self.domain_name}-{_next_name().rsplit('-', 1)[1]}"
         self.name = name or self.domain_name
         self.vcpus = vcpus
         self.memory_mib = memory_mib
@@ -363,6 +366,9 @@ class VM:
             "console=ttyS0", "root=/dev/vda", "rw", f"init={imagemod.GUEST_INIT}",
             f"racelab.hostname={_slug(self.name)[:63]}",
             "panic=-1",  # a panic reboots, on_reboot destroys: the host sees the loss at once
+            # sshd blocks in getrandom() until the crng is seeded: seed it from
+            # RDRAND and virtio-rng instead of waiting seconds for jitter entropy
+            "random.trust_cpu=on",
             self.extra_cmdline]))
         timeout = self.ready_timeout or (60.0 if self.accel == "kvm" else 180.0)
         last: Exception | None = None
