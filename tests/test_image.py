@@ -1,0 +1,286 @@
+"""Guest image unit tests: recipe key, init scripts, initramfs and PVH extraction.
+
+No network, no root, no mmdebstrap: everything here runs on the default tier.
+"""
+import gzip
+import shutil
+import stat
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lab import image
+from lab.run import BadInput
+
+IMAGES = image.IMAGES_DIR
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _recipe_copy(tmp_path: Path, edit=None) -> Path:
+    text = image.RECIPE_PATH.read_text()
+    if edit:
+        text = edit(text)
+    p = tmp_path / "recipe.toml"
+    p.write_text(text)
+    return p
+
+
+# --- recipe ---------------------------------------------------------------------
+
+def test_recipe_loads_and_lists_the_guest_packages():
+    r = image.load_recipe()
+    for pkg in ("python3", "iperf3", "openssh-server", "iproute2", "ethtool", "trace-cmd",
+                "procps", "kmod"):
+        assert pkg in r.packages
+    assert r.lab_root == image.GUEST_LAB_ROOT
+
+
+def test_same_recipe_same_key(tmp_path):
+    a = image.load_recipe(_recipe_copy(tmp_path))
+    b = image.load_recipe(image.RECIPE_PATH)
+    assert a.key() == b.key()
+    assert len(a.key()) == 16
+
+
+def test_changed_recipe_new_key(tmp_path):
+    base = image.load_recipe().key()
+    more = image.load_recipe(_recipe_copy(tmp_path, lambda t: t.replace(
+        '"kmod",', '"kmod",\n    "strace",')))
+    assert more.key() != base
+    other_suite = image.load_recipe(_recipe_copy(tmp_path, lambda t: t.replace(
+        'suite = "bookworm"', 'suite = "trixie"')))
+    assert other_suite.key() != base
+
+
+def test_comments_and_image_fields_do_not_change_the_base_key(tmp_path):
+    base = image.load_recipe().key()
+    edited = image.load_recipe(_recipe_copy(tmp_path, lambda t: "# a comment\n" + t.replace(
+        "free_mib = ", "free_mib = 9")))   # 8 -> 98: only the final image changes
+    assert edited.free_mib != image.load_recipe().free_mib
+    assert edited.key() == base
+
+
+def test_bad_recipe_names_every_bad_field(tmp_path):
+    p = _recipe_copy(tmp_path, lambda t: t.replace('suite = "bookworm"', "suite = 12")
+                     .replace("free_mib = ", "free_mib = -1 #"))
+    with pytest.raises(BadInput) as e:
+        image.load_recipe(p)
+    assert "base.suite" in str(e.value) and "free_mib" in str(e.value)
+
+
+# --- guest scripts ----------------------------------------------------------------
+
+def test_init_script_is_valid_sh_and_does_its_job():
+    init = IMAGES / "init"
+    assert init.read_text().startswith("#!/bin/sh\n")
+    subprocess.run(["sh", "-n", str(init)], check=True)
+    text = init.read_text()
+    # say() prefixes "racelab-init: ", so this prints READY_MARKER
+    assert 'say() { echo "racelab-init: $*"; }' in text and '\nsay "ready ' in text
+    assert image.READY_MARKER == "racelab-init: ready"
+    assert "/usr/sbin/sshd -D" in text
+    assert "/lib/modules/racelab/load-order" in text
+    assert "10.0.2.15/24" in text              # QEMU user-net defaults, no DHCP
+    assert "wait" in text and "sleep infinity &" in text   # PID 1 reaps orphans
+    assert "systemd" not in text.replace("no systemd", "")
+
+
+def test_fstab_mounts_what_the_lab_needs():
+    fstab = (IMAGES / "fstab").read_text()
+    mounts = {line.split()[1]: line.split()[2] for line in fstab.splitlines()
+              if line.strip() and not line.startswith("#")}
+    assert mounts == {"/proc": "proc", "/sys": "sysfs", "/dev": "devtmpfs", "/dev/pts": "devpts",
+                      "/dev/shm": "tmpfs", "/run": "tmpfs", "/tmp": "tmpfs",
+                      "/sys/kernel/tracing": "tracefs", "/sys/kernel/debug": "debugfs"}
+
+
+def test_sshd_config_is_key_only_root_without_dns():
+    cfg = dict(line.split(None, 1) for line in (IMAGES / "sshd_config").read_text().splitlines()
+               if line.strip() and not line.startswith("#"))
+    assert cfg["UseDNS"] == "no"
+    assert cfg["PasswordAuthentication"] == "no"
+    assert cfg["PermitRootLogin"] == "prohibit-password"
+    assert cfg["HostKey"] == "/etc/ssh/ssh_host_ed25519_key"
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists() and not Path("/usr/bin/busybox").exists(),
+                    reason="busybox missing: apt-get install busybox-static")
+def test_initramfs_init_is_valid_busybox_sh():
+    bb = shutil.which("busybox")
+    subprocess.run([bb, "sh", "-n", str(IMAGES / "initramfs-init")], check=True)
+    text = (IMAGES / "initramfs-init").read_text()
+    assert "switch_root /newroot" in text and "insmod" in text and "poweroff -f" in text
+
+
+# --- lab layer --------------------------------------------------------------------
+
+def test_lab_layer_holds_lab_pyroute2_keys_and_init(cache):
+    keys = image.ensure_keys()
+    files = {f.guest: f for f in image.lab_layer(keys, binaries=[])}
+    assert "/opt/racelab/lab/run.py" in files
+    assert "/opt/racelab/site/pyroute2/__init__.py" in files
+    assert files[image.GUEST_INIT].mode == 0o755
+    assert files["/etc/ssh/ssh_host_ed25519_key"].mode == 0o600
+    assert files["/root/.ssh/authorized_keys"].content().decode().startswith("ssh-ed25519 ")
+    assert not any("__pycache__" in g for g in files)
+    # same inputs, same key; any changed byte, new key
+    k1 = image._layer_key("base", list(files.values()), 8)
+    k2 = image._layer_key("base", list(files.values()), 8)
+    changed = [*files.values(), image.LayerFile("/etc/extra", 0o644, data=b"x")]
+    assert k1 == k2 != image._layer_key("base", changed, 8)
+    assert k1 != image._layer_key("other-base", list(files.values()), 8)
+
+
+def test_keys_are_made_once(cache):
+    a = image.ensure_keys()
+    pub = a.host_pub
+    b = image.ensure_keys()
+    assert b.host_pub == pub and pub.startswith("ssh-ed25519 ") and len(pub.split()) == 2
+    assert stat.S_IMODE(a.client.stat().st_mode) == 0o600
+
+
+# --- initramfs --------------------------------------------------------------------
+
+def _read_cpio(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
+    """name -> (mode, data, (rdevmajor, rdevminor)) from a newc archive."""
+    out, pos = {}, 0
+    while True:
+        assert data[pos:pos + 6] == b"070701"
+        f = [int(data[pos + 6 + i * 8:pos + 14 + i * 8], 16) for i in range(13)]
+        mode, size, rmaj, rmin, namesize = f[1], f[6], f[9], f[10], f[11]
+        pos += 110
+        name = data[pos:pos + namesize - 1].decode()
+        pos = (pos + namesize + 3) & ~3
+        body = data[pos:pos + size]
+        pos = (pos + size + 3) & ~3
+        if name == "TRAILER!!!":
+            return out
+        out[name] = (mode, body, (rmaj, rmin))
+
+
+def _fake_kernel(tmp_path: Path, order: list[str]) -> SimpleNamespace:
+    mods = tmp_path / "modules"
+    for m in order:
+        (mods / m).parent.mkdir(parents=True, exist_ok=True)
+        (mods / m).write_bytes(b"\x7fELF fake " + m.encode())
+    return SimpleNamespace(bzimage=tmp_path / "bzImage", version="6.1.0-99-amd64",
+                           modules_dir=mods, module_load_order=tuple(order))
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox missing: apt-get install busybox-static")
+def test_initramfs_content_and_order(cache, tmp_path):
+    order = ["kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko",
+             "kernel/drivers/block/virtio_blk.ko", "kernel/fs/ext4/ext4.ko"]
+    k = _fake_kernel(tmp_path, order)
+    path = image.initrd_for(k)
+    assert path is not None and path.name.startswith("6.1.0-99-amd64-")
+    files = _read_cpio(gzip.decompress(path.read_bytes()))
+    mode, body, _ = files["init"]
+    assert stat.S_ISREG(mode) and mode & 0o111 and body == (IMAGES / "initramfs-init").read_bytes()
+    assert stat.S_ISREG(files["bin/busybox"][0]) and files["bin/busybox"][0] & 0o111
+    mode, _, rdev = files["dev/console"]
+    assert stat.S_ISCHR(mode) and rdev == (5, 1)
+    assert files["lib/modules/racelab/load-order"][1].decode().split() == order
+    for m in order:
+        assert files[f"lib/modules/racelab/{m}"][1].startswith(b"\x7fELF fake")
+    # directories come before what they hold
+    names = list(files)
+    assert names.index("lib/modules/racelab/kernel/fs/ext4") < names.index(
+        "lib/modules/racelab/kernel/fs/ext4/ext4.ko")
+    # cached and reproducible
+    assert image.initrd_for(k) == path
+    first = path.read_bytes()
+    path.unlink()
+    assert image.initrd_for(k).read_bytes() == first
+
+
+def test_no_initramfs_without_modules(cache, tmp_path):
+    assert image.initrd_for(SimpleNamespace(bzimage=tmp_path / "bz", version="6.1.192",
+                                            modules_dir=None, module_load_order=())) is None
+
+
+def test_initramfs_names_missing_modules(cache, tmp_path):
+    k = _fake_kernel(tmp_path, ["a.ko"])
+    k.module_load_order = ("a.ko", "missing/b.ko")
+    with pytest.raises(Exception, match="missing/b.ko"):
+        image.initrd_for(k)
+
+
+def test_xz_modules_are_decompressed(tmp_path):
+    import lzma
+    p = tmp_path / "m.ko.xz"
+    p.write_bytes(lzma.compress(b"\x7fELF module", check=lzma.CHECK_CRC32))
+    assert image._module_bytes(p) == b"\x7fELF module"
+
+
+# --- PVH extraction ------------------------------------------------------------------
+
+def _elf_with_notes(notes: list[tuple[bytes, int]]) -> bytes:
+    """A minimal ELF64 with one PT_NOTE program header holding the given notes."""
+    blob = b""
+    for name, ntype in notes:
+        n = name + b"\0"
+        blob += struct.pack("<III", len(n), 8, ntype) + n.ljust((len(n) + 3) // 4 * 4, b"\0") + b"\0" * 8
+    ehdr = bytearray(64)
+    ehdr[:5] = b"\x7fELF\x02"
+    struct.pack_into("<Q", ehdr, 0x20, 64)           # e_phoff
+    struct.pack_into("<HH", ehdr, 0x36, 56, 1)       # e_phentsize, e_phnum
+    phdr = struct.pack("<IIQQQQQQ", 4, 0, 64 + 56, 0, 0, len(blob), len(blob), 4)
+    return bytes(ehdr) + phdr + blob
+
+
+def _bzimage(payload: bytes) -> bytes:
+    setup_sects = 4
+    data = bytearray((setup_sects + 1) * 512)
+    data[0x1F1] = setup_sects
+    data[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", data, 0x206, 0x20F)
+    struct.pack_into("<II", data, 0x248, 0, len(payload))
+    return bytes(data) + payload + struct.pack("<I", 12345)  # trailing size field
+
+
+def _gzip(data: bytes) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+def test_pvh_kernel_is_extracted_once(cache, tmp_path):
+    elf = _elf_with_notes([(b"Xen", 6), (b"Xen", image.XEN_ELFNOTE_PHYS32_ENTRY)])
+    assert image._has_pvh_note(elf)
+    bz = tmp_path / "bzImage"
+    bz.write_bytes(_bzimage(_gzip(elf)))
+    k = SimpleNamespace(bzimage=bz, version="6.1.192")
+    out = image.kernel_for_boot(k)
+    assert out != bz and out.read_bytes() == elf
+    assert image.kernel_for_boot(k) == out
+
+
+def test_kernel_without_pvh_boots_as_bzimage(cache, tmp_path):
+    elf = _elf_with_notes([(b"Xen", 6), (b"GNU", image.XEN_ELFNOTE_PHYS32_ENTRY)])
+    assert not image._has_pvh_note(elf)
+    bz = tmp_path / "bzImage"
+    bz.write_bytes(_bzimage(_gzip(elf)))
+    assert image.kernel_for_boot(SimpleNamespace(bzimage=bz, version="x")) == bz
+    lz4 = tmp_path / "lz4"
+    lz4.write_bytes(_bzimage(b"\x02\x21\x4c\x18" + b"\0" * 64))
+    assert image.kernel_for_boot(SimpleNamespace(bzimage=lz4, version="y")) == lz4
+
+
+def test_cpio_writer_round_trips():
+    c = image.Cpio()
+    c.dir("a")
+    c.file("a/b", b"hello", 0o600)
+    c.char("dev-null", 0o666, 1, 3)
+    files = _read_cpio(gzip.decompress(c.gzipped()))
+    assert stat.S_ISDIR(files["a"][0])
+    assert files["a/b"][1] == b"hello" and stat.S_IMODE(files["a/b"][0]) == 0o600
+    assert files["dev-null"][2] == (1, 3)

@@ -1,0 +1,318 @@
+"""VM lifecycle and SSH: unit tests (domain XML, remote command lines), then real
+guests through a real libvirtd (marked vm + slow; TCG here, KVM where it works).
+
+The vm tests need root, libvirtd/virtlogd/qemu and kernels:
+  - a Debian kernel (deb:6.1.0-47-amd64, fetched with apt on first use);
+  - the catalog kernel 6.1.192 if it is cached (`racelab kernel build 6.1.192`;
+    RACELAB_TEST_BUILD=1 builds it here, ~15 min).
+After every vm test no racelab domain or VM directory of this process is left.
+"""
+import os
+import shutil
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from lab import image as imagemod
+from lab import vm as vmmod
+from lab.remote import SshHost
+from lab.run import CommandFailed, InfraError, LostSSH, LostVM, cache_dir
+
+DEB_KERNEL = "deb:6.1.0-47-amd64"
+SOURCE_KERNEL = "6.1.192"
+
+
+# --- unit: domain XML ----------------------------------------------------------------
+
+def _spec(**kw):
+    base = dict(name="racelab-1-1", kernel=Path("/k/vmlinux"), initrd=Path("/k/initrd.gz"),
+                cmdline="console=ttyS0 root=/dev/vda", disk=Path("/v/root.qcow2"),
+                backing=Path("/i/racelab.img"), console=Path("/r/vm.console.log"), ssh_port=40022,
+                metadata={"pid": "1", "start": "2", "host": "h", "dir": "/v"})
+    base.update(kw)
+    return vmmod.DomainSpec(**base)
+
+
+def test_domain_xml_tcg_with_user_net_forward_and_console():
+    xml = vmmod.domain_xml(_spec())
+    root = ET.fromstring(xml)
+    assert root.get("type") == "qemu"
+    assert root.find("os/kernel").text == "/k/vmlinux"
+    assert root.find("os/initrd").text == "/k/initrd.gz"
+    assert root.find("os/type").get("machine") == "q35"
+    assert root.find("devices/serial/source").get("path") == "/r/vm.console.log"
+    assert root.find("devices/disk/source").get("file") == "/v/root.qcow2"
+    assert root.find("devices/disk/backingStore/source").get("file") == "/i/racelab.img"
+    args = [a.get("value") for a in root.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
+    assert "user,id=racelabnet,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22" in args
+    assert "virtio-net-pci,netdev=racelabnet,bus=pcie.0,addr=0x10" in args
+    assert root.find("cputune") is None
+    assert root.find("on_reboot").text == "destroy"     # panic=-1 -> gone -> LostVM
+    assert root.find("seclabel/label").text == "+0:+0"
+    assert root.find("features/tcg/tb-cache") is not None
+
+
+def test_domain_xml_kvm_pinning_and_no_initrd():
+    root = ET.fromstring(vmmod.domain_xml(_spec(accel="kvm", initrd=None, vcpus=4, pin=("0", "1"))))
+    assert root.get("type") == "kvm"
+    assert root.find("cpu").get("mode") == "host-passthrough"
+    assert root.find("os/initrd") is None
+    pins = [(p.get("vcpu"), p.get("cpuset")) for p in root.findall("cputune/vcpupin")]
+    assert pins == [("0", "0"), ("1", "1"), ("2", "0"), ("3", "1")]
+
+
+def test_domain_xml_escapes_the_cmdline():
+    root = ET.fromstring(vmmod.domain_xml(_spec(cmdline="a=<b> c='d' & e")))
+    assert root.find("os/cmdline").text == "a=<b> c='d' & e"
+
+
+def test_accel_override(monkeypatch):
+    monkeypatch.setenv("RACELAB_ACCEL", "tcg")
+    assert vmmod.detect_accel(object()) == ("tcg", "forced by RACELAB_ACCEL=tcg")
+    monkeypatch.setenv("RACELAB_ACCEL", "hvf")
+    with pytest.raises(Exception, match="RACELAB_ACCEL"):
+        vmmod.detect_accel(object())
+
+
+def test_remote_command_line_quotes_and_sets_pythonpath():
+    h = SshHost("g", 1, Path("/nonexistent"), "ssh-ed25519 AAAA")
+    line = h.command_line(["echo", "a b", "$HOME", "it's"], env={"X": "1 2"})
+    out = subprocess.run(["sh", "-c", line.replace("exec env", "exec env -u RACELAB_NONE", 1)],
+                         capture_output=True, text=True)
+    assert out.stdout == "a b $HOME it's\n"
+    assert out.stderr.startswith("racelab-pgid ")
+    assert "PYTHONPATH=/opt/racelab:/opt/racelab/site" in line
+    with pytest.raises(Exception):
+        h.command_line(["true"], env={"BAD NAME": "x"})
+
+
+# --- vm tier ---------------------------------------------------------------------------
+
+def _libvirt_ready() -> str | None:
+    missing = [t for t in ("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img", "virsh")
+               if shutil.which(t) is None]
+    if missing:
+        return f"missing {', '.join(missing)}: apt-get install libvirt-daemon libvirt-clients " \
+               "qemu-system-x86 qemu-utils (or ./bootstrap install)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def image():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: run as root (sudo ./bootstrap test)")
+    why = _libvirt_ready()
+    if why:
+        pytest.skip(why)
+    return imagemod.ensure_image(progress=False)
+
+
+@pytest.fixture(scope="module")
+def deb_kernel(image):
+    from lab import kernel
+    try:
+        return kernel.ensure(kernel.resolve(DEB_KERNEL), progress=False)
+    except Exception as e:  # noqa: BLE001 - no mirror, no dpkg-deb: name it and skip
+        pytest.skip(f"no Debian kernel {DEB_KERNEL}: {e}")
+
+
+@pytest.fixture(scope="module")
+def source_kernel(image):
+    from lab import kernel
+    if not kernel.show(SOURCE_KERNEL)["cached"] and not os.environ.get("RACELAB_TEST_BUILD"):
+        pytest.skip(f"catalog kernel {SOURCE_KERNEL} is not built: `racelab kernel build "
+                    f"{SOURCE_KERNEL}` (or RACELAB_TEST_BUILD=1 to build it here, ~15 min)")
+    return kernel.ensure(kernel.resolve(SOURCE_KERNEL), progress=False)
+
+
+def _ours() -> tuple[list[str], list[Path]]:
+    prefix = f"racelab-{os.getpid()}-"
+    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    vms = cache_dir() / "vms"
+    dirs = sorted(vms.glob(prefix + "*")) if vms.is_dir() else []
+    return [n for n in names if n.startswith(prefix)], dirs
+
+
+@pytest.fixture
+def no_leftovers():
+    yield
+    domains, dirs = _ours()
+    assert domains == [], f"leftover domains: {domains}"
+    assert dirs == [], f"leftover VM directories (overlays): {dirs}"
+
+
+
+
+def _check_boot(vm: vmmod.VM, version: str) -> None:
+    assert vm.host.cmd(["uname", "-r"]).stdout.strip() == version
+    assert imagemod.READY_MARKER in vm.console_path.read_text(errors="replace")
+    assert vm.accel in ("kvm", "tcg") and vm.accel_reason
+    assert vm.boot_seconds > 0
+    if vm.accel == "tcg":
+        # MTTCG: one host thread per vCPU ("CPU n/TCG"), not one "ALL CPUs/TCG"
+        assert vm.tcg_threads() == [f"CPU {i}/TCG" for i in range(vm.vcpus)]
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftovers")
+def test_boot_debian_kernel_and_run_uname(deb_kernel, image, tmp_path):
+    with vmmod.VM(deb_kernel, image, name="deb", results_dir=tmp_path) as vm:
+        _check_boot(vm, deb_kernel.version)
+        assert vm.console_path.parent == tmp_path
+    assert (tmp_path / "deb.qemu.log").exists()
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftovers")
+def test_boot_catalog_source_kernel_and_run_uname(source_kernel, image, tmp_path):
+    with vmmod.VM(source_kernel, image, name="src", results_dir=tmp_path) as vm:
+        _check_boot(vm, source_kernel.version)
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftovers")
+def test_guest_killed_mid_command_is_infrastructure_loss(deb_kernel, image, tmp_path):
+    with vmmod.VM(deb_kernel, image, name="victim", results_dir=tmp_path) as vm:
+        with vm.host.spawn(["sh", "-c", "echo started; exec sleep 300"]) as p:
+            lines = p.lines()
+            assert next(lines) == "started"
+            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", vm.domain_name],
+                           check=True, capture_output=True)
+            with pytest.raises(LostVM) as e:
+                list(lines)
+            assert isinstance(e.value, LostSSH)
+            assert "gone" in str(e.value)         # the VM's state is in the message
+        assert not vm.alive()
+        with pytest.raises(LostVM):
+            vm.host.cmd(["true"])
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftovers")
+def test_host_protocol_over_ssh(deb_kernel, image, tmp_path):
+    with vmmod.VM(deb_kernel, image, name="proto", results_dir=tmp_path, vcpus=2) as vm:
+        h = vm.host
+        assert (h.python, h.lab_root, h.bin_dir) == ("python3", "/opt/racelab", "/opt/racelab/bin")
+        r = h.cmd(["sh", "-c", "echo out; echo err >&2; exit 3"], check=False)
+        assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+        with pytest.raises(CommandFailed) as e:
+            h.cmd(["false"])
+        assert e.value.returncode == 1
+        assert h.cmd(["cat"], input="fed to stdin\n").stdout == "fed to stdin\n"
+        # the lab and pyroute2 import in the guest (PYTHONPATH and the .pth file)
+        r = h.cmd([h.python, "-c", "import lab.run, pyroute2; print(lab.run.__file__)"])
+        assert r.stdout.strip() == "/opt/racelab/lab/run.py"
+        # put/get keep bytes and mode
+        src = tmp_path / "payload"
+        src.write_bytes(os.urandom(300_000))
+        src.chmod(0o751)
+        h.put(src, "/tmp/payload")
+        assert h.cmd(["stat", "-c", "%a %s", "/tmp/payload"]).stdout.split() == ["751", "300000"]
+        h.get("/tmp/payload", tmp_path / "back")
+        assert (tmp_path / "back").read_bytes() == src.read_bytes()
+        # spawn streams stdout live: the first line arrives while the command still runs
+        with h.spawn(["sh", "-c", "echo one; sleep 3; echo two"], env={"RL": "x"}) as p:
+            t0 = time.monotonic()
+            it = p.lines()
+            assert next(it) == "one" and time.monotonic() - t0 < 2.5
+            assert p.poll() is None
+            assert list(it) == ["two"] and p.wait(10) == 0
+        # terminate() kills the whole remote process group
+        with h.spawn(["sh", "-c", "sleep 4242 & sleep 4243 & wait"]) as p:
+            _wait_for(lambda: h.cmd(["pgrep", "-f", "^sleep 424"], check=False).stdout.count("\n") == 2)
+            p.terminate()
+            assert p.wait(10) < 0
+        assert h.cmd(["pgrep", "-f", "^sleep 424"], check=False).stdout == ""
+        # leaving spawn() without waiting also kills the group
+        with h.spawn(["sleep", "4244"]):
+            _wait_for(lambda: h.cmd(["pgrep", "-f", "^sleep 4244"], check=False).returncode == 0)
+        assert h.cmd(["pgrep", "-f", "^sleep 4244"], check=False).returncode == 1
+        # a timeout kills the command and says so
+        t0 = time.monotonic()
+        with pytest.raises(CommandFailed, match="timed out"):
+            h.cmd(["sleep", "4245"], timeout=2)
+        assert time.monotonic() - t0 < 10
+        assert h.cmd(["pgrep", "-f", "^sleep 4245"], check=False).returncode == 1
+        # a wrong pinned host key is rejected at once, not retried
+        other = SshHost("impostor", vm.port, image.ssh_key,
+                        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+        t0 = time.monotonic()
+        with pytest.raises(InfraError, match="host key mismatch"):
+            other.connect(timeout=30)
+        assert time.monotonic() - t0 < 10
+        # PID 1 reaps orphans: no zombie after a double fork
+        h.cmd(["sh", "-c", "(sleep 0.1 &) ; true"])
+        time.sleep(1)
+        assert " Z" not in h.cmd(["ps", "-eo", "pid,stat"]).stdout
+
+
+def _wait_for(pred, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftovers")
+def test_interrupt_at_any_point_leaves_nothing(deb_kernel, image, tmp_path, monkeypatch):
+    # Ctrl-C inside the with block
+    with pytest.raises(KeyboardInterrupt):
+        with vmmod.VM(deb_kernel, image, name="int1", results_dir=tmp_path):
+            raise KeyboardInterrupt
+    # Ctrl-C while the guest boots (domain defined, not ready yet)
+    def interrupted(self, deadline):
+        assert self.alive()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vmmod.VM, "_wait_ready", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with vmmod.VM(deb_kernel, image, name="int2", results_dir=tmp_path):
+            pass
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftovers")
+def test_guest_that_cannot_boot_is_lost_vm_with_its_console(deb_kernel, image, tmp_path):
+    with pytest.raises(LostVM) as e:
+        with vmmod.VM(deb_kernel, image, name="broken", results_dir=tmp_path,
+                      cmdline="init=/does-not-exist"):
+            pass
+    assert "/does-not-exist" in str(e.value)    # the console tail explains why
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftovers")
+def test_two_guests_boot_in_parallel_with_distinct_ports(deb_kernel, image, tmp_path):
+    vms: list = []
+    errors: list = []
+
+    def boot(i):
+        try:
+            vms.append(vmmod.VM(deb_kernel, image, name=f"par{i}", results_dir=tmp_path).__enter__())
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=boot, args=(i,)) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert len({v.port for v in vms}) == 2
+        assert {v.host.cmd(["hostname"]).stdout.strip() for v in vms} == {"par0", "par1"}
+    finally:
+        for v in vms:
+            v.close()
