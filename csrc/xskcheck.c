@@ -254,9 +254,11 @@ static void violation(struct group *g, struct xsk *s, enum kind k, uint64_t addr
 	INC(g->st.kinds[k]);
 	INC(g->st.viol);
 	n = __atomic_fetch_add(&total_violations, 1, __ATOMIC_RELAXED);
+	/* flight recorder: the trace ends at the first violation, whether or not the run does */
+	if ((opt.stop_on_first || opt.trace_marker) && n == 0 &&
+	    !__atomic_exchange_n(&tracing_stopped, 1, __ATOMIC_RELAXED))
+		write_str(tracing_on_fd, "0");
 	if (opt.stop_on_first && n == 0) {
-		if (!__atomic_exchange_n(&tracing_stopped, 1, __ATOMIC_RELAXED))
-			write_str(tracing_on_fd, "0");
 		stop_reason = "stop-on-first";
 		stop_flag = 1;
 	}
@@ -1549,7 +1551,7 @@ static void open_tracing(void)
 			snprintf(path, sizeof(path), "%s/trace_marker", dir);
 			trace_fd = open(path, O_WRONLY | O_CLOEXEC);
 		}
-		if (opt.stop_on_first) {
+		if (opt.stop_on_first || opt.trace_marker) {
 			snprintf(path, sizeof(path), "%s/tracing_on", dir);
 			tracing_on_fd = open(path, O_WRONLY | O_CLOEXEC);
 		}

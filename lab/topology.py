@@ -236,7 +236,8 @@ def _add_veth(topo: Topology, v: VethSpec, NetNS) -> None:  # noqa: ANN001, N803
         if b_ns is not a_ns:
             b_ns.close()
     # Senders build whole frames themselves: no segmentation offloads on the sending side.
-    _ethtool(topo, v.a_ns, ["-K", v.a, "tso", "off", "gso", "off"], quiet=True)
+    # (tx checksum offload too: a partial checksum forwarded through AF_XDP arrives broken)
+    _ethtool(topo, v.a_ns, ["-K", v.a, "tx", "off", "tso", "off", "gso", "off"], quiet=True)
     _ethtool(topo, v.b_ns, ["-K", v.b, "gro", "on" if v.gro_b else "off"], quiet=not v.gro_b)
     # veth starts with one active queue whatever numrxqueues says, and caps
     # channels at the CPU count: ask for what the spec wants, within the cap.
