@@ -43,7 +43,7 @@ def synthetic_history() -> Path:
            "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z"}
     run = lambda *a: subprocess.run(["git", "-C", str(root), *a], check=True, capture_output=True, env=env)  # noqa: E731
     run("init", "-q", "-b", "base")
-    run("add", "-A")
+    run("add", "-A", "-f")   # Debian's tarball ships a .gitignore that ignores everything
     run("commit", "-q", "-m", "linux-source-6.1 6.1.192")
     note = root / "Documentation" / "racelab-synth.txt"
     for branch, special, action in (("cause", CAUSE_AT, "apply"), ("fix", FIX_AT, "unapply")):
@@ -59,7 +59,7 @@ def synthetic_history() -> Path:
                        else "synth: restore the generic-rx fix (fixes the race)")
             else:
                 note.write_text(f"{branch} {i}\n")
-                run("add", str(note))
+                run("add", "-f", str(note))
                 msg = f"synth: unrelated change {i}"
             run("commit", "-q", "-am", msg)
     done.write_text("ok\n")
