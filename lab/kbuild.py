@@ -99,24 +99,56 @@ def missing_options(wanted: dict[str, str], final: dict[str, str]) -> list[tuple
 
 
 def kconfig_depends(tree: Path, option: str) -> tuple[str, ...]:
-    """The 'depends on' lines of `config OPTION` in the tree's Kconfig files."""
+    """What `config OPTION` depends on in the tree's Kconfig files: its own
+    'depends on' lines and those of the enclosing if/menu/choice blocks."""
     sym = option.removeprefix("CONFIG_")
     head = re.compile(rf"^\s*(menu)?config\s+{re.escape(sym)}\s*$")
-    out = []
+    out: list[str] = []
     for kc in _kconfig_files(tree):
         try:
             lines = kc.read_text(errors="replace").splitlines()
         except OSError:
             continue
+        if not any(head.match(x) for x in lines):
+            continue
+        rel = kc.relative_to(tree)
+        blocks: list[list[str]] = []    # one list of conditions per open if/menu/choice
+        header = False                  # inside a menu/choice header, before its first entry
+        help_indent = -1                # inside help text indented deeper than this
         for i, line in enumerate(lines):
-            if not head.match(line):
+            s = line.strip()
+            indent = len(line.expandtabs()) - len(line.expandtabs().lstrip())
+            if help_indent >= 0:
+                if not s or indent > help_indent:
+                    continue
+                help_indent = -1
+            if s == "help" or s.startswith("---help---"):
+                help_indent = indent
                 continue
-            for body in lines[i + 1:]:
-                s = body.strip()
-                if re.match(r"^(config|menuconfig|choice|endchoice|menu|endmenu|if|endif|source|comment)\b", s):
-                    break
-                if s.startswith("depends on"):
-                    out.append(f"{s} ({kc.relative_to(tree)})")
+            word = s.split(" ", 1)[0] if s else ""
+            if word == "if":
+                blocks.append([f"depends on {s[3:].strip()} (enclosing if, {rel})"])
+                header = False
+            elif word in ("menu", "choice"):
+                blocks.append([])
+                header = True
+            elif word in ("endif", "endmenu", "endchoice"):
+                if blocks:
+                    blocks.pop()
+                header = False
+            elif header and s.startswith("depends on") and blocks:
+                blocks[-1].append(f"{s} (enclosing menu/choice, {rel})")
+            elif word in ("config", "menuconfig", "source", "comment"):
+                header = False
+            if head.match(line):
+                for b in blocks:
+                    out.extend(b)
+                for body in lines[i + 1:]:
+                    b = body.strip()
+                    if re.match(r"^(config|menuconfig|choice|endchoice|menu|endmenu|if|endif|source|comment)\b", b):
+                        break
+                    if b.startswith("depends on"):
+                        out.append(f"{b} ({rel})")
     return tuple(dict.fromkeys(out))
 
 

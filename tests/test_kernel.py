@@ -195,6 +195,11 @@ def test_missing_option_detection_names_depends(tmp_path):
     assert [x[0] for x in lost] == ["CONFIG_XDP_SOCKETS_DIAG", "CONFIG_KCSAN", "CONFIG_NR_CPUS"]
     deps = kbuild.kconfig_depends(FIX / "tree", "CONFIG_XDP_SOCKETS_DIAG")
     assert deps == ("depends on XDP_SOCKETS (Kconfig)", "depends on INET_DIAG (Kconfig)")
+    assert kbuild.kconfig_depends(FIX / "tree", "CONFIG_VETH") == ("depends on NET_CORE (enclosing if, Kconfig)",)
+    assert kbuild.kconfig_depends(FIX / "tree", "CONFIG_VIRTIO_NET") == (
+        "depends on NET_CORE (enclosing if, Kconfig)", "depends on PCI (enclosing menu/choice, Kconfig)",
+        "depends on VIRTIO (Kconfig)")
+    assert kbuild.kconfig_depends(FIX / "tree", "CONFIG_AFTER") == ()
     msg = str(kbuild.LostOption("CONFIG_KCSAN", "y", "n", kbuild.kconfig_depends(FIX / "tree", "CONFIG_KCSAN")))
     assert "CONFIG_KCSAN=y became not set" in msg and "HAVE_ARCH_KCSAN" in msg and "!KASAN" in msg
 
