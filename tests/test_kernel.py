@@ -619,3 +619,20 @@ def test_missing_toolchain_names_packages(monkeypatch):
     with pytest.raises(BadInput) as e:
         kbuild.require_toolchain()
     assert "bison, flex" in str(e.value) and "apt-get install" in e.value.hint and "bison" in e.value.hint
+
+
+def test_artifact_json_roundtrip_all_fields(tmp_path):
+    d = tmp_path / "k"
+    art = kernel.KernelArtifact(
+        name="deb:6.1.0-47-amd64", key="abc", dir=d, bzimage=d / "bzImage", config=d / "config",
+        system_map=d / "System.map", build_log=d / "build.log", version="6.1.0-47-amd64",
+        source="deb:6.1.0-47-amd64", source_identity="deb:linux-image-6.1.0-47-amd64=6.1.170-3",
+        patches=("/p/a.patch",), fragments=("/f/lab.config",), affected=("veth-napi-race",),
+        vmlinux=d / "vmlinux", modules_dir=d / "modules",
+        module_load_order=("kernel/net/core/failover.ko", "kernel/drivers/net/virtio_net.ko"),
+        config_hash="h", compiler="gcc", build_seconds=1.5, created=2.0)
+    assert kernel.KernelArtifact.from_json(art.to_json()) == art
+    moved = art.relocated(tmp_path / "elsewhere")
+    assert moved.modules_dir == tmp_path / "elsewhere" / "modules" and moved.key == "abc"
+    unknown = kernel.KernelArtifact("x", "k", d, d / "b", d / "c", d / "s", d / "l", "v", "git:/x@y")
+    assert kernel.KernelArtifact.from_json(unknown.to_json()).affected is None
