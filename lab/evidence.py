@@ -1,41 +1,82 @@
 """Kernel-side evidence: an ftrace flight recorder and the interleaving detector.
 
 Tracer (runs in the agent, next to the kernel under test) puts kprobes on the
-AF_XDP RX producer and on the flush path, with the `counter` trace clock (a
-global atomic counter: monotonic across CPUs even under TCG, where `global`
-gave false interleavings).  The checker writes its own events into the same
-buffer through trace_marker and turns tracing off at the first violation, so
-the buffer ends just after the corruption: a flight recorder.
+AF_XDP RX producer (entry with the socket, and a return probe with its
+result) and on the flush path, with the `counter` trace clock (a global
+atomic counter: monotonic across CPUs even under TCG, where `global` gave
+false interleavings).  A thread streams every CPU's ring buffer
+(per_cpu/cpuN/trace_pipe_raw, binary pages: cheap, no formatting in the
+guest) into one file, so the analysis sees the whole run, not only the last
+megabytes a ring buffer keeps; pages the reader could not save in time carry
+the ring buffer's "missed events" flag and are reported as lost.  The
+checker writes its own events into the same buffer through trace_marker and
+turns tracing off at the first violation, so the stream ends just after the
+corruption: a flight recorder.  The Tracer also writes a clock mark
+(`racelab-clock <monotonic seconds>`) a few times a second, which maps the
+counter to seconds.
 
 analyze() runs on the orchestrator's side and flags the ordering described
 by fa349e396e48: a receive into socket S on CPU Y while another CPU X holds
-receives into S that it has not flushed yet.  The same condition catches the
-generic-receive race, because the receive and the flush both sit inside
-xsk_generic_rcv()'s locked region on a fixed kernel: two CPUs inside that
-region for one socket at once show up as the same unflushed interleaving.
+receives into S that it has not flushed yet ("unflushed").  Only receives
+that *succeeded* count, on both sides: a receive that fails (no FILL entry:
+-ENOMEM, RX ring full: -ENOBUFS) reserves no RX slot and does not put the
+socket on the CPU's flush list, and veth_poll() skips xdp_do_flush() when
+none of its receives was redirected.  Counting failed receives as unflushed
+made a fixed kernel look as racy as a reverted one (every poll that only
+dropped left the CPU "holding" until its next successful poll).
+For the generic-receive race, "overlap" counts receives that begin while
+another CPU is inside a receive into the same socket; receives made by
+xsk_generic_rcv() are flushed by it before it returns (under the pool lock on
+a fixed kernel), so they never stay unflushed.
+
+`python -m lab.evidence analyze FILE` prints the analysis as JSON;
+`python -m lab.evidence dump FILE [--around TS] [--count N]` prints a raw
+trace as text (the flight recorder's last events before a violation).
 """
 
 from __future__ import annotations
 
+import argparse
+import bisect
+import gzip
+import heapq
+import json
+import mmap
 import os
 import re
+import struct
+import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 # Probe candidates in order of preference; resolved against the running kernel.
-# __xsk_rcv first: copy mode always passes through it, and its kretprobe closes
-# the "inside the receive" interval used for the generic-receive race.
+# __xsk_rcv first: copy mode always passes through it (FILL consumption and RX
+# reservation both happen inside it), and its return probe gives the outcome
+# and closes the "inside the receive" interval of the generic-receive race.
 RECEIVE_CANDIDATES = ("__xsk_rcv", "__xsk_rcv_zc", "xskq_prod_reserve_desc")
 FLUSH_CANDIDATES = ("xsk_flush", "__xsk_map_flush")
+# Callers of the receive that flush the socket themselves before returning.
+SELF_FLUSHING_CALLERS = ("xsk_generic_rcv",)
 GROUP = "racelab"
 TRACE_OUT = "/tmp/racelab-trace.txt"
+RAW_MAGIC = b"RACELAB-FTRACE-RAW 1\n"
+CLOCK_MARK = "racelab-clock"
+_REC = struct.Struct("<4sII")             # tag, cpu, length
+_RB_MISSED_EVENTS = 1 << 31
+_RB_MISSED_STORED = 1 << 30
 
 
-def trace_options(scenario: str, stop_on_first: bool = True, buffer_kb: int = 2048) -> dict[str, Any]:
-    return {"scenario": scenario, "stop_on_first": stop_on_first, "buffer_kb": buffer_kb}
+def trace_options(scenario: str, stop_on_first: bool = True, buffer_kb: int = 4096,
+                  stream: bool = True, max_mb: int = 0) -> dict[str, Any]:
+    """Tracer options.  buffer_kb: ring buffer per CPU (the reader's slack, and
+    the flight recorder's depth once the stream is capped); max_mb: cap of the
+    streamed file (0: a quarter of the guest's memory, at most 512 MB)."""
+    return {"scenario": scenario, "stop_on_first": stop_on_first, "buffer_kb": buffer_kb,
+            "stream": stream, "max_mb": max_mb}
 
 
 def tracefs() -> Path | None:
@@ -54,19 +95,162 @@ def mount_tracefs() -> bool:
     return subprocess.run(["mount", "-t", "tracefs", "nodev", str(p)], capture_output=True).returncode == 0
 
 
-def kernel_symbols(names: Iterable[str]) -> set[str]:
-    """Which of names the running kernel can kprobe (text symbols in kallsyms)."""
+def _kallsyms(names: Iterable[str]) -> tuple[dict[str, int], list[int]]:
+    """Addresses of the text symbols in names, and every text address (sorted)."""
     wanted = set(names)
-    found: set[str] = set()
+    found: dict[str, int] = {}
+    addrs: list[int] = []
     try:
         with open("/proc/kallsyms") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3 and parts[1] in "tT" and parts[2] in wanted:
-                    found.add(parts[2])
-    except OSError:
+                if len(parts) >= 3 and parts[1] in "tT":
+                    a = int(parts[0], 16)
+                    addrs.append(a)
+                    if parts[2] in wanted:
+                        found.setdefault(parts[2], a)
+    except (OSError, ValueError):
         pass
-    return found
+    addrs.sort()
+    return found, addrs
+
+
+def kernel_symbols(names: Iterable[str]) -> set[str]:
+    """Which of names the running kernel can kprobe (text symbols in kallsyms)."""
+    return set(_kallsyms(names)[0])
+
+
+def _symbol_ranges(found: dict[str, int], addrs: list[int], names: Iterable[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for n in names:
+        a = found.get(n)
+        if not a:
+            continue
+        i = bisect.bisect_right(addrs, a)
+        out[n] = [a, addrs[i] if i < len(addrs) else a + 4096]
+    return out
+
+
+def _parse_format(text: str) -> tuple[int, str, dict[str, tuple[int, int, bool]]]:
+    """An events/*/*/format file: (id, name, {field: (offset, size, signed)})."""
+    m_id = re.search(r"^ID:\s*(\d+)", text, re.M)
+    m_name = re.search(r"^name:\s*(\S+)", text, re.M)
+    fields: dict[str, tuple[int, int, bool]] = {}
+    for m in re.finditer(r"field:([^;]*);\s*offset:(\d+);\s*size:(\d+);\s*signed:(\d+);", text):
+        name = m.group(1).split()[-1].split("[")[0]
+        fields[name] = (int(m.group(2)), int(m.group(3)), m.group(4) == "1")
+    return (int(m_id.group(1)) if m_id else -1, m_name.group(1) if m_name else "", fields)
+
+
+def _mem_total_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return 1024
+
+
+class _Streamer(threading.Thread):
+    """Copies every CPU's trace_pipe_raw pages into one file, and writes clock marks."""
+
+    def __init__(self, root: Path, out: Path, cpus: list[int], header: dict[str, Any],
+                 cap_bytes: int, page_size: int, mark_every: float = 0.02) -> None:
+        super().__init__(name="racelab-trace-stream", daemon=True)
+        self.root, self.out, self.cpus = root, out, cpus
+        self.cap_bytes, self.page_size, self.mark_every = cap_bytes, page_size, mark_every
+        self.stop_ev = threading.Event()
+        self.fds: dict[int, int] = {}
+        self.error = ""
+        for c in cpus:
+            try:
+                self.fds[c] = os.open(root / "per_cpu" / f"cpu{c}" / "trace_pipe_raw",
+                                      os.O_RDONLY | os.O_NONBLOCK)
+            except OSError as e:
+                self.error = f"cpu{c} not streamed: {e.strerror}"
+        if not self.fds:
+            raise OSError(f"no per_cpu/*/trace_pipe_raw: {self.error}")
+        try:
+            self.marker: int | None = os.open(root / "trace_marker", os.O_WRONLY)
+        except OSError:
+            self.marker = None
+        self.f = open(out, "wb")
+        self.f.write(RAW_MAGIC)
+        self._record(b"HEAD", 0, json.dumps(header).encode())
+        self.bytes = 0
+        self.pages = 0
+        self.capped_at: float | None = None
+
+    def _record(self, tag: bytes, cpu: int, payload: bytes) -> None:
+        self.f.write(_REC.pack(tag, cpu, len(payload)))
+        self.f.write(payload)
+
+    def mark(self) -> None:
+        if self.marker is not None:
+            try:
+                os.write(self.marker, f"{CLOCK_MARK} {time.monotonic():.6f}\n".encode())
+            except OSError:
+                pass
+
+    def drain(self, force: bool = False) -> None:
+        for c, fd in self.fds.items():
+            while force or self.bytes < self.cap_bytes:
+                try:
+                    b = os.read(fd, self.page_size)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    self.error = f"cpu{c}: {e}"
+                    break
+                if len(b) < 16:
+                    break
+                commit = int.from_bytes(b[8:16], "little")
+                size = commit & ~(_RB_MISSED_EVENTS | _RB_MISSED_STORED) & 0xFFFFFFFF
+                end = 16 + size + (8 if commit & _RB_MISSED_STORED else 0)
+                try:
+                    self._record(b"PAGE", c, b[:end])
+                except OSError as e:     # e.g. /tmp full: keep the ring buffer as the recorder
+                    self.error = f"writing the trace: {e.strerror}"
+                    self.cap_bytes = self.bytes
+                    self.capped_at = time.monotonic()
+                    return
+                self.bytes += end
+                self.pages += 1
+            if not force and self.bytes >= self.cap_bytes and self.capped_at is None:
+                # from here the ring buffers keep the last events: a flight recorder
+                self.capped_at = time.monotonic()
+
+    def run(self) -> None:
+        try:
+            while not self.stop_ev.wait(self.mark_every):
+                self.mark()
+                if self.capped_at is None:
+                    self.drain()
+        except Exception as e:  # noqa: BLE001 - reported by collect(), never kills the agent
+            self.error = f"stream thread: {type(e).__name__}: {e}"
+
+    def finish(self, tail: dict[str, Any]) -> None:
+        self.stop_ev.set()
+        self.join(5)
+        try:
+            self.drain(force=True)
+            self._record(b"TAIL", 0, json.dumps(tail).encode())
+        except OSError as e:
+            self.error = self.error or f"writing the trace: {e.strerror}"
+        self.close()
+
+    def close(self) -> None:
+        for fd in list(self.fds.values()) + ([self.marker] if self.marker is not None else []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = {}
+        self.marker = None
+        if not self.f.closed:
+            self.f.close()
 
 
 class Tracer:
@@ -80,6 +264,8 @@ class Tracer:
         self.note = ""
         self._saved: dict[str, str] = {}
         self._mounted = False
+        self._streamer: _Streamer | None = None
+        self._callers: dict[str, list[int]] = {}
 
     def _w(self, name: str, value: str, append: bool = False) -> None:
         assert self.root is not None
@@ -91,6 +277,20 @@ class Tracer:
         finally:
             os.close(fd)
 
+    def _r(self, name: str) -> str:
+        assert self.root is not None
+        return (self.root / name).read_text()
+
+    def _add_probe(self, role: str, kind: str, sym: str, fetch: str) -> bool:
+        try:
+            self._w("kprobe_events", f"{kind}:{GROUP}/{role} {sym}{fetch}", append=True)
+        except OSError as e:
+            self.missing.append(f"{role}: cannot {'kretprobe' if kind == 'r' else 'kprobe'} {sym} ({e.strerror})")
+            return False
+        self.probes[role] = sym     # registered: _cleanup removes it even if enabling fails
+        self._w(f"events/{GROUP}/{role}/enable", "1")
+        return True
+
     def __enter__(self) -> Tracer:
         if self.root is None and mount_tracefs():
             self._mounted = True
@@ -98,49 +298,89 @@ class Tracer:
         if self.root is None:
             self.note = "no tracefs with kprobe_events (CONFIG_KPROBE_EVENTS, tracefs mounted?)"
             return self
-        syms = kernel_symbols(RECEIVE_CANDIDATES + FLUSH_CANDIDATES)
-        rcv = next((s for s in RECEIVE_CANDIDATES if s in syms), None)
-        flush = next((s for s in FLUSH_CANDIDATES if s in syms), None)
+        found, addrs = _kallsyms(RECEIVE_CANDIDATES + FLUSH_CANDIDATES + SELF_FLUSHING_CALLERS)
+        self._callers = _symbol_ranges(found, addrs, SELF_FLUSHING_CALLERS)
+        rcv = next((s for s in RECEIVE_CANDIDATES if s in found), None)
+        flush = next((s for s in FLUSH_CANDIDATES if s in found), None)
         for role, sym, cands in (("rcv", rcv, RECEIVE_CANDIDATES), ("flush", flush, FLUSH_CANDIDATES)):
             if sym is None:
                 self.missing.append(f"{role}: none of {', '.join(cands)} is probeable in this kernel")
-        if rcv is None or flush is None:
+        if rcv is None:
             self.note = "; ".join(self.missing)
-            self.root = None if rcv is None and flush is None else self.root
+            self.root = None
+            return self
         try:
-            self._saved["trace_clock"] = _current_clock((self.root / "trace_clock").read_text()) if self.root else ""
+            self._saved["trace_clock"] = _current_clock(self._r("trace_clock"))
+            self._saved["buffer_size_kb"] = _buffer_kb(self._r("buffer_size_kb"))
+            self._saved["tracing_on"] = self._r("tracing_on").strip()
             self._w("tracing_on", "0")
             self._w("trace", "")
-            self._w("buffer_size_kb", str(self.opts.get("buffer_kb", 2048)))
+            self._w("buffer_size_kb", str(self.opts.get("buffer_kb", 4096)))
             self._w("trace_clock", "counter")
-            # __xsk_map_flush flushes every socket of its CPU's list: "flushall", no socket
+            # first argument (the xdp_sock) is in %di on x86_64
+            self._add_probe("rcv", "p", rcv, " xs=%di:x64")
+            if not self._add_probe("rcvret", "r", rcv, " ret=$retval:s32"):
+                self.missing.append("rcvret: receive outcomes unknown, failed receives count as receives")
             if flush == "__xsk_map_flush":
-                roles = [("rcv", rcv, " xs=%di:x64", "p"), ("flushall", flush, "", "p")]
-            else:
-                roles = [("rcv", rcv, " xs=%di:x64", "p"), ("flush", flush, " xs=%di:x64", "p")]
-            roles.append(("rcvret", rcv, "", "r"))
-            for role, sym, fetch, kind in roles:
-                if sym is None:
-                    continue
-                # first argument (the xdp_sock) is in %di on x86_64
-                self._w("kprobe_events", f"{kind}:{GROUP}/{role} {sym}{fetch}", append=True)
-                self._w(f"events/{GROUP}/{role}/enable", "1")
-                self.probes[role] = sym
+                # flushes every socket on its CPU's list: "flushall", no socket
+                self._add_probe("flushall", "p", flush, "")
+            elif flush is not None:
+                self._add_probe("flush", "p", flush, " xs=%di:x64")
+            if self.opts.get("stream", True):
+                self._start_stream()
             self._w("tracing_on", "1")
         except OSError as e:
             self.note = f"tracing set-up failed: {e}"
             self._cleanup()
             self.root = None
+        if self.root is not None and self.missing:
+            self.note = "; ".join(self.missing)
         return self
 
-    def _cleanup(self) -> None:
-        if self.root is None:
-            return
-        for name, value in (("tracing_on", "0"),):
+    def _start_stream(self) -> None:
+        assert self.root is not None
+        events: dict[str, Any] = {}
+        for path in [f"events/{GROUP}/{r}/format" for r in self.probes] + ["events/ftrace/print/format"]:
             try:
-                self._w(name, value)
+                eid, name, fields = _parse_format(self._r(path))
             except OSError:
-                pass
+                continue
+            events[str(eid)] = {"name": "mark" if path.startswith("events/ftrace/") else name,
+                                "fields": fields}
+        page_size = 4096
+        try:
+            hp = _parse_format(self._r("events/header_page"))[2]
+            if "data" in hp:
+                page_size = hp["data"][0] + hp["data"][1]
+        except OSError:
+            pass
+        cpus = list(range(os.cpu_count() or 1))
+        max_mb = int(self.opts.get("max_mb") or min(512, _mem_total_mb() // 4))
+        header = {"page_size": page_size, "events": events, "cpus": cpus, "clock": "counter",
+                  "probes": self.probes, "callers": self._callers, "max_mb": max_mb}
+        try:
+            self._streamer = _Streamer(self.root, Path(TRACE_OUT), cpus, header, max_mb << 20, page_size)
+        except OSError as e:
+            self.missing.append(f"stream: {e}; keeping the ring buffer only")
+            self._streamer = None
+            return
+        self._streamer.start()
+
+    def _cleanup(self) -> None:
+        if self._streamer is not None:
+            self._streamer.stop_ev.set()
+            self._streamer.join(5)
+            self._streamer.close()
+            self._streamer = None
+        if self.root is None:
+            if self._mounted:
+                import subprocess
+                subprocess.run(["umount", "/sys/kernel/tracing"], capture_output=True)
+            return
+        try:
+            self._w("tracing_on", "0")
+        except OSError:
+            pass
         for role in list(self.probes) or ["rcv", "rcvret", "flush", "flushall"]:
             try:
                 self._w(f"events/{GROUP}/{role}/enable", "0")
@@ -150,28 +390,64 @@ class Tracer:
                 self._w("kprobe_events", f"-:{GROUP}/{role}", append=True)
             except OSError:
                 pass
-        if self._saved.get("trace_clock"):
-            try:
-                self._w("trace_clock", self._saved["trace_clock"])
-            except OSError:
-                pass
+        for name in ("trace_clock", "buffer_size_kb", "tracing_on"):
+            if self._saved.get(name):
+                try:
+                    self._w(name, self._saved[name])
+                except OSError:
+                    pass
         if self._mounted:
             import subprocess
             subprocess.run(["umount", "/sys/kernel/tracing"], capture_output=True)
 
+    def _tail(self) -> dict[str, Any]:
+        assert self.root is not None
+        tail: dict[str, Any] = {"kprobe_profile": {}, "stats": {}}
+        try:
+            for line in self._r("kprobe_profile").splitlines():
+                parts = line.split()
+                if len(parts) >= 3 and parts[0] in self.probes:
+                    tail["kprobe_profile"][parts[0]] = [int(parts[-2]), int(parts[-1])]
+        except (OSError, ValueError):
+            pass
+        for c in range(os.cpu_count() or 1):
+            try:
+                st = dict(l.split(":", 1) for l in self._r(f"per_cpu/cpu{c}/stats").splitlines() if ":" in l)
+                tail["stats"][str(c)] = {k.strip(): v.strip() for k, v in st.items()}
+            except OSError:
+                pass
+        return tail
+
     def collect(self) -> dict[str, Any]:
-        """Stop tracing, save the buffer to a file, and describe it."""
+        """Stop tracing, save the trace to a file, and describe it."""
         if self.root is None or not self.probes:
             return {"available": False, "note": self.note or "tracing unavailable", "missing": self.missing}
+        measure = window_measure(str(self.opts.get("scenario", "")))
         self._w("tracing_on", "0")
         t = time.monotonic()
-        with open(self.root / "trace") as src, open(TRACE_OUT, "w") as dst:
-            for line in src:
-                dst.write(line)
-        return {"available": True, "trace_path": TRACE_OUT, "probes": self.probes,
-                "measure": window_measure(str(self.opts.get("scenario", ""))),
-                "missing": self.missing, "note": self.note, "cpus": os.cpu_count(),
-                "save_seconds": round(time.monotonic() - t, 3)}
+        info: dict[str, Any] = {}
+        if self._streamer is not None:
+            s = self._streamer
+            s.finish(self._tail())
+            self._streamer = None
+            info = {"format": "raw", "bytes": s.bytes, "pages": s.pages}
+            if s.capped_at is not None:
+                info["capped_mb"] = s.cap_bytes >> 20
+            if s.error:
+                info["stream_error"] = s.error
+                self.note = "; ".join(filter(None, [self.note, f"trace stream: {s.error}"]))
+        else:
+            with open(self.root / "trace") as src, open(TRACE_OUT, "w") as dst:
+                for line in src:
+                    dst.write(line)
+            info = {"format": "text"}
+        out: dict[str, Any] = {"available": True, "trace_path": TRACE_OUT, "probes": self.probes,
+                               "measure": measure, "missing": self.missing, "note": self.note,
+                               "cpus": os.cpu_count(), "save_seconds": round(time.monotonic() - t, 3), **info}
+        if measure == "unflushed_hits" and not ({"flush", "flushall"} & set(self.probes)):
+            out["available"] = False
+            out["note"] = "no flush probe in this kernel: the unflushed-receive window cannot be measured"
+        return out
 
     def __exit__(self, *exc: object) -> None:
         self._cleanup()
@@ -182,103 +458,538 @@ def _current_clock(text: str) -> str:
     return m.group(1) if m else ""
 
 
-# "  <idle>-0  [001] ..s1.  123456: rcv: (__xsk_rcv_zc+0x0/0x1d0) xs=0xffff888004a1c000"
-_EVENT = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+(rcvret|rcv|flushall|flush):(?:.*?xs=(0x[0-9a-fA-F]+|\d+))?")
+def _buffer_kb(text: str) -> str:
+    """buffer_size_kb reads "7 (expanded: 1408)" before first use: restore the expanded size."""
+    m = re.search(r"expanded:\s*(\d+)", text)
+    return m.group(1) if m else text.split()[0] if text.split() else ""
+
+
+# --- analysis ------------------------------------------------------------------
+#
+# Events are tuples (ts, cpu, kind, a, b):
+#   rcv      a = socket (int)            receive entry
+#   rcvret   a = ret (int|None), b = caller name (str|None)
+#   flush    a = socket                  flush of one socket
+#   flushall                             flush of every socket on the CPU's list
+#   mark     a = text                    trace_marker (checker events, clock marks)
+#   lost     a = count (-1: unknown)     the CPU lost events before ts
+# anything else (extra probes) is ignored by the analysis and shown by dump.
+
+# "  <idle>-0  [001] ..s1.  123456: rcv: (__xsk_rcv+0x0/0x1d0) xs=0xffff888004a1c000"
+_LINE = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+([\w.]+):\s?(.*)$")
 _HEADER = re.compile(r"entries-in-buffer/entries-written:\s*(\d+)/(\d+)")
-_MARK = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+tracing_mark_write:\s*(.*)$")
+_LOST = re.compile(r"CPU:(\d+) \[LOST (\d+) EVENTS\]")
+_XS = re.compile(r"xs=(0x[0-9a-fA-F]+|\d+)")
+_RET = re.compile(r"\bret=(-?\d+)")
+_CALLER = re.compile(r"\((\w[\w.]*)\+0x[0-9a-f]+/0x[0-9a-f]+ <- ")
+
+
+def _int(s: str) -> int:
+    return int(s, 16) if s.startswith(("0x", "0X")) else int(s)
 
 
 @dataclass
 class Analysis:
     receives: int = 0
+    failed: int = 0                      # receives that returned an error (no FILL entry, RX ring full)
     flushes: int = 0
-    window_hits: int = 0                 # receives that interleaved with another CPU's unflushed ones
+    window_hits: int = 0                 # successful receives that interleaved with another CPU's unflushed ones
     overlap_hits: int = 0                # receives that began while another CPU was inside one for S
     sockets: int = 0
     cpus: set[int] = field(default_factory=set)
     examples: list[dict[str, Any]] = field(default_factory=list)
+    overlap_examples: list[dict[str, Any]] = field(default_factory=list)
     marks: list[str] = field(default_factory=list)
     first_hit_ts: int | None = None
-    skipped: int = 0                     # events before every CPU's buffer has data
-    lost: int = 0                        # events the ring buffers overwrote
+    first_overlap_ts: int | None = None
+    first_hit_s: float | None = None     # seconds from the first receive to the first unflushed hit
+    first_overlap_s: float | None = None
+    span_s: float | None = None          # seconds from the first receive to the last event
+    first_ts: int | None = None
+    last_ts: int | None = None
+    skipped: int = 0                     # events before every CPU's buffer has data (text traces)
+    lost: int = 0                        # events the ring buffers overwrote before they were saved
+    gaps: int = 0                        # places where a CPU lost events
+    retracted: int = 0                   # hits withdrawn because a CPU they relied on lost events
+    outcomes: bool = False               # receive results were traced (return probe)
+    kprobe_missed: int = 0
+    format: str = "text"
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"receives": self.receives, "flushes": self.flushes, "window_hits": self.window_hits,
-                "unflushed_hits": self.window_hits, "overlap_hits": self.overlap_hits,
-                "sockets": self.sockets, "cpus": sorted(self.cpus), "examples": self.examples[:20],
-                "marks": self.marks[:50], "first_hit_ts": self.first_hit_ts, "skipped": self.skipped,
-                "lost": self.lost}
+        return {"receives": self.receives, "failed_receives": self.failed, "flushes": self.flushes,
+                "window_hits": self.window_hits, "unflushed_hits": self.window_hits,
+                "overlap_hits": self.overlap_hits, "sockets": self.sockets, "cpus": sorted(self.cpus),
+                "examples": self.examples[:20], "overlap_examples": self.overlap_examples[:20],
+                "marks": self.marks[:50], "first_hit_ts": self.first_hit_ts,
+                "first_overlap_ts": self.first_overlap_ts, "first_hit_s": self.first_hit_s,
+                "first_overlap_s": self.first_overlap_s, "span_s": self.span_s,
+                "skipped": self.skipped, "lost": self.lost, "gaps": self.gaps,
+                "retracted": self.retracted, "outcomes_traced": self.outcomes,
+                "kprobe_missed": self.kprobe_missed, "trace_format": self.format,
+                "analysis_notes": self.notes}
 
 
-def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
-    """Count receives into S on CPU Y while CPU X != Y holds unflushed receives into S."""
-    a = Analysis()
-    pending: dict[str, dict[int, int]] = {}   # socket -> cpu -> receives since its last flush
-    inside: dict[int, str] = {}               # cpu -> socket it is receiving into right now
-    events = []
+class _Open:
+    __slots__ = ("ts", "xs", "holders", "inside_of")
+
+    def __init__(self, ts: int, xs: int, holders: dict[int, int], inside_of: list[int]) -> None:
+        self.ts, self.xs, self.holders, self.inside_of = ts, xs, holders, inside_of
+
+
+class _Analyzer:
+    """Feed events in counter order; see the module docstring for the two measures."""
+
+    def __init__(self, max_examples: int = 20) -> None:
+        self.a = Analysis()
+        self.max_examples = max_examples
+        self.pending: dict[int, dict[int, int]] = {}   # socket -> cpu -> successful unflushed receives
+        self.open: dict[int, _Open] = {}               # cpu -> receive awaiting its return
+        self.last: dict[int, int] = {}                 # cpu -> ts of its last event
+        # (commit ts, hit ts, kind "u"/"o", cpu, socket, holders); retracted ones are removed
+        self.log: list[tuple[int, int, str, int, int, dict[int, int]]] = []
+        self.clock: list[tuple[int, float]] = []
+        self.first_rcv: int | None = None
+
+    def feed(self, ev: tuple[Any, ...]) -> None:
+        ts, cpu, kind = ev[0], ev[1], ev[2]
+        a = self.a
+        if a.first_ts is None:
+            a.first_ts = ts
+        a.last_ts = ts
+        if kind == "mark":
+            text = str(ev[3]).strip()
+            if text.startswith(CLOCK_MARK):
+                try:
+                    self.clock.append((ts, float(text.split()[1])))
+                except (IndexError, ValueError):
+                    pass
+            else:
+                a.marks.append(text)
+            return
+        if kind == "lost":
+            self._lost(ts, cpu, ev[3])
+            return
+        if kind not in ("rcv", "rcvret", "flush", "flushall"):
+            return
+        a.cpus.add(cpu)
+        self.last[cpu] = ts
+        if kind == "rcvret":
+            o = self.open.pop(cpu, None)
+            if o is not None:
+                a.outcomes = a.outcomes or ev[3] is not None
+                self._close(cpu, o, ev[3], ev[4], ts)
+            return
+        o = self.open.pop(cpu, None)
+        if o is not None:          # its return never came (no return probe): outcome unknown
+            self._close(cpu, o, None, None, ts)
+        if kind == "flushall":
+            a.flushes += 1
+            for per in self.pending.values():
+                if cpu in per:
+                    per[cpu] = 0
+            return
+        xs = ev[3]
+        if xs is None:
+            return
+        per = self.pending.setdefault(xs, {})
+        if kind == "flush":
+            a.flushes += 1
+            per[cpu] = 0
+            return
+        a.receives += 1
+        if self.first_rcv is None:
+            self.first_rcv = ts
+        inside = [c for c, oo in self.open.items() if c != cpu and oo.xs == xs]
+        if inside:
+            self.log.append((ts, ts, "o", cpu, xs, {c: 1 for c in inside}))
+        holders = {c: n for c, n in per.items() if c != cpu and n > 0}
+        for c in inside:           # inside a receive into S: holding (or about to hold) a slot
+            holders[c] = holders.get(c, 0) + 1
+        self.open[cpu] = _Open(ts, xs, holders, inside)
+
+    def _close(self, cpu: int, o: _Open, ret: int | None, caller: str | None, now: int) -> None:
+        if ret is not None and ret != 0:
+            self.a.failed += 1     # reserved nothing and is not on the flush list
+            return
+        if o.holders:
+            self.log.append((now, o.ts, "u", cpu, o.xs, o.holders))
+        per = self.pending.setdefault(o.xs, {})
+        if caller in SELF_FLUSHING_CALLERS:
+            per[cpu] = 0           # flushed by its caller before anything else runs here
+        else:
+            per[cpu] = per.get(cpu, 0) + 1
+
+    def _lost(self, ts: int, cpu: int, count: int) -> None:
+        """cpu lost events before ts: forget its state, withdraw hits that relied on it."""
+        a = self.a
+        a.gaps += 1
+        a.lost += count if count > 0 else 0
+        gap_start = self.last.get(cpu, -1)
+        self.open.pop(cpu, None)
+        for per in self.pending.values():
+            per.pop(cpu, None)
+        keep: list[tuple[int, int, str, int, int, dict[int, int]]] = []
+        while self.log and self.log[-1][0] > gap_start:
+            e = self.log.pop()
+            if e[1] > gap_start and cpu in e[5]:
+                a.retracted += 1
+            else:
+                keep.append(e)
+        self.log.extend(reversed(keep))
+        self.last[cpu] = ts
+
+    def finish(self) -> Analysis:
+        a = self.a
+        for cpu, o in list(self.open.items()):
+            self._close(cpu, o, None, None, a.last_ts or 0)
+        self.open.clear()
+        hits = sorted((e for e in self.log if e[2] == "u"), key=lambda e: e[1])
+        overlaps = sorted((e for e in self.log if e[2] == "o"), key=lambda e: e[1])
+        a.window_hits, a.overlap_hits = len(hits), len(overlaps)
+        for src, dst in ((hits, a.examples), (overlaps, a.overlap_examples)):
+            for e in src[:self.max_examples]:
+                dst.append({"ts": e[1], "cpu": e[3], "socket": hex(e[4]),
+                            ("unflushed_on" if e[2] == "u" else "inside_on"): e[5]})
+        a.first_hit_ts = hits[0][1] if hits else None
+        a.first_overlap_ts = overlaps[0][1] if overlaps else None
+        a.sockets = len(self.pending)
+        t = self._seconds
+        if self.first_rcv is not None and len(self.clock) >= 2:
+            t0 = t(self.first_rcv)
+            a.span_s = _round(t(a.last_ts) - t0) if a.last_ts is not None else None
+            a.first_hit_s = _round(t(a.first_hit_ts) - t0) if a.first_hit_ts is not None else None
+            a.first_overlap_s = _round(t(a.first_overlap_ts) - t0) if a.first_overlap_ts is not None else None
+        if a.receives and not a.outcomes:
+            a.notes.append("receive outcomes not traced: failed receives count as held slots")
+        if a.gaps:
+            a.notes.append(f"{a.gaps} gap(s) where a CPU lost events ({a.lost} known lost); "
+                           f"{a.retracted} hit(s) that relied on them withdrawn")
+        if a.kprobe_missed:
+            a.notes.append(f"kprobes missed {a.kprobe_missed} hit(s)")
+        return a
+
+    def _seconds(self, ts: int) -> float:
+        """Counter value -> clock-mark seconds: linear between the two marks around
+        it, clamped to the first/last mark outside them (no extrapolation: the
+        counter only advances with events, so its rate says nothing about time
+        where no marks were written, e.g. after the checker stopped tracing)."""
+        c = self.clock
+        if ts <= c[0][0]:
+            return c[0][1]
+        if ts >= c[-1][0]:
+            return c[-1][1]
+        i = bisect.bisect_left(c, (ts, float("-inf")))
+        (x0, y0), (x1, y1) = c[i - 1], c[i]
+        return y0 + (ts - x0) * (y1 - y0) / (x1 - x0) if x1 != x0 else y0
+
+
+def _round(x: float) -> float:
+    return round(x, 4)
+
+
+# --- text traces ------------------------------------------------------------------
+
+def _text_events(lines: Iterable[str], a: Analysis) -> list[tuple[Any, ...]]:
+    events: list[tuple[Any, ...]] = []
+    pending_lost: dict[int, int] = {}
     for line in lines:
         if line.startswith("#"):
             h = _HEADER.search(line)
             if h and int(h.group(1)) < int(h.group(2)):
                 a.lost = int(h.group(2)) - int(h.group(1))
             continue
-        m = _EVENT.search(line)
-        if m:
-            events.append((int(m.group(2)), int(m.group(1)), m.group(3), m.group(4)))
+        lm = _LOST.search(line)
+        if lm:
+            pending_lost[int(lm.group(1))] = int(lm.group(2))
             continue
-        mk = _MARK.search(line)
-        if mk:
-            a.marks.append(mk.group(3).strip())
+        m = _LINE.search(line)
+        if not m:
+            continue
+        cpu, ts, kind, rest = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+        if cpu in pending_lost:
+            events.append((ts, cpu, "lost", pending_lost.pop(cpu), None))
+        if kind in ("rcv", "flush"):
+            x = _XS.search(rest)
+            events.append((ts, cpu, kind, _int(x.group(1)) if x else None, None))
+        elif kind == "rcvret":
+            r, c = _RET.search(rest), _CALLER.search(rest)
+            events.append((ts, cpu, kind, int(r.group(1)) if r else None, c.group(1) if c else None))
+        elif kind == "flushall":
+            events.append((ts, cpu, kind, None, None))
+        elif kind == "tracing_mark_write":
+            events.append((ts, cpu, "mark", rest.strip(), None))
     # per-CPU buffers are printed merged by timestamp already; sort to be safe (counter clock)
     events.sort(key=lambda e: e[0])
-    # The ring buffers overwrite per CPU: a busy CPU loses its oldest events
-    # first, and a flush lost that way would look like an interleaving.  Only
-    # the span every traced CPU still covers is analysed.
+    return events
+
+
+def analyze(lines: Iterable[str], max_examples: int = 20) -> Analysis:
+    """Analyse a text trace (the `trace` file)."""
+    an = _Analyzer(max_examples)
+    events = _text_events(lines, an.a)
+    # An overwritten ring buffer loses each CPU's oldest events first, and a
+    # flush lost that way would look like an interleaving: only the span every
+    # traced CPU still covers is analysed.
     first: dict[int, int] = {}
-    for ts, cpu, _, _ in events:
-        first.setdefault(cpu, ts)
-    start = max(first.values(), default=0) if a.lost else 0
-    a.skipped = sum(1 for e in events if e[0] < start)
-    for ts, cpu, kind, xs in events:
-        if ts < start:
+    for ts, cpu, kind, _, _ in events:
+        if kind != "mark":
+            first.setdefault(cpu, ts)
+    start = max(first.values(), default=0) if an.a.lost else 0
+    lost = an.a.lost
+    for e in events:
+        if e[0] < start:
+            an.a.skipped += 1
             continue
-        a.cpus.add(cpu)
-        if kind == "rcvret":
-            inside.pop(cpu, None)
-            continue
-        if kind == "flushall":
-            a.flushes += 1
-            for per in pending.values():
-                per[cpu] = 0
-            continue
-        if xs is None:
-            continue
-        per = pending.setdefault(xs, {})
-        if kind == "flush":
-            a.flushes += 1
-            per[cpu] = 0
-            continue
-        a.receives += 1
-        if any(c != cpu and x == xs for c, x in inside.items()):
-            a.overlap_hits += 1
-        inside[cpu] = xs
-        others = {c: n for c, n in per.items() if c != cpu and n > 0}
-        if others:
-            a.window_hits += 1
-            if a.first_hit_ts is None:
-                a.first_hit_ts = ts
-            if len(a.examples) < max_examples:
-                a.examples.append({"ts": ts, "cpu": cpu, "socket": xs, "unflushed_on": others})
-        per[cpu] = per.get(cpu, 0) + 1
-    a.sockets = len(pending)
-    return a
+        an.feed(e)
+    an.a.lost = max(an.a.lost, lost)
+    return an.finish()
+
+
+# --- raw (streamed) traces ----------------------------------------------------------
+
+@dataclass
+class RawTrace:
+    header: dict[str, Any]
+    tail: dict[str, Any]
+    pages: dict[int, list[tuple[int, int]]]     # cpu -> [(offset, length)] in file order
+    buf: Any                                     # mmap or bytes
+
+
+def read_raw(path: Path) -> RawTrace:
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "rb") as g:
+            buf: Any = g.read()
+    else:
+        with open(path, "rb") as f:
+            try:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:           # empty file
+                buf = b""
+    if buf[:len(RAW_MAGIC)] != RAW_MAGIC:
+        raise ValueError(f"{path}: not a racelab raw trace")
+    off = len(RAW_MAGIC)
+    header: dict[str, Any] = {}
+    tail: dict[str, Any] = {}
+    pages: dict[int, list[tuple[int, int]]] = {}
+    n = len(buf)
+    while off + _REC.size <= n:
+        tag, cpu, length = _REC.unpack_from(buf, off)
+        off += _REC.size
+        if off + length > n:
+            break                    # truncated: keep what is whole
+        if tag == b"PAGE":
+            pages.setdefault(cpu, []).append((off, length))
+        elif tag == b"HEAD":
+            header = json.loads(bytes(buf[off:off + length]))
+        elif tag == b"TAIL":
+            tail = json.loads(bytes(buf[off:off + length]))
+        off += length
+    return RawTrace(header, tail, pages, buf)
+
+
+def _decoders(header: dict[str, Any]) -> dict[int, tuple[str, Any]]:
+    """event id -> (kind, field getter)"""
+    out: dict[int, tuple[str, Any]] = {}
+    callers = {k: tuple(v) for k, v in header.get("callers", {}).items()}
+    for sid, spec in header.get("events", {}).items():
+        name, fields = spec["name"], {k: tuple(v) for k, v in spec["fields"].items()}
+
+        def u64(fname: str) -> Any:
+            o = fields[fname][0]
+            return lambda d, p: struct.unpack_from("<Q", d, p + o)[0]
+
+        if name in ("rcv", "flush") and "xs" in fields:
+            out[int(sid)] = (name, u64("xs"))
+        elif name == "rcvret":
+            ro = fields["ret"][0] if "ret" in fields else None
+            ipo = fields["__probe_ret_ip"][0] if "__probe_ret_ip" in fields else None
+
+            def ret_getter(d: Any, p: int, ro: int | None = ro, ipo: int | None = ipo) -> tuple[Any, Any]:
+                ret = struct.unpack_from("<i", d, p + ro)[0] if ro is not None else None
+                caller = None
+                if ipo is not None and callers:
+                    ip = struct.unpack_from("<Q", d, p + ipo)[0]
+                    caller = next((k for k, (lo, hi) in callers.items() if lo <= ip < hi), None)
+                return ret, caller
+            out[int(sid)] = (name, ret_getter)
+        elif name == "mark" and "buf" in fields:
+            o = fields["buf"][0]
+            out[int(sid)] = (name, lambda d, p, n, o=o: bytes(d[p + o:p + n]).split(b"\0", 1)[0]
+                             .decode(errors="replace"))
+        else:
+            out[int(sid)] = (name, None)
+    return out
+
+
+def _cpu_events(rt: RawTrace, cpu: int, dec: dict[int, tuple[str, Any]]) -> Iterator[tuple[Any, ...]]:
+    d = rt.buf
+    u32 = struct.Struct("<I").unpack_from
+    u16 = struct.Struct("<H").unpack_from
+    page_hdr = struct.Struct("<Qq").unpack_from
+    for off, length in rt.pages.get(cpu, []):
+        ts, commit = page_hdr(d, off)
+        size = commit & ~(_RB_MISSED_EVENTS | _RB_MISSED_STORED) & 0xFFFFFFFF
+        if commit & _RB_MISSED_EVENTS:
+            missed = -1
+            if commit & _RB_MISSED_STORED and 16 + size + 8 <= length:
+                missed = struct.unpack_from("<Q", d, off + 16 + size)[0]
+            yield (ts, cpu, "lost", missed, None)
+        p = off + 16
+        end = p + min(size, length - 16)
+        while p + 4 <= end:
+            h = u32(d, p)[0]
+            tl, delta = h & 31, h >> 5
+            if tl == 29:                           # padding
+                if delta == 0:
+                    break                          # the rest of the page
+                p += 4 + u32(d, p + 4)[0]
+                continue
+            if tl == 30:                           # time extend
+                ts += delta + (u32(d, p + 4)[0] << 27)
+                p += 8
+                continue
+            if tl == 31:                           # absolute time stamp
+                abs_ts = delta + (u32(d, p + 4)[0] << 27)
+                ts = abs_ts | (ts & ~((1 << 59) - 1))
+                p += 8
+                continue
+            ts += delta
+            if tl == 0:
+                n = u32(d, p + 4)[0] - 4
+                q = p + 8
+            else:
+                n = tl * 4
+                q = p + 4
+            p = q + n
+            eid = u16(d, q)[0]
+            kd = dec.get(eid)
+            if kd is None:
+                continue
+            kind, get = kd
+            if get is None:
+                yield (ts, cpu, kind, None, None)
+            elif kind == "rcvret":
+                r, c = get(d, q)
+                yield (ts, cpu, kind, r, c)
+            elif kind == "mark":
+                yield (ts, cpu, kind, get(d, q, n), None)
+            else:
+                yield (ts, cpu, kind, get(d, q), None)
+
+
+def raw_events(rt: RawTrace) -> Iterator[tuple[Any, ...]]:
+    """Every CPU's events, merged in counter order."""
+    dec = _decoders(rt.header)
+    return heapq.merge(*(_cpu_events(rt, c, dec) for c in sorted(rt.pages)), key=lambda e: e[0])
+
+
+def analyze_raw(path: Path, max_examples: int = 20) -> Analysis:
+    rt = read_raw(path)
+    an = _Analyzer(max_examples)
+    an.a.format = "raw"
+    for e in raw_events(rt):
+        an.feed(e)
+    prof = rt.tail.get("kprobe_profile", {})
+    an.a.kprobe_missed = sum(int(v[1]) for v in prof.values())
+    if not rt.tail:
+        an.a.notes.append("trace ends without its tail record (tracer did not finish)")
+    return an.finish()
+
+
+def _open_text(path: Path) -> Any:
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rt", errors="replace")
+    return open(path, errors="replace")
+
+
+def is_raw(path: Path) -> bool:
+    try:
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
+            return f.read(len(RAW_MAGIC)) == RAW_MAGIC
+    except OSError:
+        return False
 
 
 def analyze_file(path: Path) -> Analysis:
-    with open(path, errors="replace") as f:
+    """Analyse a saved trace: raw (streamed) or text, optionally gzipped."""
+    path = Path(path)
+    if is_raw(path):
+        return analyze_raw(path)
+    with _open_text(path) as f:
         return analyze(f)
 
 
 def window_measure(scenario: str) -> str:
     """Which interleaving is the race's window: overlap (generic-rx) or unflushed (veth)."""
     return "overlap_hits" if scenario.startswith("generic") else "unflushed_hits"
+
+
+# --- command line ----------------------------------------------------------------------
+
+def _fmt(e: tuple[Any, ...]) -> str:
+    ts, cpu, kind, a, b = e
+    if kind in ("rcv", "flush"):
+        detail = f"xs={hex(a) if isinstance(a, int) else a}"
+    elif kind == "rcvret":
+        detail = f"ret={a}" + (f" caller={b}" if b else "")
+    elif kind == "lost":
+        detail = f"[LOST {a if a >= 0 else '?'} EVENTS]"
+    elif kind == "mark":
+        detail = str(a)
+    else:
+        detail = ""
+    return f"[{cpu:03d}] {ts:>12}: {kind}: {detail}".rstrip()
+
+
+def dump(path: Path, around: int | None = None, count: int = 200, out: Any = sys.stdout) -> None:
+    if not is_raw(path):
+        with _open_text(path) as f:
+            for line in f:
+                out.write(line)
+        return
+    rt = read_raw(path)
+    if around is None:
+        for e in raw_events(rt):
+            out.write(_fmt(e) + "\n")
+        return
+    before: list[tuple[Any, ...]] = []
+    after = -1
+    for e in raw_events(rt):
+        if after < 0 and e[0] < around:
+            before.append(e)
+            if len(before) > 2 * count:
+                del before[:count]
+            continue
+        if after < 0:
+            for b in before[-count:]:
+                out.write(_fmt(b) + "\n")
+            after = 0
+        out.write(_fmt(e) + "\n")
+        after += 1
+        if after >= count:
+            break
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab.evidence")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("analyze", help="print the interleaving analysis of a trace as JSON")
+    p.add_argument("trace", type=Path)
+    p = sub.add_parser("dump", help="print a trace as text")
+    p.add_argument("trace", type=Path)
+    p.add_argument("--around", type=int, help="counter value to centre on (e.g. first_hit_ts)")
+    p.add_argument("--count", type=int, default=200, help="events before and after --around")
+    args = ap.parse_args(argv)
+    if args.cmd == "analyze":
+        print(json.dumps(analyze_file(args.trace).to_dict(), indent=1))
+    else:
+        try:
+            dump(args.trace, args.around, args.count)
+        except BrokenPipeError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
