@@ -822,12 +822,13 @@ def _decoders(header: dict[str, Any]) -> dict[int, tuple[str, Any]]:
     return out
 
 
-def _cpu_events(rt: RawTrace, cpu: int, dec: dict[int, tuple[str, Any]]) -> Iterator[tuple[Any, ...]]:
+def _cpu_events(rt: RawTrace, cpu: int, dec: dict[int, tuple[str, Any]],
+                pages: list[tuple[int, int]] | None = None) -> Iterator[tuple[Any, ...]]:
     d = rt.buf
     u32 = struct.Struct("<I").unpack_from
     u16 = struct.Struct("<H").unpack_from
     page_hdr = struct.Struct("<Qq").unpack_from
-    for off, length in rt.pages.get(cpu, []):
+    for off, length in rt.pages.get(cpu, []) if pages is None else pages:
         ts, commit = page_hdr(d, off)
         size = commit & ~(_RB_MISSED_EVENTS | _RB_MISSED_STORED) & 0xFFFFFFFF
         if commit & _RB_MISSED_EVENTS:
@@ -895,6 +896,28 @@ def analyze_raw(path: Path, max_examples: int = 20) -> Analysis:
     if not rt.tail:
         an.a.notes.append("trace ends without its tail record (tracer did not finish)")
     return an.finish()
+
+
+def trim(path: Path, out: Path, lo: int, hi: int) -> int:
+    """Write the pages of a raw trace that hold events in [lo, hi] to out (a
+    smaller raw trace, e.g. the flight recorder around a hit); returns pages kept."""
+    rt = read_raw(path)
+    dec = _decoders(rt.header)
+    kept = 0
+    opener: Any = gzip.open if str(out).endswith(".gz") else open
+    with opener(out, "wb") as f:
+        f.write(RAW_MAGIC)
+        head = json.dumps(rt.header).encode()
+        f.write(_REC.pack(b"HEAD", 0, len(head)) + head)
+        for cpu, pages in sorted(rt.pages.items()):
+            for off, length in pages:
+                ts = [e[0] for e in _cpu_events(rt, cpu, dec, [(off, length)]) if e[2] != "lost"]
+                if ts and ts[-1] >= lo and ts[0] <= hi:
+                    f.write(_REC.pack(b"PAGE", cpu, length) + bytes(rt.buf[off:off + length]))
+                    kept += 1
+        tail = json.dumps({**rt.tail, "trimmed": [lo, hi]}).encode()
+        f.write(_REC.pack(b"TAIL", 0, len(tail)) + tail)
+    return kept
 
 
 def _open_text(path: Path) -> Any:
@@ -980,7 +1003,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("trace", type=Path)
     p.add_argument("--around", type=int, help="counter value to centre on (e.g. first_hit_ts)")
     p.add_argument("--count", type=int, default=200, help="events before and after --around")
+    p = sub.add_parser("trim", help="keep the pages of a raw trace around [FROM, TO]")
+    p.add_argument("trace", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("lo", type=int, metavar="FROM")
+    p.add_argument("hi", type=int, metavar="TO")
     args = ap.parse_args(argv)
+    if args.cmd == "trim":
+        print(f"{trim(args.trace, args.out, args.lo, args.hi)} page(s) kept")
+        return 0
     if args.cmd == "analyze":
         print(json.dumps(analyze_file(args.trace).to_dict(), indent=1))
     else:
