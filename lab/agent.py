@@ -21,6 +21,7 @@ keeper processes, so killing the agent in any way removes all of it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,7 @@ class AgentSpec:
     seed: int = 0
     bin_dir: str = ""
     trace: dict[str, Any] = field(default_factory=dict)   # evidence options (lab.evidence)
+    knobs: dict[str, str] = field(default_factory=dict)   # /sys path -> value, set for the run
 
     def to_json(self) -> str:
         return json.dumps(to_jsonable(self))
@@ -140,6 +142,25 @@ def sender_argv(bin_dir: str, s: SenderOpts, duration: float, seed: int) -> list
     if s.inject:
         argv += ["--inject", s.inject]
     return argv
+
+
+@contextlib.contextmanager
+def _knob(path: str, value: str) -> Iterator[None]:
+    """Set a kernel knob for the run and put the old value back."""
+    p = Path(path)
+    if not p.exists():
+        raise Stop(f"kernel knob {path} does not exist in this kernel "
+                   f"(widen_rx_ns needs a kernel built with widen-rx.patch, e.g. NAME+widen-rx)")
+    old = p.read_text().strip()
+    p.write_text(value + "\n")
+    emit({"type": "note", "text": f"{path} = {value} (was {old})"})
+    try:
+        yield
+    finally:
+        try:
+            p.write_text(old + "\n")
+        except OSError:
+            pass
 
 
 def _die_with_parent() -> None:
@@ -211,6 +232,8 @@ def run_agent(spec: AgentSpec) -> int:
         topo: Topology = stack.enter_context(build(spec.topology))
         emit({"type": "topology", "t": time.monotonic() - t0, "netns": list(topo.keepers),
               "channels": topo.channels, "cpus": os.cpu_count()})
+        for path, value in spec.knobs.items():
+            stack.enter_context(_knob(path, value))
         tracer = None
         if spec.trace:
             tracer = stack.enter_context(evidence.Tracer(spec.trace))

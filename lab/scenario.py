@@ -103,6 +103,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "budget": (_dur, "a duration like 60s or 10m"),
         "confidence": (lambda v: isinstance(v, float) and 0.5 <= v < 1, "a number in [0.5, 1)"),
     },
+    "amplifier": {
+        "widen_rx_ns": (lambda v: _nonneg(v) and v <= 1_000_000, "an integer 0..1000000 (ns)"),
+    },
     "mitigations": {m: (lambda v: v in ("prevents", "no-effect"), "prevents or no-effect")
                     for m in MITIGATIONS},
 }
@@ -179,8 +182,14 @@ def from_data(raw: Mapping[str, Any], path: str = "<data>",
     return Scenario(name=data["bug"]["name"], path=path, data=data)
 
 
+OPTIONAL_SECTIONS = {"amplifier": {"widen_rx_ns": 0}}
+
+
 def validate(data: Mapping[str, Any]) -> list[str]:
     problems = []
+    for section, defaults in OPTIONAL_SECTIONS.items():
+        if isinstance(data, dict) and section not in data:
+            data[section] = dict(defaults)   # type: ignore[index]
     for section, fields in SCHEMA.items():
         sec = data.get(section)
         if not isinstance(sec, dict):

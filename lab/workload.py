@@ -56,7 +56,10 @@ def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on
                             gap_ns=ld["gap_ns"], size=ld["size"], rate=ld["rate"],
                             inject=sender_inject)
         iperf = IperfOpts(server_ns="srv", client_ns="cli", server_ip="198.18.1.2") if ld["iperf3"] else None
-    return AgentSpec(topology=topo, checker=checker, sender=sender, iperf=iperf, duration=duration,
+    knobs = {}
+    if s["amplifier"]["widen_rx_ns"]:
+        knobs["/sys/module/xsk/parameters/widen_rx_ns"] = str(s["amplifier"]["widen_rx_ns"])
+    return AgentSpec(topology=topo, checker=checker, sender=sender, iperf=iperf, duration=duration, knobs=knobs,
                      stop_on_first=stop_on_first, stop_grace=stop_grace, seed=seed, bin_dir=bin_dir, trace=trace or {})
 
 
