@@ -1,0 +1,89 @@
+"""The CLI as a user runs it: netns runs, selftest, exit codes and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def racelab(*args, timeout=300, user=None):
+    argv = [sys.executable, "-m", "lab.cli", *args]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("name", ["generic-rx-race", "veth-napi-race"])
+def test_netns_run_on_a_fixed_host_kernel_is_not_reproduced(name, tmp_path):
+    p = racelab("run", name, "--backend", "netns", "--duration", "5s", "--out", str(tmp_path),
+                "--expect", "clean", "--seed", "7")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "NOT REPRODUCED" in p.stdout and "rate <" in p.stdout
+    s = json.loads((tmp_path / "summary.json").read_text())
+    (row,) = s["rows"]
+    assert row["packets"] > 1000 and row["violations"] == 0
+    assert s["config"]["seed"] == 7 and s["provenance"]["host_kernel"]
+    # the exact configuration is recorded and loads back
+    from lab.config import RunConfig
+    cfg = RunConfig.from_json((tmp_path / "config.json").read_text())
+    assert cfg.scenario == name and cfg.seed == 7
+    assert (tmp_path / "events.jsonl").stat().st_size > 0
+    assert (tmp_path / "junit.xml").exists() and (tmp_path / "report.html").exists()
+
+
+@pytest.mark.root
+def test_expect_mismatch_exits_1(tmp_path):
+    p = racelab("run", "generic-rx-race", "--duration", "3s", "--out", str(tmp_path), "--expect", "reproduced")
+    assert p.returncode == 1, p.stdout + p.stderr
+
+
+@pytest.mark.root
+def test_injected_fault_is_reproduced(tmp_path):
+    p = racelab("run", "generic-rx-race", "--duration", "3s", "--out", str(tmp_path), "--inject", "duplicate",
+                "--expect", "reproduced", "--json")
+    assert p.returncode == 0, p.stderr
+    row = json.loads(p.stdout)["rows"][0]
+    assert row["verdict"] == "REPRODUCED" and row["by_kind"].get("duplicate", 0) > 0
+
+
+@pytest.mark.root
+def test_selftest_subset():
+    p = racelab("selftest", "--xdp", "generic", "--kind", "order", "--kind", "poison", "--duration", "3s")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "selftest: 3 detectors ok, 0 failed" in p.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "no-such-race"], "unknown scenario"),
+    (["run", "generic-rx"], "did you mean generic-rx-race"),
+    (["run", "generic-rx-race", "--set", "load.senders=lots"], "load.senders"),
+    (["run", "generic-rx-race", "--duration", "forever"], "bad --duration"),
+    (["run", "generic-rx-race", "--inject", "gremlins"], "unknown --inject"),
+    (["run", "generic-rx-race", "--kernel", "6.1.192"], "--kernel needs --backend vm"),
+    (["repro", "generic-rx-race", "--kernel", "6.1.999-nope"], "6.1.999-nope"),
+    (["selftest", "--kind", "gremlins"], "unknown detector"),
+])
+def test_bad_input_exits_2_with_a_message(args, needle):
+    p = racelab(*args)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert needle in p.stderr
+
+
+def test_malformed_scenario_file_exits_2(tmp_path):
+    bad = tmp_path / "broken.toml"
+    bad.write_text("[bug\nname = 'x'\n")
+    p = racelab("run", str(bad))
+    assert p.returncode == 2 and "malformed TOML" in p.stderr
+
+
+@pytest.mark.root
+def test_not_root_exits_2_naming_the_fix():
+    p = racelab("run", "generic-rx-race", "--duration", "2s", user="65534")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "needs root" in p.stderr and "sudo" in p.stderr
