@@ -213,6 +213,12 @@ def ensure_base(recipe: Recipe, progress: bool = True) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         _say(progress, f"base rootfs ready: {_du(rootfs) / 2**20:.0f} MiB")
+        # One older base stays (another checkout may still use it); the rest go.
+        old = sorted((p for p in images.glob("base-*") if p != final and p.is_dir()),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+        for p in old[1:]:
+            log.debug("removing old base %s", p)
+            shutil.rmtree(p, ignore_errors=True)
     return rootfs
 
 
@@ -328,6 +334,9 @@ def ensure_image(progress: bool = True) -> Image:
 def _build_image(rootfs: Path, files: list[LayerFile], recipe: Recipe, out: Path,
                  progress: bool) -> None:
     require_tools("mke2fs")
+    if os.geteuid() != 0:
+        raise BadInput("packing the guest image needs root: its files must be owned by root",
+                       hint="run it as root")
     _say(progress, f"packing guest image {out.name} (mke2fs -d)")
     stage = out.parent / f".{out.stem}.stage-{os.getpid()}"
     tmp_img = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -12,6 +12,7 @@ import logging
 import os
 import pwd
 import socket
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -124,6 +125,7 @@ def connect(uri: str = SYSTEM_URI) -> libvirt.virConnect:
     if os.environ.get("LIBVIRT_DEFAULT_URI") and not uri:
         uri = os.environ["LIBVIRT_DEFAULT_URI"]
     ensure_libvirtd(uri)
+    ensure_event_loop()
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as e:
@@ -144,3 +146,158 @@ def check_uri(uri: str) -> None:
                        hint="use qemu:///system or qemu+ssh://HOST/system")
     if u.path not in ("/system", "/session"):
         raise BadInput(f"bad libvirt URI {uri!r}: the path must be /system or /session")
+
+
+# --- files and console on a libvirt host that may not be this one ------------------
+#
+# A remote libvirtd (qemu+ssh://HOST/system) cannot see this machine's files, and
+# its guests' serial files live over there.  Everything then goes through the
+# libvirt API: the image, kernel and initrd are uploaded once into a storage
+# pool (volume names carry content hashes, so a name is its content), each
+# guest's overlay is a pool volume, and the console is streamed back.
+
+POOL_NAME = "racelab"
+POOL_DIR = "/var/lib/libvirt/racelab"
+
+
+def storage_pool(conn: libvirt.virConnect) -> libvirt.virStoragePool:
+    """The racelab directory pool on conn's host (a transient pool, made if missing)."""
+    try:
+        pool = conn.storagePoolLookupByName(POOL_NAME)
+        if not pool.isActive():
+            pool.create(0)
+    except libvirt.libvirtError:
+        xml = (f"<pool type='dir'><name>{POOL_NAME}</name>"
+               f"<target><path>{POOL_DIR}</path></target></pool>")
+        try:
+            pool = conn.storagePoolCreateXML(xml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+        except libvirt.libvirtError:  # another racelab made it meanwhile
+            pool = conn.storagePoolLookupByName(POOL_NAME)
+    pool.refresh(0)
+    return pool
+
+
+def upload(conn: libvirt.virConnect, local: Path, name: str) -> str:
+    """Put a local file into the pool as `name` (once); its path on conn's host.
+
+    A `<name>.ok` marker volume is written after the data, so a half-done
+    upload (a crash, a concurrent racelab) is never mistaken for a done one."""
+    pool = storage_pool(conn)
+    try:
+        pool.storageVolLookupByName(name + ".ok")
+        return pool.storageVolLookupByName(name).path()
+    except libvirt.libvirtError:
+        pass
+    try:
+        pool.storageVolLookupByName(name).delete(0)
+    except libvirt.libvirtError:
+        pass
+    size = local.stat().st_size
+    log.info("uploading %s to %s (%d MiB)", local.name, conn.getURI(), size >> 20)
+    vol = pool.createXML(f"<volume><name>{name}</name><capacity unit='bytes'>{size}</capacity>"
+                         "<target><format type='raw'/></target></volume>", 0)
+    stream = conn.newStream(0)
+    try:
+        vol.upload(stream, 0, size, 0)
+        with open(local, "rb") as f:
+            stream.sendAll(lambda _st, n, fh: fh.read(n), f)
+        stream.finish()
+    except BaseException:
+        stream.abort()
+        vol.delete(0)
+        raise
+    pool.createXML(f"<volume><name>{name}.ok</name><capacity unit='bytes'>0</capacity>"
+                   "<target><format type='raw'/></target></volume>", 0)
+    return vol.path()
+
+
+def overlay_volume(conn: libvirt.virConnect, name: str, backing: str,
+                   capacity: int) -> libvirt.virStorageVol:
+    """A qcow2 volume over a raw backing file on conn's host (the guest's writes)."""
+    pool = storage_pool(conn)
+    try:
+        pool.storageVolLookupByName(name).delete(0)
+    except libvirt.libvirtError:
+        pass
+    return pool.createXML(
+        f"<volume><name>{name}</name><capacity unit='bytes'>{capacity}</capacity>"
+        "<target><format type='qcow2'/></target>"
+        f"<backingStore><path>{backing}</path><format type='raw'/></backingStore></volume>", 0)
+
+
+_events_lock = threading.Lock()
+_events_started = False
+
+
+def ensure_event_loop() -> None:
+    """libvirt's default event loop, run by a daemon thread.  Without it a
+    blocking console stream holds the connection and every other call on it
+    (resume, isActive, destroy) waits behind the stream.  It must be
+    registered before a connection is opened to serve that connection."""
+    global _events_started
+    with _events_lock:
+        if _events_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, daemon=True, name="libvirt-events").start()
+        _events_started = True
+
+
+class ConsoleStream:
+    """Copies a domain's serial console (a pty on its host) into a local file.
+
+    Non-blocking stream, served by the event loop (ensure_event_loop()).  The
+    domain must be started paused and resumed after this is set up, or the
+    first boot messages are lost."""
+
+    _EVENTS = (libvirt.VIR_STREAM_EVENT_READABLE | libvirt.VIR_STREAM_EVENT_ERROR
+               | libvirt.VIR_STREAM_EVENT_HANGUP)
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._out = open(path, "wb")
+        self._stream: libvirt.virStream | None = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+        dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        self._stream.eventAddCallback(self._EVENTS, self._on_event, None)
+
+    def start(self) -> None:
+        pass  # the event loop already delivers; kept for symmetry with stop()
+
+    def _on_event(self, stream: libvirt.virStream, events: int, _opaque: object) -> None:
+        with self._lock:
+            if self._stream is None:
+                return
+            if events & libvirt.VIR_STREAM_EVENT_READABLE:
+                try:
+                    data = stream.recv(65536)
+                except libvirt.libvirtError:
+                    data = b""
+                if data == -2:   # would block
+                    return
+                if isinstance(data, bytes) and data:
+                    self._out.write(data)
+                    self._out.flush()
+                    return
+                self._close_locked()   # EOF: the domain is gone
+                return
+            if events & (libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP):
+                self._close_locked()
+
+    def _close_locked(self) -> None:
+        st, self._stream = self._stream, None
+        if st is not None:
+            for step in (st.eventRemoveCallback, st.abort):
+                try:
+                    step()
+                except libvirt.libvirtError:
+                    pass
+        self._out.close()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._close_locked()

@@ -18,6 +18,18 @@ Accelerator: KVM when a probe shows it really boots this kernel, else TCG
 with one host thread per vCPU (MTTCG).  The probe is cached per (kernel,
 QEMU version); RACELAB_ACCEL=kvm|tcg overrides it.
 
+Multiple URIs: a guest can live on any libvirt host (uri=qemu+ssh://HOST/system).
+That host cannot see our files, so the boot kernel, initrd and image are
+uploaded once into its "racelab" storage pool (volume names carry content
+hashes), the overlay is a pool volume, the console (a pty there) is streamed
+back into the local console file, and the guest's SSH forward (on that host's
+127.0.0.1) is reached through `ssh -L` with the user's own SSH setup, as
+libvirt's qemu+ssh itself is.  The KVM probe runs there through libvirt.
+Tested here through qemu+unix:///system (the same API path without the
+tunnel); what is not done on remote hosts: libvirt's per-domain QEMU log is
+not collected, and overlays of guests whose racelab died are reaped only
+when that host's libvirtd still has their domain.
+
 `python -m lab.vm run KERNEL -- CMD...` boots one guest, runs CMD, tears down.
 """
 
@@ -28,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -38,15 +51,18 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
 from lab import image as imagemod
-from lab.libvirtd import SYSTEM_URI, check_uri, connect, ensure_libvirtd, is_local
+from lab.libvirtd import (POOL_NAME, SYSTEM_URI, ConsoleStream, check_uri, connect,
+                          ensure_libvirtd, is_local, overlay_volume, upload)
 from lab.remote import SshHost
 from lab.run import BadInput, InfraError, LostVM, cache_dir, require_tools, run, spawn
 
@@ -88,32 +104,17 @@ def detect_accel(kernel: Any, uri: str = SYSTEM_URI) -> tuple[str, str]:
             raise BadInput(f"RACELAB_ACCEL={forced!r}", hint="use kvm or tcg")
         return forced, f"forced by RACELAB_ACCEL={forced}"
     if not is_local(uri):
-        return _remote_accel(uri)
+        return _remote_accel(kernel, uri)
     if not os.path.exists("/dev/kvm"):
         return "tcg", "no /dev/kvm on this host"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg", "/dev/kvm is not accessible (not root, not in group kvm?)"
-    cache_file = cache_dir() / "accel.json"
     key = f"{kernel_key(kernel)}|qemu-{qemu_version()}"
-    try:
-        cached = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key in cached:
-        accel, reason = cached[key]
-        return accel, f"{reason} (cached probe)"
+    cached = _accel_cache_get(key)
+    if cached:
+        return cached[0], f"{cached[1]} (cached probe)"
     accel, reason = _probe_kvm(kernel)
-    from filelock import FileLock
-
-    with FileLock(str(cache_file) + ".lock"):
-        try:
-            cached = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cached = {}
-        cached[key] = [accel, reason]
-        tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
-        tmp.rename(cache_file)
+    _accel_cache_put(key, (accel, reason))
     log.info("accelerator for kernel %s: %s (%s)", getattr(kernel, "version", "?"), accel, reason)
     return accel, reason
 
@@ -145,16 +146,97 @@ def _probe_kvm(kernel: Any) -> tuple[str, str]:
                    "(a nested or paravirtual KVM that hangs stock kernels)")
 
 
-def _remote_accel(uri: str) -> tuple[str, str]:
-    """For remote hosts we can only ask libvirt whether KVM exists (no boot probe)."""
+def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
+    """The KVM probe on another libvirt host, through libvirt itself: upload the
+    kernel and the probe initramfs, boot them paused-then-resumed with the
+    console streamed back, and look for the marker.  Cached like the local one."""
+    import tempfile
+
     conn = connect(uri)
     try:
-        conn.getDomainCapabilities(None, "x86_64", "q35", "kvm")
-        return "kvm", f"{uri} offers KVM (not probed: set RACELAB_ACCEL=tcg if guests hang)"
-    except libvirt.libvirtError:
-        return "tcg", f"{uri} offers no KVM"
+        try:
+            conn.getDomainCapabilities(None, "x86_64", "q35", "kvm")
+        except libvirt.libvirtError:
+            return "tcg", f"{uri} offers no KVM"
+        key = f"{uri}|{kernel_key(kernel)}|libvirt-qemu-{conn.getVersion()}"
+        cached = _accel_cache_get(key)
+        if cached:
+            return cached[0], f"{cached[1]} (cached probe)"
+        boot, probe = imagemod.kernel_for_boot(kernel), imagemod.probe_initrd()
+        kpath = upload(conn, boot, f"kernel-{_file_sha(boot)}")
+        ipath = upload(conn, probe, probe.name)
+        name = f"{_next_name()}-kvmprobe"
+        meta = "".join(f"<{k}>{escape(v)}</{k}>" for k, v in sorted(_owner_meta("").items()))
+        xml = (f"<domain type='kvm'><name>{name}</name>"
+               f"<metadata><racelab:vm xmlns:racelab='{NS}'>{meta}</racelab:vm></metadata>"
+               "<memory unit='MiB'>256</memory><vcpu>1</vcpu>"
+               f"<os><type arch='x86_64' machine='q35'>hvm</type><kernel>{escape(kpath)}</kernel>"
+               f"<initrd>{escape(ipath)}</initrd>"
+               "<cmdline>console=ttyS0 rdinit=/init panic=-1 quiet</cmdline></os>"
+               "<features><acpi/></features><cpu mode='host-passthrough'/>"
+               "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>"
+               "<on_crash>destroy</on_crash><devices><serial type='pty'><target port='0'/>"
+               "</serial><memballoon model='none'/></devices>"
+               "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>"
+               "</domain>")
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="racelab-kvm-probe-") as d:
+            console = Path(d) / "console"
+            try:
+                dom = conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+            except libvirt.libvirtError as e:
+                result = ("tcg", f"KVM guest did not start on {uri}: {e.get_error_message()}")
+            else:
+                stream = ConsoleStream(conn, dom, console)
+                try:
+                    dom.resume()
+                    result = ("tcg", f"KVM probe did not reach the kernel's /init in "
+                                     f"{PROBE_TIMEOUT:.0f}s on {uri}")
+                    while time.monotonic() - t0 < PROBE_TIMEOUT:
+                        if imagemod.PROBE_MARKER in console.read_text(errors="replace"):
+                            result = ("kvm", f"KVM probe on {uri} booted the kernel in "
+                                             f"{time.monotonic() - t0:.1f}s")
+                            break
+                        try:
+                            running = dom.isActive()
+                        except libvirt.libvirtError:
+                            running = False
+                        if not running and imagemod.PROBE_MARKER not in console.read_text(errors="replace"):
+                            result = ("tcg", f"the KVM probe guest on {uri} stopped before /init")
+                            break
+                        time.sleep(0.1)
+                finally:
+                    try:
+                        dom.destroy()
+                    except libvirt.libvirtError:
+                        pass
+                    stream.stop()
+        _accel_cache_put(key, result)
+        return result
     finally:
         conn.close()
+
+
+def _accel_cache_get(key: str) -> list[str] | None:
+    try:
+        return json.loads((cache_dir() / "accel.json").read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+
+
+def _accel_cache_put(key: str, value: tuple[str, str]) -> None:
+    from filelock import FileLock
+
+    cache_file = cache_dir() / "accel.json"
+    with FileLock(str(cache_file) + ".lock"):
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        cached[key] = list(value)
+        tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
+        tmp.rename(cache_file)
 
 
 # --- the domain --------------------------------------------------------------------
@@ -169,7 +251,7 @@ class DomainSpec:
     cmdline: str
     disk: Path                      # the qcow2 overlay
     backing: Path                   # the raw image under it
-    console: Path
+    console: Path | None            # serial log file; None: a pty (remote hosts stream it)
     ssh_port: int
     vcpus: int = 2
     memory_mib: int = 1024
@@ -197,6 +279,11 @@ def domain_xml(s: DomainSpec) -> str:
     else:
         dom_type, cpu = "qemu", "<cpu mode='maximum'/>"
         features = "<acpi/><tcg><tb-cache unit='MiB'>256</tb-cache></tcg>"
+    if s.console is not None:
+        serial = (f"<serial type='file'><source path={a(str(s.console))} append='off'/>"
+                  "<target port='0'/></serial>")
+    else:
+        serial = "<serial type='pty'><target port='0'/></serial><console type='pty'/>"
     netdev = (f"user,id=racelabnet,restrict=on,"
               f"hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22")
     nic = f"virtio-net-pci,netdev=racelabnet,bus=pcie.0,addr={NIC_ADDR}"
@@ -230,10 +317,7 @@ def domain_xml(s: DomainSpec) -> str:
       </backingStore>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <serial type='file'>
-      <source path={a(str(s.console))} append='off'/>
-      <target port='0'/>
-    </serial>
+    {serial}
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
@@ -263,6 +347,12 @@ def _proc_start_time(pid: int) -> str:
     except OSError:
         return ""
     return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_meta(vm_dir: str) -> dict[str, str]:
+    """Who made a domain: reap_stale() destroys it once that process is gone."""
+    return {"pid": str(os.getpid()), "start": _proc_start_time(os.getpid()),
+            "host": socket.gethostname(), "dir": vm_dir}
 
 
 def _owner_alive(pid: str, start: str, host: str) -> bool:
@@ -302,10 +392,6 @@ class VM:
         if problems:
             raise BadInput("bad VM settings:\n    " + "\n    ".join(problems))
         check_uri(uri)
-        if not is_local(uri):
-            raise BadInput(f"remote libvirt URIs ({uri}) are not supported by lab.vm yet",
-                           hint="the image, kernel and SSH forward live on this machine; "
-                                "see 'Multiple URIs' in lab/vm.py for what a remote host needs")
         self.kernel = kernel
         self.image = image
         if name and name.startswith("racelab-"):
@@ -322,6 +408,8 @@ class VM:
         self.pin = tuple(str(p) for p in pin) if pin else ()
         self.results_dir = Path(results_dir) if results_dir else None
         self.uri = uri
+        self.local = is_local(uri)
+        self._stack = ExitStack()
         self.accel = accel or ""
         self.accel_reason = "requested by the caller" if accel else ""
         self.ready_timeout = ready_timeout
@@ -348,7 +436,6 @@ class VM:
         self.close()
 
     def _start(self) -> None:
-        require_tools("qemu-img", QEMU)
         t0 = time.monotonic()
         self._conn = connect(self.uri)
         reap_stale(self._conn)
@@ -358,10 +445,16 @@ class VM:
         boot_kernel = imagemod.kernel_for_boot(self.kernel)
         self.dir.mkdir(parents=True, exist_ok=False)
         (self.dir / "owner").write_text(json.dumps(self._owner()))
-        overlay = self.dir / "root.qcow2"
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-             str(self.image.path), str(overlay)])
         self.console_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.local:
+            require_tools("qemu-img", QEMU)
+            disk, backing = self.dir / "root.qcow2", Path(self.image.path)
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                 str(backing), str(disk)])
+            console: Path | None = self.console_path
+        else:
+            boot_kernel, initrd, disk, backing = self._place_remote(boot_kernel, initrd)
+            console = None  # a pty, streamed back by ConsoleStream
         cmdline = " ".join(filter(None, [
             "console=ttyS0", "root=/dev/vda", "rw", f"init={imagemod.GUEST_INIT}",
             f"racelab.hostname={_slug(self.name)[:63]}",
@@ -370,18 +463,21 @@ class VM:
             # RDRAND and virtio-rng instead of waiting seconds for jitter entropy
             "random.trust_cpu=on",
             self.extra_cmdline]))
-        timeout = self.ready_timeout or (60.0 if self.accel == "kvm" else 180.0)
+        timeout = self._timeout = self.ready_timeout or (60.0 if self.accel == "kvm" else 180.0)
         last: Exception | None = None
         for _attempt in range(5):
-            self.port = _free_port()
+            # Remote: a free port over there cannot be asked for; QEMU refuses a
+            # taken one and we retry.
+            self.port = _free_port() if self.local else random.randint(20000, 60999)
             spec = DomainSpec(
                 name=self.domain_name, kernel=boot_kernel, initrd=initrd,
-                cmdline=cmdline, disk=overlay, backing=Path(self.image.path),
-                console=self.console_path, ssh_port=self.port, vcpus=self.vcpus,
+                cmdline=cmdline, disk=disk, backing=backing,
+                console=console, ssh_port=self.port, vcpus=self.vcpus,
                 memory_mib=self.memory_mib, accel=self.accel, pin=self.pin,
                 title=f"racelab {self.name}", metadata=self._owner())
+            flags = 0 if self.local else libvirt.VIR_DOMAIN_START_PAUSED
             try:
-                self._dom = self._conn.createXML(domain_xml(spec), 0)
+                self._dom = self._conn.createXML(domain_xml(spec), flags)
                 break
             except libvirt.libvirtError as e:
                 last = e
@@ -393,18 +489,64 @@ class VM:
                                  hint=self._qemu_log_hint()) from None
         else:
             raise InfraError(f"{self.name}: no free SSH forward port after 5 tries: {last}")
+        ssh_port = self.port
+        if not self.local:
+            console_stream = ConsoleStream(self._conn, self._dom, self.console_path)
+            self._stack.callback(console_stream.stop)
+            console_stream.start()
+            self._dom.resume()
+            ssh_port = self._tunnel()
         log.debug("%s: domain %s started (%s), ssh on 127.0.0.1:%d", self.name,
-                  self.domain_name, self.accel, self.port)
-        self.host = SshHost(self.name, self.port, self.image.ssh_key, self.image.host_pubkey,
+                  self.domain_name, self.accel, ssh_port)
+        self.host = SshHost(self.name, ssh_port, self.image.ssh_key, self.image.host_pubkey,
                             describe_loss=self.describe)
         self._wait_ready(t0 + timeout)
         self.host.connect(timeout=max(5.0, t0 + timeout - time.monotonic()))
         self.boot_seconds = time.monotonic() - t0
         log.debug("%s: ready in %.1fs", self.name, self.boot_seconds)
 
+    def _place_remote(self, kernel: Path, initrd: Path | None
+                      ) -> tuple[Path, Path | None, Path, Path]:
+        """Upload what the guest boots from to the libvirt host (once per content)
+        and make its overlay there: (kernel, initrd, disk, backing) as paths there."""
+        assert self._conn is not None
+        k = Path(upload(self._conn, kernel, f"kernel-{_file_sha(kernel)}"))
+        i = Path(upload(self._conn, initrd, initrd.name)) if initrd else None
+        backing = upload(self._conn, Path(self.image.path), Path(self.image.path).name)
+        vol = overlay_volume(self._conn, f"{self.domain_name}.qcow2", backing,
+                             self.image.size_bytes)
+        self._stack.callback(_delete_volume, vol)
+        return k, i, Path(vol.path()), Path(backing)
+
+    def _tunnel(self) -> int:
+        """For a libvirt host reached over SSH, forward a local port to its
+        127.0.0.1:<guest port> with the user's own ssh (their keys and config,
+        as libvirt's qemu+ssh itself does).  Returns the port to connect to."""
+        u = urlparse(self.uri)
+        if not u.hostname:
+            return self.port  # qemu+unix:// and friends: the forward is on this machine
+        local = _free_port()
+        argv = ["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
+                "-L", f"127.0.0.1:{local}:127.0.0.1:{self.port}"]
+        if u.port:
+            argv += ["-p", str(u.port)]
+        argv.append(f"{u.username}@{u.hostname}" if u.username else u.hostname)
+        proc = self._stack.enter_context(spawn(argv, stdout=subprocess.DEVNULL))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = proc.stderr.read() if proc.stderr else ""
+                raise InfraError(f"{self.name}: SSH tunnel to {u.hostname} failed: {err.strip()}",
+                                 hint="racelab forwards the guest's SSH port with `ssh -L`; "
+                                      "it needs the same passwordless SSH as qemu+ssh://")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", local)) == 0:
+                    return local
+            time.sleep(0.1)
+        raise InfraError(f"{self.name}: SSH tunnel to {u.hostname} did not open in 30s")
+
     def _owner(self) -> dict[str, str]:
-        return {"pid": str(os.getpid()), "start": _proc_start_time(os.getpid()),
-                "host": socket.gethostname(), "dir": str(self.dir)}
+        return _owner_meta(str(self.dir))
 
     def _wait_ready(self, deadline: float) -> None:
         """Until the guest's init prints its ready marker (sshd listening)."""
@@ -431,9 +573,10 @@ class VM:
                                  + self._console_block(), hint=f"console: {self.console_path}")
                 next_alive = now + 0.5
             if now >= deadline:
-                raise LostVM(f"{self.name}: not ready after {self.ready_timeout or 'the boot timeout'}"
-                             f" ({self.accel})" + self._console_block(),
-                             hint=f"console: {self.console_path}")
+                raise LostVM(f"{self.name}: guest not ready after {self._timeout:.0f}s ({self.accel}; "
+                             "no ready marker on the console)" + self._console_block(),
+                             hint=f"console: {self.console_path}; a slow host? ready_timeout= "
+                                  "raises the limit")
             time.sleep(0.05)
 
     def alive(self) -> bool:
@@ -478,7 +621,12 @@ class VM:
                 except InfraError as e:
                     log.warning("%s", e)
                 self._dom = None
-            self._collect_qemu_log()
+            try:
+                self._stack.close()   # console stream, SSH tunnel, remote overlay
+            except Exception as e:  # noqa: BLE001 - keep cleaning up
+                log.warning("%s: cleanup: %s", self.name, e)
+            if self.local:
+                self._collect_qemu_log()
             shutil.rmtree(self.dir, ignore_errors=True)
             if self._conn is not None:
                 try:
@@ -549,6 +697,25 @@ class VM:
         return sorted(n for n in names if "CPU" in n)
 
 
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _delete_pool_volume(conn: libvirt.virConnect, name: str) -> None:
+    """A remote guest's overlay, if this host's pool has one by that name."""
+    try:
+        conn.storagePoolLookupByName(POOL_NAME).storageVolLookupByName(name).delete(0)
+    except libvirt.libvirtError:
+        pass
+
+
+def _delete_volume(vol: libvirt.virStorageVol) -> None:
+    try:
+        vol.delete(0)
+    except libvirt.libvirtError as e:
+        log.debug("cannot delete volume %s: %s", vol.name(), e)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
@@ -585,6 +752,7 @@ def reap_stale(conn: libvirt.virConnect | None = None) -> list[str]:
                 dom.destroy()
             except libvirt.libvirtError:
                 pass
+            _delete_pool_volume(conn, f"{dom.name()}.qcow2")
             removed.append(dom.name())
             log.info("removed stale guest %s (owner pid %s is gone)", dom.name(), owner.get("pid"))
     finally:

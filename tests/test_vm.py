@@ -316,3 +316,43 @@ def test_two_guests_boot_in_parallel_with_distinct_ports(deb_kernel, image, tmp_
     finally:
         for v in vms:
             v.close()
+
+
+def test_uri_kinds():
+    from lab.libvirtd import check_uri, is_local
+    assert is_local("qemu:///system")
+    assert not is_local("qemu+ssh://lab2/system") and not is_local("qemu+unix:///system")
+    with pytest.raises(Exception, match="QEMU"):
+        check_uri("xen:///system")
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_leftovers")
+def test_guest_through_the_remote_path(deb_kernel, image, tmp_path):
+    """qemu+unix:// takes the code path of a remote host (uploads, pool overlay,
+    streamed console), without needing a second machine."""
+    import libvirt
+
+    from lab.libvirtd import POOL_NAME
+    uri = "qemu+unix:///system"
+    with vmmod.VM(deb_kernel, image, name="remote", results_dir=tmp_path, uri=uri) as vm:
+        assert not vm.local
+        assert vm.host.cmd(["uname", "-r"]).stdout.strip() == deb_kernel.version
+        text = vm.console_path.read_text(errors="replace")
+        assert text.startswith("[    0.000000] Linux version")   # streamed from the first line
+        assert imagemod.READY_MARKER in text
+        overlay = f"{vm.domain_name}.qcow2"
+        conn = libvirt.open(uri)
+        try:
+            pool = conn.storagePoolLookupByName(POOL_NAME)
+            assert overlay in pool.listVolumes()
+        finally:
+            conn.close()
+    conn = libvirt.open(uri)
+    try:
+        pool = conn.storagePoolLookupByName(POOL_NAME)
+        pool.refresh(0)
+        assert overlay not in pool.listVolumes()
+    finally:
+        conn.close()
