@@ -118,6 +118,7 @@ def cell_text(c: Cell) -> str:
 
 def print_grid(cells: list[Cell], kernels: list[str], scenarios: list[str]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="racelab matrix", show_lines=True)
@@ -127,7 +128,7 @@ def print_grid(cells: list[Cell], kernels: list[str], scenarios: list[str]) -> N
     by = {(c.kernel, c.scenario): c for c in cells}
     colours = {PASS: "green", FAIL: "bold red", MISSED: "yellow", ERROR: "magenta"}
     for k in kernels:
-        t.add_row(k, *[f"[{colours[by[(k, s)].outcome]}]{cell_text(by[(k, s)])}[/]" for s in scenarios])
+        t.add_row(k, *[f"[{colours[by[(k, s)].outcome]}]{escape(cell_text(by[(k, s)]))}[/]" for s in scenarios])
     Console(width=160).print(t)
 
 
