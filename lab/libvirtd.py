@@ -265,9 +265,6 @@ class ConsoleStream:
         dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
         self._stream.eventAddCallback(self._EVENTS, self._on_event, None)
 
-    def start(self) -> None:
-        pass  # the event loop already delivers; kept for symmetry with stop()
-
     def _on_event(self, stream: libvirt.virStream, events: int, _opaque: object) -> None:
         with self._lock:
             if self._stream is None:

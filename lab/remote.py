@@ -224,10 +224,16 @@ class SshHost:
 
     def cmd(self, argv: Sequence[str], *, check: bool = True, timeout: float | None = None,
             input: str | None = None) -> Result:
+        deadline = None if timeout is None else time.monotonic() + timeout
         proc = self.start(argv, input=input)
         try:
             out = proc.read_all(timeout)
-            rc = proc.wait(timeout=5)
+            # stdout is closed; a command that detached from it may still run
+            left = None if deadline is None else max(0.1, deadline - time.monotonic())
+            try:
+                rc = proc.wait(left)
+            except subprocess.TimeoutExpired:
+                proc._timeout(timeout, [out.encode()])
             err = proc.stderr_text()
         finally:
             proc.close()

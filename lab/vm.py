@@ -493,7 +493,6 @@ class VM:
         if not self.local:
             console_stream = ConsoleStream(self._conn, self._dom, self.console_path)
             self._stack.callback(console_stream.stop)
-            console_stream.start()
             self._dom.resume()
             ssh_port = self._tunnel()
         log.debug("%s: domain %s started (%s), ssh on 127.0.0.1:%d", self.name,
