@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -186,8 +187,7 @@ def configure(tree: Path, options: dict[str, str], logf) -> dict[str, str]:
 
 
 def require_toolchain() -> None:
-    from shutil import which
-    missing = [t for t in BUILD_TOOLS if which(t) is None]
+    missing = [t for t in BUILD_TOOLS if shutil.which(t) is None]
     if missing:
         raise BadInput(f"missing kernel build tool(s): {', '.join(missing)}",
                        hint=f"apt-get install {BUILD_PACKAGES}")
@@ -246,7 +246,7 @@ class Progress:
         pct = f" ~{min(99, 100 * self.steps // self.expected)}%" if self.expected else ""
         msg = f"[kernel] {self.label}: {self.steps} steps{pct}, {int(el) // 60}m{int(el) % 60:02d}s"
         if self.tty:
-            width = 100
+            width = max(20, shutil.get_terminal_size((100, 20)).columns - 1)
             sys.stderr.write("\r" + (msg + "  " + current)[:width].ljust(width))
             sys.stderr.flush()
         else:
@@ -254,7 +254,7 @@ class Progress:
 
     def done(self) -> None:
         if self.tty:
-            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.write("\r" + " " * max(20, shutil.get_terminal_size((100, 20)).columns - 1) + "\r")
             sys.stderr.flush()
 
 
