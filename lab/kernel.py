@@ -19,6 +19,7 @@ the config and make steps in lab.kbuild.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -416,7 +417,7 @@ def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = Fals
     """The kernel for `spec`, from the cache or built/fetched now (once, under a lock)."""
     p = plan(spec)
     entry = store() / p.key
-    art = _usable(entry, want_vmlinux)
+    art = _usable(entry, want_vmlinux, spec)
     if art is not None:
         _touch(entry)
         return art
@@ -427,7 +428,7 @@ def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = Fals
         log.info("[kernel] %s: another process is building it (key %s); waiting", spec.name, p.key)
         lock.acquire()
     try:
-        art = _usable(entry, want_vmlinux)
+        art = _usable(entry, want_vmlinux, spec)
         if art is not None:
             _touch(entry)
             return art
@@ -458,11 +459,13 @@ def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = Fals
         lock.release()
 
 
-def _usable(entry: Path, want_vmlinux: bool) -> KernelArtifact | None:
+def _usable(entry: Path, want_vmlinux: bool, spec: KernelSpec) -> KernelArtifact | None:
+    """The cached entry, named as asked: one key can be reached by several specs
+    (a catalog name, debsrc:...+patch), and `affected` follows the spec."""
     art = load_artifact(entry)
     if art is None or (want_vmlinux and art.vmlinux is None and ksource.parse_source(art.source).builds):
         return None
-    return art
+    return dataclasses.replace(art, name=spec.name, affected=spec.affected)
 
 
 def _build(p: Plan, tmp: Path, progress: bool, want_vmlinux: bool) -> KernelArtifact:

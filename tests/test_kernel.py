@@ -636,3 +636,11 @@ def test_artifact_json_roundtrip_all_fields(tmp_path):
     assert moved.modules_dir == tmp_path / "elsewhere" / "modules" and moved.key == "abc"
     unknown = kernel.KernelArtifact("x", "k", d, d / "b", d / "c", d / "s", d / "l", "v", "git:/x@y")
     assert kernel.KernelArtifact.from_json(unknown.to_json()).affected is None
+
+
+def test_cache_hit_is_named_as_asked(fake_kernel, cache):
+    tb, frag = fake_kernel
+    a = kernel.ensure(kernel.KernelSpec("first", f"tarball:{tb}", (), (str(frag),), ("veth-napi-race",)),
+                      progress=False)
+    b = kernel.ensure(kernel.KernelSpec("second", f"tarball:{tb}", (), (str(frag),), None), progress=False)
+    assert a.key == b.key and (b.name, b.affected) == ("second", None)
