@@ -376,6 +376,15 @@ class VM:
                  pin: Sequence[int | str] | None = None, results_dir: Path | None = None,
                  uri: str = SYSTEM_URI, accel: str | None = None,
                  ready_timeout: float | None = None) -> None:
+        """kernel: a lab.kernel.KernelArtifact (bzimage, version, modules_dir,
+        module_load_order); image: lab.image.ensure_image().
+        name: label for logs, hostname and host.name; a name starting with
+        "racelab-" is used as the domain name as is (it must carry the pid).
+        pin: host CPU (or cpuset string) per vCPU, cycled; None: no pinning.
+        results_dir: gets <name>.console.log and <name>.qemu.log; None keeps the
+        console in the VM directory, which is removed at exit.
+        accel: "kvm" | "tcg" | None (detect_accel()).  ready_timeout: seconds
+        from start to SSH-ready (default 180 under TCG, 60 under KVM)."""
         problems = []
         if vcpus < 1:
             problems.append(f"vcpus must be >= 1, got {vcpus}")
