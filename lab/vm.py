@@ -89,11 +89,20 @@ def kernel_key(kernel: Any) -> str:
     return hashlib.sha256(Path(kernel.bzimage).read_bytes()).hexdigest()[:24]
 
 
+_qemu_versions: dict[tuple[str, float], str] = {}
+
+
 def qemu_version() -> str:
+    """QEMU's version (part of the accelerator probe's cache key), asked once
+    per binary: under load even `--version` costs a few hundred ms."""
     require_tools(QEMU)
-    out = run([QEMU, "--version"]).stdout
-    m = re.search(r"version (\S+)", out)
-    return m.group(1) if m else out.strip().splitlines()[0]
+    binary = shutil.which(QEMU) or QEMU
+    key = (binary, os.stat(binary).st_mtime)
+    if key not in _qemu_versions:
+        out = run([QEMU, "--version"]).stdout
+        m = re.search(r"version (\S+)", out)
+        _qemu_versions[key] = m.group(1) if m else out.strip().splitlines()[0]
+    return _qemu_versions[key]
 
 
 def detect_accel(kernel: Any, uri: str = SYSTEM_URI) -> tuple[str, str]:
