@@ -231,9 +231,13 @@ class _Streamer(threading.Thread):
         except Exception as e:  # noqa: BLE001 - reported by collect(), never kills the agent
             self.error = f"stream thread: {type(e).__name__}: {e}"
 
-    def finish(self, tail: dict[str, Any]) -> None:
+    def halt(self) -> None:
         self.stop_ev.set()
-        self.join(5)
+        if self.ident is not None:
+            self.join(5)
+
+    def finish(self, tail: dict[str, Any]) -> None:
+        self.halt()
         try:
             self.drain(force=True)
             self._record(b"TAIL", 0, json.dumps(tail).encode())
@@ -368,8 +372,7 @@ class Tracer:
 
     def _cleanup(self) -> None:
         if self._streamer is not None:
-            self._streamer.stop_ev.set()
-            self._streamer.join(5)
+            self._streamer.halt()
             self._streamer.close()
             self._streamer = None
         if self.root is None:
@@ -433,6 +436,9 @@ class Tracer:
             info = {"format": "raw", "bytes": s.bytes, "pages": s.pages}
             if s.capped_at is not None:
                 info["capped_mb"] = s.cap_bytes >> 20
+                self.note = "; ".join(filter(None, [self.note, (
+                    f"trace stream capped at {s.cap_bytes >> 20} MB: then only the ring buffer's last "
+                    f"events (a gap in between, withdrawn hits counted)")]))
             if s.error:
                 info["stream_error"] = s.error
                 self.note = "; ".join(filter(None, [self.note, f"trace stream: {s.error}"]))

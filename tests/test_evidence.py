@@ -419,3 +419,23 @@ def test_tracer_without_a_receive_probe(tmp_path, monkeypatch):
 def test_cli_analyze(name, capsys):
     assert evidence.main(["analyze", str(FIX / name)]) == 0
     assert '"unflushed_hits"' in capsys.readouterr().out
+
+
+def test_streamer_cap_keeps_the_last_events(tmp_path):
+    # past the cap the streamer stops reading: the ring buffer keeps the last
+    # events (its reader then sees a missed-events page) and finish() saves them
+    root = tmp_path / "tracefs"
+    root.mkdir()
+    first = _page(1, _event(0, _payload("rcv", 0x10)) + _event(1, _payload("rcvret", (0, 0))))
+    last = _page(50, _event(0, _payload("flushall")), missed=9)
+    _fake_tracefs(root, {0: first + b"\0" * (4096 - len(first)) + last})
+    head = {"page_size": 4096, "events": {str(IDS[k]): {"name": k, "fields": FIELDS[k]} for k in IDS}}
+    s = evidence._Streamer(root, tmp_path / "out.trace", [0, 1], head, cap_bytes=1, page_size=4096)
+    s.drain()
+    assert s.pages == 1 and s.capped_at is not None
+    s.drain()
+    assert s.pages == 1                       # capped: nothing more until finish()
+    s.finish({"kprobe_profile": {}})
+    assert s.pages == 2
+    a = evidence.analyze_file(tmp_path / "out.trace")
+    assert a.receives == 1 and a.flushes == 1 and a.gaps == 1 and a.lost == 9
