@@ -492,6 +492,7 @@ def kernel_for_boot(kernel: KernelLike) -> Path:
     out_dir = cache_dir() / "boot"
     out = out_dir / f"{getattr(kernel, 'version', 'kernel')}-{_sha(data)[:16]}.vmlinux"
     if out.exists():
+        os.utime(out)  # mtime = last use, for the pruning below
         return out
     marker = out.with_suffix(".no-pvh")
     if marker.exists():
@@ -508,6 +509,9 @@ def kernel_for_boot(kernel: KernelLike) -> Path:
     tmp = out.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_bytes(vmlinux)
     tmp.rename(out)
+    # ~65 MB each: keep the 8 most recently booted (a running guest has its copy loaded)
+    for old in sorted(out_dir.glob("*.vmlinux"), key=lambda p: p.stat().st_mtime, reverse=True)[8:]:
+        old.unlink(missing_ok=True)
     return out
 
 

@@ -208,7 +208,43 @@ def upload(conn: libvirt.virConnect, local: Path, name: str) -> str:
         raise
     pool.createXML(f"<volume><name>{name}.ok</name><capacity unit='bytes'>0</capacity>"
                    "<target><format type='raw'/></target></volume>", 0)
+    _prune_pool(pool, name)
     return vol.path()
+
+
+# Uploads pile up (a new image for every change to lab/): keep the newest few of a kind.
+_KEEP = {"racelab-": 3, "kernel-": 8}
+
+
+def _prune_pool(pool: libvirt.virStoragePool, just_uploaded: str) -> None:
+    """Delete older uploads of the same kind.  A running guest keeps its backing
+    file open, so removing it under the guest is harmless."""
+    import xml.etree.ElementTree as ET
+
+    prefix = next((p for p in _KEEP if just_uploaded.startswith(p)), None)
+    if prefix is None:
+        return
+    suffix = ".img" if prefix == "racelab-" else ""
+    stamped = []
+    for name in pool.listVolumes():
+        if not name.startswith(prefix) or not name.endswith(suffix) or name.endswith(".ok") \
+                or name.endswith(".qcow2"):
+            continue
+        try:
+            vol = pool.storageVolLookupByName(name)
+            mtime = float(ET.fromstring(vol.XMLDesc(0)).findtext("target/timestamps/mtime") or 0)
+        except (libvirt.libvirtError, ValueError):
+            continue
+        stamped.append((mtime, name))
+    for _, name in sorted(stamped, reverse=True)[_KEEP[prefix]:]:
+        if name == just_uploaded:
+            continue
+        for n in (name + ".ok", name):   # marker first: never a complete-looking partial
+            try:
+                pool.storageVolLookupByName(n).delete(0)
+            except libvirt.libvirtError:
+                pass
+        log.debug("removed old upload %s", name)
 
 
 def overlay_volume(conn: libvirt.virConnect, name: str, backing: str,
