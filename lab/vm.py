@@ -74,7 +74,6 @@ QEMU = "qemu-system-x86_64"
 NS = "https://racelab.invalid/libvirt/vm/1"    # our <metadata> namespace
 NIC_ADDR = "0x10"                              # free slot on q35's pcie.0
 PROBE_TIMEOUT = 20.0                           # a KVM guest reaches /init in ~1 s
-GUEST_CONSOLE_LIMIT = 64 * 2**20               # stop logging a runaway console here
 _counter = 0
 _counter_lock = threading.Lock()
 
