@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -290,10 +291,17 @@ def make_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = make_parser()
     a = ap.parse_args(argv)
     setup_logging(a.verbose)
+    # SIGTERM and SIGHUP unwind like Ctrl-C: guests, namespaces and files are removed
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         return int(a.func(a) or 0)
     except RacelabError as e:
