@@ -87,3 +87,52 @@ def test_not_root_exits_2_naming_the_fix():
     p = racelab("run", "generic-rx-race", "--duration", "2s", user="65534")
     assert p.returncode == 2, p.stdout + p.stderr
     assert "needs root" in p.stderr and "sudo" in p.stderr
+
+
+def _ours(pattern):
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_killed_run_leaves_no_process_namespace_or_veth(sig, tmp_path):
+    import signal
+    import time
+    before = {p: _ours(p) for p in ("lab.topology keeper", "xskcheck", "xsksend", "lab.agent")}
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "run", "generic-rx-race", "--duration", "60s",
+                             "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 60
+    while time.time() < deadline and not (tmp_path / "events.jsonl").exists():
+        time.sleep(0.2)
+    events = tmp_path / "events.jsonl"
+    while time.time() < deadline and '"load-start"' not in events.read_text():
+        time.sleep(0.2)
+    assert '"load-start"' in events.read_text(), "traffic never started"
+    started = {p: _ours(p) - before[p] for p in before}
+    assert started["xskcheck"] and started["lab.topology keeper"]
+    netns = set()
+    for pid in started["lab.topology keeper"]:
+        try:
+            netns.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+        except OSError:
+            pass
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(60)
+    deadline = time.time() + 15
+    left = started
+    while time.time() < deadline:
+        left = {p: _ours(p) & started[p] for p in started}
+        if not any(left.values()):
+            break
+        time.sleep(0.2)
+    assert not any(left.values()), f"left behind after {sig}: {left}"
+    alive_ns = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                alive_ns.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+            except OSError:
+                pass
+    assert not (netns & alive_ns), "a network namespace (and its veths) outlived the run"
