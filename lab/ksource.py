@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 import urllib.parse
 import urllib.request
