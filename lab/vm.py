@@ -479,6 +479,9 @@ class VM:
             # sshd blocks in getrandom() until the crng is seeded: seed it from
             # RDRAND and virtio-rng instead of waiting seconds for jitter entropy
             "random.trust_cpu=on",
+            # the IO-APIC timer check is timed; a loaded host under TCG fails it and the
+            # guest panics at boot ("IO-APIC + timer doesn't work!")
+            "no_timer_check",
             self.extra_cmdline]))
         timeout = self._timeout = self.ready_timeout or (60.0 if self.accel == "kvm" else 180.0)
         last: Exception | None = None

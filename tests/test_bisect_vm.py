@@ -18,7 +18,8 @@ import pytest
 
 from lab.run import cache_dir, project_root
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
+# both directions drive `git bisect` in one fixture repository: one worker, one at a time
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.xdist_group("bisect-fixture")]
 PATCH = project_root() / "kernels" / "patches" / "6.1" / "revert-generic-rx.patch"
 N, CAUSE_AT, FIX_AT = 32, 13, 19
 
