@@ -149,11 +149,15 @@ def _knob(path: str, value: str) -> Iterator[None]:
     """Set a kernel knob for the run and put the old value back."""
     p = Path(path)
     if not p.exists():
-        raise Stop(f"kernel knob {path} does not exist in this kernel "
-                   f"(widen_rx_ns needs a kernel built with widen-rx.patch, e.g. NAME+widen-rx)")
+        # Not fatal: the scenario still runs, unamplified, and says so in its results.
+        emit({"type": "note", "knob": path, "applied": False,
+              "text": f"{path} does not exist in this kernel: running WITHOUT the amplifier "
+                      f"(it needs a kernel built with widen-rx.patch, e.g. NAME+widen-rx)"})
+        yield
+        return
     old = p.read_text().strip()
     p.write_text(value + "\n")
-    emit({"type": "note", "text": f"{path} = {value} (was {old})"})
+    emit({"type": "note", "knob": path, "applied": True, "text": f"{path} = {value} (was {old})"})
     try:
         yield
     finally:

@@ -173,6 +173,12 @@ def finish(cfg: RunConfig, scenario: Scenario, rows: list[Row], targets: list[Ta
            out: Path, meta: dict[str, Any], title: str | None = None,
            expected: dict[str, str] | None = None) -> Outcome:
     title = title or f"racelab {cfg.scenario} ({cfg.backend})"
+    for note in sorted({f"{t.kernel}: {n}" for t in targets for n in t.notes}):
+        log.info("note: %s", note)
+    for row in rows:
+        knobs = {k: v for t in targets if t.kernel == row.kernel for k, v in t.knobs.items()}
+        if knobs:
+            row.extra["knobs_applied"] = knobs
     if cfg.expect:
         expected = {r.kernel: cfg.expect for r in rows}
     expected = expected or {}

@@ -82,6 +82,8 @@ class TargetResult:
     senders: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     iperf: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)      # what the agent said about the set-up
+    knobs: dict[str, bool] = field(default_factory=dict)  # kernel knob -> applied?
 
     @property
     def violation_count(self) -> int:
@@ -166,6 +168,10 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                             res.final = ev
                     elif typ == "sender":
                         res.senders = ev
+                    elif typ == "note":
+                        res.notes.append(str(ev.get("text")))
+                        if ev.get("knob"):
+                            res.knobs[str(ev["knob"])] = bool(ev.get("applied"))
                     elif typ == "evidence":
                         res.evidence = ev
                     elif typ == "agent-error":
