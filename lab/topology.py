@@ -287,6 +287,10 @@ def _wait_up(ns, ifname: str, timeout: float = 5.0) -> None:  # noqa: ANN001
     raise InfraError(f"veth {ifname} did not come up within {timeout}s")
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
@@ -302,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     spec = TopologySpec(("tx", "rx"), (VethSpec("tx", "v0", "rx", "v1", queues=args.queues,
                                                 a_addr="198.18.0.1/24", b_addr="198.18.0.2/24"),))
+    # SIGTERM/SIGHUP unwind like Ctrl-C (an orphaned demo must not hold namespaces forever)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
     with build(spec) as topo:
         print(json.dumps(topo.describe(), indent=2))
         print("holding; Ctrl-C to tear down", file=sys.stderr)
