@@ -27,7 +27,9 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +96,7 @@ class State:
     out: str
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)
+    bisect_repo: str = ""   # the private bare clone `git bisect` runs in ("" = the tree itself)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -156,7 +159,12 @@ def _append(log_path: str, rec: dict[str, Any]) -> None:
 def step_main(state_path: str) -> int:
     """`racelab bisect-step --state FILE`: run by `git bisect run` in the tree."""
     st = State.load(Path(state_path))
-    sha = run(["git", "-C", st.tree, "rev-parse", "HEAD"]).stdout.strip()
+    for k in [k for k in os.environ if k.startswith("GIT_")]:
+        del os.environ[k]   # `git bisect run` exports GIT_DIR=. (the bare clone); builds use the tree
+    if st.bisect_repo:   # bare clone, --no-checkout: the commit under test is BISECT_HEAD
+        sha = run(["git", "-C", st.bisect_repo, "rev-parse", "BISECT_HEAD"]).stdout.strip()
+    else:
+        sha = run(["git", "-C", st.tree, "rev-parse", "HEAD"]).stdout.strip()
     rec = test_commit(st, sha, "step")
     rec["exit"] = exit_code(st.find, rec["outcome"])
     _append(st.log, rec)
@@ -218,26 +226,29 @@ def main(a: argparse.Namespace) -> int:
     events, seconds = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget))
     rate_low = rate_lower_bound(events, seconds)
     budget = step_budget(rate_low, floor=parse_duration(a.min_step))
-    st = dataclasses.replace(st, budget=budget, rate_low=rate_low)
-    state_path = out / "state.json"
-    st.save(state_path)
-    print(f"calibrated on {racy_end[:12]}: {events} reproduction(s) in {seconds:.1f}s of load; "
-          f"rate >= {rate_low:.3g}/s (95%); step budget {budget:.1f}s for P(miss) <= {MISS:.0%}",
-          flush=True)
-    terms = [] if a.find == "cause" else ["--term-old=racy", "--term-new=fixed"]
-    run(["git", "-C", tree, "bisect", "reset"], check=False)
-    run(["git", "-C", tree, "bisect", "start", *terms, shas["bad"], shas["good"]])
+    # `git bisect` runs in a private bare clone that borrows the tree's objects: the user's
+    # checkout is never touched, and two bisections of one tree cannot collide on its index
+    priv = Path(tempfile.mkdtemp(prefix="racelab-bisect-")) / "repo.git"
     try:
+        run(["git", "clone", "-q", "--bare", "--shared", tree, str(priv)])
+        st = dataclasses.replace(st, budget=budget, rate_low=rate_low, bisect_repo=str(priv))
+        state_path = out / "state.json"
+        st.save(state_path)
+        print(f"calibrated on {racy_end[:12]}: {events} reproduction(s) in {seconds:.1f}s of load; "
+              f"rate >= {rate_low:.3g}/s (95%); step budget {budget:.1f}s for P(miss) <= {MISS:.0%}",
+              flush=True)
+        terms = [] if a.find == "cause" else ["--term-old=racy", "--term-new=fixed"]
+        run(["git", "-C", str(priv), "bisect", "start", "--no-checkout", *terms, shas["bad"], shas["good"]])
         step = [sys.executable, "-m", "lab.cli", "bisect-step", "--state", str(state_path)]
         env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        p = run(["git", "-C", tree, "bisect", "run", *step], check=False, capture=True, env=env)
+        p = run(["git", "-C", str(priv), "bisect", "run", *step], check=False, capture=True, env=env)
         (out / "git-bisect-run.log").write_text(p.stdout + p.stderr)
         ref = "refs/bisect/bad" if a.find == "cause" else "refs/bisect/fixed"
-        culprit = run(["git", "-C", tree, "rev-parse", ref], check=False).stdout.strip()
-        blog = run(["git", "-C", tree, "bisect", "log"], check=False).stdout
+        culprit = run(["git", "-C", str(priv), "rev-parse", ref], check=False).stdout.strip()
+        blog = run(["git", "-C", str(priv), "bisect", "log"], check=False).stdout
         (out / "git-bisect.log").write_text(blog)
     finally:
-        run(["git", "-C", tree, "bisect", "reset"], check=False)
+        shutil.rmtree(priv.parent, ignore_errors=True)
     if not culprit or "first " not in p.stdout:
         raise InfraError("git bisect did not converge (too many skipped commits?)",
                          hint=f"see {out / 'git-bisect-run.log'}")
