@@ -18,7 +18,7 @@ import pytest
 
 from lab.run import cache_dir, project_root
 
-# both directions drive `git bisect` in one fixture repository: one worker, one at a time
+# both directions share one kernel build tree (incremental builds): one worker, one at a time
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.xdist_group("bisect-fixture")]
 PATCH = project_root() / "kernels" / "patches" / "6.1" / "revert-generic-rx.patch"
 N, CAUSE_AT, FIX_AT = 32, 13, 19
@@ -28,42 +28,68 @@ def git(repo, *args, **kw):
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, **kw).stdout.strip()
 
 
-def synthetic_history() -> Path:
-    root = cache_dir() / "fixtures" / "linux-6.1-synth"
-    done = root / ".racelab-fixture-complete"
-    if done.exists():
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    tarball = Path("/usr/src/linux-source-6.1.tar.xz")
-    if not tarball.exists():
-        pytest.skip("linux-source-6.1 missing: apt-get install linux-source-6.1 (./bootstrap install)")
-    subprocess.run(["tar", "-xf", str(tarball), "-C", str(root), "--strip-components=1"], check=True)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "racelab", "GIT_AUTHOR_EMAIL": "racelab@invalid",
+PATCHES = project_root() / "kernels" / "patches" / "6.1"
+VETH = PATCHES / "revert-veth-napi.patch"
+WIDEN = PATCHES / "widen-rx.patch"
+GIT_ENV = {"GIT_AUTHOR_NAME": "racelab", "GIT_AUTHOR_EMAIL": "racelab@invalid",
            "GIT_COMMITTER_NAME": "racelab", "GIT_COMMITTER_EMAIL": "racelab@invalid",
            "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z"}
+
+
+def _patch(root: Path, patch: Path, *args: str) -> None:
+    subprocess.run(["patch", "-p1", "-s", *args, "-d", str(root), "-i", str(patch)], check=True)
+
+
+def _branch(root: Path, branch: str, start: list[tuple[Path, str]], special: int,
+            special_args: list[str], special_patch: Path, special_msg: str) -> None:
+    """N commits on `base`: the `start` patches first (one commit), then unrelated
+    changes to a text file except commit `special`, which applies or removes a patch."""
+    env = {**os.environ, **GIT_ENV}
     run = lambda *a: subprocess.run(["git", "-C", str(root), *a], check=True, capture_output=True, env=env)  # noqa: E731
-    run("init", "-q", "-b", "base")
-    run("add", "-A", "-f")   # Debian's tarball ships a .gitignore that ignores everything
-    run("commit", "-q", "-m", "linux-source-6.1 6.1.192")
+    run("checkout", "-q", "-f", "-B", branch, "base")
+    if start:
+        for patch, _ in start:
+            _patch(root, patch)
+        run("commit", "-q", "-am", "synth: " + "; ".join(msg for _, msg in start))
     note = root / "Documentation" / "racelab-synth.txt"
-    for branch, special, action in (("cause", CAUSE_AT, "apply"), ("fix", FIX_AT, "unapply")):
-        run("checkout", "-q", "-B", branch, "base")
-        if branch == "fix":   # the race is there from the start of this branch
-            subprocess.run(["patch", "-p1", "-s", "-d", str(root), "-i", str(PATCH)], check=True)
-            run("commit", "-q", "-am", "synth: start with the generic-rx race (revert bf0bdd1343ef, a1356ac7749c)")
-        for i in range(1, N + 1):
-            if i == special:
-                args = ["-R"] if action == "unapply" else []
-                subprocess.run(["patch", "-p1", "-s", *args, "-d", str(root), "-i", str(PATCH)], check=True)
-                msg = ("synth: revert the generic-rx fix (introduces the race)" if action == "apply"
-                       else "synth: restore the generic-rx fix (fixes the race)")
-            else:
-                note.write_text(f"{branch} {i}\n")
-                run("add", "-f", str(note))
-                msg = f"synth: unrelated change {i}"
-            run("commit", "-q", "-am", msg)
-    done.write_text("ok\n")
+    for i in range(1, N + 1):
+        if i == special:
+            _patch(root, special_patch, *special_args)
+            msg = special_msg
+        else:
+            note.write_text(f"{branch} {i}\n")
+            run("add", "-f", str(note))
+            msg = f"synth: unrelated change {i}"
+        run("commit", "-q", "-am", msg)
+
+
+def synthetic_history(branch: str = "cause") -> Path:
+    """The fixture repository, with `branch` (cause | fix | veth-fix) in it."""
+    root = cache_dir() / "fixtures" / "linux-6.1-synth"
+    done = root / ".racelab-fixture-complete"
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        tarball = Path("/usr/src/linux-source-6.1.tar.xz")
+        if not tarball.exists():
+            pytest.skip("linux-source-6.1 missing: apt-get install linux-source-6.1 (./bootstrap install)")
+        subprocess.run(["tar", "-xf", str(tarball), "-C", str(root), "--strip-components=1"], check=True)
+        env = {**os.environ, **GIT_ENV}
+        run = lambda *a: subprocess.run(["git", "-C", str(root), *a], check=True, capture_output=True, env=env)  # noqa: E731
+        run("init", "-q", "-b", "base")
+        run("add", "-A", "-f")   # Debian's tarball ships a .gitignore that ignores everything
+        run("commit", "-q", "-m", "linux-source-6.1 6.1.192")
+        _branch(root, "cause", [], CAUSE_AT, [], PATCH, "synth: revert the generic-rx fix (introduces the race)")
+        _branch(root, "fix", [(PATCH, "start with the generic-rx race (revert bf0bdd1343ef, a1356ac7749c)")],
+                FIX_AT, ["-R"], PATCH, "synth: restore the generic-rx fix (fixes the race)")
+        done.write_text("ok\n")
+    if branch == "veth-fix" and not (root / ".racelab-fixture-veth-fix").exists():
+        # the veth NAPI race from the start, with the widen-rx amplifier throughout (the
+        # scenario's defaults turn it on); commit FIX_AT restores fa349e396e48
+        _branch(root, "veth-fix", [(VETH, "start with the veth NAPI race (revert fa349e396e48)"),
+                                   (WIDEN, "add the widen-rx amplifier")],
+                FIX_AT, ["-R"], VETH, "synth: restore the veth NAPI fix (fixes the race)")
+        (root / ".racelab-fixture-veth-fix").write_text("ok\n")
     return root
 
 
