@@ -121,6 +121,12 @@ def _report_repro(outcome, cfg: RunConfig, as_json: bool) -> int:  # noqa: ANN00
         print((outcome.out / "summary.json").read_text())
     else:
         report.print_table(outcome.rows, f"racelab repro {cfg.scenario} ({cfg.backend}), seed {cfg.seed}")
+        for r in outcome.rows:   # say when a kernel ran amplified: the rate is not the natural one
+            for knob, applied in r.extra.get("knobs_applied", {}).items():
+                value = cfg.scenario_data.get("amplifier", {}).get("widen_rx_ns")
+                print(f"{r.kernel}: {knob} = {value} " + (
+                    "(race window amplified; --set amplifier.widen_rx_ns=0 for the unamplified rate)"
+                    if applied else "NOT applied: this kernel has no such knob, it ran unamplified"))
         print(f"results: {outcome.out}  (summary.json, junit.xml, report.html, evidence/)")
     if any(r.verdict == INCONCLUSIVE for r in outcome.rows):
         return EXIT_INFRA
