@@ -291,11 +291,9 @@ def run_agent(spec: AgentSpec) -> int:
                     checker_open = False
                     reason = "checker-exit"
                 continue
-            ev = _parse(line)
+            ev = _parse(line, src)
             if ev is None:
                 continue
-            if src == "sender":
-                ev = {**ev, "type": "sender", "sender_type": ev.get("type")}
             emit(ev)
             if ev.get("type") == "violation" and spec.stop_on_first and reason != "first-violation":
                 reason = "first-violation"
@@ -314,11 +312,9 @@ def run_agent(spec: AgentSpec) -> int:
                 break
             if line is None:
                 continue
-            ev = _parse(line)
+            ev = _parse(line, src)
             if ev is None:
                 continue
-            if src == "sender":
-                ev = {**ev, "type": "sender", "sender_type": ev.get("type")}
             if ev.get("type") == "done" and src == "checker":
                 final = ev
             emit(ev)
@@ -346,7 +342,7 @@ def _wait_ready(checker: Child, events: queue.Queue[tuple[str, str | None]], t0:
             emit({"type": "agent-error", "what": "checker-start", "returncode": checker.proc.returncode,
                   "stderr": checker.stderr[-20:]})
             raise Stop(f"checker exited before ready: {' | '.join(checker.stderr[-5:])}")
-        ev = _parse(line)
+        ev = _parse(line, "checker")
         if ev is not None:
             emit(ev)
             if ev.get("type") == "ready":
@@ -354,12 +350,15 @@ def _wait_ready(checker: Child, events: queue.Queue[tuple[str, str | None]], t0:
     raise Stop("checker not ready within 60 s")
 
 
-def _parse(line: str) -> dict[str, Any] | None:
+def _parse(line: str, src: str) -> dict[str, Any] | None:
+    """One JSON event from the checker or a sender (a sender's own type moves to sender_type)."""
     try:
         ev = json.loads(line)
     except json.JSONDecodeError:
         return None
-    return ev if isinstance(ev, dict) else None
+    if not isinstance(ev, dict):
+        return None
+    return {**ev, "type": "sender", "sender_type": ev.get("type")} if src == "sender" else ev
 
 
 def _interrupt(signum: int, frame: object) -> None:

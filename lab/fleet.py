@@ -360,19 +360,18 @@ def _single(kernel_name: str, vcpus: int, memory_mib: int) -> Iterator[Any]:
 
 
 def vm_run(kernel_name: str, argv: list[str], vcpus: int = 2, memory_mib: int = 1024) -> int:
-    import sys
+    """`racelab vm run K -- CMD`: CMD's output streams as the guest prints it; its exit status is ours."""
+    from lab.remote import shell_or_command
 
     with _single(kernel_name, vcpus, memory_mib) as m:
-        r = m.host.cmd(argv, check=False, timeout=600)
-    print(r.stdout, end="")
-    if r.stderr:
-        print(r.stderr, end="", file=sys.stderr)
-    return r.returncode
+        return shell_or_command(m.host, argv)
 
 
 def vm_shell(kernel_name: str, vcpus: int = 2, memory_mib: int = 1024) -> int:
+    from lab.remote import shell_or_command
+
     with _single(kernel_name, vcpus, memory_mib) as m:
-        return int(m.host.interactive_shell() or 0)
+        return int(shell_or_command(m.host, []) or 0)
 
 
 def cleanup_stale(verbose: bool = False) -> list[str]:

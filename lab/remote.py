@@ -458,6 +458,19 @@ class SshProcess:
                 self.host._procs.discard(self)
 
 
+def shell_or_command(host: SshHost, command: list[str]) -> int:
+    """`racelab vm shell` / `vm run -- cmd`: an interactive shell, or the command's
+    output streamed line by line; returns the exit status."""
+    if not command:
+        return host.interactive_shell()
+    with host.spawn(command) as p:
+        for line in p.lines():
+            print(line, flush=True)
+        rc = p.wait()
+        sys.stderr.write(p.stderr_text())
+    return rc
+
+
 def _main(argv: list[str] | None = None) -> int:
     from lab.image import ensure_keys
     from lab.run import setup_logging
@@ -472,15 +485,8 @@ def _main(argv: list[str] | None = None) -> int:
     keys = ensure_keys()
     h = SshHost(f"port-{args.port}", args.port, keys.client, keys.host_pub)
     try:
-        if not args.command:
-            return h.interactive_shell()
         with h:
-            with h.spawn(args.command) as p:
-                for line in p.lines():
-                    print(line, flush=True)
-                rc = p.wait()
-                sys.stderr.write(p.stderr_text())
-            return rc
+            return shell_or_command(h, args.command)
     except RacelabError as e:
         print(f"racelab: {e}", file=sys.stderr)
         return e.exit_code

@@ -63,7 +63,7 @@ import libvirt
 from lab import image as imagemod
 from lab.libvirtd import (POOL_NAME, SYSTEM_URI, ConsoleStream, check_uri, connect,
                           ensure_libvirtd, is_local, overlay_volume, upload)
-from lab.remote import SshHost
+from lab.remote import SshHost, shell_or_command
 from lab.run import BadInput, InfraError, LostVM, cache_dir, require_tools, run, spawn
 
 __all__ = ["VM", "detect_accel", "ensure_libvirtd", "reap_stale", "domain_xml", "DomainSpec"]
@@ -840,14 +840,7 @@ def _main(argv: list[str] | None = None) -> int:
                 accel=args.accel, results_dir=args.results) as vm:
             print(f"# {vm.domain_name}: ready in {vm.boot_seconds:.1f}s "
                   f"({vm.accel}: {vm.accel_reason}); console {vm.console_path}", file=sys.stderr)
-            if not args.command:
-                return vm.host.interactive_shell()
-            with vm.host.spawn(args.command) as p:
-                for line in p.lines():
-                    print(line, flush=True)
-                rc = p.wait()
-                sys.stderr.write(p.stderr_text())
-            return rc
+            return shell_or_command(vm.host, args.command)
     except RacelabError as e:
         print(f"racelab: {e}", file=sys.stderr)
         return e.exit_code

@@ -10,6 +10,7 @@ After every vm test no racelab domain or VM directory of this process is left.
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -20,7 +21,7 @@ import pytest
 from lab import image as imagemod
 from lab import vm as vmmod
 from lab.remote import SshHost
-from lab.run import CommandFailed, InfraError, LostSSH, LostVM, cache_dir
+from lab.run import CommandFailed, InfraError, LostSSH, LostVM, cache_dir, project_root
 
 DEB_KERNEL = "deb:6.1.0-47-amd64"
 SOURCE_KERNEL = "6.1.192"
@@ -356,3 +357,19 @@ def test_guest_through_the_remote_path(deb_kernel, image, tmp_path):
         assert overlay not in pool.listVolumes()
     finally:
         conn.close()
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_cli_vm_run_streams_output_and_returns_the_exit_status(deb_kernel, image):
+    """`racelab vm run K -- CMD` as a user types it: output, exit status, nothing left behind."""
+    p = subprocess.run([sys.executable, "-m", "lab.cli", "vm", "run", DEB_KERNEL, "--",
+                        "sh", "-c", "uname -r; echo to-stderr >&2; exit 7"],
+                       cwd=project_root(), capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(project_root())})
+    assert p.returncode == 7, p.stderr[-2000:]
+    assert p.stdout.splitlines()[-1] == deb_kernel.version, p.stdout
+    assert "to-stderr" in p.stderr
+    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert [n for n in names if n.startswith(f"racelab-{p.pid}-")] == []
