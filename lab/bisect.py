@@ -96,7 +96,7 @@ class State:
     out: str
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)
-    bisect_repo: str = ""   # the private bare clone `git bisect` runs in ("" = the tree itself)
+    bisect_repo: str = ""   # the private bare clone `git bisect` runs in (set before the steps)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -157,14 +157,12 @@ def _append(log_path: str, rec: dict[str, Any]) -> None:
 
 
 def step_main(state_path: str) -> int:
-    """`racelab bisect-step --state FILE`: run by `git bisect run` in the tree."""
+    """`racelab bisect-step --state FILE`: run by `git bisect run` in the private bare clone."""
     st = State.load(Path(state_path))
     for k in [k for k in os.environ if k.startswith("GIT_")]:
         del os.environ[k]   # `git bisect run` exports GIT_DIR=. (the bare clone); builds use the tree
-    if st.bisect_repo:   # bare clone, --no-checkout: the commit under test is BISECT_HEAD
-        sha = run(["git", "-C", st.bisect_repo, "rev-parse", "BISECT_HEAD"]).stdout.strip()
-    else:
-        sha = run(["git", "-C", st.tree, "rev-parse", "HEAD"]).stdout.strip()
+    # --no-checkout: the commit under test is BISECT_HEAD
+    sha = run(["git", "-C", st.bisect_repo, "rev-parse", "BISECT_HEAD"]).stdout.strip()
     rec = test_commit(st, sha, "step")
     rec["exit"] = exit_code(st.find, rec["outcome"])
     _append(st.log, rec)

@@ -368,10 +368,8 @@ def vm_run(kernel_name: str, argv: list[str], vcpus: int = 2, memory_mib: int = 
 
 
 def vm_shell(kernel_name: str, vcpus: int = 2, memory_mib: int = 1024) -> int:
-    from lab.remote import shell_or_command
-
     with _single(kernel_name, vcpus, memory_mib) as m:
-        return int(shell_or_command(m.host, []) or 0)
+        return int(m.host.interactive_shell() or 0)
 
 
 def cleanup_stale(verbose: bool = False) -> list[str]:

@@ -459,8 +459,7 @@ class SshProcess:
 
 
 def shell_or_command(host: SshHost, command: list[str]) -> int:
-    """`racelab vm shell` / `vm run -- cmd`: an interactive shell, or the command's
-    output streamed line by line; returns the exit status."""
+    """An interactive shell, or the command's output streamed line by line; the exit status."""
     if not command:
         return host.interactive_shell()
     with host.spawn(command) as p:
@@ -485,6 +484,8 @@ def _main(argv: list[str] | None = None) -> int:
     keys = ensure_keys()
     h = SshHost(f"port-{args.port}", args.port, keys.client, keys.host_pub)
     try:
+        if not args.command:
+            return h.interactive_shell()
         with h:
             return shell_or_command(h, args.command)
     except RacelabError as e:
