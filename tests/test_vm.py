@@ -363,13 +363,14 @@ def test_guest_through_the_remote_path(deb_kernel, image, tmp_path):
 @pytest.mark.slow
 def test_cli_vm_run_streams_output_and_returns_the_exit_status(deb_kernel, image):
     """`racelab vm run K -- CMD` as a user types it: output, exit status, nothing left behind."""
-    p = subprocess.run([sys.executable, "-m", "lab.cli", "vm", "run", DEB_KERNEL, "--",
-                        "sh", "-c", "uname -r; echo to-stderr >&2; exit 7"],
-                       cwd=project_root(), capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(project_root())})
-    assert p.returncode == 7, p.stderr[-2000:]
-    assert p.stdout.splitlines()[-1] == deb_kernel.version, p.stdout
-    assert "to-stderr" in p.stderr
+    p = subprocess.Popen([sys.executable, "-m", "lab.cli", "vm", "run", DEB_KERNEL, "--",
+                          "sh", "-c", "uname -r; echo to-stderr >&2; exit 7"],
+                         cwd=project_root(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(project_root())})
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 7, err[-2000:]
+    assert out.splitlines()[-1] == deb_kernel.version, out
+    assert "to-stderr" in err
     names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                            capture_output=True, text=True, check=True).stdout.split()
     assert [n for n in names if n.startswith(f"racelab-{p.pid}-")] == []
