@@ -7,7 +7,8 @@ each console for kernel splats, and turns it all into one row per kernel.
 
 A guest that dies or stops answering is an infrastructure loss: its target
 carries infra_error, contributes no packets, and can never make a row
-NOT REPRODUCED.
+NOT REPRODUCED.  The exception is a guest that dies right after a kernel
+splat on its console: the kernel under test crashed, and that counts.
 """
 
 from __future__ import annotations
@@ -248,6 +249,8 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
                                "target": label})
     ev_dir = out / "evidence"
     ev_dir.mkdir(parents=True, exist_ok=True)
+    if crashed_of_splat(res, splat_events, traced=bool(spec.trace)):
+        return res
     if res.infra_error is None:
         try:
             fetch_evidence(m.host, res, out)
@@ -257,6 +260,28 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
             res.infra_error = f"evidence lost: {e.message}"
     res.evidence.setdefault("console", str(m.console_path))
     return res
+
+
+def crashed_of_splat(res: TargetResult, splat_events: list[str], traced: bool) -> bool:
+    """A guest lost right after a kernel splat died of the kernel under test.
+
+    That is the race's outcome (the reverted generic receive oopses in
+    __xsk_rcv_zc), not a lost host: the target keeps its packets and its
+    kernel-splat violation, and the row says REPRODUCED.  Its trace and dmesg
+    died with it; the console log (in the evidence) holds the splat.
+    """
+    if res.infra_error is None or not any(splat_kind(t) == "kernel-splat" for t in splat_events):
+        return False
+    res.notes.append(f"guest crashed after a kernel splat (the stream ended with "
+                     f"{res.infra_error.split(':', 1)[0]}); see the console log")
+    res.infra_error = None
+    res.reason = "guest-crashed"
+    if not res.load_seconds and res.timeline:
+        res.load_seconds = res.timeline[-1][0]
+    if traced and not res.evidence.get("available"):
+        res.evidence = {**res.evidence, "available": False,
+                        "note": "guest crashed: its flight recorder died with it"}
+    return True
 
 
 def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: list[Any],

@@ -94,12 +94,44 @@ def _ours(pattern):
     return {int(x) for x in out.split()}
 
 
+def _descendants(root):
+    """root's process tree now (other xdist workers run their own topologies at the same time)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _netns_holders(inodes):
+    held = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ino = os.stat(f"/proc/{d}/ns/net").st_ino
+                if ino in inodes:
+                    held[int(d)] = Path(f"/proc/{d}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+            except OSError:
+                pass
+    return held
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_killed_run_leaves_no_process_namespace_or_veth(sig, tmp_path):
     import signal
     import time
-    before = {p: _ours(p) for p in ("lab.topology keeper", "xskcheck", "xsksend", "lab.agent")}
+    patterns = ("lab.topology keeper", "xskcheck", "xsksend", "lab.agent")
     proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "run", "generic-rx-race", "--duration", "60s",
                              "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -110,7 +142,8 @@ def test_killed_run_leaves_no_process_namespace_or_veth(sig, tmp_path):
     while time.time() < deadline and '"load-start"' not in events.read_text():
         time.sleep(0.2)
     assert '"load-start"' in events.read_text(), "traffic never started"
-    started = {p: _ours(p) - before[p] for p in before}
+    mine = _descendants(proc.pid)
+    started = {p: _ours(p) & mine for p in patterns}
     assert started["xskcheck"] and started["lab.topology keeper"]
     netns = set()
     for pid in started["lab.topology keeper"]:
@@ -118,21 +151,17 @@ def test_killed_run_leaves_no_process_namespace_or_veth(sig, tmp_path):
             netns.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
         except OSError:
             pass
+    assert netns
     proc.send_signal(getattr(signal, sig))
     proc.wait(60)
+    # the kernel frees a namespace when its last process has exited: give the
+    # processes (ours, reparented to init after SIGKILL) a moment to finish dying
     deadline = time.time() + 15
-    left = started
-    while time.time() < deadline:
+    while True:
         left = {p: _ours(p) & started[p] for p in started}
-        if not any(left.values()):
+        holders = _netns_holders(netns)
+        if (not any(left.values()) and not holders) or time.time() > deadline:
             break
         time.sleep(0.2)
     assert not any(left.values()), f"left behind after {sig}: {left}"
-    alive_ns = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                alive_ns.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
-            except OSError:
-                pass
-    assert not (netns & alive_ns), "a network namespace (and its veths) outlived the run"
+    assert not holders, f"a network namespace (and its veths) outlived the run, held by {holders}"

@@ -49,3 +49,38 @@ def test_a_stall_is_seen_but_counted_as_a_note(tmp_path):
     assert len(seen) == 1 and splat_kind(seen[0]) == "stall"
     assert splat_kind("[ 1.0] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [ksoftirqd/0:15]") == "stall"
     assert splat_kind("[ 1.0] BUG: KASAN: use-after-free in xsk_flush+0x2c/0x40") == "kernel-splat"
+
+
+OOPS = """\
+[   21.649064] BUG: kernel NULL pointer dereference, address: 00000000000000c4
+[   21.649064] RIP: 0010:__xsk_rcv_zc+0x16/0xc0
+[   21.675722] Kernel panic - not syncing: Fatal exception in interrupt
+"""
+
+
+def _lost(**kw):
+    from lab.workload import TargetResult
+    return TargetResult(label="k/vm-0", kernel="k", packets=1234, infra_error="LostSSH: connection lost",
+                        timeline=[(1.0, 600, 0), (2.5, 1234, 0)], **kw)
+
+
+def test_a_guest_lost_after_an_oops_crashed_of_the_kernel(tmp_path):
+    from lab.fleet import crashed_of_splat
+    seen = follow(tmp_path, BOOT, OOPS)
+    res = _lost()
+    assert crashed_of_splat(res, seen, traced=True)
+    assert res.infra_error is None and res.reason == "guest-crashed"
+    assert res.packets == 1234 and res.load_seconds == 2.5
+    assert res.evidence == {"available": False, "note": "guest crashed: its flight recorder died with it"}
+    assert "guest crashed" in res.notes[0]
+
+
+def test_a_guest_lost_without_a_splat_or_after_a_stall_stays_an_infrastructure_loss(tmp_path):
+    from lab.fleet import crashed_of_splat
+    for chunks in ((BOOT,), (BOOT, STALL)):
+        res = _lost()
+        assert not crashed_of_splat(res, follow(tmp_path, *chunks), traced=True)
+        assert res.infra_error == "LostSSH: connection lost" and res.reason == ""
+    ok = _lost()
+    ok.infra_error = None
+    assert not crashed_of_splat(ok, [OOPS], traced=False) and ok.reason == ""
