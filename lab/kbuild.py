@@ -258,9 +258,39 @@ class Progress:
             sys.stderr.flush()
 
 
+# ccache hashes a source and the headers it includes, never a file that an
+# .incbin directive pulls in.  arch/x86/boot/compressed/piggy.S embeds the
+# compressed vmlinux that way, and its text only changes when the payload's
+# size does: a bisection step got a cache hit there and booted the previous
+# commit's kernel (its bzImage carried the old vmlinux, byte for byte).  So
+# every source that says .incbin is compiled without ccache.
+CC_WRAPPER = """#!/bin/sh
+# racelab's CC (lab/kbuild.py): ccache gcc, but plain gcc for a source that
+# .incbin's another file, whose content ccache cannot see.
+for a do
+  case $a in
+    *.c|*.S) if [ -f "$a" ] && grep -q '[.]incbin' "$a"; then exec gcc "$@"; fi ;;
+  esac
+done
+exec ccache gcc "$@"
+"""
+
+
+def cc_wrapper() -> Path:
+    """The CC given to make (written once into the cache; its path is part of every command line)."""
+    path = cache_dir() / "bin" / "racelab-cc"
+    if not path.is_file() or path.read_text() != CC_WRAPPER:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".racelab-cc.{os.getpid()}")
+        tmp.write_text(CC_WRAPPER)
+        tmp.chmod(0o755)
+        tmp.replace(path)
+    return path
+
+
 def make(tree: Path, targets: Sequence[str], logf, progress: Progress) -> None:
     """make -jN TARGETS with ccache; output to logf; BuildFailed with the tail on error."""
-    argv = ["make", f"-j{jobs()}", f"ARCH={ARCH}", "CC=ccache gcc", "HOSTCC=ccache gcc", *targets]
+    argv = ["make", f"-j{jobs()}", f"ARCH={ARCH}", f"CC={cc_wrapper()}", "HOSTCC=ccache gcc", *targets]
     logf.write(f"+ {' '.join(argv)}\n")
     logf.flush()
     tail: list[str] = []
@@ -283,3 +313,46 @@ def make(tree: Path, targets: Sequence[str], logf, progress: Progress) -> None:
 
 def kernelrelease(tree: Path) -> str:
     return run(["make", "-s", f"ARCH={ARCH}", "kernelrelease"], cwd=tree, env=_make_env()).stdout.strip()
+
+
+# ---------------------------------------------------------------- checks
+
+def payload(bzimage: Path) -> bytes | None:
+    """The kernel (an ELF image) a bzImage carries, for gzip, xz or bzip2 payloads; else None."""
+    import bz2
+    import lzma
+    import zlib
+
+    data = bzimage.read_bytes()
+    for magic, make_dec in ((b"\x1f\x8b\x08", lambda: zlib.decompressobj(31)),
+                            (b"\xfd7zXZ\x00", lzma.LZMADecompressor),
+                            (b"BZh", bz2.BZ2Decompressor)):
+        off = data.find(magic)
+        while off != -1:
+            try:
+                out = make_dec().decompress(data[off:])
+            except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError):
+                out = b""
+            if out.startswith(b"\x7fELF"):
+                return out
+            off = data.find(magic, off + 1)
+    return None
+
+
+def check_payload(tree: Path) -> None:
+    """The bzImage must carry the vmlinux this build linked.
+
+    compressed/vmlinux.bin is that vmlinux, stripped (objcopy, never cached);
+    the payload is it plus, on relocatable kernels, its relocation table.
+    """
+    bin_path = tree / "arch/x86/boot/compressed/vmlinux.bin"
+    got = payload(tree / "arch/x86/boot/bzImage")
+    if got is None or not bin_path.is_file():
+        log.debug("payload check skipped in %s (compression other than gzip/xz/bzip2?)", tree)
+        return
+    want = bin_path.read_bytes()
+    if got[:len(want)] != want:
+        raise BuildFailed(f"the bzImage built in {tree} does not carry the vmlinux just linked "
+                          f"(payload {len(got)} bytes, vmlinux.bin {len(want)} bytes, first difference at "
+                          f"byte {next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))})",
+                          hint=f"a stale object (ccache?); remove {tree / 'arch/x86/boot'} and build again")

@@ -495,6 +495,7 @@ def _build(p: Plan, tmp: Path, progress: bool, want_vmlinux: bool) -> KernelArti
                 log.info("[kernel] building %s in %s (-j%d%s)", spec.name, tree, kbuild.jobs(),
                          ", fresh tree" if fresh else ", incremental")
                 kbuild.make(tree, ["bzImage"], logf, prog)
+                kbuild.check_payload(tree)
                 if fresh:
                     stack.save(full_steps=prog.steps)
             except BuildFailed as e:

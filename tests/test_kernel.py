@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -644,3 +645,57 @@ def test_cache_hit_is_named_as_asked(fake_kernel, cache):
                       progress=False)
     b = kernel.ensure(kernel.KernelSpec("second", f"tarball:{tb}", (), (str(frag),), None), progress=False)
     assert a.key == b.key and (b.name, b.affected) == ("second", None)
+
+
+# ---------------------------------------------------------------- ccache and .incbin
+
+INCBIN_S = '.section .rodata\n.globl blob\nblob:\n.incbin "blob.bin"\n'
+
+
+def _assemble(cc, d, payload, env):
+    (d / "blob.bin").write_bytes(payload)
+    obj = d / "piggy.o"
+    obj.unlink(missing_ok=True)
+    # as kbuild assembles it (the -MMD depfile is what puts ccache in depend mode)
+    subprocess.run([*cc, "-Wp,-MMD,.piggy.o.d", "-c", "-o", str(obj), "piggy.S"], cwd=d, env=env, check=True)
+    return obj.read_bytes()
+
+
+@pytest.mark.skipif(not shutil.which("ccache") or not shutil.which("gcc"), reason="needs gcc and ccache")
+@pytest.mark.parametrize("cc", ["ccache", "racelab-cc"])
+def test_incbin_payload_change_reaches_the_object(cc, tmp_path, cache):
+    """ccache alone hands back the old payload (the hazard); racelab's CC does not."""
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "piggy.S").write_text(INCBIN_S)
+    env = {**os.environ, **kbuild._make_env()}
+    argv = ["ccache", "gcc"] if cc == "ccache" else [str(kbuild.cc_wrapper())]
+    first = _assemble(argv, d, b"A" * 4096, env)
+    second = _assemble(argv, d, b"B" * 4096, env)     # same size: piggy.S's text is unchanged
+    assert b"A" * 4096 in first
+    if cc == "ccache":
+        assert b"A" * 4096 in second, "ccache saw the .incbin'd file change (then the wrapper is moot)"
+    else:
+        assert b"B" * 4096 in second
+
+
+def _fake_tree(tmp_path, bin_bytes, packed):
+    import gzip
+    t = tmp_path / "tree"
+    (t / "arch/x86/boot/compressed").mkdir(parents=True)
+    (t / "arch/x86/boot/compressed/vmlinux.bin").write_bytes(bin_bytes)
+    (t / "arch/x86/boot/bzImage").write_bytes(b"\x00" * 512 + b"HdrS" + gzip.compress(packed) + b"\x00" * 64)
+    return t
+
+
+def test_payload_check_passes_the_vmlinux_just_linked(tmp_path):
+    elf = b"\x7fELF" + os.urandom(5000)
+    kbuild.check_payload(_fake_tree(tmp_path, elf, elf + b"relocs"))
+
+
+def test_payload_check_fires_on_a_stale_payload(tmp_path):
+    elf = b"\x7fELF" + os.urandom(5000)
+    old = elf[:3000] + b"\x90" + elf[3001:]
+    with pytest.raises(BuildFailed) as e:
+        kbuild.check_payload(_fake_tree(tmp_path, elf, old))
+    assert "does not carry the vmlinux just linked" in e.value.message and "byte 3000" in e.value.message
