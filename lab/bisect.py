@@ -156,6 +156,23 @@ def _append(log_path: str, rec: dict[str, Any]) -> None:
         f.write(json.dumps(rec, default=str) + "\n")
 
 
+def _sweep_stale_clones(tmp: Path | None = None) -> list[Path]:
+    """Remove the private clones of bisections that were killed (SIGKILL skips their cleanup)."""
+    gone = []
+    for d in (tmp or Path(tempfile.gettempdir())).glob("racelab-bisect-*-*"):
+        pid = d.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+        except PermissionError:
+            pass
+    return gone
+
+
 def step_main(state_path: str) -> int:
     """`racelab bisect-step --state FILE`: run by `git bisect run` in the private bare clone."""
     st = State.load(Path(state_path))
@@ -226,7 +243,8 @@ def main(a: argparse.Namespace) -> int:
     budget = step_budget(rate_low, floor=parse_duration(a.min_step))
     # `git bisect` runs in a private bare clone that borrows the tree's objects: the user's
     # checkout is never touched, and two bisections of one tree cannot collide on its index
-    priv = Path(tempfile.mkdtemp(prefix="racelab-bisect-")) / "repo.git"
+    _sweep_stale_clones()
+    priv = Path(tempfile.mkdtemp(prefix=f"racelab-bisect-{os.getpid()}-")) / "repo.git"
     try:
         run(["git", "clone", "-q", "--bare", "--shared", tree, str(priv)])
         st = dataclasses.replace(st, budget=budget, rate_low=rate_low, bisect_repo=str(priv))

@@ -50,3 +50,18 @@ def test_infrastructure_failure_is_a_skip(monkeypatch, tmp_path):
     rec = b.test_commit(st, "abc123", "step")
     assert rec["outcome"] == "skip" and "build failed" in rec["reason"]
     assert b.exit_code("cause", rec["outcome"]) == 125
+
+
+def test_sweep_removes_only_the_clones_of_dead_bisections(tmp_path):
+    import os
+    import subprocess
+    from lab.bisect import _sweep_stale_clones
+    p = subprocess.Popen(["true"])
+    p.wait()
+    dead = tmp_path / f"racelab-bisect-{p.pid}-abc"
+    live = tmp_path / f"racelab-bisect-{os.getpid()}-def"
+    legacy = tmp_path / "racelab-bisect-xyz"
+    for d in (dead, live, legacy):
+        (d / "repo.git").mkdir(parents=True)
+    assert _sweep_stale_clones(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and legacy.exists()
