@@ -97,6 +97,8 @@ class State:
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)
     bisect_repo: str = ""   # the private bare clone `git bisect` runs in (set before the steps)
+    good: str = ""          # the range, as full SHAs (to check a --resume against)
+    bad: str = ""
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -152,8 +154,11 @@ def test_commit(st: State, sha: str, label: str) -> dict[str, Any]:
 
 
 def _append(log_path: str, rec: dict[str, Any]) -> None:
-    with open(log_path, "a") as f:
-        f.write(json.dumps(rec, default=str) + "\n")
+    with open(log_path, "ab+") as f:
+        # after an interruption the last line may be cut short: start a fresh one
+        end = f.seek(0, os.SEEK_END)
+        torn = end > 0 and f.seek(end - 1) >= 0 and f.read(1) != b"\n"
+        f.write((b"\n" if torn else b"") + json.dumps(rec, default=str).encode() + b"\n")
 
 
 def _sweep_stale_clones(tmp: Path | None = None) -> list[Path]:
@@ -173,6 +178,38 @@ def _sweep_stale_clones(tmp: Path | None = None) -> list[Path]:
     return gone
 
 
+def recorded_step(log_path: str, sha: str) -> dict[str, Any] | None:
+    """The verdict an earlier (interrupted) run of this bisection gave `sha`, if any."""
+    try:
+        lines = Path(log_path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue       # a line cut short by the interruption
+        if r.get("label") == "step" and r.get("commit") == sha and r.get("outcome") in ("reproduced", "clean"):
+            return r
+    return None
+
+
+def resume_state(out: Path, tree: str, scenario: str, find: str, shas: dict[str, str]) -> State:
+    """The state of the interrupted bisection in `out`, checked against this command line."""
+    path = out / "state.json"
+    if not path.is_file():
+        raise BadInput(f"--resume: {out} holds no bisection past its calibration (no state.json)",
+                       hint="give the --out of the bisection to resume, or start again without --resume")
+    old = State.load(path)
+    asked = {"tree": tree, "scenario": scenario, "find": find, "good": shas["good"], "bad": shas["bad"]}
+    differ = [f"{k}: {getattr(old, k)!r} there, {v!r} now" for k, v in asked.items()
+              if getattr(old, k) != v and getattr(old, k) != ""]   # "": a state from before good/bad were kept
+    if differ:
+        raise BadInput(f"--resume: {out} holds a different bisection:\n  " + "\n  ".join(differ),
+                       hint="resume with the same --tree/--good/--bad/--scenario/--find, or use another --out")
+    return old
+
+
 def step_main(state_path: str) -> int:
     """`racelab bisect-step --state FILE`: run by `git bisect run` in the private bare clone."""
     st = State.load(Path(state_path))
@@ -180,6 +217,12 @@ def step_main(state_path: str) -> int:
         del os.environ[k]   # `git bisect run` exports GIT_DIR=. (the bare clone); builds use the tree
     # --no-checkout: the commit under test is BISECT_HEAD
     sha = run(["git", "-C", st.bisect_repo, "rev-parse", "BISECT_HEAD"]).stdout.strip()
+    prior = recorded_step(st.log, sha)
+    if prior is not None:      # --resume: this commit's verdict is in the log already
+        code = exit_code(st.find, prior["outcome"])
+        print(f"racelab bisect-step {sha[:12]}: {prior['outcome']} (recorded) -> exit {code}",
+              file=sys.stderr, flush=True)
+        return code
     rec = test_commit(st, sha, "step")
     rec["exit"] = exit_code(st.find, rec["outcome"])
     _append(st.log, rec)
@@ -233,14 +276,24 @@ def main(a: argparse.Namespace) -> int:
     s = scen.load(a.scenario)
     out = Path(a.out or f"results/bisect-{s.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    st = State(tree=tree, scenario=s.name, find=a.find, budget=0.0, rate_low=0.0, vms=a.vms,
-               log=str(out / "bisect.jsonl"), out=str(out),
-               seed=random.SystemRandom().randrange(1 << 31))
     t0 = time.monotonic()
     racy_end = shas["bad"] if a.find == "cause" else shas["good"]
-    events, seconds = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget))
-    rate_low = rate_lower_bound(events, seconds)
-    budget = step_budget(rate_low, floor=parse_duration(a.min_step))
+    if getattr(a, "resume", False):
+        # calibration and every recorded step are reused; the step cut short runs again
+        st = resume_state(out, tree, s.name, a.find, shas)
+        rate_low, budget = st.rate_low, st.budget
+        print(f"resuming the bisection in {out}: step budget {budget:.1f}s; recorded steps are reused",
+              flush=True)
+    else:
+        if (out / "bisect.jsonl").exists():
+            raise BadInput(f"{out} already holds a bisection",
+                           hint=f"continue it with --resume --out {out}, or give another --out")
+        st = State(tree=tree, scenario=s.name, find=a.find, budget=0.0, rate_low=0.0, vms=a.vms,
+                   log=str(out / "bisect.jsonl"), out=str(out),
+                   seed=random.SystemRandom().randrange(1 << 31), good=shas["good"], bad=shas["bad"])
+        events, seconds = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget))
+        rate_low = rate_lower_bound(events, seconds)
+        budget = step_budget(rate_low, floor=parse_duration(a.min_step))
     # `git bisect` runs in a private bare clone that borrows the tree's objects: the user's
     # checkout is never touched, and two bisections of one tree cannot collide on its index
     _sweep_stale_clones()
@@ -250,14 +303,20 @@ def main(a: argparse.Namespace) -> int:
         st = dataclasses.replace(st, budget=budget, rate_low=rate_low, bisect_repo=str(priv))
         state_path = out / "state.json"
         st.save(state_path)
-        print(f"calibrated on {racy_end[:12]}: {events} reproduction(s) in {seconds:.1f}s of load; "
-              f"rate >= {rate_low:.3g}/s (95%); step budget {budget:.1f}s for P(miss) <= {MISS:.0%}",
-              flush=True)
+        if not getattr(a, "resume", False):
+            print(f"calibrated on {racy_end[:12]}: {events} reproduction(s) in {seconds:.1f}s of load; "
+                  f"rate >= {rate_low:.3g}/s (95%); step budget {budget:.1f}s for P(miss) <= {MISS:.0%}",
+                  flush=True)
         terms = [] if a.find == "cause" else ["--term-old=racy", "--term-new=fixed"]
         run(["git", "-C", str(priv), "bisect", "start", "--no-checkout", *terms, shas["bad"], shas["good"]])
         step = [sys.executable, "-m", "lab.cli", "bisect-step", "--state", str(state_path)]
         env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        p = run(["git", "-C", str(priv), "bisect", "run", *step], check=False, capture=True, env=env)
+        try:
+            p = run(["git", "-C", str(priv), "bisect", "run", *step], check=False, capture=True, env=env)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; the steps so far are in {st.log}. Continue with the same command "
+                  f"and --resume --out {out}", file=sys.stderr, flush=True)
+            raise
         (out / "git-bisect-run.log").write_text(p.stdout + p.stderr)
         ref = "refs/bisect/bad" if a.find == "cause" else "refs/bisect/fixed"
         culprit = run(["git", "-C", str(priv), "rev-parse", ref], check=False).stdout.strip()

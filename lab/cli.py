@@ -289,6 +289,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-runs", type=int, default=3, help="runs on the reproducing end")
     p.add_argument("--calibrate-budget", default="2m", help="max load per calibration run")
     p.add_argument("--min-step", default="5s", help="minimum load per step")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted bisection in --out (its calibration and steps are reused)")
     p.set_defaults(func=cmd_bisect)
 
     p = sub.add_parser("bisect-step", help="internal: one `git bisect run` step (exit 0/1/125)")

@@ -65,3 +65,58 @@ def test_sweep_removes_only_the_clones_of_dead_bisections(tmp_path):
         (d / "repo.git").mkdir(parents=True)
     assert _sweep_stale_clones(tmp_path) == [dead]
     assert not dead.exists() and live.exists() and legacy.exists()
+
+
+def _state(tmp_path, **kw):
+    base = dict(tree=str(tmp_path / "linux"), scenario="generic-rx-race", find="cause", budget=30.0, rate_low=0.2,
+                vms=1, log=str(tmp_path / "bisect.jsonl"), out=str(tmp_path), seed=7, good="a" * 40, bad="b" * 40)
+    return b.State(**{**base, **kw})
+
+
+def test_resume_reuses_the_recorded_verdict_and_reruns_the_step_cut_short(tmp_path, monkeypatch, capsys):
+    import json
+    import subprocess
+    repo = tmp_path / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    done, cut = "1" * 40, "2" * 40
+    st = _state(tmp_path, bisect_repo=str(repo))
+    st.save(tmp_path / "state.json")
+    with open(st.log, "w") as f:
+        f.write(json.dumps({"label": "calibrate0", "commit": "b" * 40, "outcome": "reproduced"}) + "\n")
+        f.write(json.dumps({"label": "step", "commit": done, "outcome": "reproduced", "exit": 1}) + "\n")
+        f.write('{"label": "step", "commit": "' + cut)          # the line the interruption cut short
+    ran = []
+    monkeypatch.setattr(b, "test_commit", lambda st, sha, label: ran.append(sha) or
+                        {"commit": sha, "label": label, "outcome": "clean", "confidence": 0.99})
+    for sha, want in ((done, 1), (cut, 0)):
+        (repo / "BISECT_HEAD").write_text(sha + "\n")
+        assert b.step_main(str(tmp_path / "state.json")) == want
+    assert ran == [cut]                              # the recorded step was not run again
+    assert "(recorded)" in capsys.readouterr().err
+    assert b.recorded_step(st.log, cut)["outcome"] == "clean"
+
+
+def test_resume_refuses_a_different_bisection_and_a_missing_one(tmp_path):
+    from lab.run import BadInput
+    shas = {"good": "a" * 40, "bad": "b" * 40}
+    with pytest.raises(BadInput) as e:
+        b.resume_state(tmp_path, str(tmp_path / "linux"), "generic-rx-race", "cause", shas)
+    assert "no state.json" in e.value.message
+    _state(tmp_path).save(tmp_path / "state.json")
+    assert b.resume_state(tmp_path, str(tmp_path / "linux"), "generic-rx-race", "cause", shas).budget == 30.0
+    with pytest.raises(BadInput) as e:
+        b.resume_state(tmp_path, str(tmp_path / "linux"), "veth-napi-race", "fix", {**shas, "bad": "c" * 40})
+    msg = e.value.message
+    assert "different bisection" in msg and "scenario" in msg and "find" in msg and "bad" in msg
+
+
+def test_log_lines_stay_whole(tmp_path):
+    import json
+    log = tmp_path / "bisect.jsonl"
+    b._append(str(log), {"n": 1})
+    b._append(str(log), {"n": 2})
+    with open(log, "a") as f:
+        f.write('{"n": 3, "cut')
+    b._append(str(log), {"n": 4})
+    lines = log.read_text().splitlines()
+    assert [json.loads(l)["n"] for l in lines if not l.endswith("cut")] == [1, 2, 4] and len(lines) == 4
