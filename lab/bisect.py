@@ -126,9 +126,15 @@ def test_commit(st: State, sha: str, label: str) -> dict[str, Any]:
         return rec
     s = scen.load(st.scenario, st.overrides)
     kname = f"git:{st.tree}@{sha}"
+    step_out = Path(st.out) / f"step-{sha[:12]}-{label}"
+    if step_out.exists():      # a step cut short by an interruption (--resume): keep what it saw, apart
+        n = 1
+        while step_out.with_name(f"{step_out.name}.cut{n}").exists():
+            n += 1
+        step_out.rename(step_out.with_name(f"{step_out.name}.cut{n}"))
     cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(kname,),
                     duration=st.budget, vms=st.vms, seed=st.seed, stop_on_first=True,
-                    out=str(Path(st.out) / f"step-{sha[:12]}-{label}"))
+                    out=str(step_out))
     t1 = time.monotonic()
     try:
         outcome = fleet.run_vm(cfg, progress=False)

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,26 @@ def test_log_lines_stay_whole(tmp_path):
     b._append(str(log), {"n": 4})
     lines = log.read_text().splitlines()
     assert [json.loads(l)["n"] for l in lines if not l.endswith("cut")] == [1, 2, 4] and len(lines) == 4
+
+
+def test_a_rerun_step_keeps_the_cut_run_apart(tmp_path, monkeypatch):
+    from lab import fleet, kernel
+    from lab.run import InfraError
+    st = _state(tmp_path)
+    cut = tmp_path / "step-abc123-step"
+    (cut / "vms").mkdir(parents=True)
+    (cut / "events.jsonl").write_text('{"type": "load-start"}\n')
+    monkeypatch.setattr(kernel, "resolve", lambda spec: spec)
+    monkeypatch.setattr(kernel, "ensure", lambda spec, progress=False: object())
+    seen = []
+
+    def run_vm(cfg, progress=False):
+        seen.append(cfg.out)
+        raise InfraError("no libvirtd in a unit test")
+    monkeypatch.setattr(fleet, "run_vm", run_vm)
+    for _ in range(2):
+        assert b.test_commit(st, "abc123", "step")["outcome"] == "skip"
+        Path(seen[-1]).mkdir()
+    assert seen == [str(cut), str(cut)]
+    assert (tmp_path / "step-abc123-step.cut1" / "events.jsonl").read_text() == '{"type": "load-start"}\n'
+    assert (tmp_path / "step-abc123-step.cut2").is_dir()
