@@ -300,6 +300,9 @@ def main(a: argparse.Namespace) -> int:
         events, seconds = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget))
         rate_low = rate_lower_bound(events, seconds)
         budget = step_budget(rate_low, floor=parse_duration(a.min_step))
+        print(f"calibrated on {racy_end[:12]}: {events} reproduction(s) in {seconds:.1f}s of load; "
+              f"rate >= {rate_low:.3g}/s (95%); step budget {budget:.1f}s for P(miss) <= {MISS:.0%}",
+              flush=True)
     # `git bisect` runs in a private bare clone that borrows the tree's objects: the user's
     # checkout is never touched, and two bisections of one tree cannot collide on its index
     _sweep_stale_clones()
@@ -309,10 +312,6 @@ def main(a: argparse.Namespace) -> int:
         st = dataclasses.replace(st, budget=budget, rate_low=rate_low, bisect_repo=str(priv))
         state_path = out / "state.json"
         st.save(state_path)
-        if not getattr(a, "resume", False):
-            print(f"calibrated on {racy_end[:12]}: {events} reproduction(s) in {seconds:.1f}s of load; "
-                  f"rate >= {rate_low:.3g}/s (95%); step budget {budget:.1f}s for P(miss) <= {MISS:.0%}",
-                  flush=True)
         terms = [] if a.find == "cause" else ["--term-old=racy", "--term-new=fixed"]
         run(["git", "-C", str(priv), "bisect", "start", "--no-checkout", *terms, shas["bad"], shas["good"]])
         step = [sys.executable, "-m", "lab.cli", "bisect-step", "--state", str(state_path)]
