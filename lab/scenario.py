@@ -97,6 +97,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "memory_mib": (lambda v: isinstance(v, int) and 256 <= v <= 65536, "an integer 256..65536"),
         "cmdline": (lambda v: isinstance(v, str), "a string"),
         "pin": (lambda v: isinstance(v, bool), "true or false"),
+        "silence": (lambda v: _dur(v) and parse_duration(v) >= 5, "a duration >= 5s, like 60s"),
+        "stalls": (lambda v: v in ("note", "violation"), "note or violation"),
     },
     "run": {
         "duration": (_dur, "a duration like 30s or 2m"),
@@ -183,6 +185,8 @@ def from_data(raw: Mapping[str, Any], path: str = "<data>",
 
 
 OPTIONAL_SECTIONS = {"amplifier": {"widen_rx_ns": 0}}
+# fields added after scenarios were written: their default when a file leaves them out
+OPTIONAL_FIELDS = {"vm": {"silence": "60s", "stalls": "note"}}
 
 
 def validate(data: Mapping[str, Any]) -> list[str]:
@@ -190,6 +194,10 @@ def validate(data: Mapping[str, Any]) -> list[str]:
     for section, defaults in OPTIONAL_SECTIONS.items():
         if isinstance(data, dict) and section not in data:
             data[section] = dict(defaults)   # type: ignore[index]
+    for section, defaults in OPTIONAL_FIELDS.items():
+        if isinstance(data, dict) and isinstance(data.get(section), dict):
+            for fld, value in defaults.items():
+                data[section].setdefault(fld, value)   # type: ignore[index]
     for section, fields in SCHEMA.items():
         sec = data.get(section)
         if not isinstance(sec, dict):
