@@ -441,6 +441,12 @@ class SshProcess:
     def kill(self) -> None:
         self._signal("KILL", 9)
 
+    def abandon(self) -> None:
+        """Give up on a guest that stopped answering: close the channel now, which
+        wakes a reader blocked in lines() (it sees EOF), without asking the guest
+        to kill anything (a hung guest would never reply).  Safe from any thread."""
+        self._chan.close()
+
     def close(self, grace: float = 5.0) -> None:
         """Stop the remote group (TERM, then KILL after grace) and free the channel."""
         if self._closed:

@@ -94,21 +94,40 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 
 class _Watchdog:
-    """Stops waiting on a stream whose host is gone (a guest that died mid-run)."""
+    """Stops waiting on a stream whose host is gone (a guest that died mid-run)
+    or has gone quiet: the agent prints stats every 0.5 s while it runs, so a
+    stream silent for `silence` seconds comes from a guest that stopped
+    answering (hung, paused, or its network gone), which libvirt still calls
+    running and TCP keepalives behind QEMU's user-net never notice."""
 
-    def __init__(self, alive: Callable[[], bool] | None, on_dead: Callable[[], None]) -> None:
+    def __init__(self, alive: Callable[[], bool] | None, on_dead: Callable[[], None],
+                 silence: float | None = None) -> None:
         self.alive = alive
-        self.dead = False
+        self.silence = silence
+        self.dead = False      # the host is gone
+        self.silent = False    # the host is there but said nothing for `silence` seconds
+        self._last = time.monotonic()
         self._stop = threading.Event()
-        if alive is not None:
+        if alive is not None or silence is not None:
             self._t = threading.Thread(target=self._run, args=(on_dead,), daemon=True)
             self._t.start()
 
+    def heard(self) -> None:
+        self._last = time.monotonic()
+
     def _run(self, on_dead: Callable[[], None]) -> None:
-        while not self._stop.wait(1.0):
-            assert self.alive is not None
-            if not self.alive():
-                self.dead = True
+        period = 1.0 if self.silence is None else min(1.0, self.silence / 5)
+        next_alive = 0.0
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            if self.alive is not None and now >= next_alive:
+                next_alive = now + 1.0
+                if not self.alive():
+                    self.dead = True
+                    on_dead()
+                    return
+            if self.silence is not None and now - self._last > self.silence:
+                self.silent = True
                 on_dead()
                 return
 
@@ -116,10 +135,25 @@ class _Watchdog:
         self._stop.set()
 
 
+def _give_up(proc: Any) -> None:
+    """Stop reading proc: a guest that does not answer cannot be asked to kill
+    anything, so an SSH process is abandoned (its channel closed, which wakes
+    the reader); a local one is terminated."""
+    abandon = getattr(proc, "abandon", None)
+    if abandon is not None:
+        abandon()
+    else:
+        proc.terminate()
+
+
 def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                on_event: EventSink | None = None, events_file: IO[str] | None = None,
-               alive: Callable[[], bool] | None = None, deadline_slack: float = 120.0) -> TargetResult:
-    """Run the agent on host; infrastructure loss is recorded in .infra_error."""
+               alive: Callable[[], bool] | None = None, deadline_slack: float = 120.0,
+               silence: float | None = None) -> TargetResult:
+    """Run the agent on host; infrastructure loss is recorded in .infra_error.
+
+    alive(): is the host still there (checked every second)?  silence: seconds
+    without a line from the agent after which the host counts as lost."""
     res = TargetResult(label=label, kernel=kernel)
     env = {"PYTHONPATH": host.lab_root}
     argv = [host.python, "-m", "lab.agent", spec.to_json()]
@@ -129,9 +163,10 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
     started = time.monotonic()
     try:
         with host.spawn(argv, env=env) as proc:
-            dog = _Watchdog(alive, proc.terminate)
+            dog = _Watchdog(alive, lambda: _give_up(proc), silence)
             try:
                 for line in proc.lines():
+                    dog.heard()
                     try:
                         ev = json.loads(line)
                     except json.JSONDecodeError:
@@ -187,9 +222,13 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                     if time.monotonic() - started > spec.duration + deadline_slack:
                         res.infra_error = "agent overran its deadline"
                         break
+                dog.close()
                 proc.wait(30)
             finally:
                 dog.close()
+            if dog.silent and not done:
+                raise LostVM(f"{label}: guest stopped answering (no output for {silence:g} s)",
+                             hint="the guest hangs or is paused; see its console log")
             if dog.dead:
                 raise LostVM(f"{label}: guest died or stopped answering during the run")
     except InfraError as e:

@@ -86,3 +86,73 @@ def test_agent_error_is_infrastructure():
     host = FakeHost([{"type": "agent-done", "reason": "error", "error": "checker exited before ready"}])
     r = run_target(host, spec(), label="vm-1", kernel="k")
     assert "checker exited" in r.infra_error
+
+
+class HangingProc(FakeProc):
+    """Prints its lines, then hangs (a paused guest) until given up on."""
+
+    def __init__(self, lines):
+        super().__init__(lines)
+        import threading
+        self.given_up = threading.Event()
+        self.how = None
+
+    def lines(self):
+        yield from self._lines
+        self.given_up.wait(30)
+
+    def abandon(self):
+        self.how = "abandon"
+        self.given_up.set()
+
+    def terminate(self):
+        self.how = "terminate"
+        self.given_up.set()
+
+
+class HangingHost(FakeHost):
+    def __init__(self, events, proc_class=HangingProc):
+        super().__init__(events)
+        self.proc = proc_class(self.lines)
+
+    @contextmanager
+    def spawn(self, argv, env=None):
+        yield self.proc
+
+
+def test_a_silent_guest_is_infrastructure_loss_and_is_abandoned():
+    import time
+    host = HangingHost([{"type": "load-start", "at": 1.0}, {"type": "stats", "rx": 10, "at": 1.5}])
+    t0 = time.monotonic()
+    r = run_target(host, spec(), label="vm-0", kernel="k", alive=lambda: True, silence=0.5)
+    assert 0.5 <= time.monotonic() - t0 < 10
+    assert r.infra_error == "LostVM: vm-0: guest stopped answering (no output for 0.5 s)"
+    assert host.proc.how == "abandon"      # an SSH channel is closed, not asked to kill
+    assert r.packets == 10                 # what it said before is kept, but the row sees infra
+
+
+def test_silence_is_measured_between_lines_not_from_the_start():
+    import threading
+    import time
+
+    class Slow(HangingProc):
+        def lines(self):
+            for line in self._lines:     # one line every 0.2 s: never 0.5 s of silence
+                time.sleep(0.2)
+                yield line
+
+    events = [{"type": "stats", "rx": i, "at": i} for i in range(8)]
+    events.append({"type": "agent-done", "reason": "duration", "load_seconds": 1.0})
+    host = HangingHost(events, Slow)
+    r = run_target(host, spec(), label="vm-0", kernel="k", silence=0.5)
+    assert r.infra_error is None and host.proc.how is None
+    assert threading.active_count() < 50
+
+
+def test_a_local_process_without_abandon_is_terminated():
+    class NoAbandon(HangingProc):
+        abandon = None
+
+    host = HangingHost([{"type": "stats", "rx": 1, "at": 1}], NoAbandon)
+    r = run_target(host, spec(), label="local", kernel="k", silence=0.3)
+    assert host.proc.how == "terminate" and "stopped answering" in r.infra_error
