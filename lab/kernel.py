@@ -3,14 +3,14 @@
     spec string --resolve()--> KernelSpec --ensure()--> KernelArtifact
 
 A spec is a catalog name (kernels/catalog.toml), `NAME+patch...`, or a
-source string (debsrc:, deb:, git:, tarball:, bzimage:; see lab.ksource).
+source string (debsrc:, deb:, git:, tarball:, bzimage:; see lab.sources).
 ensure() builds or fetches it once: the cache key covers the source identity,
 the patch contents, the merged config fragment and the compiler, and an entry
 under cache_dir()/kernels/<key>/ appears only when it is complete (built in a
 temporary directory, renamed into place).  A lock per key makes concurrent
 builds of one kernel (pytest-xdist) build it once.
 
-Sources are compiled in one persistent tree per source (lab.ksource), with
+Sources are compiled in one persistent tree per source (lab.sources), with
 the config and make steps in lab.kbuild.
 
     python -m lab.kernel build 6.1.192+revert-generic-rx
@@ -35,7 +35,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from lab import kbuild, ksource
+from lab import kbuild, sources
 from lab.run import BadInput, BuildFailed, RacelabError, cache_dir, log, project_root, setup_logging
 
 KEY_SCHEME = 1          # bump when the build procedure changes what a key produces
@@ -124,10 +124,10 @@ def load_catalog(path: Path | None = None) -> Catalog:
         return v
 
     races = {n: strs(f"race.{n}", d, "fix") for n, d in data.get("race", {}).items()}
-    sources = {}
+    tables = {}
     for n, d in data.get("source", {}).items():
         w = f"source.{n!r}"
-        sources[n] = CatalogSource(n, text(w, d, "series"), text(w, d, "version"), strs(w, d, "affected"))
+        tables[n] = CatalogSource(n, text(w, d, "series"), text(w, d, "version"), strs(w, d, "affected"))
     patches = {}
     for n, d in data.get("patch", {}).items():
         w = f"patch.{n}"
@@ -152,12 +152,12 @@ def load_catalog(path: Path | None = None) -> Catalog:
             if not (root / f).is_file():
                 problems.append(f"{w}.fragments: {f} does not exist under {root}")
         try:
-            ref = ksource.parse_source(k.source)
+            ref = sources.parse_source(k.source)
         except BadInput as e:
             problems.append(f"{w}.source: {e.message}")
             continue
         if ref.kind == "debsrc":
-            src = sources.get(k.source)
+            src = tables.get(k.source)
             if src is None:
                 problems.append(f"{w}.source: {k.source} has no [source.{k.source!r}] table (series unknown)")
             else:
@@ -169,7 +169,7 @@ def load_catalog(path: Path | None = None) -> Catalog:
     deb_modules = strs("deb", data.get("deb", {}), "modules", False)
     if problems:
         raise BadInput(f"{path} has {len(problems)} problem(s):\n    " + "\n    ".join(problems))
-    return Catalog(root, races, sources, patches, kernels, deb_modules)
+    return Catalog(root, races, tables, patches, kernels, deb_modules)
 
 
 # ---------------------------------------------------------------- specs
@@ -209,7 +209,7 @@ def resolve(spec: str, *, fragments: Sequence[str | Path] = (), patches: Sequenc
     base = _resolve_base(spec, cat)
     if not fragments and not patches:
         return base
-    ref = ksource.parse_source(base.source)
+    ref = sources.parse_source(base.source)
     if not ref.builds:
         raise BadInput(f"{spec}: a {ref.kind}: kernel is used as shipped; --fragment/--patch need a source build",
                        hint="use a debsrc:, git: or tarball: source")
@@ -241,13 +241,13 @@ def _resolve_base(spec: str, cat: Catalog) -> KernelSpec:
                            k.note)
         return _from_catalog(k2, cat)
     kind = spec.partition(":")[0]
-    if kind not in ksource.SOURCE_KINDS:
+    if kind not in sources.SOURCE_KINDS:
         close = difflib.get_close_matches(spec, list(cat.kernels), n=5, cutoff=0.5)
         hint = ("did you mean: " + ", ".join(close)) if close else "racelab kernel list shows the catalog"
         raise BadInput(f"unknown kernel {spec!r}", hint=hint)
     if kind == "debsrc":
         src, *names = spec.split("+")
-        ksource.parse_source(src)
+        sources.parse_source(src)
         known = cat.sources.get(src)
         series = known.series if known else ""
         paths = tuple(str(_patch_path(n, series, cat)) for n in names)
@@ -255,7 +255,7 @@ def _resolve_base(spec: str, cat: Catalog) -> KernelSpec:
         if known and all(n in cat.patches for n in names):
             affected = tuple(dict.fromkeys(known.affected + sum((cat.patches[n].affects for n in names), ())))
         return KernelSpec(spec, src, paths, (str(cat.root / DEFAULT_FRAGMENT),), affected)
-    ksource.parse_source(spec)
+    sources.parse_source(spec)
     frags = (str(cat.root / DEFAULT_FRAGMENT),) if kind in ("git", "tarball") else ()
     return KernelSpec(spec, spec, (), frags, None)
 
@@ -379,7 +379,7 @@ class Plan:
     """A spec pinned to exact inputs, with its cache key."""
 
     spec: KernelSpec
-    res: ksource.Resolved
+    res: sources.Resolved
     options: dict[str, str] = field(default_factory=dict)   # merged required fragment
     compiler: str = ""
     key: str = ""
@@ -393,10 +393,10 @@ def cache_key(source_identity: str, patch_digests: Sequence[str], config_digest:
 
 
 def plan(spec: KernelSpec) -> Plan:
-    ref = ksource.parse_source(spec.source)
+    ref = sources.parse_source(spec.source)
     if not ref.builds and (spec.patches or spec.fragments):
         raise BadInput(f"{spec.name}: patches/fragments need a source build, not {ref.kind}:")
-    res = ksource.resolve_source(ref)
+    res = sources.resolve_source(ref)
     if not ref.builds:
         return Plan(spec, res, key=cache_key(res.identity, [], "", ""))
     for p in spec.patches:
@@ -405,7 +405,7 @@ def plan(spec: KernelSpec) -> Plan:
     options = kbuild.merge_fragments([Path(f) for f in spec.fragments])
     kbuild.require_toolchain()
     compiler = kbuild.compiler_version()
-    key = cache_key(res.identity, [ksource.sha256_file(Path(p)) for p in spec.patches],
+    key = cache_key(res.identity, [sources.sha256_file(Path(p)) for p in spec.patches],
                     kbuild.config_hash(options), compiler)
     return Plan(spec, res, options, compiler, key)
 
@@ -463,7 +463,7 @@ def _usable(entry: Path, want_vmlinux: bool, spec: KernelSpec) -> KernelArtifact
     """The cached entry, named as asked: one key can be reached by several specs
     (a catalog name, debsrc:...+patch), and `affected` follows the spec."""
     art = load_artifact(entry)
-    if art is None or (want_vmlinux and art.vmlinux is None and ksource.parse_source(art.source).builds):
+    if art is None or (want_vmlinux and art.vmlinux is None and sources.parse_source(art.source).builds):
         return None
     return dataclasses.replace(art, name=spec.name, affected=spec.affected)
 
@@ -485,7 +485,7 @@ def _build(p: Plan, tmp: Path, progress: bool, want_vmlinux: bool) -> KernelArti
             logf.write(f"# racelab kernel build: {spec.name}\n# source {p.res.identity}\n"
                        f"# patches {list(spec.patches)}\n# fragments {list(spec.fragments)}\n"
                        f"# compiler {p.compiler}\n# key {p.key}\n")
-            stack = ksource.prepare_tree(p.res, build_dir, [Path(x) for x in spec.patches], logf)
+            stack = sources.prepare_tree(p.res, build_dir, [Path(x) for x in spec.patches], logf)
             tree = stack.tree
             try:
                 kbuild.configure(tree, p.options, logf)
@@ -514,7 +514,7 @@ def _build(p: Plan, tmp: Path, progress: bool, want_vmlinux: bool) -> KernelArti
             applied = [a["sha256"] for a in stack.applied()]
     finally:
         tree_lock.release()
-    want = [ksource.sha256_file(Path(x)) for x in spec.patches]
+    want = [sources.sha256_file(Path(x)) for x in spec.patches]
     if applied != want:
         raise BuildFailed(f"{spec.name}: a patch file changed during the build", hint="build again")
     return KernelArtifact(
@@ -529,36 +529,16 @@ def _build(p: Plan, tmp: Path, progress: bool, want_vmlinux: bool) -> KernelArti
 def _fetch(p: Plan, tmp: Path) -> KernelArtifact:
     spec = p.spec
     t0 = time.monotonic()
+    log.info("[kernel] fetching %s", p.res.identity)
+    got = sources.fetch(p.res, tmp, load_catalog().deb_modules)
     log_path = tmp / "build.log"
-    modules_dir = None
-    order: tuple[str, ...] = ()
-    if p.res.ref.kind == "deb":
-        log.info("[kernel] fetching %s", p.res.identity)
-        deb = ksource.fetch_deb(p.res, tmp, load_catalog().deb_modules)
-        version, order = deb.version, deb.load_order
-        modules_dir = tmp / "modules" if (tmp / "modules").is_dir() else None
-        note = ""
-        if (tmp / "System.map").stat().st_size < 4096:
-            note = "# System.map: Debian ships a stub (the real one is in linux-image-*-dbg)\n"
-        log_path.write_text(f"# {p.res.identity}\n{note}# modules, load order:\n" + "".join(f"{m}\n" for m in order))
-    else:
-        assert p.res.origin is not None
-        shutil.copyfile(p.res.origin, tmp / "bzImage")
-        version = p.res.version
-        for name, cands in (("config", (".config", "config")), ("System.map", ("System.map",))):
-            for c in cands:
-                sib = p.res.origin.parent / c
-                if sib.is_file():
-                    shutil.copyfile(sib, tmp / name)
-                    break
-            else:
-                (tmp / name).write_text("")     # unknown: the image/scenario code checks in the guest
-        log_path.write_text(f"# {p.res.identity}\n# copied from {p.res.origin}\n")
+    log_path.write_text(got.log)
     return KernelArtifact(
         name=spec.name, key=p.key, dir=tmp, bzimage=tmp / "bzImage", config=tmp / "config",
-        system_map=tmp / "System.map", build_log=log_path, version=version, source=spec.source,
-        source_identity=p.res.identity, affected=spec.affected, modules_dir=modules_dir,
-        module_load_order=order, build_seconds=round(time.monotonic() - t0, 1), created=time.time())
+        system_map=tmp / "System.map", build_log=log_path, version=got.version, source=spec.source,
+        source_identity=p.res.identity, affected=spec.affected,
+        modules_dir=tmp / "modules" if got.modules else None, module_load_order=got.load_order,
+        build_seconds=round(time.monotonic() - t0, 1), created=time.time())
 
 
 # ---------------------------------------------------------------- list / show / gc

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import kbuild, kernel, ksource
+from lab import kbuild, kernel, sources
 from lab.run import BadInput, BuildFailed
 
 FIX = Path(__file__).parent / "fixtures" / "kernel"
@@ -30,7 +30,7 @@ def tree(tmp_path):
     """A copy of the small fixture source tree, with a PatchStack around it."""
     build = tmp_path / "build"
     shutil.copytree(FIX / "tree", build / "linux")
-    return ksource.PatchStack(build)
+    return sources.PatchStack(build)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -145,6 +145,32 @@ def test_resolve_extras(tmp_path):
         kernel.resolve("6.1.192", fragments=["nosuch"])
 
 
+def test_each_source_kind_is_its_own_module():
+    """One module per kind behind one interface; parse_source dispatches by the prefix."""
+    import importlib
+    assert sources.SOURCE_KINDS == ("debsrc", "tarball", "git", "deb", "bzimage")
+    for kind in sources.SOURCE_KINDS:
+        mod = importlib.import_module(f"lab.sources.{kind}")
+        assert mod.KIND == kind and mod.EXAMPLE.startswith(f"{kind}:")
+        want = ("parse", "resolve", "series", "prepare") if kind in sources.BUILDERS else ("parse", "resolve", "fetch")
+        for fn in want:
+            assert callable(getattr(mod, fn)), (kind, fn)
+        assert sources.parse_source(mod.EXAMPLE).kind == kind
+        assert sources.parse_source(mod.EXAMPLE).builds == (kind in sources.BUILDERS)
+    with pytest.raises(BadInput) as e:
+        sources.parse_source("floppy:/dev/fd0")
+    for kind in sources.SOURCE_KINDS:
+        assert f"{kind}:" in e.value.hint
+
+
+def test_ksource_facade_keeps_its_names():
+    from lab import ksource
+    for name in ("SOURCE_KINDS", "SourceRef", "Resolved", "PatchStack", "parse_source", "resolve_source",
+                 "prepare_tree", "apply_patch", "sha256_file", "tarball_url", "bzimage_version", "KERNEL_ORG"):
+        assert hasattr(ksource, name), name
+    assert ksource.parse_source is sources.parse_source
+
+
 def test_spec_json_roundtrip():
     s = kernel.resolve("6.1.192+revert-veth-napi+widen-rx")
     assert kernel.KernelSpec.from_json(s.to_json()) == s
@@ -154,13 +180,13 @@ def test_spec_json_roundtrip():
 
 def test_tarball_mirror(monkeypatch):
     monkeypatch.delenv("RACELAB_TARBALL_MIRROR", raising=False)
-    assert ksource.tarball_url("linux-6.1.5.tar.xz") == "https://cdn.kernel.org/pub/linux/kernel/v6.x/linux-6.1.5.tar.xz"
+    assert sources.tarball.tarball_url("linux-6.1.5.tar.xz") == "https://cdn.kernel.org/pub/linux/kernel/v6.x/linux-6.1.5.tar.xz"
     monkeypatch.setenv("RACELAB_TARBALL_MIRROR", "http://mirror.example/kernel/")
-    assert ksource.tarball_url("linux-6.1.5.tar.xz") == "http://mirror.example/kernel/v6.x/linux-6.1.5.tar.xz"
-    assert ksource.tarball_url("https://cdn.kernel.org/pub/linux/kernel/v5.x/linux-5.15.77.tar.xz") == \
+    assert sources.tarball.tarball_url("linux-6.1.5.tar.xz") == "http://mirror.example/kernel/v6.x/linux-6.1.5.tar.xz"
+    assert sources.tarball.tarball_url("https://cdn.kernel.org/pub/linux/kernel/v5.x/linux-5.15.77.tar.xz") == \
         "http://mirror.example/kernel/v5.x/linux-5.15.77.tar.xz"
-    assert ksource.tarball_url("https://elsewhere.example/l.tar.gz") == "https://elsewhere.example/l.tar.gz"
-    assert ksource.tarball_url("/local/linux.tar.xz") is None
+    assert sources.tarball.tarball_url("https://elsewhere.example/l.tar.gz") == "https://elsewhere.example/l.tar.gz"
+    assert sources.tarball.tarball_url("/local/linux.tar.xz") is None
 
 
 # ---------------------------------------------------------------- config
@@ -342,7 +368,7 @@ def test_real_patches_apply_on_both_trees_in_catalog_order(tmp_path):
             work = tmp_path / k.name
             shutil.copytree(pristine, work)
             for p in k.patches:
-                ksource.apply_patch(work, cat.patches[p].path(src.series, cat.root))
+                sources.apply_patch(work, cat.patches[p].path(src.series, cat.root))
             checked += 1
     if not checked:
         pytest.skip("no linux-source-6.1/6.12 installed (apt-get install linux-source-6.1)")
@@ -362,10 +388,10 @@ def fake_bzimage(path: Path, version: str) -> Path:
 
 
 def test_bzimage_version(tmp_path):
-    assert ksource.bzimage_version(fake_bzimage(tmp_path / "bz", "6.1.192-lab")) == "6.1.192-lab"
+    assert sources.bzimage.bzimage_version(fake_bzimage(tmp_path / "bz", "6.1.192-lab")) == "6.1.192-lab"
     (tmp_path / "no").write_bytes(b"\0" * 4096)
     with pytest.raises(BadInput, match="not a bzImage"):
-        ksource.bzimage_version(tmp_path / "no")
+        sources.bzimage.bzimage_version(tmp_path / "no")
 
 
 def test_module_load_order_dependencies_first():
@@ -375,7 +401,7 @@ def test_module_load_order_dependencies_first():
             "kernel/drivers/net/net_failover.ko": ["kernel/net/core/failover.ko"],
             "kernel/net/core/failover.ko": [], "kernel/crypto/crc32c_generic.ko": []}
     soft = {"ext4": ["crypto-crc32c"], "jbd2": ["crc32c-generic"]}
-    order = ksource._load_order(deps, soft, ["virtio_net", "ext4", "veth"],
+    order = sources.deb._load_order(deps, soft, ["virtio_net", "ext4", "veth"],
                                 {"crypto-crc32c": ["crc32c_generic", "crc32c_nonexistent"]})
     assert order.index("kernel/net/core/failover.ko") < order.index("kernel/drivers/net/net_failover.ko") \
         < order.index("kernel/drivers/net/virtio_net.ko")
@@ -490,7 +516,7 @@ def test_build_revert_generic_rx_for_real(request):
     from filelock import FileLock
     build_dir = kernel.cache_dir() / "build" / p.res.build_id
     with FileLock(str(build_dir) + ".lock"):
-        stack = ksource.prepare_tree(p.res, build_dir, [Path(x) for x in spec.patches])
+        stack = sources.prepare_tree(p.res, build_dir, [Path(x) for x in spec.patches])
         xsk = (stack.tree / "net/xdp/xsk.c").read_text()
     body = xsk[xsk.index("int xsk_generic_rcv("):]
     body = body[:body.index("\n}\n")]
@@ -509,20 +535,20 @@ def test_git_source_one_worktree_switches_refs_and_patches(tmp_path, cache):
     (repo / "README").write_text("two\n")
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "two"], check=True)
-    r1 = ksource.resolve_source(ksource.parse_source(f"git:{repo}@HEAD~1"))
-    r2 = ksource.resolve_source(ksource.parse_source(f"git:{repo}@HEAD"))
+    r1 = sources.resolve_source(sources.parse_source(f"git:{repo}@HEAD~1"))
+    r2 = sources.resolve_source(sources.parse_source(f"git:{repo}@HEAD"))
     assert r1.build_id == r2.build_id and r1.identity != r2.identity and r1.version == "6.1.192"
     build = cache / "build" / r1.build_id
-    stack = ksource.prepare_tree(r1, build, [FIX / "a-unlock.patch"])
+    stack = sources.prepare_tree(r1, build, [FIX / "a-unlock.patch"])
     assert not (stack.tree / "README").exists()
     (stack.tree / "built.o").write_text("object")          # untracked build output
-    stack = ksource.prepare_tree(r2, build, [FIX / "b-flush-late.patch"])
+    stack = sources.prepare_tree(r2, build, [FIX / "b-flush-late.patch"])
     assert (stack.tree / "README").read_text() == "two\n"
     assert "rx_lock" in (stack.tree / "net/xdp/xsk.c").read_text()       # a was reversed
     assert "xdp_do_flush();\n\txdp_clear" in (stack.tree / "drivers/net/veth.c").read_text()
     assert (stack.tree / "built.o").exists()
     with pytest.raises(BadInput, match="unknown git ref"):
-        ksource.resolve_source(ksource.parse_source(f"git:{repo}@nosuch"))
+        sources.resolve_source(sources.parse_source(f"git:{repo}@nosuch"))
 
 
 def test_tarball_tree_extracted_once_and_dirty_tree_reextracted(tmp_path, cache):
@@ -530,15 +556,15 @@ def test_tarball_tree_extracted_once_and_dirty_tree_reextracted(tmp_path, cache)
     tb = tmp_path / "linux-6.1.192.tar.xz"
     with tarfile.open(tb, "w:xz") as t:
         t.add(FIX / "tree", arcname="linux-6.1.192")
-    res = ksource.resolve_source(ksource.parse_source(f"tarball:{tb}"))
+    res = sources.resolve_source(sources.parse_source(f"tarball:{tb}"))
     assert res.version == "6.1.192" and res.build_id.startswith("tarball-")
     build = cache / "build" / res.build_id
-    stack = ksource.prepare_tree(res, build, [FIX / "a-unlock.patch"])
+    stack = sources.prepare_tree(res, build, [FIX / "a-unlock.patch"])
     (stack.tree / "built.o").write_text("object")
-    stack = ksource.prepare_tree(res, build, [])
+    stack = sources.prepare_tree(res, build, [])
     assert (stack.tree / "built.o").exists()                  # not extracted again
     stack.save(dirty=True)                                     # as if killed mid-patch
-    stack = ksource.prepare_tree(res, build, [])
+    stack = sources.prepare_tree(res, build, [])
     assert not (stack.tree / "built.o").exists()
     assert snapshot(stack.tree) == snapshot(FIX / "tree")
 

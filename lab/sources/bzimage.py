@@ -1,0 +1,52 @@
+"""bzimage:PATH: a kernel someone built; config and System.map are taken from beside it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from lab.run import BadInput
+from lab.sources.common import Fetched, Resolved, SourceRef, sha256_file
+
+KIND = "bzimage"
+EXAMPLE = "bzimage:/path/bzImage"
+# what to copy from beside the bzImage, and under which names it may be there
+SIBLINGS = (("config", (".config", "config")), ("System.map", ("System.map",)))
+
+
+def parse(arg: str) -> SourceRef:
+    return SourceRef(KIND, arg)
+
+
+def resolve(ref: SourceRef) -> Resolved:
+    path = Path(ref.arg).expanduser().resolve()
+    if not path.is_file():
+        raise BadInput(f"bzImage not found: {path}")
+    return Resolved(ref, f"bzimage:sha256={sha256_file(path)}", "", bzimage_version(path), path)
+
+
+def bzimage_version(path: Path) -> str:
+    """The `uname -r` a bzImage will report, read from its setup header."""
+    with open(path, "rb") as f:
+        head = f.read(0x10000)
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        raise BadInput(f"not a bzImage (no HdrS setup header): {path}")
+    off = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+    raw = head[off:off + 256].split(b"\0")[0].decode(errors="replace")
+    return raw.split(" ")[0]
+
+
+def fetch(res: Resolved, dest: Path, wanted_modules: Sequence[str] = ()) -> Fetched:
+    """Copy it; a missing config or System.map becomes an empty file (the guest side checks)."""
+    assert res.origin is not None
+    shutil.copyfile(res.origin, dest / "bzImage")
+    for name, cands in SIBLINGS:
+        for c in cands:
+            sib = res.origin.parent / c
+            if sib.is_file():
+                shutil.copyfile(sib, dest / name)
+                break
+        else:
+            (dest / name).write_text("")
+    return Fetched(res.version, f"# {res.identity}\n# copied from {res.origin}\n")
