@@ -3,7 +3,8 @@
 Config: required fragments are merged (later fragments win per option) and
 applied over `make allnoconfig` through KCONFIG_ALLCONFIG, then
 `olddefconfig`; every option a fragment asks for must survive, or the build
-stops naming each lost option and its Kconfig "depends on" lines.
+stops naming each lost option and its Kconfig "depends on" lines.  Nothing
+may be a module (=m): only bzImage is built, so a module would be missing.
 
 Build: `make -jN bzImage` with ccache, output to build.log, and a live
 one-line progress on a TTY (periodic log lines otherwise).
@@ -161,12 +162,16 @@ def _kconfig_files(tree: Path) -> Iterable[Path]:
                 yield Path(dirpath) / f
 
 
-def configure(tree: Path, options: dict[str, str], logf) -> dict[str, str]:
-    """allnoconfig + the merged fragment, then olddefconfig; verify; return the final config."""
-    frag = tree / ".racelab-fragment.config"
+def configure(tree: Path, options: dict[str, str], logf, out: Path | None = None) -> dict[str, str]:
+    """allnoconfig + the merged fragment, then olddefconfig; verify; return the final config.
+
+    `out` is a separate output directory (make O=); by default the tree itself.
+    """
+    out = out or tree
+    frag = out / ".racelab-fragment.config"
     frag.write_text(render_config(options))
     for target in ("allnoconfig", "olddefconfig"):
-        argv = ["make", f"ARCH={ARCH}", f"KCONFIG_ALLCONFIG={frag}", target]
+        argv = ["make", f"ARCH={ARCH}", f"KCONFIG_ALLCONFIG={frag}", *([f"O={out}"] if out != tree else []), target]
         logf.write(f"+ {' '.join(argv)}\n")
         logf.flush()
         proc = run(argv, cwd=tree, check=False, env=_make_env())
@@ -174,13 +179,33 @@ def configure(tree: Path, options: dict[str, str], logf) -> dict[str, str]:
         if proc.returncode != 0:
             raise BuildFailed(f"make {target} failed in {tree}:\n    " +
                               "\n    ".join((proc.stdout + proc.stderr).strip().splitlines()[-15:]))
-    final = parse_config((tree / ".config").read_text())
-    lost = [LostOption(k, v, g, kconfig_depends(tree, k)) for k, v, g in missing_options(options, final)]
-    if lost:
-        raise BadInput("required kernel options did not survive olddefconfig:\n    " +
-                       "\n    ".join(str(x) for x in lost),
-                       hint="enable what they depend on in the fragment, or drop them")
+    final = parse_config((out / ".config").read_text())
+    verify_config(tree, options, final)
     return final
+
+
+def verify_config(tree: Path, options: dict[str, str], final: dict[str, str]) -> None:
+    """Every required option survived, and nothing is a module: racelab builds
+    bzImage alone, so an =m option would silently be missing from the guest.
+    All problems in one BadInput."""
+    lost = [LostOption(k, v, g, kconfig_depends(tree, k)) for k, v, g in missing_options(options, final)]
+    modular = [k for k, v in final.items() if v == "m" and k not in {x.option for x in lost}]
+    problems = [str(x) for x in lost]
+    problems += [f"{k}=m: a module{' (the fragment asks for it)' if options.get(k) == 'm' else ''}; "
+                 "racelab builds everything in" for k in modular]
+    if not problems:
+        return
+    what = []
+    if lost:
+        what.append("required kernel options did not survive olddefconfig")
+    if modular:
+        what.append(f"{len(modular)} option(s) would be built as modules")
+    hints = []
+    if lost:
+        hints.append("enable what they depend on in the fragment, or drop them")
+    if modular:
+        hints.append("set each module option to =y in the fragment, or add '# CONFIG_X is not set'")
+    raise BadInput(" and ".join(what) + ":\n    " + "\n    ".join(problems), hint="; ".join(hints))
 
 
 # ---------------------------------------------------------------- compiling

@@ -248,6 +248,91 @@ def test_configure_stops_on_lost_options(tmp_path, monkeypatch):
     assert "INET_DIAG" in str(e.value)
 
 
+def test_configure_stops_on_modules(tmp_path, monkeypatch):
+    """Nothing may be =m (only bzImage is built): a required option that became m, an
+    unrequested module, and a fragment asking for =m are all named at once."""
+    t = tmp_path / "linux"
+    shutil.copytree(FIX / "tree", t)
+    out = tmp_path / "out"
+    out.mkdir()
+    argvs = []
+
+    def fake_run(argv, **kw):
+        argvs.append(argv)
+        (out / ".config").write_text("CONFIG_XDP_SOCKETS=y\nCONFIG_VETH=m\nCONFIG_TUN=m\nCONFIG_BRIDGE=m\n"
+                                     "# CONFIG_NFT is not set\n")
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(kbuild, "run", fake_run)
+    wanted = {"CONFIG_XDP_SOCKETS": "y", "CONFIG_VETH": "y", "CONFIG_BRIDGE": "m"}
+    with open(tmp_path / "log", "w") as logf, pytest.raises(BadInput) as e:
+        kbuild.configure(t, wanted, logf, out=out)
+    msg = str(e.value)
+    assert "CONFIG_VETH=y became m" in msg
+    assert "CONFIG_TUN=m" in msg and "CONFIG_BRIDGE=m: a module (the fragment asks for it)" in msg
+    assert "CONFIG_XDP_SOCKETS" not in msg and "CONFIG_NFT" not in msg
+    assert "=y in the fragment" in e.value.hint
+    assert all(f"O={out}" in a and f"KCONFIG_ALLCONFIG={out}/.racelab-fragment.config" in a for a in argvs)
+    assert not (t / ".racelab-fragment.config").exists()       # the source tree is left alone
+    kbuild.verify_config(t, {"CONFIG_VETH": "y"}, {"CONFIG_VETH": "y", "CONFIG_NFT": "n"})   # clean: passes
+
+
+def source_view(tree: Path, dest: Path) -> Path:
+    """A symlink view of a kernel tree without its in-tree build state.
+
+    The cached trees are configured and built in place, and kbuild refuses an
+    O= build from such a tree ("source tree is not clean"); hiding .config and
+    the generated include directories is enough for Kconfig, and leaves the
+    cached tree untouched.
+    """
+    hide = {".config", "include/config", "include/generated", "arch/x86/include/generated"}
+
+    def walk(src: Path, dst: Path, rel: str) -> None:
+        dst.mkdir(parents=True, exist_ok=True)
+        for e in os.scandir(src):
+            r = rel + e.name
+            if r in hide:
+                continue
+            if any(h.startswith(r + "/") for h in hide):
+                walk(Path(e.path), dst / e.name, r + "/")
+            else:
+                os.symlink(e.path, dst / e.name)
+
+    walk(tree, dest, "")
+    return dest
+
+
+@pytest.fixture(scope="module", params=["linux-source-6.1", "linux-source-6.12"])
+def kconfig_tree(request, tmp_path_factory):
+    """(source view, O= directory) of a cached Debian source tree; skips if it is not cached."""
+    pkg = request.param
+    try:
+        res = sources.resolve_source(sources.parse_source(f"debsrc:{pkg}"))
+    except BadInput as e:
+        pytest.skip(f"{e.message}: apt-get install {pkg}")
+    tree = kernel.cache_dir() / "build" / res.build_id / "linux"
+    if not (tree / "Makefile").is_file() or not (tree / "scripts/kconfig").is_dir():
+        pytest.skip(f"no cached {pkg} tree at {tree}: `racelab kernel build {res.version}` makes one")
+    base = tmp_path_factory.mktemp(f"kconfig-{pkg}")
+    return source_view(tree, base / "src"), base / "out"
+
+
+@pytest.mark.parametrize("extra", [None, "kcsan", "lockdep", "kasan"])
+def test_fragments_survive_a_real_kconfig(kconfig_tree, extra, tmp_path):
+    """lab.config (+ each optional fragment) through the real configure step: allnoconfig,
+    olddefconfig, and the verification (every option survives, no module).  Seconds, not a build."""
+    view, out = kconfig_tree
+    out.mkdir(exist_ok=True)
+    frags = [ROOT / "kernels/config/lab.config"] + ([ROOT / f"kernels/config/{extra}.config"] if extra else [])
+    wanted = kbuild.merge_fragments(frags)
+    with open(tmp_path / "log", "w") as logf:
+        final = kbuild.configure(view, wanted, logf, out=out)
+    assert kbuild.missing_options(wanted, final) == []
+    assert [k for k, v in final.items() if v == "m"] == []
+    if extra:
+        assert final[f"CONFIG_{'PROVE_LOCKING' if extra == 'lockdep' else extra.upper()}"] == "y"
+
+
 # ---------------------------------------------------------------- keys
 
 
@@ -508,7 +593,11 @@ def test_build_revert_generic_rx_for_real(request):
     spec = kernel.resolve("6.1.192+revert-generic-rx")
     art = kernel.ensure(spec, progress=False)
     cfg = kbuild.parse_config(art.config.read_text())
-    assert cfg["CONFIG_XDP_SOCKETS"] == "y" and cfg["CONFIG_VETH"] == "y"
+    wanted = kbuild.parse_config((ROOT / "kernels/config/lab.config").read_text())
+    assert [k for k, v in wanted.items() if v == "y" and cfg.get(k) != "y"] == []
+    assert [k for k, v in wanted.items() if v == "n" and cfg.get(k, "n") != "n"] == []
+    assert kbuild.missing_options(wanted, cfg) == []          # NR_CPUS and the rest too
+    assert [k for k, v in cfg.items() if v == "m"] == []
     assert art.version == "6.1.192" and art.affected == ("generic-rx-race",)
     assert art.bzimage.stat().st_size > 1_000_000
     # the reverted code: the tree, put back to this kernel's patch set (cheap), has no lock
