@@ -23,11 +23,40 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.run import BadInput, BuildFailed, cache_dir, log, require_tools, run, spawn
+from lab.run import BadInput, BuildFailed, cache_dir, log, run, spawn
 
 ARCH = "x86_64"
-BUILD_TOOLS = ("make", "gcc", "ld", "bc", "bison", "flex", "perl", "ccache", "patch", "tar", "xz")
-BUILD_PACKAGES = "build-essential bc bison flex libssl-dev libelf-dev dwarves cpio zstd ccache patch xz-utils"
+
+
+@dataclass(frozen=True)
+class BuildNeed:
+    """One apt package a kernel build needs, and how to tell it is installed."""
+
+    package: str                   # what to apt-get install
+    tools: tuple[str, ...] = ()    # commands it puts on PATH
+    headers: tuple[str, ...] = ()  # headers it installs, relative to an include directory
+
+
+BUILD_NEEDS = (
+    BuildNeed("build-essential", ("make", "gcc"), ("stdio.h",)),    # stdio.h: libc6-dev, for host programs
+    BuildNeed("binutils", ("ld", "objcopy")),
+    BuildNeed("bc", ("bc",)),                     # kernel/time/timeconst.bc
+    BuildNeed("bison", ("bison",)),               # scripts/kconfig, genksyms
+    BuildNeed("flex", ("flex",)),
+    BuildNeed("perl", ("perl",)),
+    BuildNeed("libssl-dev", (), ("openssl/opensslv.h", "openssl/evp.h")),   # sign-file, certs/extract-cert
+    BuildNeed("libelf-dev", (), ("gelf.h", "libelf.h")),    # objtool (ORC unwinder, x86_64)
+    BuildNeed("dwarves", ("pahole",)),            # BTF, when a fragment asks for DEBUG_INFO_BTF
+    BuildNeed("cpio", ("cpio",)),                 # kheaders, initramfs lists
+    BuildNeed("zstd", ("zstd",)),
+    BuildNeed("ccache", ("ccache",)),
+    BuildNeed("patch", ("patch",)),
+    BuildNeed("tar", ("tar",)),
+    BuildNeed("xz-utils", ("xz",)),
+)
+BUILD_PACKAGES = " ".join(n.package for n in BUILD_NEEDS)
+# where gcc looks for <...> headers on Debian amd64, in its order
+INCLUDE_DIRS = (Path("/usr/local/include"), Path("/usr/include/x86_64-linux-gnu"), Path("/usr/include"))
 
 _SET = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
@@ -211,15 +240,38 @@ def verify_config(tree: Path, options: dict[str, str], final: dict[str, str]) ->
 # ---------------------------------------------------------------- compiling
 
 
-def require_toolchain() -> None:
-    missing = [t for t in BUILD_TOOLS if shutil.which(t) is None]
+def missing_build_needs(path: str | None = None,
+                        include_dirs: Sequence[Path] | None = None) -> list[tuple[str, list[str]]]:
+    """(package, [missing tools and headers]) for each BUILD_NEEDS package not fully there.
+
+    `path` is a PATH string (default: the environment's); include_dirs
+    defaults to INCLUDE_DIRS."""
+    dirs = INCLUDE_DIRS if include_dirs is None else include_dirs
+    out = []
+    for need in BUILD_NEEDS:
+        gone = [t for t in need.tools if shutil.which(t, path=path) is None]
+        gone += [h for h in need.headers if not any((d / h).is_file() for d in dirs)]
+        if gone:
+            out.append((need.package, gone))
+    return out
+
+
+def require_toolchain(path: str | None = None, include_dirs: Sequence[Path] | None = None) -> None:
+    """Everything a source build needs, checked before any work; the hint names
+    only the packages that are missing."""
+    missing = missing_build_needs(path, include_dirs)
     if missing:
-        raise BadInput(f"missing kernel build tool(s): {', '.join(missing)}",
-                       hint=f"apt-get install {BUILD_PACKAGES}")
+        raise BadInput("missing for a kernel build: " + ", ".join(x for _, gone in missing for x in gone),
+                       hint=f"apt-get install {' '.join(pkg for pkg, _ in missing)}")
 
 
 def compiler_version() -> str:
-    require_tools("gcc")
+    """The first line of `gcc --version`: part of every source build's cache key,
+    so even a cache hit needs gcc (and nothing else of the toolchain)."""
+    if shutil.which("gcc") is None:
+        raise BadInput("gcc not found: the kernel cache key includes the compiler version, "
+                       "so gcc is needed even to find a cached build",
+                       hint="apt-get install build-essential")
     return run(["gcc", "--version"]).stdout.splitlines()[0].strip()
 
 

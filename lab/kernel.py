@@ -403,8 +403,7 @@ def plan(spec: KernelSpec) -> Plan:
         if not Path(p).is_file():
             raise BadInput(f"patch not found: {p}")
     options = kbuild.merge_fragments([Path(f) for f in spec.fragments])
-    kbuild.require_toolchain()
-    compiler = kbuild.compiler_version()
+    compiler = kbuild.compiler_version()      # the rest of the toolchain only when _build() runs
     key = cache_key(res.identity, [sources.sha256_file(Path(p)) for p in spec.patches],
                     kbuild.config_hash(options), compiler)
     return Plan(spec, res, options, compiler, key)
@@ -470,6 +469,7 @@ def _usable(entry: Path, want_vmlinux: bool, spec: KernelSpec) -> KernelArtifact
 
 def _build(p: Plan, tmp: Path, progress: bool, want_vmlinux: bool) -> KernelArtifact:
     spec = p.spec
+    kbuild.require_toolchain()
     build_dir = cache_dir() / "build" / p.res.build_id
     build_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

@@ -729,12 +729,59 @@ def test_ensure_lost_option_and_build_failure(fake_kernel, cache, tmp_path):
     assert kernel.cached() == [] and not list((cache / "kernels").glob(".tmp-*"))
 
 
-def test_missing_toolchain_names_packages(monkeypatch):
-    import shutil as sh
-    monkeypatch.setattr(sh, "which", lambda t: None if t in ("bison", "flex") else "/usr/bin/" + t)
+def fake_toolchain(tmp_path, tools, headers):
+    """A PATH directory holding only `tools` (each a script) and an include directory holding only `headers`."""
+    bin_dir, inc = tmp_path / "bin", tmp_path / "include"
+    bin_dir.mkdir(parents=True)
+    inc.mkdir(parents=True)
+    for t in tools:
+        (bin_dir / t).write_text("#!/bin/sh\n")
+        (bin_dir / t).chmod(0o755)
+    for h in headers:
+        (inc / h).parent.mkdir(parents=True, exist_ok=True)
+        (inc / h).write_text("")
+    return str(bin_dir), [inc]
+
+
+def test_missing_toolchain_names_only_missing_packages(tmp_path):
+    every_tool = [t for n in kbuild.BUILD_NEEDS for t in n.tools]
+    every_header = [h for n in kbuild.BUILD_NEEDS for h in n.headers]
+    path, inc = fake_toolchain(tmp_path, [t for t in every_tool if t not in ("bison", "flex")],
+                               [h for h in every_header if h != "gelf.h" and not h.startswith("openssl/")])
     with pytest.raises(BadInput) as e:
-        kbuild.require_toolchain()
-    assert "bison, flex" in str(e.value) and "apt-get install" in e.value.hint and "bison" in e.value.hint
+        kbuild.require_toolchain(path, inc)
+    assert "bison, flex" in str(e.value) and "gelf.h" in str(e.value) and "openssl/opensslv.h" in str(e.value)
+    assert e.value.hint == "apt-get install bison flex libssl-dev libelf-dev"
+    assert "libelf.h" not in str(e.value)
+    path, inc = fake_toolchain(tmp_path / "all", every_tool, every_header)
+    kbuild.require_toolchain(path, inc)
+    assert set(kbuild.BUILD_PACKAGES.split()) >= {"build-essential", "libssl-dev", "libelf-dev", "dwarves", "cpio",
+                                                   "zstd", "bc", "bison", "flex", "ccache", "xz-utils"}
+
+
+def test_cache_hit_needs_only_gcc(fake_kernel, cache, tmp_path, monkeypatch):
+    """A cached source build is found with gcc alone on PATH (its version is in the key);
+    a miss checks the whole toolchain before doing anything."""
+    tb, frag = fake_kernel
+    spec = kernel.KernelSpec("fake", f"tarball:{tb}", (), (str(frag),), ())
+    art = kernel.ensure(spec, progress=False)
+    version = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    path, inc = fake_toolchain(tmp_path / "tc", [], [])
+    gcc = Path(path) / "gcc"
+    gcc.write_text(f"#!/bin/sh\necho '{version}'\n")
+    gcc.chmod(0o755)
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setattr(kbuild, "INCLUDE_DIRS", tuple(inc))
+    assert kernel.ensure(spec, progress=False) == art
+    other = kernel.KernelSpec("fake+a", f"tarball:{tb}", (str(FIX / "a-unlock.patch"),), (str(frag),), None)
+    with pytest.raises(BadInput) as e:
+        kernel.ensure(other, progress=False)
+    assert "make" in str(e.value) and "build-essential" in e.value.hint and "libelf-dev" in e.value.hint
+    assert not list((cache / "kernels").glob(".tmp-*"))
+    gcc.unlink()
+    with pytest.raises(BadInput, match="gcc not found") as e:
+        kernel.ensure(spec, progress=False)
+    assert e.value.hint == "apt-get install build-essential"
 
 
 def test_artifact_json_roundtrip_all_fields(tmp_path):
