@@ -66,8 +66,9 @@ def print_table(rows: list[Row], title: str) -> None:
     from rich.table import Table
 
     t = Table(title=title, show_lines=True)
+    pct = f"{rows[0].confidence * 100:.0f}%" if rows else "95%"
     for col in ("kernel", "VMs", "wall", "packets", "violations by kind", "first violation",
-                "corruption rate (95%)", "window hits", "verdict"):
+                f"corruption rate ({pct})", "window hits", "verdict"):
         t.add_column(col, overflow="fold")
     for r in rows:
         kinds = ", ".join(f"{k}={n}" for k, n in sorted(r.by_kind.items())) or "-"

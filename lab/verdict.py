@@ -109,6 +109,8 @@ class Level:
     per_second: tuple[float, float] = (0.0, 0.0)
     available: bool = True    # False: this evidence was not collected (e.g. no kprobes)
     note: str = ""
+    packets: int = 0          # the exposure behind the rates
+    seconds: float = 0.0
 
 
 @dataclass
@@ -145,7 +147,7 @@ def level(name: str, k: int, packets: int, seconds: float, confidence: float = 0
     else:
         pp = (0.0, upper_bound(0, packets, confidence))
         ps = (0.0, upper_bound(0, seconds, confidence))
-    return Level(name, k, pp, ps, available, note)
+    return Level(name, k, pp, ps, available, note, packets, seconds)
 
 
 def level_text(lv: Level, packets: int, confidence: float) -> str:
@@ -156,8 +158,16 @@ def level_text(lv: Level, packets: int, confidence: float) -> str:
         if packets <= 0:
             return "no packets"
         return (f"rate < {_sci(lv.per_packet[1])}/pkt, < {_sci(lv.per_second[1])}/s at {pct}")
-    return (f"{_sci(lv.per_packet[0])}..{_sci(lv.per_packet[1])}/pkt, "
+    return (f"1 per {_every(lv.packets or packets, lv.count)} pkts, 1 per "
+            f"{_every(lv.seconds, lv.count)} s; "
+            f"{_sci(lv.per_packet[0])}..{_sci(lv.per_packet[1])}/pkt, "
             f"{_sci(lv.per_second[0])}..{_sci(lv.per_second[1])}/s ({pct})")
+
+
+def _every(exposure: float, k: int) -> str:
+    """Exposure per event (the point estimate), e.g. packets per violation."""
+    x = exposure / k
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def _sci(x: float) -> str:
@@ -180,7 +190,8 @@ def decide(kernel: str, *, vms: int, packets: int, seconds: float, wall: float,
                    available=window_available, note=window_note)
     if k > 0:
         verdict = REPRODUCED
-    elif packets == 0 or (infra_errors and seconds <= 0):
+    elif packets == 0 or infra_errors:
+        # a lost guest's exposure is unknown: the row is never "not reproduced" with a loss in it
         verdict = INCONCLUSIVE
     else:
         verdict = NOT_REPRODUCED

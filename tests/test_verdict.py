@@ -45,3 +45,21 @@ def test_lost_infrastructure_is_never_not_reproduced():
                  infra_errors=["vm-0: LostVM"])
     assert r.verdict == v.INCONCLUSIVE
     assert not v.matches(r, "clean")
+
+
+def test_partly_lost_fleet_is_never_not_reproduced():
+    # one guest of two lost, the other clean: the lost one's exposure is unknown
+    r = v.decide("k", vms=2, packets=50_000, seconds=30, wall=35, by_kind={}, first_violation_s=None,
+                 infra_errors=["vm-1: LostVM"])
+    assert r.verdict == v.INCONCLUSIVE and "vm-1: LostVM" in v.verdict_text(r)
+    # ...but a violation seen on the surviving guest is still a reproduction
+    r = v.decide("k", vms=2, packets=50_000, seconds=30, wall=35, by_kind={"order": 1},
+                 first_violation_s=2.0, infra_errors=["vm-1: LostVM"])
+    assert r.verdict == v.REPRODUCED
+
+
+def test_reproduced_text_gives_packets_and_time_per_violation():
+    r = v.decide("k", vms=1, packets=1_000_000, seconds=20, wall=25, by_kind={"order": 4},
+                 first_violation_s=0.5)
+    text = r.rate_text()
+    assert "1 per 250,000 pkts" in text and "1 per 5 s" in text and "(95%)" in text
