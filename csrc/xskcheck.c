@@ -93,6 +93,7 @@ static const char *const state_name[] = { "FREE", "FILL", "RX", "TX", "COMP" };
 /* per-frame flags */
 #define F_STAMPED 1 /* the app stamp is in the frame's metadata slot */
 #define F_DUPINJ 2  /* injected duplicate FILL post: its second RX is expected */
+#define F_TXDUPINJ 4 /* injected duplicate TX post: its second completion is expected */
 
 static struct {
 	const char *dev, *peer_dev;
@@ -448,7 +449,7 @@ static void post_fill(struct group *g, struct xsk *s, const uint32_t *list, uint
 		((uint64_t *)s->fill.descs)[s->fill.local++ & s->fill.mask] = frame_addr(s, fi);
 		g->held--;
 	}
-	if (opt.checks && fr > 0 && g->armed) {
+	if (opt.checks && fr > 0 && g->armed && !opt.forward) {
 		uint32_t last = list[fr - 1];
 
 		if (opt.inject == K_DUPLICATE && prod_free(&s->fill, 1) >= 1 && take_inject()) {
@@ -495,6 +496,23 @@ static void post_tx(struct group *g, struct xsk *s, const struct outd *list, uin
 		d->len = list[k].len;
 		d->options = 0;
 		g->held--;
+	}
+	if (opt.checks && n > 0 && g->armed && fstate[list[n - 1].fi] == S_TX) {
+		uint32_t last = list[n - 1].fi;
+
+		if (opt.inject == K_DUPLICATE && prod_free(&s->tx, 1) >= 1 && take_inject()) {
+			/* send the same frame twice: a real second TX entry, so a second completion */
+			d = &((struct xdp_desc *)s->tx.descs)[s->tx.local++ & s->tx.mask];
+			d->addr = list[n - 1].addr;
+			d->len = list[n - 1].len;
+			d->options = 0;
+			fflags[last] |= F_TXDUPINJ;
+			g->armed = false;
+		} else if (opt.inject == K_STATE && take_inject()) {
+			/* bookkeeping bug: believe a frame just sent is back in FILL */
+			fstate[last] = S_FILL;
+			g->armed = false;
+		}
 	}
 	prod_submit(&s->tx);
 	ADD(g->st.tx, n);
@@ -732,7 +750,7 @@ static uint32_t do_rx(struct group *g, struct xsk *s)
 		for (uint32_t i = 0; i < n; i++)
 			ring[(base + i) & s->rx.mask].addr = POISON;
 	cons_release(&s->rx, n);
-	if (opt.checks && armed_for(g, K_POISON)) {
+	if (opt.checks && armed_for(g, K_POISON) && !opt.forward) {
 		/* re-read the slot we just released, as a buggy consumer would */
 		struct xdp_desc *d = &ring[(s->rx.local - 1) & s->rx.mask];
 
@@ -768,6 +786,40 @@ static uint32_t do_rx(struct group *g, struct xsk *s)
 	return n;
 }
 
+/* Check one COMP entry.  Returns the global frame number to give back to
+ * FILL, RX_DISCARD (not a frame to give back) or RX_WITHHOLD (keep it: the
+ * injected second completion is still to come). */
+static int64_t check_comp(struct group *g, struct xsk *s, uint64_t addr)
+{
+	uint32_t fi = s->gbase + (uint32_t)(addr >> fs_shift);
+
+	if (addr == POISON) {
+		violation(g, s, K_POISON, addr, 0, addr, "COMP slot still holds the poison: never written");
+		g->held--;
+		return RX_DISCARD;
+	}
+	if ((addr >> fs_shift) >= s->umem_frames || fi < g->first || fi >= g->first + g->nframes) {
+		violation(g, s, K_STATE, addr, 0, addr, "completion of a frame never sent here");
+		g->held--;
+		return RX_DISCARD;
+	}
+	if (fstate[fi] != S_TX) {
+		violation(g, s, fstate[fi] == S_COMP ? K_DUPLICATE : K_STATE, addr, S_TX, fstate[fi],
+			  "%s->COMP (frame %u)", state_name[fstate[fi]], fi);
+		g->held--;
+		if (fstate[fi] == S_COMP && (fflags[fi] & F_TXDUPINJ)) {
+			/* the injected second completion: now the frame goes back to FILL */
+			fflags[fi] &= (uint8_t)~F_TXDUPINJ;
+			return fi;
+		}
+		return RX_DISCARD;
+	}
+	fstate[fi] = S_COMP;
+	if (fflags[fi] & F_TXDUPINJ)
+		return RX_WITHHOLD;
+	return fi;
+}
+
 static uint32_t do_comp(struct group *g, struct xsk *s)
 {
 	uint64_t *ring = s->comp.descs;
@@ -781,36 +833,28 @@ static uint32_t do_comp(struct group *g, struct xsk *s)
 			  "the app holds %lld frames, the group has %u", (long long)g->held, g->nframes);
 	for (uint32_t i = 0; i < n; i++) {
 		uint64_t addr = ring[(s->comp.local + i) & s->comp.mask];
-		uint32_t fi = s->gbase + (uint32_t)(addr >> fs_shift);
+		int64_t fi = opt.checks ? check_comp(g, s, addr) : s->gbase + (int64_t)(addr >> fs_shift);
 		struct xsk *h;
 
-		if (opt.checks) {
-			if (addr == POISON) {
-				violation(g, s, K_POISON, addr, 0, addr, "COMP slot still holds the poison: never written");
-				g->held--;
-				continue;
-			}
-			if ((addr >> fs_shift) >= s->umem_frames || fi < g->first ||
-			    fi >= g->first + g->nframes) {
-				violation(g, s, K_STATE, addr, 0, addr, "completion of a frame never sent here");
-				g->held--;
-				continue;
-			}
-			if (fstate[fi] != S_TX) {
-				violation(g, s, fstate[fi] == S_COMP ? K_DUPLICATE : K_STATE, addr, S_TX, fstate[fi],
-					  "%s->COMP (frame %u)", state_name[fstate[fi]], fi);
-				g->held--;
-				continue;
-			}
-			fstate[fi] = S_COMP;
-		}
-		h = home_of(g, fi);
-		g->tmp[h == g->s[0] ? 0 : 1][nk[h == g->s[0] ? 0 : 1]++] = fi;
+		if (fi < 0)
+			continue;
+		h = home_of(g, (uint32_t)fi);
+		g->tmp[h == g->s[0] ? 0 : 1][nk[h == g->s[0] ? 0 : 1]++] = (uint32_t)fi;
 	}
 	if (opt.checks)
 		for (uint32_t i = 0; i < n; i++)
 			ring[(s->comp.local + i) & s->comp.mask] = POISON;
 	cons_release(&s->comp, n);
+	if (opt.checks && armed_for(g, K_POISON)) {
+		/* re-read the COMP slot just released, as a buggy consumer would */
+		uint64_t addr = ring[(s->comp.local - 1) & s->comp.mask];
+
+		if (addr == POISON && take_inject()) {
+			g->held++; /* check_comp() drops a frame we never counted */
+			(void)check_comp(g, s, addr);
+			g->armed = false;
+		}
+	}
 	ADD(g->st.comp, n);
 	for (int j = 0; j < g->ns; j++)
 		if (nk[j])

@@ -271,6 +271,47 @@ def test_sender_side_faults_are_caught(bin_dir, kind):
     assert by_kind[kind] >= 1 and sum(by_kind.values()) == by_kind[kind], out.summary()
 
 
+def forward_run(bin_dir, *, seconds, inject=None, xdp="generic", rate=100000):
+    """xsksend in cli -> checker forwarding m0 -> m1 (RX, TX, COMP rings) -> srv drops it."""
+    with forward_topology() as (c0, m0, m1, s0):
+        with checker(bin_dir, m0.ns, dev=m0.dev, peer_dev=m1.dev, mode="forward", xdp=xdp, frames=1024,
+                     duration=seconds + 1.5, stats_ms=1000, inject=inject) as (proc, events, err, ready):
+            sargv = dp.sender_argv(bin_dir, dev=c0.dev, dst_mac=m0.mac, src_ip=c0.ip, dst_ip=s0.ip,
+                                   senders=1, rate=rate, duration=seconds, size=64)
+            sent = run(_nsexec(c0.ns, sargv), timeout=seconds + 30)
+            out = _drain(events, proc, err, ready, timeout=seconds + 15)
+    for line in sent.stdout.splitlines():
+        ev = dp.parse_event(line)
+        if ev and ev.type == "done":
+            out.sender = dict(ev.data)
+    return out
+
+
+# what forward mode commits on its TX/COMP side, and the COMP detector that must catch it
+FORWARD_FAULTS = {
+    "duplicate": "COMP->COMP",       # one frame sent twice: completed twice
+    "state": "FILL->COMP",           # bookkeeping: a frame on TX believed back in FILL
+    "poison": "COMP slot still holds the poison",   # a released COMP slot read again
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FORWARD_FAULTS))
+def test_forward_mode_comp_detectors_fire(bin_dir, kind):
+    out = forward_run(bin_dir, seconds=2, inject=kind)
+    assert out.returncode == 0, out.summary()
+    by_kind = out.done["by_kind"]
+    assert by_kind[kind] >= 1, out.summary()
+    assert {k: v for k, v in by_kind.items() if v and k != kind} == {}, out.summary()
+    assert any(FORWARD_FAULTS[kind] in v["detail"] for v in out.violations), out.summary()
+    assert out.done["tx"] > 0 and out.done["comp"] > 0, out.summary()
+
+
+def test_forward_mode_without_faults_is_clean(bin_dir):
+    out = forward_run(bin_dir, seconds=3)
+    assert_clean(out)
+    assert out.done["tx"] > 1000 and out.done["comp"] > 1000, out.summary()
+
+
 CLEAN = [
     # id, xdp, senders, seconds, checker options
     ("native-1s", "native", 1, LONG, {}),
