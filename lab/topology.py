@@ -44,7 +44,9 @@ class VethSpec:
     a: str                      # interface name inside a_ns (namespaces isolate names)
     b_ns: str
     b: str
-    queues: int = 1             # numtxqueues = numrxqueues on both ends
+    queues: int = 1             # numtxqueues = numrxqueues on both ends, unless set apart below
+    txqueues: int = 0           # numtxqueues on both ends; 0 = queues
+    rxqueues: int = 0           # numrxqueues on both ends; 0 = queues
     a_addr: str = ""            # "198.18.0.1/24"; 198.18.0.0/15 is the benchmarking range
     b_addr: str = ""
     a_mac: str = ""             # fixed MACs let senders address frames without a lookup
@@ -54,6 +56,14 @@ class VethSpec:
     channels_b: int = 0         # `ethtool -L b combined N` after creation; 0 = leave
     xps_a: str = "auto"         # auto | same | spread: which tx queue each sender CPU uses on end a
     mtu: int = 1500
+
+    @property
+    def numtx(self) -> int:
+        return self.txqueues or self.queues
+
+    @property
+    def numrx(self) -> int:
+        return self.rxqueues or self.queues
 
 
 @dataclass(frozen=True)
@@ -74,11 +84,13 @@ class TopologySpec:
             for n in (v.a, v.b):
                 if not n or len(n) > 15:
                     problems.append(f"{where}: interface name {n!r} must be 1-15 characters")
-            if not 1 <= v.queues <= 64:
-                problems.append(f"{where}.queues: {v.queues} not in 1..64")
+            for fld in ("queues", "txqueues", "rxqueues"):
+                n = getattr(v, fld)
+                if not (1 if fld == "queues" else 0) <= n <= 64:
+                    problems.append(f"{where}.{fld}: {n} not in {'1' if fld == 'queues' else '0'}..64")
             if v.xps_a not in ("auto", "same", "spread"):
                 problems.append(f"{where}.xps_a: {v.xps_a!r} is not auto|same|spread")
-            if v.channels_b < 0 or v.channels_b > v.queues:
+            if v.channels_b < 0 or v.channels_b > min(v.numtx, v.numrx):
                 problems.append(f"{where}.channels_b: {v.channels_b} not in 0..queues")
         return problems
 
@@ -207,14 +219,16 @@ def _add_veth(topo: Topology, v: VethSpec, NetNS) -> None:  # noqa: ANN001, N803
     a_ns = NetNS(topo.ns_path(v.a_ns), flags=0)
     b_ns = NetNS(topo.ns_path(v.b_ns), flags=0) if v.b_ns != v.a_ns else a_ns
     try:
-        peer: dict[str, object] = {"ifname": v.b, "numtxqueues": v.queues, "numrxqueues": v.queues}
+        # pyroute2 names the attributes after IFLA_NUM_{TX,RX}_QUEUES (it silently drops
+        # iproute2's "numtxqueues" spelling, and veth then makes one queue per possible CPU)
+        peer: dict[str, object] = {"ifname": v.b, "num_tx_queues": v.numtx, "num_rx_queues": v.numrx}
         if v.b_ns != v.a_ns:
             # by pid: NetNS talks through a forked helper that would not see a new fd
             peer["net_ns_pid"] = topo.keepers[v.b_ns]
         if v.b_mac:
             peer["address"] = v.b_mac
         kw: dict[str, object] = {"ifname": v.a, "kind": "veth", "peer": peer,
-                                 "numtxqueues": v.queues, "numrxqueues": v.queues}
+                                 "num_tx_queues": v.numtx, "num_rx_queues": v.numrx}
         if v.a_mac:
             kw["address"] = v.a_mac
         a_ns.link("add", **kw)
@@ -239,16 +253,16 @@ def _add_veth(topo: Topology, v: VethSpec, NetNS) -> None:  # noqa: ANN001, N803
     # (tx checksum offload too: a partial checksum forwarded through AF_XDP arrives broken)
     _ethtool(topo, v.a_ns, ["-K", v.a, "tx", "off", "tso", "off", "gso", "off"], quiet=True)
     _ethtool(topo, v.b_ns, ["-K", v.b, "gro", "on" if v.gro_b else "off"], quiet=not v.gro_b)
-    # veth starts with one active queue whatever numrxqueues says, and caps
-    # channels at the CPU count: ask for what the spec wants, within the cap.
-    want = v.channels_b or v.queues
+    # veth starts with one active queue whatever numrxqueues says: ask for what
+    # the spec wants (at most the queues the device was created with).
+    want = v.channels_b or min(v.numtx, v.numrx)
     for ns, dev in ((v.b_ns, v.b), (v.a_ns, v.a)):
         topo.channels[f"{ns}/{dev}"] = _set_channels(topo, ns, dev, want)
     # threaded NAPI needs a NAPI instance, which veth creates only with GRO on or
     # an XDP program attached: apply_late() sets it once the checker has attached.
-    if v.xps_a != "auto" and v.queues > 1:
+    if v.xps_a != "auto" and v.numtx > 1:
         ncpu = os.cpu_count() or 1
-        active = len([q for q in range(v.queues)
+        active = len([q for q in range(v.numtx)
                       if run(topo.nsenter(v.a_ns, ["test", "-e", f"/sys/class/net/{v.a}/queues/tx-{q}"],
                                           mount=True), check=False).returncode == 0])
         for q in range(active):
@@ -265,7 +279,7 @@ def _set_channels(topo: Topology, ns: str, dev: str, want: int) -> int:
     cap = min((int(n) for _, n in maxima), default=1)
     n = max(1, min(want, cap))
     if n != want:
-        log.info("%s: %d queue(s) asked, %d usable (veth caps channels at the CPU count)", dev, want, n)
+        log.info("%s: %d queue(s) asked, %d usable (the kernel refused more channels)", dev, want, n)
     if maxima:
         _ethtool(topo, ns, ["-L", dev, "rx", str(n), "tx", str(n)], quiet=True)
     return n
