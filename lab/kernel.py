@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -213,8 +213,7 @@ def resolve(spec: str, *, fragments: Sequence[str | Path] = (), patches: Sequenc
     if not ref.builds:
         raise BadInput(f"{spec}: a {ref.kind}: kernel is used as shipped; --fragment/--patch need a source build",
                        hint="use a debsrc:, git: or tarball: source")
-    series = cat.sources[base.source].series if base.source in cat.sources else ""
-    extra_p = [_patch_path(p, series, cat) for p in patches]
+    extra_p = [_patch_path(p, lambda: _series(base.source, cat), cat) for p in patches]
     extra_f = [_fragment_path(f, cat) for f in fragments]
     affected = base.affected
     if affected is not None:
@@ -249,8 +248,7 @@ def _resolve_base(spec: str, cat: Catalog) -> KernelSpec:
         src, *names = spec.split("+")
         sources.parse_source(src)
         known = cat.sources.get(src)
-        series = known.series if known else ""
-        paths = tuple(str(_patch_path(n, series, cat)) for n in names)
+        paths = tuple(str(_patch_path(n, lambda: _series(src, cat), cat)) for n in names)
         affected: tuple[str, ...] | None = None
         if known and all(n in cat.patches for n in names):
             affected = tuple(dict.fromkeys(known.affected + sum((cat.patches[n].affects for n in names), ())))
@@ -267,28 +265,59 @@ def _from_catalog(k: CatalogKernel, cat: Catalog) -> KernelSpec:
                       tuple(str(cat.root / f) for f in k.fragments), k.affected, k.note)
 
 
-def _patch_path(p: str | Path, series: str, cat: Catalog) -> Path:
+def _series(source: str, cat: Catalog) -> str:
+    """The kernel series of a source build ('6.1'): the catalog's word, else the source's
+    own (package name, tarball name, the Makefile at a git ref); '' if it cannot tell."""
+    if source in cat.sources:
+        return cat.sources[source].series
+    return sources.series(sources.parse_source(source))
+
+
+def _patch_path(p: str | Path, series: Callable[[], str], cat: Catalog) -> Path:
+    """A catalog patch name (the file for this source's series) or a patch file.
+
+    `series` is only asked for a catalog name (on a git: source it reads the
+    Makefile at the ref)."""
     if isinstance(p, str) and p in cat.patches:
-        if not series:
-            raise BadInput(f"catalog patch {p!r} needs a source of known series",
-                           hint="pass the patch file path instead")
-        path = cat.patches[p].path(series, cat.root)
-    else:
-        path = Path(p).expanduser().resolve()
-    if not path.is_file():
-        raise BadInput(f"patch not found: {p}", hint=f"catalog patches: {', '.join(cat.patches)}")
+        entry = cat.patches[p]
+        have = sorted(q.relative_to(cat.root).as_posix() for q in cat.root.glob(entry.file.format(series="*")))
+        s = series()
+        if not s:
+            raise BadInput(f"catalog patch {p!r}: cannot tell which kernel series this source is",
+                           hint=f"pass the patch file instead: --patch {cat.root}/{have[0] if have else entry.file}")
+        path = entry.path(s, cat.root)
+        if not path.is_file():
+            raise BadInput(f"catalog patch {p!r} has no version for kernel {s} ({path} does not exist)",
+                           hint=f"it exists as {', '.join(have)}; pass a patch file rebased onto {s} instead")
+        return path
+    path = _input_file(p, cat)
+    if path is None:
+        raise BadInput(f"patch not found: {p}", hint=f"a file (relative to . or {cat.root.parent}), "
+                                                     f"or a catalog patch: {', '.join(cat.patches)}")
     return path
 
 
-def _fragment_path(f: str | Path, cat: Catalog) -> Path:
-    cands = [Path(f).expanduser()]
-    if isinstance(f, str) and "/" not in f:
-        cands += [cat.root / "config" / f, cat.root / "config" / f"{f}.config"]
-    for c in cands:
+def _input_file(p: str | Path, cat: Catalog) -> Path | None:
+    """A file the user named: absolute, or relative to the current directory, then
+    to the project root (so kernels/config/kcsan.config works from anywhere)."""
+    path = Path(p).expanduser()
+    for c in [path] if path.is_absolute() else [path, cat.root.parent / path]:
         if c.is_file():
             return c.resolve()
+    return None
+
+
+def _fragment_path(f: str | Path, cat: Catalog) -> Path:
+    found = _input_file(f, cat)
+    if found is not None:
+        return found
+    if isinstance(f, str) and "/" not in f:       # a bare name: kernels/config/NAME[.config]
+        for c in (cat.root / "config" / f, cat.root / "config" / f"{f}.config"):
+            if c.is_file():
+                return c.resolve()
     avail = sorted(p.name for p in (cat.root / "config").glob("*.config"))
-    raise BadInput(f"config fragment not found: {f}", hint=f"kernels/config has: {', '.join(avail)}")
+    raise BadInput(f"config fragment not found: {f}",
+                   hint=f"a file (relative to . or {cat.root.parent}), or a name in kernels/config: {', '.join(avail)}")
 
 
 # ---------------------------------------------------------------- artifacts
@@ -657,14 +686,16 @@ def cli_list() -> None:
 
 def cli_build(spec: str, fragments: Sequence[str] = (), patches: Sequence[str] = (),
               want_vmlinux: bool = False) -> Path:
-    """Build or fetch; print a summary on stderr and return the artifact directory (the caller prints it)."""
+    """Build or fetch; print a summary on stderr and return the bzImage path (the caller prints it)."""
     ks = resolve(spec, fragments=fragments, patches=patches)
     t0, wall = time.monotonic(), time.time()
     art = ensure(ks, progress=True, want_vmlinux=want_vmlinux)
     took = time.monotonic() - t0
+    beside = [p.name for p in (art.config, art.system_map, art.build_log, art.vmlinux, art.modules_dir) if p]
     print(f"{art.name}: uname -r {art.version}, affected: {_fmt_affected(art.affected)}, "
-          f"{'cache hit' if art.created < wall else 'built'} in {took:.1f}s", file=sys.stderr)
-    return art.dir
+          f"{'cache hit' if art.created < wall else 'built'} in {took:.1f}s\n"
+          f"  in {art.dir}: {', '.join(beside)}", file=sys.stderr)
+    return art.bzimage
 
 
 def cli_show(name: str, fragments: Sequence[str] = (), patches: Sequence[str] = ()) -> dict[str, Any]:
@@ -691,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab.kernel", description="racelab kernels: build, list, show, gc")
     ap.add_argument("-v", "--verbose", action="count", default=0)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build or fetch a kernel; prints its cache directory")
+    b = sub.add_parser("build", help="build or fetch a kernel; prints its bzImage path")
     b.add_argument("spec", help="catalog name, NAME+patch, debsrc:, deb:, git:/repo@REF, tarball:, bzimage:")
     b.add_argument("--fragment", action="append", default=[], help="extra config fragment (path or kernels/config name)")
     b.add_argument("--patch", action="append", default=[], help="extra patch (path or catalog patch name)")
@@ -699,8 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("list", help="catalog kernels and what is cached")
     s = sub.add_parser("show", help="source, patches, config hash, cache key, build log of one kernel")
     s.add_argument("name")
-    s.add_argument("--fragment", action="append", default=[])
-    s.add_argument("--patch", action="append", default=[])
+    s.add_argument("--fragment", action="append", default=[], help="extra config fragment, as for build")
+    s.add_argument("--patch", action="append", default=[], help="extra patch, as for build")
     g = sub.add_parser("gc", help="remove all but the most recently used cache entries")
     g.add_argument("--keep", type=int, default=5)
     args = ap.parse_args(argv)

@@ -145,6 +145,56 @@ def test_resolve_extras(tmp_path):
         kernel.resolve("6.1.192", fragments=["nosuch"])
 
 
+def test_relative_fragment_and_patch_paths_work_from_anywhere(tmp_path, monkeypatch):
+    """A relative path is tried against the current directory first, then the project root."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    s = kernel.resolve("6.1.192", fragments=["kernels/config/kcsan.config"],
+                       patches=["kernels/patches/6.1/widen-rx.patch"])
+    assert s.fragments[-1] == str(ROOT / "kernels/config/kcsan.config")
+    assert s.patches[-1] == str(ROOT / "kernels/patches/6.1/widen-rx.patch")
+    mine = elsewhere / "kernels/config/kcsan.config"          # a file here wins over the project's
+    mine.parent.mkdir(parents=True)
+    mine.write_text("CONFIG_KCSAN=y\n")
+    assert kernel.resolve("6.1.192", fragments=["kernels/config/kcsan.config"]).fragments[-1] == str(mine)
+    assert kernel.resolve("6.1.192", fragments=["kasan"]).fragments[-1] == str(ROOT / "kernels/config/kasan.config")
+    with pytest.raises(BadInput, match="fragment not found") as e:
+        kernel.resolve("6.1.192", fragments=["kernels/config/nosuch.config"])
+    assert str(ROOT) in e.value.hint and "kcsan.config" in e.value.hint
+
+
+def git_tree(repo: Path, makefile: str | None = None) -> Path:
+    """The fixture tree as a one-commit git repository (optionally with another top Makefile)."""
+    shutil.copytree(FIX / "tree", repo)
+    if makefile is not None:
+        (repo / "Makefile").write_text(makefile)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    return repo
+
+
+def test_catalog_patch_names_on_git_and_tarball_sources(tmp_path):
+    """A bare catalog patch name picks the file for the tree's series; when the series
+    cannot be told, or has no such patch, the error names the fix (a file)."""
+    repo = git_tree(tmp_path / "linux")                       # its Makefile says 6.1.192
+    s = kernel.resolve(f"git:{repo}@HEAD", patches=["revert-veth-napi"])
+    assert s.patches == (str(ROOT / "kernels/patches/6.1/revert-veth-napi.patch"),)
+    s = kernel.resolve("tarball:/nowhere/linux-6.12.5.tar.xz", patches=["widen-rx"])   # nothing fetched
+    assert s.patches == (str(ROOT / "kernels/patches/6.12/widen-rx.patch"),)
+    s = kernel.resolve("tarball:https://cdn.kernel.org/pub/linux/kernel/v6.x/linux-6.1.5.tar.xz", patches=["widen-rx"])
+    assert s.patches == (str(ROOT / "kernels/patches/6.1/widen-rx.patch"),)
+    with pytest.raises(BadInput, match="cannot tell which kernel series") as e:
+        kernel.resolve("tarball:/nowhere/my-kernel.tar.xz", patches=["widen-rx"])
+    assert "--patch " in e.value.hint and "widen-rx.patch" in e.value.hint
+    old = git_tree(tmp_path / "old", FAKE_MAKEFILE.replace("PATCHLEVEL = 1", "PATCHLEVEL = 0").replace("VERSION = 6", "VERSION = 5"))
+    with pytest.raises(BadInput, match="no version for kernel 5.0") as e:
+        kernel.resolve(f"git:{old}@HEAD", patches=["widen-rx"])
+    assert "patches/6.1/widen-rx.patch" in e.value.hint and "patches/6.12/widen-rx.patch" in e.value.hint
+
+
 def test_each_source_kind_is_its_own_module():
     """One module per kind behind one interface; parse_source dispatches by the prefix."""
     import importlib
@@ -565,6 +615,28 @@ def test_gc_keeps_recent_and_locked(tmp_path, cache):
     assert removed == [arts[1].dir]            # 3 and 2 are newest; 0 is locked
     assert {a.key for a in kernel.cached()} == {arts[0].key, arts[2].key, arts[3].key}
     assert len(kernel.gc(keep=0)) == 3
+
+
+def test_cli_build_prints_the_bzimage_path(tmp_path, cache, capsys):
+    bz = fake_bzimage(tmp_path / "bzImage", "6.1.7")
+    assert kernel.main(["build", f"bzimage:{bz}"]) == 0
+    out, err = capsys.readouterr()
+    art = kernel.cached()[0]
+    assert out == f"{art.bzimage}\n" and art.bzimage.read_bytes() == bz.read_bytes()
+    assert str(art.dir) in err and "build.log" in err and "uname -r 6.1.7" in err
+
+
+def test_show_takes_fragments_and_patches(fake_kernel, cache, capsys):
+    """show() (and `python -m lab.kernel show`) names the kernel a build with the same extras makes."""
+    tb, _ = fake_kernel
+    plain = kernel.show(f"tarball:{tb}")
+    extra = kernel.show(f"tarball:{tb}", fragments=["kcsan"], patches=["widen-rx"])
+    assert extra["key"] != plain["key"] and extra["config_hash"] != plain["config_hash"]
+    assert extra["fragments"][-1] == str(ROOT / "kernels/config/kcsan.config")
+    assert extra["patches"] == [str(ROOT / "kernels/patches/6.1/widen-rx.patch")]   # the tarball says 6.1.192
+    capsys.readouterr()
+    assert kernel.main(["show", f"tarball:{tb}", "--fragment", "kcsan", "--patch", "widen-rx"]) == 0
+    assert f"key: {extra['key']}" in capsys.readouterr().out
 
 
 def test_cli_help_runs_standalone():
