@@ -25,37 +25,70 @@ from pathlib import Path
 from typing import Any
 
 from lab import report
-from lab.config import RunConfig
+from lab.config import RunConfig, parse_duration
 from lab.run import BadInput, InfraError, LostVM, log, require_root
 from lab.scenario import Scenario, from_data
 from lab.session import Outcome, Progress, finish, results_dir, rows_from_targets, _trace_opts
 from lab.verdict import Row
 from lab.workload import TargetResult, agent_spec, fetch_evidence, run_target, write_json
 
-# What a kernel splat looks like on the console.  Stalls and lockups are reported
-# too, but as notes: under TCG on a busy host they come from starved vCPUs (a
-# fixed kernel printed "rcu_sched kthread starved" with two pinned guests on two
-# host CPUs), so they are not evidence of a race on their own.
+# What a kernel splat looks like on the console.  Stalls and lockups are noted
+# but not counted by default ([vm] stalls = "note"): under TCG on a busy host
+# they come from starved vCPUs (a fixed 6.1.192 printed "rcu_sched kthread
+# starved" with two pinned guests on two host CPUs), so they are not evidence
+# of a race on their own.  stalls = "violation" counts them (for KVM).
 STALL = re.compile(r"rcu: INFO: rcu_\w+ (self-)?detected stall|RCU stall|soft lockup|"
                    r"INFO: task .* blocked for more than")
 SPLAT = re.compile(
     r"(Oops:|BUG:|WARNING:|KASAN:|KCSAN:|UBSAN:|Kernel panic|general protection fault|"
     r"rcu: INFO: rcu_\w+ (self-)?detected stall|RCU stall|watchdog: BUG: soft lockup|"
     r"INFO: task .* blocked for more than|list_add corruption|list_del corruption)")
+# The panic an oops (or a stall with *_panic set) ends in: part of that crash.
+PANIC = re.compile(r"Kernel panic - not syncing")
+END = re.compile(r"---\[ end (trace|Kernel panic)")
+SPLAT_LINES = 80       # a splat's text: at most this many lines ...
+SPLAT_SECONDS = 5.0    # ... collected for at most this long after its first line
+TAIL_LINES = 30        # after "---[ end trace": the registers again, then the panic
+
+
+@dataclass
+class _Block:
+    lines: list[str]
+    start: float
+    stall: bool
+    ended: bool = False       # its "---[ end trace" was seen
+    panicked: bool = False    # ... and then the panic it ended in
+    pending: list[str] = field(default_factory=list)   # lines after the end: kept if a panic follows
 
 
 class SplatWatcher:
-    """Follows a console log; every splat becomes a kernel-splat violation."""
+    """Follows a console log; every splat is reported once, with its text.
 
-    def __init__(self, path: Path, on_splat: Callable[[str], None], interval: float = 0.5) -> None:
+    A splat is a block of console lines from its first trigger line (BUG:,
+    WARNING:, ...) to its "---[ end trace" (plus the lines that still belong
+    to the crash: the register dump again and the panic), or SPLAT_LINES
+    lines, or SPLAT_SECONDS after it began, whichever comes first; its lines
+    may arrive over several reads.  Trigger lines inside a block are the same
+    crash ("BUG: ..." then "Oops: ...") and fold into it; a panic after an
+    earlier splat is that splat's end.  Two things do start a new block: a
+    trigger after the end of a trace that is not its panic (a second
+    WARNING), and a real splat inside a stall's block (so a BUG is never
+    hidden in a stall note).
+    """
+
+    def __init__(self, path: Path, on_splat: Callable[[str], None], interval: float = 0.5,
+                 window: float = SPLAT_SECONDS) -> None:
         self.path = path
         self.on_splat = on_splat
         self.splats: list[str] = []
         self._pos = 0
         self._buf = ""
+        self._block: _Block | None = None
+        self._since_close = TAIL_LINES + 1   # lines since the last block's end (or its close)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._interval = interval
+        self._window = window
 
     def __enter__(self) -> SplatWatcher:
         self._t.start()
@@ -65,33 +98,89 @@ class SplatWatcher:
         self._stop.set()
         self._t.join(5)
         self.poll()
+        if self._buf:                 # a last line without its newline
+            self._feed(self._buf, time.monotonic())
+            self._buf = ""
+        self._close()
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self.poll()
 
     def poll(self) -> None:
+        now = time.monotonic()
         try:
             with open(self.path, errors="replace") as f:
                 f.seek(self._pos)
                 data = f.read()
                 self._pos = f.tell()
         except OSError:
-            return
-        self._buf += data
+            data = ""
+        self._buf += data.replace("\r", "")
         lines = self._buf.split("\n")
         self._buf = lines.pop()
-        for i, line in enumerate(lines):
-            if SPLAT.search(line):
-                text = "\n".join(lines[i:i + 12])
-                self.splats.append(text)
-                self.on_splat(text)
+        for line in lines:
+            self._feed(line, now)
+        if self._block is not None and now - self._block.start >= self._window:
+            self._close()
+
+    def _feed(self, line: str, now: float) -> None:
+        hit = SPLAT.search(line) is not None
+        b = self._block
+        if b is not None:
+            real = hit and not STALL.search(line) and not PANIC.search(line)
+            if hit and ((b.stall and real) or (b.ended and not PANIC.search(line))):
+                self._close()
+            elif not b.ended:
+                b.lines.append(line)
+                b.ended = END.search(line) is not None
+                if len(b.lines) >= SPLAT_LINES:
+                    self._close()
+                return
+            else:   # after its end: the registers again, then perhaps the panic
+                b.pending.append(line)
+                b.panicked = b.panicked or PANIC.search(line) is not None
+                if b.panicked:
+                    b.lines += b.pending[:max(0, SPLAT_LINES - len(b.lines))]
+                    b.pending = []
+                if "end Kernel panic" in line or len(b.pending) >= TAIL_LINES:
+                    self._close()
+                return
+        self._since_close += 1
+        if not hit:
+            return
+        if PANIC.search(line) and self._since_close <= TAIL_LINES:
+            return   # the end of the crash reported just before
+        self._block = _Block([line], now, stall=STALL.search(line) is not None)
+
+    def _close(self) -> None:
+        b, self._block = self._block, None
+        if b is None:
+            return
+        self._since_close = len(b.pending)   # lines since its end
+        text = "\n".join(b.lines)
+        self.splats.append(text)
+        self.on_splat(text)
 
 
-def splat_kind(text: str) -> str:
-    """"stall" (noted, not a violation) or "kernel-splat" (a violation)."""
+def splat_kind(text: str, stalls: str = "note") -> str:
+    """"stall" (noted, not a violation) or "kernel-splat" (a violation).
+    stalls="violation" ([vm] stalls) counts stalls and lockups as splats too."""
     first = text.split("\n", 1)[0]
-    return "stall" if STALL.search(first) else "kernel-splat"
+    return "stall" if stalls == "note" and STALL.search(first) else "kernel-splat"
+
+
+def record_splats(res: TargetResult, splat_events: list[str], stalls: str = "note") -> None:
+    """A target's console splats: kernel-splat violations, or notes for stalls."""
+    for text in splat_events:
+        if splat_kind(text, stalls) == "stall":
+            res.notes.append("guest stall, not counted as a violation (starved vCPUs under TCG?; "
+                             "[vm] stalls = \"violation\" counts them): "
+                             + text.split("\n", 1)[0].strip())
+            continue
+        res.by_kind["kernel-splat"] = res.by_kind.get("kernel-splat", 0) + 1
+        res.violations.append({"type": "violation", "kind": "kernel-splat", "text": text,
+                               "target": res.label})
 
 
 @dataclass
@@ -103,6 +192,7 @@ class KernelRun:
     accel: str = ""
     accel_reason: str = ""
     boot_seconds: list[float] = field(default_factory=list)
+    pinning: dict[str, list[int]] = field(default_factory=dict)   # target -> host CPU per vCPU
 
 
 def preflight_vm() -> None:
@@ -137,11 +227,18 @@ def build_kernels(names: list[str], progress: bool = True) -> list[Any]:
 
 @contextmanager
 def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: Path,
-           uris: tuple[str, ...], accel: str | None = None) -> Iterator[list[Any]]:
-    """Boot n guests in parallel; all are destroyed on every exit path."""
+           uris: tuple[str, ...], accel: str | None = None, first: int = 0,
+           cpus: dict[str, int] | None = None) -> Iterator[list[Any]]:
+    """Boot n guests in parallel; all are destroyed on every exit path.
+
+    first: the fleet-wide number of guest 0 (fleets of several kernels boot
+    at once), which decides its libvirt URI and, with [vm] pin, its host CPUs
+    (see pin_map; cpus: host CPUs per URI, asked for when not given)."""
     from lab import vm as vmmod
 
     vmcfg = s["vm"]
+    if vmcfg["pin"] and cpus is None:
+        cpus = {u: host_cpus(u) for u in uris}
     run_id = f"{os.getpid()}-{int(time.time() * 1000) % 100000}"
     with ExitStack() as stack:
         vms: list[Any] = [None] * n
@@ -150,12 +247,15 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
 
         def boot(i: int) -> None:
             name = f"racelab-{run_id}-{_slug(label)}-{i}"
+            g = first + i
+            uri = uris[g % len(uris)]
             try:
+                pin = (pin_map(g // len(uris), vmcfg["vcpus"], cpus[uri])
+                       if vmcfg["pin"] and cpus else None)
                 m = vmmod.VM(artifact, image, name=name, vcpus=vmcfg["vcpus"],
                              memory_mib=vmcfg["memory_mib"], cmdline=vmcfg["cmdline"],
-                             pin=list(range(vmcfg["vcpus"])) if vmcfg["pin"] else None,
-                             results_dir=out / "vms" / f"{_slug(label)}-{i}",
-                             uri=uris[i % len(uris)], accel=accel)
+                             pin=pin, results_dir=out / "vms" / f"{_slug(label)}-{i}",
+                             uri=uri, accel=accel)
                 entered = m.__enter__()
             except BaseException as e:  # noqa: BLE001 - reported below, after the others boot
                 with lock:
@@ -175,16 +275,53 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
         yield vms
 
 
+def pin_map(guest: int, vcpus: int, host_cpus: int) -> list[int]:
+    """Host CPU for each vCPU of the guest-th guest on one host: guest g's vCPU
+    i runs on (g*vcpus + i) % host_cpus, so guests take the host's CPUs in turn
+    instead of all stacking their vCPU 0 on CPU 0."""
+    return [(guest * vcpus + i) % host_cpus for i in range(vcpus)]
+
+
+def host_cpus(uri: str) -> int:
+    """CPUs of the machine behind a libvirt URI."""
+    from lab import libvirtd
+
+    if libvirtd.is_local(uri):
+        return os.cpu_count() or 1
+    conn = libvirtd.connect(uri)
+    try:
+        return int(conn.getInfo()[2])
+    finally:
+        conn.close()
+
+
+def overcommit_notes(guests: int, vcpus: int, uris: tuple[str, ...],
+                     cpus: dict[str, int]) -> list[str]:
+    """What to say when a fleet has more vCPUs than a host has CPUs."""
+    notes = []
+    for u, uri in enumerate(uris):
+        on_host = len(range(u, guests, len(uris)))
+        if on_host * vcpus > cpus[uri]:
+            notes.append(f"vCPUs overcommit host CPUs: {on_host} guest(s) x {vcpus} vCPUs = "
+                         f"{on_host * vcpus} vCPUs on {cpus[uri]} host CPUs ({uri}); "
+                         "guests compete for CPU time")
+    return notes
+
+
 class Worker:
     """A thread whose end is an Event: Thread.join() interrupted by Ctrl-C can
-    mark a live thread as stopped on Python 3.11 (bpo-45274), Event.wait() cannot."""
+    mark a live thread as stopped on Python 3.11 (bpo-45274), Event.wait() cannot.
+    An exception that ends the target is kept in .error for the caller."""
 
     def __init__(self, target: Callable[..., None], *args: Any) -> None:
         self.done = threading.Event()
+        self.error: BaseException | None = None
 
         def body() -> None:
             try:
                 target(*args)
+            except BaseException as e:  # noqa: BLE001 - the caller re-raises it
+                self.error = e
             finally:
                 self.done.set()
         self.thread = threading.Thread(target=body, daemon=True)
@@ -215,13 +352,16 @@ def _slug(text: str) -> str:
 
 def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
               events_lock: threading.Lock, events_file: Any,
-              cancel: threading.Event | None = None) -> TargetResult:
+              cancel: threading.Event | None = None, *, silence: float | None = None,
+              stalls: str = "note") -> TargetResult:
+    """The agent in guest m, its console watched for splats.  silence, stalls:
+    the scenario's [vm] knobs (a quiet guest is lost; stalls noted or counted)."""
     label = f"{kname}/vm-{i}"
     splat_events: list[str] = []
 
     def on_splat(text: str) -> None:
         splat_events.append(text)
-        if splat_kind(text) == "kernel-splat":
+        if splat_kind(text, stalls) == "kernel-splat":
             prog.on_event(label, {"type": "violation", "kind": "kernel-splat"})
 
     def on_event(lbl: str, ev: dict[str, Any]) -> None:
@@ -231,25 +371,19 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
         def write(self, s: str) -> None:
             with events_lock:
                 events_file.write(s)
+                events_file.flush()   # events.jsonl can be followed while the run goes on
 
     with SplatWatcher(Path(m.console_path), on_splat):
         alive = m.alive if cancel is None else (lambda: not cancel.is_set() and m.alive())
         res = run_target(m.host, spec, label=label, kernel=kname, on_event=on_event,
-                         events_file=_Sink(), alive=alive)
+                         events_file=_Sink(), alive=alive, silence=silence)
     if cancel is not None and cancel.is_set():
         res.infra_error = "interrupted"
         return res
-    for text in splat_events:
-        if splat_kind(text) == "stall":
-            res.notes.append("guest stall, not counted as a violation (starved vCPUs under TCG?): "
-                             + text.split("\n", 1)[0].strip())
-            continue
-        res.by_kind["kernel-splat"] = res.by_kind.get("kernel-splat", 0) + 1
-        res.violations.append({"type": "violation", "kind": "kernel-splat", "text": text,
-                               "target": label})
+    record_splats(res, splat_events, stalls)
     ev_dir = out / "evidence"
     ev_dir.mkdir(parents=True, exist_ok=True)
-    if crashed_of_splat(res, splat_events, traced=bool(spec.trace)):
+    if crashed_of_splat(res, splat_events, traced=bool(spec.trace), stalls=stalls):
         return res
     if res.infra_error is None:
         try:
@@ -262,7 +396,8 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
     return res
 
 
-def crashed_of_splat(res: TargetResult, splat_events: list[str], traced: bool) -> bool:
+def crashed_of_splat(res: TargetResult, splat_events: list[str], traced: bool,
+                     stalls: str = "note") -> bool:
     """A guest lost right after a kernel splat died of the kernel under test.
 
     That is the race's outcome (the reverted generic receive oopses in
@@ -270,7 +405,7 @@ def crashed_of_splat(res: TargetResult, splat_events: list[str], traced: bool) -
     kernel-splat violation, and the row says REPRODUCED.  Its trace and dmesg
     died with it; the console log (in the evidence) holds the splat.
     """
-    if res.infra_error is None or not any(splat_kind(t) == "kernel-splat" for t in splat_events):
+    if res.infra_error is None or not any(splat_kind(t, stalls) == "kernel-splat" for t in splat_events):
         return False
     res.notes.append(f"guest crashed after a kernel splat (the stream ended with "
                      f"{res.infra_error.split(':', 1)[0]}); see the console log")
@@ -286,43 +421,68 @@ def crashed_of_splat(res: TargetResult, splat_events: list[str], traced: bool) -
 
 def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: list[Any],
                image: Any, out: Path, prog: Progress) -> list[KernelRun]:
-    """Boot every kernel's fleet at once and run the scenario in every guest."""
-    from lab import dataplane  # noqa: F401 - binaries are in the image already
+    """Boot every kernel's fleet at once and run the scenario in every guest.
 
+    An error that is not an infrastructure loss (BadInput, a bug) in any
+    fleet is raised here once every fleet has torn itself down."""
+    from lab import dataplane  # noqa: F401 - binaries are in the image already
+    from lab.vm import accel_text
+
+    vmcfg = s["vm"]
     trace = _trace_opts(cfg, s)
     runs = [KernelRun(n, a) for n, a in zip(kernel_names, artifacts)]
+    cpus = {u: host_cpus(u) for u in cfg.uris}
+    notes = overcommit_notes(len(runs) * cfg.vms, vmcfg["vcpus"], cfg.uris, cpus)
+    for note in notes:
+        log.info("note: %s", note)
+    silence = parse_duration(vmcfg["silence"])
     events_lock = threading.Lock()
     cancel = threading.Event()
     with open(out / "events.jsonl", "a") as events_file:
 
-        def one_kernel(kr: KernelRun) -> None:
+        def one_kernel(k: int, kr: KernelRun) -> None:
             t0 = time.monotonic()
             try:
                 with booted(kr.artifact, image, cfg.vms, label=kr.name, s=s, out=out,
-                            uris=cfg.uris) as vms:
+                            uris=cfg.uris, first=k * cfg.vms, cpus=cpus) as vms:
                     kr.accel = getattr(vms[0], "accel", "")
                     kr.accel_reason = getattr(vms[0], "accel_reason", "")
                     kr.boot_seconds = [float(getattr(v, "boot_seconds", 0.0)) for v in vms]
-                    log.info("%s: %d guest(s) up (accelerator: %s%s)", kr.name, len(vms), kr.accel,
-                             f" - {kr.accel_reason}" if kr.accel_reason else "")
+                    kr.pinning = {f"{kr.name}/vm-{i}": [int(c) for c in getattr(v, "pin", ())]
+                                  for i, v in enumerate(vms) if getattr(v, "pin", ())}
+                    log.info("%s: %d guest(s) up (accelerator: %s)%s", kr.name, len(vms),
+                             accel_text(kr.accel, kr.accel_reason),
+                             "; vCPUs pinned to host CPUs " + ", ".join(
+                                 f"{lbl.rsplit('/', 1)[1]}: {cs}" for lbl, cs in kr.pinning.items())
+                             if kr.pinning else "")
                     spec = agent_spec(s, duration=cfg.duration, seed=cfg.seed, bin_dir="/opt/racelab/bin",
                                       stop_on_first=cfg.stop_on_first, inject=cfg.inject or "",
                                       trace=trace, stop_grace=cfg.stop_grace)
                     with ThreadPoolExecutor(len(vms)) as ex:
                         futs = [ex.submit(run_on_vm, m, kr.name, i, spec, out, prog, events_lock,
-                                          events_file, cancel) for i, m in enumerate(vms)]
+                                          events_file, cancel, silence=silence,
+                                          stalls=vmcfg["stalls"]) for i, m in enumerate(vms)]
                         kr.targets = [f.result() for f in futs]
             except InfraError as e:
                 kr.targets = [TargetResult(label=f"{kr.name}/fleet", kernel=kr.name,
                                            infra_error=f"{type(e).__name__}: {e.message}")]
+            for res in kr.targets:
+                res.notes.extend(notes)
             kr.wall = time.monotonic() - t0
 
-        workers = [Worker(one_kernel, kr).start() for kr in runs]
+        workers = [Worker(one_kernel, k, kr).start() for k, kr in enumerate(runs)]
+
         def stop_all() -> None:
             # Ctrl-C: stop every agent; each fleet then tears itself down
             log.info("interrupted: stopping agents and destroying guests")
             cancel.set()
         _join_all(workers, stop_all)
+    errors = [w.error for w in workers if w.error is not None]
+    for e in errors:
+        if isinstance(e, BadInput):
+            raise e          # the user's to fix: its message, not a row
+    if errors:
+        raise errors[0]
     return runs
 
 
@@ -359,7 +519,8 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
                           "patches": list(getattr(a, "patches", []) or []),
                           "affected": list(getattr(a, "affected", []) or []),
                           "accelerator": kr.accel, "accelerator_reason": kr.accel_reason,
-                          "boot_seconds": kr.boot_seconds}
+                          "boot_seconds": kr.boot_seconds, "vcpus": s["vm"]["vcpus"],
+                          "pinning": kr.pinning}
     meta = report.provenance(cfg, {"kernels": kmeta, "image": {"key": img.key, "path": str(img.path)},
                                    "expected": expected or {}})
     write_json(out / "provenance.json", meta)
@@ -372,6 +533,7 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
 def _single(kernel_name: str, vcpus: int, memory_mib: int) -> Iterator[Any]:
     from lab import image as imagemod
     from lab import vm as vmmod
+    from lab.vm import accel_text
 
     preflight_vm()
     (art,) = build_kernels([kernel_name])
@@ -379,8 +541,8 @@ def _single(kernel_name: str, vcpus: int, memory_mib: int) -> Iterator[Any]:
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"racelab-vm-{os.getpid()}"
     with vmmod.VM(art, img, name=f"racelab-{os.getpid()}-single-0", vcpus=vcpus,
                   memory_mib=memory_mib, cmdline="", pin=None, results_dir=out) as m:
-        log.info("guest up in %.1fs (accelerator: %s); console: %s", m.boot_seconds, m.accel,
-                 m.console_path)
+        log.info("guest up in %.1fs (accelerator: %s); console: %s", m.boot_seconds,
+                 accel_text(m.accel, m.accel_reason), m.console_path)
         yield m
 
 

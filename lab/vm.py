@@ -66,7 +66,7 @@ from lab.libvirtd import (POOL_NAME, SYSTEM_URI, ConsoleStream, check_uri, conne
 from lab.remote import SshHost, shell_or_command
 from lab.run import BadInput, InfraError, LostVM, cache_dir, require_tools, run, spawn
 
-__all__ = ["VM", "detect_accel", "ensure_libvirtd", "reap_stale", "domain_xml", "DomainSpec"]
+__all__ = ["VM", "detect_accel", "accel_text", "ensure_libvirtd", "reap_stale", "domain_xml", "DomainSpec"]
 
 log = logging.getLogger("racelab.vm")
 
@@ -125,6 +125,15 @@ def detect_accel(kernel: Any, uri: str = SYSTEM_URI) -> tuple[str, str]:
     _accel_cache_put(key, (accel, reason))
     log.info("accelerator for kernel %s: %s (%s)", getattr(kernel, "version", "?"), accel, reason)
     return accel, reason
+
+
+def accel_text(accel: str, reason: str) -> str:
+    """ "tcg (kvm unusable: <why>)", "kvm (<how the probe went>)", or the bare name."""
+    if not reason:
+        return accel
+    if accel == "tcg" and not reason.startswith(("forced", "requested")):
+        return f"tcg (kvm unusable: {reason})"
+    return f"{accel} ({reason})"
 
 
 def _probe_kvm(kernel: Any) -> tuple[str, str]:
@@ -190,13 +199,19 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="racelab-kvm-probe-") as d:
             console = Path(d) / "console"
+            dom: libvirt.virDomain | None = None
+            stream: ConsoleStream | None = None
+            old = _block_sigint()   # Ctrl-C between createXML and the finally would leak it
             try:
-                dom = conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
-            except libvirt.libvirtError as e:
-                result = ("tcg", f"KVM guest did not start on {uri}: {e.get_error_message()}")
-            else:
-                stream = ConsoleStream(conn, dom, console)
                 try:
+                    dom = conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+                except libvirt.libvirtError as e:
+                    result = ("tcg", f"KVM guest did not start on {uri}: {e.get_error_message()}")
+                    dom = None
+                _restore_sigint(old)
+                old = None
+                if dom is not None:
+                    stream = ConsoleStream(conn, dom, console)
                     dom.resume()
                     result = ("tcg", f"KVM probe did not reach the kernel's /init in "
                                      f"{PROBE_TIMEOUT:.0f}s on {uri}")
@@ -213,11 +228,14 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
                             result = ("tcg", f"the KVM probe guest on {uri} stopped before /init")
                             break
                         time.sleep(0.1)
-                finally:
+            finally:
+                _restore_sigint(old)
+                if dom is not None:
                     try:
                         dom.destroy()
                     except libvirt.libvirtError:
                         pass
+                if stream is not None:
                     stream.stop()
         _accel_cache_put(key, result)
         return result
@@ -357,10 +375,37 @@ def _proc_start_time(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _ancestors(pid: int) -> list[int]:
+    """pid's parent, grandparent, ... up to init (from /proc)."""
+    chain: list[int] = []
+    while pid > 1 and len(chain) < 64:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        if pid <= 0:
+            break
+        chain.append(pid)
+    return chain
+
+
 def _owner_meta(vm_dir: str) -> dict[str, str]:
-    """Who made a domain: reap_stale() destroys it once that process is gone."""
+    """Who made a domain: reap_stale() destroys it once that process is gone.
+    lineage (the owner's ancestors) lets a test runner find the guests of the
+    processes it started, even after they exited."""
     return {"pid": str(os.getpid()), "start": _proc_start_time(os.getpid()),
-            "host": socket.gethostname(), "dir": vm_dir}
+            "host": socket.gethostname(), "dir": vm_dir,
+            "lineage": ",".join(str(p) for p in _ancestors(os.getpid()))}
+
+
+def owner_of(dom: libvirt.virDomain) -> dict[str, str]:
+    """The owner metadata of a racelab domain ({} for any other domain)."""
+    try:
+        meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS))
+    except (libvirt.libvirtError, ET.ParseError):
+        return {}
+    return {c.tag: c.text or "" for c in meta}
 
 
 def _owner_alive(pid: str, start: str, host: str) -> bool:
@@ -760,11 +805,9 @@ def reap_stale(conn: libvirt.virConnect | None = None) -> list[str]:
         for dom in conn.listAllDomains():
             if not dom.name().startswith("racelab-"):
                 continue
-            try:
-                meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS))
-            except libvirt.libvirtError:
+            owner = owner_of(dom)
+            if not owner:
                 continue  # not made by this module
-            owner = {c.tag: c.text or "" for c in meta}
             if _owner_alive(owner.get("pid", ""), owner.get("start", ""), owner.get("host", "")):
                 continue
             try:
@@ -839,7 +882,8 @@ def _main(argv: list[str] | None = None) -> int:
         with VM(k, img, vcpus=args.vcpus, memory_mib=args.memory, cmdline=args.cmdline,
                 accel=args.accel, results_dir=args.results) as vm:
             print(f"# {vm.domain_name}: ready in {vm.boot_seconds:.1f}s "
-                  f"({vm.accel}: {vm.accel_reason}); console {vm.console_path}", file=sys.stderr)
+                  f"(accelerator: {accel_text(vm.accel, vm.accel_reason)}); "
+                  f"console {vm.console_path}", file=sys.stderr)
             return shell_or_command(vm.host, args.command)
     except RacelabError as e:
         print(f"racelab: {e}", file=sys.stderr)
