@@ -29,3 +29,76 @@ def pytest_collection_modifyitems(config, items):
         if "vm" in item.keywords and shutil.which("libvirtd") is None:
             item.add_marker(pytest.mark.skip(reason="libvirtd missing: apt-get install libvirt-daemon "
                                                     "libvirt-daemon-driver-qemu (or ./bootstrap install)"))
+
+
+def _guests_of(pid: int) -> tuple[list[str], list[str]]:
+    """libvirt domains and VM directories made by process pid or by a process it
+    started (the owner's lineage, recorded by lab.vm), alive or long exited.
+    Another xdist worker's guests carry another pid and are not counted."""
+    import json
+
+    try:
+        import libvirt
+    except ImportError:
+        return [], []
+    from lab.run import cache_dir
+    from lab.vm import owner_of
+
+    def ours(name: str, owner: dict) -> bool:
+        return (name.startswith(f"racelab-{pid}-") or owner.get("pid") == str(pid)
+                or str(pid) in str(owner.get("lineage", "")).split(","))
+
+    domains = []
+    try:
+        conn = libvirt.open("qemu:///system")
+    except libvirt.libvirtError:
+        conn = None   # no libvirtd: nothing can be left in it
+    if conn is not None:
+        try:
+            domains = sorted(d.name() for d in conn.listAllDomains()
+                             if d.name().startswith("racelab-") and ours(d.name(), owner_of(d)))
+        finally:
+            conn.close()
+    dirs = []
+    vms = cache_dir() / "vms"
+    for d in sorted(vms.glob("racelab-*")) if vms.is_dir() else []:
+        try:
+            owner = json.loads((d / "owner").read_text())
+        except (OSError, ValueError):
+            owner = {}
+        if ours(d.name, owner):
+            dirs.append(str(d))
+    return domains, dirs
+
+
+@pytest.fixture(autouse=True)
+def _no_guest_left(request):
+    """Every vm test: afterwards no libvirt domain and no VM directory (overlay) of
+    this pytest process, or of any process it started (a `racelab` CLI child), is
+    left.  Function scope, autouse, only for tests marked vm; runs after the
+    test's own fixtures are torn down."""
+    if request.node.get_closest_marker("vm") is None:
+        yield
+        return
+    yield
+    domains, dirs = _guests_of(os.getpid())
+    if domains or dirs:
+        _remove(domains, dirs)   # fail this test, not every test after it
+    assert domains == [], f"leftover racelab domains: {domains}"
+    assert dirs == [], f"leftover VM directories (overlays): {dirs}"
+
+
+def _remove(domains: list[str], dirs: list[str]) -> None:
+    import libvirt
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        for name in domains:
+            try:
+                conn.lookupByName(name).destroy()
+            except libvirt.libvirtError:
+                pass
+    finally:
+        conn.close()
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)

@@ -3,9 +3,11 @@ guests through a real libvirtd (marked vm + slow; TCG here, KVM where it works).
 
 The vm tests need root, libvirtd/virtlogd/qemu and kernels:
   - a Debian kernel (deb:6.1.0-47-amd64, fetched with apt on first use);
-  - the catalog kernel 6.1.192 if it is cached (`racelab kernel build 6.1.192`;
-    RACELAB_TEST_BUILD=1 builds it here, ~15 min).
-After every vm test no racelab domain or VM directory of this process is left.
+  - the catalog kernel 6.1.192 if it is cached (`racelab kernel build 6.1.192`);
+    RACELAB_TEST_BUILD=1 or RACELAB_ALL_TESTS=1 (tests/run-all) builds it here
+    (~15 min) instead of skipping.
+After every vm test no racelab domain or VM directory of this process or its
+children is left (the autouse fixture in conftest.py checks).
 """
 import os
 import shutil
@@ -21,7 +23,7 @@ import pytest
 from lab import image as imagemod
 from lab import vm as vmmod
 from lab.remote import SshHost
-from lab.run import CommandFailed, InfraError, LostSSH, LostVM, cache_dir, project_root
+from lab.run import CommandFailed, InfraError, LostSSH, LostVM, project_root
 
 DEB_KERNEL = "deb:6.1.0-47-amd64"
 SOURCE_KERNEL = "6.1.192"
@@ -91,6 +93,107 @@ def test_remote_command_line_quotes_and_sets_pythonpath():
         h.command_line(["true"], env={"BAD NAME": "x"})
 
 
+def test_pinning_spreads_guests_over_host_cpus():
+    from lab.fleet import overcommit_notes, pin_map
+    # two 2-vCPU guests on a 4-CPU host: disjoint CPUs, not both on 0 and 1
+    assert [pin_map(g, 2, 4) for g in range(2)] == [[0, 1], [2, 3]]
+    # a third wraps around; one 4-vCPU guest on 2 CPUs overcommits them twice
+    assert pin_map(2, 2, 4) == [0, 1]
+    assert pin_map(0, 4, 2) == [0, 1, 0, 1]
+    assert [pin_map(g, 1, 3) for g in range(4)] == [[0], [1], [2], [0]]
+    cpus = {"qemu:///system": 2}
+    assert overcommit_notes(1, 2, ("qemu:///system",), cpus) == []
+    (note,) = overcommit_notes(2, 2, ("qemu:///system",), cpus)
+    assert "4 vCPUs on 2 host CPUs" in note
+    # guests alternate between URIs: 3 guests on two hosts = 2 + 1
+    two = {"a": 4, "b": 2}
+    assert overcommit_notes(3, 2, ("a", "b"), two) == []
+    assert len(overcommit_notes(4, 2, ("a", "b"), two)) == 1
+
+
+def test_accelerator_line_says_why():
+    assert vmmod.accel_text("tcg", "no /dev/kvm on this host") == "tcg (kvm unusable: no /dev/kvm on this host)"
+    assert vmmod.accel_text("tcg", "forced by RACELAB_ACCEL=tcg") == "tcg (forced by RACELAB_ACCEL=tcg)"
+    assert vmmod.accel_text("kvm", "KVM probe booted the kernel in 0.8s") == \
+        "kvm (KVM probe booted the kernel in 0.8s)"
+    assert vmmod.accel_text("tcg", "") == "tcg"
+
+
+def test_owner_lineage_names_the_processes_that_started_the_owner():
+    out = subprocess.run([sys.executable, "-c", "from lab.vm import _owner_meta; "
+                          "print(_owner_meta('')['lineage'])"],
+                         cwd=project_root(), capture_output=True, text=True, check=True).stdout
+    assert str(os.getpid()) in out.strip().split(",")
+    assert vmmod._owner_meta("")["lineage"].split(",")[0] == str(os.getppid())
+
+
+def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch, tmp_path):
+    import libvirt
+
+    class Dom:
+        destroyed = False
+
+        def destroy(self):
+            Dom.destroyed = True
+
+    class Conn:
+        def getDomainCapabilities(self, *a):
+            return ""
+
+        def getVersion(self):
+            return 9000000
+
+        def createXML(self, xml, flags):
+            return Dom()
+
+        def close(self):
+            pass
+
+    def broken_stream(*a):
+        raise libvirt.libvirtError("console stream failed")
+
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"k")
+    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(vmmod, "connect", lambda uri: Conn())
+    monkeypatch.setattr(vmmod, "upload", lambda conn, path, name: f"/pool/{name}")
+    monkeypatch.setattr(vmmod, "ConsoleStream", broken_stream)
+    monkeypatch.setattr(imagemod, "kernel_for_boot", lambda k: kernel)
+    monkeypatch.setattr(imagemod, "probe_initrd", lambda: kernel)
+    with pytest.raises(libvirt.libvirtError):
+        vmmod._remote_accel(vmmod.BareKernel(kernel), "qemu+ssh://lab2/system")
+    assert Dom.destroyed
+
+
+def _fleet_that_raises(monkeypatch, tmp_path, exc):
+    from contextlib import contextmanager
+
+    from lab import fleet, scenario
+    from lab.config import RunConfig
+    from lab.session import Progress
+
+    @contextmanager
+    def booted(*a, **kw):
+        raise exc
+        yield  # noqa: unreachable - a generator, as the real one
+
+    monkeypatch.setattr(fleet, "booted", booted)
+    s = scenario.load("generic-rx-race")
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=("a", "b"), vms=1)
+    return fleet.run_fleets(cfg, s, ["a", "b"], [object(), object()], None, tmp_path, Progress(False))
+
+
+def test_a_bad_input_in_a_fleet_thread_aborts_the_run_with_its_message(monkeypatch, tmp_path):
+    from lab.run import BadInput
+    with pytest.raises(BadInput, match="no such knob"):
+        _fleet_that_raises(monkeypatch, tmp_path, BadInput("no such knob"))
+    with pytest.raises(ZeroDivisionError):           # a bug is raised, not a row "no packets"
+        _fleet_that_raises(monkeypatch, tmp_path, ZeroDivisionError("bug"))
+    runs = _fleet_that_raises(monkeypatch, tmp_path, LostVM("guest died while booting"))
+    assert [t.infra_error for kr in runs for t in kr.targets] == \
+        ["LostVM: guest died while booting"] * 2
+
+
 # --- vm tier ---------------------------------------------------------------------------
 
 def _libvirt_ready() -> str | None:
@@ -124,29 +227,12 @@ def deb_kernel(image):
 @pytest.fixture(scope="module")
 def source_kernel(image):
     from lab import kernel
-    if not kernel.show(SOURCE_KERNEL)["cached"] and not os.environ.get("RACELAB_TEST_BUILD"):
+    build = os.environ.get("RACELAB_ALL_TESTS") or os.environ.get("RACELAB_TEST_BUILD")
+    if not kernel.show(SOURCE_KERNEL)["cached"] and not build:
         pytest.skip(f"catalog kernel {SOURCE_KERNEL} is not built: `racelab kernel build "
-                    f"{SOURCE_KERNEL}` (or RACELAB_TEST_BUILD=1 to build it here, ~15 min)")
+                    f"{SOURCE_KERNEL}` (or RACELAB_TEST_BUILD=1 to build it here, ~15 min; "
+                    "tests/run-all, which sets RACELAB_ALL_TESTS, always builds it)")
     return kernel.ensure(kernel.resolve(SOURCE_KERNEL), progress=False)
-
-
-def _ours() -> tuple[list[str], list[Path]]:
-    prefix = f"racelab-{os.getpid()}-"
-    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                           capture_output=True, text=True, check=True).stdout.split()
-    vms = cache_dir() / "vms"
-    dirs = sorted(vms.glob(prefix + "*")) if vms.is_dir() else []
-    return [n for n in names if n.startswith(prefix)], dirs
-
-
-@pytest.fixture
-def no_leftovers():
-    yield
-    domains, dirs = _ours()
-    assert domains == [], f"leftover domains: {domains}"
-    assert dirs == [], f"leftover VM directories (overlays): {dirs}"
-
-
 
 
 def _check_boot(vm: vmmod.VM, version: str) -> None:
@@ -161,7 +247,6 @@ def _check_boot(vm: vmmod.VM, version: str) -> None:
 
 @pytest.mark.vm
 @pytest.mark.slow
-@pytest.mark.usefixtures("no_leftovers")
 def test_boot_debian_kernel_and_run_uname(deb_kernel, image, tmp_path):
     with vmmod.VM(deb_kernel, image, name="deb", results_dir=tmp_path) as vm:
         _check_boot(vm, deb_kernel.version)
@@ -171,7 +256,6 @@ def test_boot_debian_kernel_and_run_uname(deb_kernel, image, tmp_path):
 
 @pytest.mark.vm
 @pytest.mark.slow
-@pytest.mark.usefixtures("no_leftovers")
 def test_boot_catalog_source_kernel_and_run_uname(source_kernel, image, tmp_path):
     with vmmod.VM(source_kernel, image, name="src", results_dir=tmp_path) as vm:
         _check_boot(vm, source_kernel.version)
@@ -179,7 +263,6 @@ def test_boot_catalog_source_kernel_and_run_uname(source_kernel, image, tmp_path
 
 @pytest.mark.vm
 @pytest.mark.slow
-@pytest.mark.usefixtures("no_leftovers")
 def test_guest_killed_mid_command_is_infrastructure_loss(deb_kernel, image, tmp_path):
     with vmmod.VM(deb_kernel, image, name="victim", results_dir=tmp_path) as vm:
         with vm.host.spawn(["sh", "-c", "echo started; exec sleep 300"]) as p:
@@ -198,7 +281,6 @@ def test_guest_killed_mid_command_is_infrastructure_loss(deb_kernel, image, tmp_
 
 @pytest.mark.vm
 @pytest.mark.slow
-@pytest.mark.usefixtures("no_leftovers")
 def test_host_protocol_over_ssh(deb_kernel, image, tmp_path):
     with vmmod.VM(deb_kernel, image, name="proto", results_dir=tmp_path, vcpus=2) as vm:
         h = vm.host
@@ -265,7 +347,6 @@ def _wait_for(pred, timeout: float = 20.0) -> None:
 
 @pytest.mark.vm
 @pytest.mark.slow
-@pytest.mark.usefixtures("no_leftovers")
 def test_interrupt_at_any_point_leaves_nothing(deb_kernel, image, tmp_path, monkeypatch):
     # Ctrl-C inside the with block
     with pytest.raises(KeyboardInterrupt):
@@ -283,7 +364,6 @@ def test_interrupt_at_any_point_leaves_nothing(deb_kernel, image, tmp_path, monk
 
 @pytest.mark.vm
 @pytest.mark.slow
-@pytest.mark.usefixtures("no_leftovers")
 def test_guest_that_cannot_boot_is_lost_vm_with_its_console(deb_kernel, image, tmp_path):
     with pytest.raises(LostVM) as e:
         with vmmod.VM(deb_kernel, image, name="broken", results_dir=tmp_path,
@@ -294,7 +374,6 @@ def test_guest_that_cannot_boot_is_lost_vm_with_its_console(deb_kernel, image, t
 
 @pytest.mark.vm
 @pytest.mark.slow
-@pytest.mark.usefixtures("no_leftovers")
 def test_two_guests_boot_in_parallel_with_distinct_ports(deb_kernel, image, tmp_path):
     vms: list = []
     errors: list = []
@@ -329,7 +408,6 @@ def test_uri_kinds():
 
 @pytest.mark.vm
 @pytest.mark.slow
-@pytest.mark.usefixtures("no_leftovers")
 def test_guest_through_the_remote_path(deb_kernel, image, tmp_path):
     """qemu+unix:// takes the code path of a remote host (uploads, pool overlay,
     streamed console), without needing a second machine."""
