@@ -176,8 +176,9 @@ def from_data(raw: Mapping[str, Any], path: str = "<data>",
             continue
         data.setdefault(section, {})[fld] = value
     problems += validate(data)
-    if not problems and Path(path).suffix == ".toml" and data["bug"]["name"] != Path(path).stem:
-        problems.append(f"bug.name: {data['bug']['name']!r} differs from the file name {Path(path).stem!r}")
+    name = data.get("bug", {}).get("name") if isinstance(data.get("bug"), dict) else None
+    if isinstance(name, str) and name and Path(path).suffix == ".toml" and name != Path(path).stem:
+        problems.append(f"bug.name: {name!r} differs from the file name {Path(path).stem!r}")
     if problems:
         raise BadInput(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems),
                        hint="fix the fields named above (see scenarios/generic-rx-race.toml)")
@@ -190,7 +191,8 @@ OPTIONAL_FIELDS = {"vm": {"silence": "60s", "stalls": "note"}}
 
 
 def validate(data: Mapping[str, Any]) -> list[str]:
-    problems = []
+    problems: list[str] = []
+    bad: set[str] = set()     # "section.field" that failed on its own: cross-checks skip them
     for section, defaults in OPTIONAL_SECTIONS.items():
         if isinstance(data, dict) and section not in data:
             data[section] = dict(defaults)   # type: ignore[index]
@@ -202,10 +204,12 @@ def validate(data: Mapping[str, Any]) -> list[str]:
         sec = data.get(section)
         if not isinstance(sec, dict):
             problems.append(f"[{section}]: missing section")
+            bad.update(f"{section}.{fld}" for fld in fields)
             continue
         for fld, (check, good) in fields.items():
             if fld not in sec:
                 problems.append(f"{section}.{fld}: missing (expected {good})")
+                bad.add(f"{section}.{fld}")
                 continue
             try:
                 ok = bool(check(sec[fld]))
@@ -213,22 +217,44 @@ def validate(data: Mapping[str, Any]) -> list[str]:
                 ok = False
             if not ok:
                 problems.append(f"{section}.{fld}: {sec[fld]!r} is not {good}")
+                bad.add(f"{section}.{fld}")
         for fld in sec:
             if fld not in fields:
                 problems.append(f"{section}.{fld}: unknown field")
     for section in data:
         if section not in SCHEMA:
             problems.append(f"[{section}]: unknown section")
-    if not problems:
-        c, t = data["checker"], data["topology"]
-        if c["queues"] > t["queues"]:
-            problems.append(f"checker.queues: {c['queues']} sockets but topology.queues is {t['queues']}")
+    problems += cross_check(data, bad)
+    return problems
+
+
+def cross_check(data: Mapping[str, Any], bad: set[str]) -> list[str]:
+    """Rules over several fields; each runs when all its fields are valid on their own."""
+    def ok(*keys: str) -> bool:
+        return not bad.intersection(keys)
+
+    problems = []
+    c, t, load = data.get("checker", {}), data.get("topology", {}), data.get("load", {})
+    if ok("checker.queues", "topology.queues") and c["queues"] > t["queues"]:
+        problems.append(f"checker.queues: {c['queues']} sockets but topology.queues is {t['queues']}")
+    if ok("checker.frames", "checker.queues", "checker.mode"):
         if c["frames"] < c["queues"]:
             problems.append(f"checker.frames: {c['frames']} frames cannot feed {c['queues']} sockets")
-        if c["mode"] == "rxdrop" and data["load"]["iperf3"]:
-            problems.append("load.iperf3: TCP needs checker.mode = \"forward\"")
-        if data["load"]["size"] > c["frame_size"] - 256 - c["headroom"] - 64:
-            problems.append("load.size: frames do not fit frame_size - 256 - headroom")
+        elif c["mode"] == "forward" and c["frames"] < 2 * c["queues"]:
+            problems.append(f"checker.frames: forward mode needs at least 2 frames per queue "
+                            f"({2 * c['queues']} for {c['queues']} queue(s)), got {c['frames']}")
+    if ok("checker.mode", "load.iperf3") and c["mode"] == "rxdrop" and load["iperf3"]:
+        problems.append("load.iperf3: TCP needs checker.mode = \"forward\"")
+    if ok("load.size", "checker.frame_size", "checker.headroom") and \
+            load["size"] > c["frame_size"] - 256 - c["headroom"] - 64:
+        problems.append("load.size: frames do not fit frame_size - 256 - headroom")
+    if ok("bug.user_visible"):
+        from lab.dataplane import INJECT_KINDS
+        known = set(INJECT_KINDS) | {"kernel-splat"}
+        unknown = [k for k in data["bug"]["user_visible"] if k not in known]
+        if unknown:
+            problems.append(f"bug.user_visible: unknown violation kind(s) {', '.join(map(str, unknown))} "
+                            f"(known: {', '.join(sorted(known))})")
     return problems
 
 

@@ -80,3 +80,26 @@ def test_forward_topology_has_three_namespaces():
     s = scen.load("generic-rx-race", {"checker.mode": "forward", "load.iperf3": True})
     spec = scen.to_topology(s)
     assert spec.netns == ("cli", "mid", "srv") and len(spec.veths) == 2
+
+
+def test_cross_field_rules_are_reported_next_to_field_errors():
+    raw = tomllib.loads((scen.scenario_dir() / "generic-rx-race.toml").read_text())
+    with pytest.raises(BadInput) as e:
+        # one field bad on its own, and one rule over valid fields broken: both named at once
+        scen.from_data(raw, overrides={"xdp.mode": "turbo", "checker.queues": 4})
+    assert "xdp.mode" in str(e.value) and "checker.queues: 4 sockets" in str(e.value)
+    assert "2 problem(s)" in str(e.value)
+
+
+def test_forward_mode_needs_two_frames_per_queue():
+    raw = tomllib.loads((scen.scenario_dir() / "generic-rx-race.toml").read_text())
+    with pytest.raises(BadInput, match="forward mode needs at least 2 frames per queue"):
+        scen.from_data(raw, overrides={"checker.mode": "forward", "checker.frames": 1})
+    assert scen.from_data(raw, overrides={"checker.mode": "forward", "checker.frames": 2})
+
+
+def test_user_visible_kinds_must_be_violation_kinds():
+    raw = tomllib.loads((scen.scenario_dir() / "generic-rx-race.toml").read_text())
+    raw["bug"]["user_visible"] = ["order", "gremlins"]
+    with pytest.raises(BadInput, match="bug.user_visible: unknown violation kind.*gremlins"):
+        scen.from_data(raw)
