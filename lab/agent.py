@@ -12,6 +12,8 @@ load, and streams JSON events on stdout:
   {"type":"stats", ...}               from xskcheck, periodically
   {"type":"sender", ...}              sender progress
   {"type":"evidence", ...}            kernel-side evidence (trace), at the end
+  {"type":"iperf", ...}               iperf3's report (bits/s, bytes, retransmits, error)
+  {"type":"agent-error", ...}         the checker or a load generator failed (stderr tail)
   {"type":"done", ...}                final checker counters
   {"type":"agent-done","load_seconds":...,"reason":...}
 
@@ -167,6 +169,42 @@ def _knob(path: str, value: str) -> Iterator[None]:
             pass
 
 
+def _iperf_result(cli: Child, out: queue.Queue[tuple[str, str | None]], *, early: bool
+                  ) -> dict[str, Any]:
+    """iperf3 -J's report, once it has ended by itself (-t), as one "iperf" event."""
+    try:
+        cli.proc.wait(10 if not early else 0.1)
+    except subprocess.TimeoutExpired:
+        pass
+    cli.stop()
+    lines: list[str] = []
+    while True:
+        try:
+            _, line = out.get_nowait()
+        except queue.Empty:
+            break
+        if line is not None:
+            lines.append(line)
+    ev: dict[str, Any] = {"type": "iperf", "returncode": cli.proc.returncode}
+    try:
+        rep = json.loads("\n".join(lines))
+    except json.JSONDecodeError:
+        rep = None
+    if not isinstance(rep, dict):
+        ev["error"] = ("stopped before its report (the run ended early)" if early else
+                       f"no report from iperf3: {' | '.join(cli.stderr[-5:]) or 'empty output'}")
+        return ev
+    if rep.get("error"):
+        ev["error"] = str(rep["error"])
+    end = rep.get("end") or {}
+    sent, recv = end.get("sum_sent") or {}, end.get("sum_received") or {}
+    ev.update(bits_per_second=recv.get("bits_per_second", 0.0), bytes=recv.get("bytes", 0),
+              retransmits=sent.get("retransmits"), seconds=recv.get("seconds", 0.0))
+    if not early and not ev.get("error") and not ev["bytes"]:
+        ev["error"] = "iperf3 moved no data"
+    return ev
+
+
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -245,7 +283,7 @@ def run_agent(spec: AgentSpec) -> int:
         active = min(topo.channels.get(f"{c.ns}/{d}", c.queues) for d in filter(None, (c.dev, c.peer_dev)))
         if active < c.queues:
             emit({"type": "note", "text": f"{c.dev}: {c.queues} sockets asked, {active} queue(s) usable "
-                                          f"(veth caps channels at the CPU count)"})
+                                          f"(the device has fewer active channels)"})
             c = dataclasses.replace(c, queues=active)
         # the checker ends by itself a little after the load, if nobody stops it
         # the checker itself stops at the first violation only when no grace period follows it
@@ -257,6 +295,8 @@ def run_agent(spec: AgentSpec) -> int:
         for note in topo.apply_late():
             emit({"type": "note", "text": note})
         children: list[Child] = []
+        iperf_cli: Child | None = None
+        iperf_out: queue.Queue[tuple[str, str | None]] = queue.Queue()
         if spec.sender and spec.sender.senders > 0:
             s = spec.sender
             sender = Child("sender", topo.nsenter(s.ns, sender_argv(
@@ -269,11 +309,10 @@ def run_agent(spec: AgentSpec) -> int:
                         queue.Queue())
             stack.callback(srv.stop)
             time.sleep(0.5)
-            cli = Child("iperf3", topo.nsenter(ip.client_ns, [
+            iperf_cli = Child("iperf3", topo.nsenter(ip.client_ns, [
                 "iperf3", "-c", ip.server_ip, "-t", str(max(1, int(spec.duration))),
-                "-P", str(ip.streams), "-J"]), queue.Queue())
-            stack.callback(cli.stop)
-            children.append(cli)
+                "-P", str(ip.streams), "-J"]), iperf_out)
+            stack.callback(iperf_cli.stop)
         load_start = time.monotonic()
         emit({"type": "load-start", "t": load_start - t0})
         deadline = load_start + spec.duration
@@ -302,7 +341,13 @@ def run_agent(spec: AgentSpec) -> int:
                     break
         load_seconds = time.monotonic() - load_start
         for ch in children:
+            if ch.proc.poll() is not None and ch.proc.returncode != 0:
+                # a load generator that died is a workload that did not run: never a clean verdict
+                emit({"type": "agent-error", "what": ch.name, "returncode": ch.proc.returncode,
+                      "stderr": ch.stderr[-20:]})
             ch.stop()
+        if iperf_cli is not None:
+            emit(_iperf_result(iperf_cli, iperf_out, early=reason != "duration"))
         checker.stop()
         # drain what the checker printed while stopping (its final "done")
         while True:

@@ -318,6 +318,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("racelab: interrupted; everything started was torn down", file=sys.stderr)
         return 130
+    except OSError as e:
+        # a file the user named (--out, a scenario path) or the machine itself (no disk):
+        # not a verdict, and not the "verdict contradicts --expect" code 1 either
+        where = f": {e.filename}" if e.filename else ""
+        print(f"racelab: error: {e.strerror or e}{where}", file=sys.stderr)
+        print("  hint: check the path and its permissions, and free disk space (df -h)", file=sys.stderr)
+        return EXIT_INFRA
+    except Exception:  # noqa: BLE001 - a bug in racelab: say so, never exit 1 (= mismatch)
+        import traceback
+
+        traceback.print_exc()
+        print("racelab: internal error (a bug in racelab; the traceback is above)", file=sys.stderr)
+        return EXIT_INFRA
 
 
 if __name__ == "__main__":

@@ -198,8 +198,8 @@ TOOL_PACKAGES: dict[str, str] = {
 def tool_hint(tool: str) -> str:
     pkg = TOOL_PACKAGES.get(os.path.basename(tool))
     if pkg:
-        return f"apt-get install {pkg}  (or run ./install.sh)"
-    return "install it, or run ./install.sh"
+        return f"apt-get install {pkg}  (or run ./bootstrap install)"
+    return "install it, or run ./bootstrap install"
 
 
 def require_tools(*tools: str) -> None:
@@ -208,7 +208,7 @@ def require_tools(*tools: str) -> None:
     if missing:
         pkgs = sorted({TOOL_PACKAGES.get(t, t) for t in missing})
         raise BadInput(f"missing tool(s): {', '.join(missing)}",
-                       hint=f"apt-get install {' '.join(pkgs)}  (or run ./install.sh)")
+                       hint=f"apt-get install {' '.join(pkgs)}  (or run ./bootstrap install)")
 
 
 def require_root(what: str) -> None:

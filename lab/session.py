@@ -7,6 +7,7 @@ agent in every guest.  Both end in the same rows, reports and exit codes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -94,9 +95,22 @@ def preflight_netns() -> None:
         s = socket.socket(AF_XDP, socket.SOCK_RAW, 0)
         s.close()
     except OSError as e:
-        raise BadInput(f"this kernel ({platform.release()}) has no XDP sockets ({e.strerror})",
-                       hint="use a kernel with CONFIG_XDP_SOCKETS=y (and CONFIG_BPF_SYSCALL=y, "
-                            "CONFIG_VETH); or run --backend vm on a catalog kernel") from None
+        raise xdp_socket_error(e) from None
+
+
+def xdp_socket_error(e: OSError) -> BadInput:
+    """What socket(AF_XDP) failing means: a kernel without XDP sockets, or something else."""
+    if e.errno in (errno.EAFNOSUPPORT, errno.EINVAL, errno.EPROTONOSUPPORT):
+        return BadInput(f"this kernel ({platform.release()}) has no XDP sockets ({e.strerror}): "
+                        "CONFIG_XDP_SOCKETS is not set",
+                        hint="use a kernel with CONFIG_XDP_SOCKETS=y (and CONFIG_BPF_SYSCALL=y, "
+                             "CONFIG_VETH); or run --backend vm on a catalog kernel")
+    if e.errno in (errno.EPERM, errno.EACCES):
+        return BadInput(f"socket(AF_XDP) is not allowed here ({e.strerror})",
+                        hint="run as root with CAP_NET_RAW and CAP_BPF (not in a restricted "
+                             "container or under a seccomp/LSM policy that blocks AF_XDP)")
+    return BadInput(f"socket(AF_XDP) failed: {e.strerror}",
+                    hint="check the kernel's XDP socket support (CONFIG_XDP_SOCKETS=y)")
 
 
 def rows_from_targets(kernel: str, targets: list[TargetResult], wall: float, confidence: float,
@@ -129,7 +143,14 @@ def results_dir(cfg: RunConfig) -> Path:
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         p = Path("results") / f"{cfg.scenario}-{stamp}-{os.getpid()}"
-    p.mkdir(parents=True, exist_ok=True)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".racelab-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise BadInput(f"cannot write the results directory {p}: {e.strerror}",
+                       hint="pass --out with a writable directory (and check free space: df -h)") from None
     return p.resolve()   # libvirt and guests' consoles need absolute paths
 
 

@@ -56,7 +56,9 @@ def test_injected_fault_is_reproduced(tmp_path):
 def test_selftest_subset():
     p = racelab("selftest", "--xdp", "generic", "--kind", "order", "--kind", "poison", "--duration", "3s")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "selftest: 3 detectors ok, 0 failed" in p.stdout
+    # rxdrop: clean, order, poison; forward: clean, poison (on the COMP ring)
+    assert "selftest: 5 detectors ok, 0 failed" in p.stdout
+    assert "forward inject poison" in p.stdout
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -165,3 +167,60 @@ def test_killed_run_leaves_no_process_namespace_or_veth(sig, tmp_path):
         time.sleep(0.2)
     assert not any(left.values()), f"left behind after {sig}: {left}"
     assert not holders, f"a network namespace (and its veths) outlived the run, held by {holders}"
+
+
+def test_unknown_selftest_kind_is_named_before_root_or_build():
+    # as nobody: the typo is reported, not "needs root", and nothing gets compiled first
+    p = racelab("selftest", "--kind", "gremlins", user="65534")
+    if p.returncode == 126:
+        pytest.skip("this interpreter is not readable by uid 65534")
+    assert p.returncode == 2 and "unknown detector" in p.stderr, p.stdout + p.stderr
+
+
+@pytest.mark.root
+def test_unwritable_out_exits_2_naming_the_directory(tmp_path):
+    p = racelab("run", "generic-rx-race", "--out", "/proc/racelab-nope/x", "--duration", "2s")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "/proc/racelab-nope/x" in p.stderr and "--out" in p.stderr
+
+
+@pytest.mark.parametrize("err,needle", [
+    ("EAFNOSUPPORT", "CONFIG_XDP_SOCKETS"),
+    ("EPERM", "not allowed"),
+])
+def test_kernel_without_xdp_sockets_exits_2_naming_the_option(err, needle, tmp_path):
+    # this host kernel has XDP sockets, so socket(AF_XDP) is made to fail as such a kernel's does
+    code = (
+        "import errno, socket, sys\n"
+        "real = socket.socket\n"
+        "class Sock(real):\n"
+        "    def __init__(self, family=-1, *a, **k):\n"
+        f"        if family == 44: raise OSError(errno.{err}, __import__('os').strerror(errno.{err}))\n"
+        "        super().__init__(family, *a, **k)\n"
+        "socket.socket = Sock\n"
+        "import os; os.geteuid = lambda: 0\n"
+        "from lab import cli\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", code, "run", "generic-rx-race", "--duration", "2s",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert needle in p.stderr
+    # the check comes before anything is made: no results directory
+    assert not out.exists()
+
+
+@pytest.mark.root
+def test_iperf3_tcp_through_forward_mode_is_reported(tmp_path):
+    if subprocess.run(["sh", "-c", "command -v iperf3"], capture_output=True).returncode:
+        pytest.skip("needs iperf3: apt-get install iperf3")
+    p = racelab("run", "generic-rx-race", "--duration", "4s", "--out", str(tmp_path), "--expect", "clean",
+                "--set", "checker.mode=forward", "--set", "load.iperf3=true", "--set", "load.senders=0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    (iperf,) = [e for e in events if e.get("type") == "iperf"]
+    # TCP really went through the checker's forward path (RX -> TX -> COMP)
+    assert "error" not in iperf and iperf["bytes"] > 1_000_000, iperf
+    done = [e for e in events if e.get("type") == "done"][-1]
+    assert done["rx"] > 1000
