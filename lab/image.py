@@ -47,6 +47,7 @@ GUEST_SITE = "/opt/racelab/site"          # pyroute2 (pure Python) lives here
 GUEST_BIN = "/opt/racelab/bin"            # the C checker and senders
 MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 BLOCK = 1024   # ext4 block size of the image: small files waste less
+MAX_IMAGE_BYTES = 120 * 1000**2   # issue 4: the guest image stays under 120 MB
 
 
 @dataclass(frozen=True)
@@ -260,12 +261,14 @@ def _venv_pyroute2() -> list[Path]:
 
 
 def dataplane_binaries() -> list[Path]:
-    """The C checker/senders from lab.dataplane.build(), or [] if not there yet."""
+    """The C checker/senders from lab.dataplane.build().  A guest without them
+    cannot run any scenario, so an image is never built without them."""
     try:
         from lab import dataplane  # type: ignore[attr-defined]
     except ImportError as e:
-        log.warning("lab.dataplane is not importable (%s): image built without C binaries", e)
-        return []
+        raise BuildFailed(f"lab.dataplane cannot be imported ({e}): the guest image needs its "
+                          "C checker and senders",
+                          hint="fix the import error above (python -c 'import lab.dataplane')") from e
     built = dataplane.build()
     if isinstance(built, (str, os.PathLike)):
         p = Path(built)
@@ -276,7 +279,13 @@ def dataplane_binaries() -> list[Path]:
         items = [Path(v) for v in vars(built).values() if isinstance(v, (str, os.PathLike))]
     else:
         items = [Path(x) for x in built]
-    return sorted({x for x in items if x.is_file() and os.access(x, os.X_OK)})
+    found = sorted({x for x in items if x.is_file() and os.access(x, os.X_OK)})
+    missing = sorted(set(getattr(dataplane, "BINARIES", ())) - {x.name for x in found})
+    if not found or missing:
+        raise BuildFailed(f"lab.dataplane.build() gave no {', '.join(missing) or 'binaries'}: "
+                          "the guest image needs the C checker and senders",
+                          hint="build them alone to see why: python -m lab.dataplane")
+    return found
 
 
 def lab_layer(keys: Keys, binaries: list[Path]) -> list[LayerFile]:
@@ -354,12 +363,14 @@ def _build_image(rootfs: Path, files: list[LayerFile], recipe: Recipe, out: Path
         # contents + ~3% metadata (bitmaps, extent blocks) + the inode table + free space
         need = blocks * BLOCK * 103 // 100 + inodes * 256 + recipe.free_mib * 2**20
         size_mib = -(-need // 2**20)
+        check_size(size_mib * 2**20, stage)
         tmp_img.unlink(missing_ok=True)
         # No journal: every VM writes to a throw-away overlay, and crashes are
         # the norm (we destroy guests), so there is nothing to replay.
         run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-O", "^has_journal", "-m", "0",
              "-L", "racelab", "-N", str(inodes), "-E", "root_owner=0:0",
              "-d", stage, tmp_img, f"{size_mib}M"])
+        check_size(tmp_img.stat().st_size, stage)
         tmp_img.rename(out)
     except BaseException:
         tmp_img.unlink(missing_ok=True)
@@ -368,6 +379,20 @@ def _build_image(rootfs: Path, files: list[LayerFile], recipe: Recipe, out: Path
         shutil.rmtree(stage, ignore_errors=True)
     _say(progress, f"guest image ready: {out} ({out.stat().st_size / 2**20:.0f} MiB, "
                    f"{_allocated(out) / 2**20:.0f} MiB allocated)")
+
+
+def check_size(size: int, stage: Path | None = None) -> None:
+    """The image must stay under MAX_IMAGE_BYTES; say what is biggest if not."""
+    if size <= MAX_IMAGE_BYTES:
+        return
+    top = ""
+    if stage is not None and stage.is_dir():
+        sizes = sorted(((_du(p) if p.is_dir() and not p.is_symlink() else p.lstat().st_size,
+                         p.relative_to(stage)) for p in stage.glob("*/*")), reverse=True)[:5]
+        top = "; biggest: " + ", ".join(f"/{p} {n / 1e6:.0f} MB" for n, p in sizes)
+    raise BuildFailed(f"guest image would be {size / 1e6:.1f} MB, over the "
+                      f"{MAX_IMAGE_BYTES / 1e6:.0f} MB limit{top}",
+                      hint="trim images/recipe.toml (packages, [strip] remove, image.free_mib)")
 
 
 def _place(stage: Path, f: LayerFile) -> None:

@@ -284,3 +284,71 @@ def test_cpio_writer_round_trips():
     assert stat.S_ISDIR(files["a"][0])
     assert files["a/b"][1] == b"hello" and stat.S_IMODE(files["a/b"][0]) == 0o600
     assert files["dev-null"][2] == (1, 3)
+
+
+# --- what the image must hold, and its size ------------------------------------------
+
+def test_an_image_without_the_c_binaries_is_an_error(monkeypatch, tmp_path):
+    import sys
+
+    import lab
+    from lab.run import BuildFailed
+    monkeypatch.delattr(lab, "dataplane", raising=False)
+    monkeypatch.setitem(sys.modules, "lab.dataplane", None)     # import fails
+    with pytest.raises(BuildFailed, match="lab.dataplane cannot be imported"):
+        image.dataplane_binaries()
+    monkeypatch.undo()
+
+    from lab import dataplane
+    half = tmp_path / "bin"
+    half.mkdir()
+    (half / "xskcheck").write_text("#!/bin/sh\n")
+    (half / "xskcheck").chmod(0o755)
+    monkeypatch.setattr(dataplane, "build", lambda: half)
+    with pytest.raises(BuildFailed, match="xsksend"):
+        image.dataplane_binaries()
+    (half / "xsksend").write_text("#!/bin/sh\n")
+    (half / "xsksend").chmod(0o755)
+    assert [p.name for p in image.dataplane_binaries()] == ["xskcheck", "xsksend"]
+
+
+def test_size_limit():
+    from lab.run import BuildFailed
+    image.check_size(image.MAX_IMAGE_BYTES)
+    image.check_size(112_197_632)                    # the image as of Nov 2026
+    with pytest.raises(BuildFailed, match="over the 120 MB limit"):
+        image.check_size(image.MAX_IMAGE_BYTES + 1)
+
+
+def test_an_image_over_the_limit_is_not_packed(monkeypatch, tmp_path):
+    import dataclasses
+
+    from lab.run import BuildFailed
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "root/.ssh").mkdir(parents=True)
+    (rootfs / "usr/bin").mkdir(parents=True)
+    (rootfs / "usr/bin/big").write_bytes(b"x" * 300_000)
+    calls = []
+
+    def fake_run(argv, **kw):
+        argv = [str(a) for a in argv]
+        calls.append(argv[0])
+        if argv[0] == "cp":
+            shutil.copytree(argv[2], argv[3], symlinks=True)
+
+    monkeypatch.setattr(image, "run", fake_run)
+    monkeypatch.setattr(image, "require_tools", lambda *t: None)
+    monkeypatch.setattr(image.os, "geteuid", lambda: 0)
+    recipe = dataclasses.replace(image.load_recipe(), free_mib=120)
+    out = tmp_path / "racelab-x.img"
+    with pytest.raises(BuildFailed, match=r"guest image would be 12\d\.\d MB.*biggest: /usr/bin"):
+        image._build_image(rootfs, [], recipe, out, progress=False)
+    assert "mke2fs" not in calls and not out.exists()
+    assert not list(tmp_path.glob(".racelab-x.stage-*"))
+
+
+@pytest.mark.vm
+def test_the_guest_image_is_under_120_mb():
+    img = image.ensure_image(progress=False)
+    assert img.size_bytes <= image.MAX_IMAGE_BYTES, f"{img.path}: {img.size_bytes / 1e6:.1f} MB"
+    assert img.path.stat().st_size == img.size_bytes
