@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -396,8 +397,9 @@ def load_artifact(entry: Path) -> KernelArtifact | None:
 
 
 def _touch(entry: Path) -> None:
-    used = entry / "used"
-    used.touch()
+    """Mark a use: the mtime orders gc, the content (unique per use) tells gc the entry
+    was used after it listed it, however coarse the file system's clock."""
+    (entry / "used").write_text(f"{time.time_ns()} {os.getpid()} {threading.get_ident()}\n")
 
 
 # ---------------------------------------------------------------- keys
@@ -445,15 +447,13 @@ def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = Fals
     """The kernel for `spec`, from the cache or built/fetched now (once, under a lock)."""
     p = plan(spec)
     entry = store() / p.key
-    art = _usable(entry, want_vmlinux, spec)
-    if art is not None:
-        _touch(entry)
-        return art
+    # A hit takes the key lock too (for microseconds): gc removes an entry only
+    # under that lock, and only if nobody used it since gc listed it.
     lock = FileLock(str(store() / f"{p.key}.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.info("[kernel] %s: another process is building it (key %s); waiting", spec.name, p.key)
+        log.info("[kernel] %s: another process is building or removing it (key %s); waiting", spec.name, p.key)
         lock.acquire()
     try:
         art = _usable(entry, want_vmlinux, spec)
@@ -575,22 +575,30 @@ def _fetch(p: Plan, tmp: Path) -> KernelArtifact:
 
 def cached() -> list[KernelArtifact]:
     """Every complete cache entry, most recently used first."""
+    return [a for a, _ in _entries()]
+
+
+def _entries() -> list[tuple[KernelArtifact, tuple[int, str]]]:
+    """Complete entries with their use stamp, most recently used first."""
     out = []
     for entry in store().iterdir():
         if entry.is_dir() and not entry.name.startswith(".") and entry.name != "failed":
             art = load_artifact(entry)
             if art is not None:
-                out.append(art)
-    return sorted(out, key=lambda a: _last_used(a.dir), reverse=True)
+                out.append((art, _use_stamp(entry)))
+    return sorted(out, key=lambda x: x[1][0], reverse=True)
 
 
-def _last_used(entry: Path) -> float:
-    for f in (entry / "used", entry / "meta.json"):
-        try:
-            return f.stat().st_mtime
-        except OSError:
-            pass
-    return 0.0
+def _use_stamp(entry: Path) -> tuple[int, str]:
+    """(mtime in ns, content) of the entry's `used` file (meta.json's mtime before the first use)."""
+    try:
+        return (entry / "used").stat().st_mtime_ns, (entry / "used").read_text()
+    except OSError:
+        pass
+    try:
+        return (entry / "meta.json").stat().st_mtime_ns, ""
+    except OSError:
+        return 0, ""
 
 
 @dataclass(frozen=True)
@@ -632,24 +640,27 @@ def show(name: str, *, fragments: Sequence[str | Path] = (), patches: Sequence[s
 def gc(keep: int) -> list[Path]:
     """Keep the `keep` most recently used entries; remove the rest that nobody holds.
 
-    An entry whose key lock is held (being built or upgraded) is never removed,
-    nor are the persistent build trees (they make rebuilds incremental).
+    An entry is removed only under its key lock (taken without waiting: a
+    held lock means it is being built, upgraded or handed out, and it stays),
+    and only if nobody used it since the listing.  Lock files stay: removing
+    one would let a later builder lock a new file while another still holds
+    the old one.  The persistent build trees stay too (incremental rebuilds).
     """
     if keep < 0:
         raise BadInput(f"--keep must be >= 0, got {keep}")
     removed = []
-    for art in cached()[keep:]:
+    for art, stamp in _entries()[keep:]:
         lock = FileLock(str(store() / f"{art.key}.lock"))
         try:
             lock.acquire(timeout=0)
         except Timeout:
             continue
         try:
-            shutil.rmtree(art.dir)
-            removed.append(art.dir)
+            if _use_stamp(art.dir) == stamp:
+                shutil.rmtree(art.dir)
+                removed.append(art.dir)
         finally:
             lock.release()
-        Path(lock.lock_file).unlink(missing_ok=True)
     for tmp in [*store().glob(".tmp-*"), *store().glob(".old-*")]:    # left by a killed build
         key = tmp.name.split("-")[1]
         lock = FileLock(str(store() / f"{key}.lock"))

@@ -614,7 +614,48 @@ def test_gc_keeps_recent_and_locked(tmp_path, cache):
         held.release()
     assert removed == [arts[1].dir]            # 3 and 2 are newest; 0 is locked
     assert {a.key for a in kernel.cached()} == {arts[0].key, arts[2].key, arts[3].key}
+    locks = {a.key: (cache / "kernels" / f"{a.key}.lock") for a in arts}
+    inodes = {k: p.stat().st_ino for k, p in locks.items()}
     assert len(kernel.gc(keep=0)) == 3
+    # the lock files stay, same inode: a builder waiting on one and a later one
+    # creating a fresh file would otherwise both "hold" the key
+    assert {k: p.stat().st_ino for k, p in locks.items()} == inodes
+
+
+def test_gc_spares_an_entry_used_after_it_listed_it(tmp_path, cache, monkeypatch):
+    specs = [kernel.resolve(f"bzimage:{fake_bzimage(tmp_path / f'bz{i}', f'6.1.{i}')}") for i in range(3)]
+    arts = [kernel.ensure(s, progress=False) for s in specs]
+    real = kernel._entries
+
+    def listing_then_a_hit():
+        got = real()
+        kernel.ensure(specs[1], progress=False)      # another process's cache hit, right after the listing
+        return got
+
+    monkeypatch.setattr(kernel, "_entries", listing_then_a_hit)
+    removed = kernel.gc(keep=0)
+    assert sorted(removed) == sorted([arts[0].dir, arts[2].dir])
+    assert arts[1].bzimage.is_file()
+
+
+def test_cache_hit_waits_for_the_key_lock(tmp_path, cache):
+    """A hit takes the key lock, so it cannot hand out an entry gc is removing."""
+    from filelock import FileLock
+    spec = kernel.resolve(f"bzimage:{fake_bzimage(tmp_path / 'bz', '6.1.1')}")
+    art = kernel.ensure(spec, progress=False)
+    got = []
+    held = FileLock(str(cache / "kernels" / f"{art.key}.lock"))
+    held.acquire()
+    try:
+        t = threading.Thread(target=lambda: got.append(kernel.ensure(spec, progress=False)))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and not got
+        shutil.rmtree(art.dir)                          # as gc would, while it holds the lock
+    finally:
+        held.release()
+    t.join(10)
+    assert len(got) == 1 and got[0].bzimage.is_file()   # fetched again, not a dangling entry
 
 
 def test_cli_build_prints_the_bzimage_path(tmp_path, cache, capsys):
