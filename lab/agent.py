@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab import dataplane
 from lab.config import from_jsonable, to_jsonable
 from lab.topology import Topology, TopologySpec, build
 
@@ -113,37 +114,23 @@ class AgentSpec:
 
 def checker_argv(bin_dir: str, c: CheckerOpts, duration: float, seed: int,
                  stop_on_first: bool) -> list[str]:
-    argv = [str(Path(bin_dir) / "xskcheck"), "--dev", c.dev, "--mode", c.mode, "--xdp", c.xdp,
-            "--queues", str(c.queues), "--frame-size", str(c.frame_size),
-            "--headroom", str(c.headroom), "--frames", str(c.frames), "--batch", str(c.batch),
-            "--duration", f"{duration:.3f}", "--stats-ms", str(c.stats_ms),
-            "--checks", c.checks, "--seed", str(seed)]
-    if c.peer_dev:
-        argv += ["--peer-dev", c.peer_dev]
-    if c.shared_umem:
-        argv.append("--shared-umem")
-    if c.busy_poll:
-        argv.append("--busy-poll")
-    if c.inject:
-        argv += ["--inject", c.inject]
-    if c.trace_marker:
-        argv.append("--trace-marker")
-    if stop_on_first:
-        argv.append("--stop-on-first")
-    return argv
+    """xskcheck's argv through the one validated builder (lab.dataplane)."""
+    return dataplane.checker_argv(
+        bin_dir, dev=c.dev, mode=c.mode, xdp=c.xdp, peer_dev=c.peer_dev or None, queues=c.queues,
+        frame_size=c.frame_size, headroom=c.headroom, frames=c.frames, shared_umem=c.shared_umem,
+        batch=c.batch,
+        duration=duration, stats_ms=c.stats_ms, checks=c.checks, inject=c.inject or None,
+        stop_on_first=stop_on_first, trace_marker=c.trace_marker, seed=seed,
+        busy_poll=c.busy_poll)
 
 
 def sender_argv(bin_dir: str, s: SenderOpts, duration: float, seed: int) -> list[str]:
+    """xsksend's argv, one sender per CPU (wrapping), through lab.dataplane."""
     ncpu = os.cpu_count() or 1
-    cpus = ",".join(str(i % ncpu) for i in range(s.senders))
-    argv = [str(Path(bin_dir) / "xsksend"), "--dev", s.dev, "--dst-mac", s.dst_mac,
-            "--src-ip", s.src_ip, "--dst-ip", s.dst_ip, "--senders", str(s.senders),
-            "--cpus", cpus, "--burst", str(s.burst), "--gap-ns", str(s.gap_ns),
-            "--size", str(s.size), "--duration", f"{duration:.3f}", "--rate", str(s.rate),
-            "--seed", str(seed)]
-    if s.inject:
-        argv += ["--inject", s.inject]
-    return argv
+    return dataplane.sender_argv(
+        bin_dir, dev=s.dev, dst_mac=s.dst_mac, src_ip=s.src_ip, dst_ip=s.dst_ip, senders=s.senders,
+        cpus=[i % ncpu for i in range(s.senders)], burst=s.burst, gap_ns=s.gap_ns, size=s.size,
+        duration=duration, rate=s.rate, seed=seed, inject=s.inject or None)
 
 
 @contextlib.contextmanager
