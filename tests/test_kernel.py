@@ -67,6 +67,20 @@ def test_catalog_patches_cite_the_commits_they_undo():
             assert set(p.undoes) <= set(cite.findall(text)), (p.name, series)
 
 
+def test_patch_texts_agree_with_their_series_and_the_readme():
+    """Headers speak of their own series; the README's NOP is the one widen-rx describes."""
+    cat = kernel.load_catalog()
+    for series in ("6.1", "6.12"):
+        for p in cat.patches.values():
+            header = p.path(series, cat.root).read_text().split("\ndiff ", 1)[0]
+            for other in re.findall(r"backported to (\d+\.\d+)", header):
+                assert other == series, (p.name, series, other)
+    nops = {re.search(r"(\d+)-byte NOP", p.read_text()).group(1)
+            for p in (cat.root / "patches").glob("*/widen-rx.patch")}
+    readme = re.findall(r"(\d+)-byte NOP", (cat.root / "README.md").read_text())
+    assert len(nops) == 1 and readme and set(readme) == nops
+
+
 def test_catalog_problems_are_all_reported(tmp_path):
     (tmp_path / "catalog.toml").write_text('''
 [race.r]
