@@ -97,6 +97,7 @@ def build(force: bool = False) -> Path:
     if not force and _complete(final):
         return final
     require_tools("gcc", "make")
+    require_static_libc()
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=root))
     try:
@@ -119,6 +120,19 @@ def build(force: bool = False) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def require_static_libc() -> None:
+    """The binaries are static (they run in any guest): gcc must find libc.a and the uapi headers."""
+    out = run(["gcc", "-print-file-name=libc.a"], check=False).stdout.strip()
+    missing = []
+    if not out or not os.path.isabs(out) or not os.path.exists(out):
+        missing.append(("static glibc (libc.a)", "libc6-dev"))
+    if not Path("/usr/include/linux/if_xdp.h").exists():
+        missing.append(("kernel uapi headers (linux/if_xdp.h)", "linux-libc-dev"))
+    if missing:
+        raise BadInput(f"the data plane cannot be built: missing {', '.join(w for w, _ in missing)}",
+                       hint=f"apt-get install {' '.join(p for _, p in missing)}  (or run ./bootstrap install)")
 
 
 # ---------------------------------------------------------------- events

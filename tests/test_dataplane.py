@@ -243,3 +243,20 @@ def test_each_injected_fault_fires_only_its_detector(built, kind):
     assert done.by_kind[kind] >= 1
     assert {k: n for k, n in done.by_kind.items() if n and k != kind} == {}
     assert violations and {v.kind for v in violations} == {kind}
+
+
+def test_missing_static_libc_is_bad_input_naming_libc6_dev(tmp_path, monkeypatch):
+    _fake_tree(tmp_path, monkeypatch)
+    import subprocess as sp
+    real_run = dp.run
+
+    def fake_run(argv, **kw):
+        if argv[:2] == ["gcc", "-print-file-name=libc.a"]:
+            # what gcc prints when it has no libc.a: the bare name
+            return sp.CompletedProcess(argv, 0, stdout="libc.a\n", stderr="")
+        return real_run(argv, **kw)
+    monkeypatch.setattr(dp, "run", fake_run)
+    monkeypatch.setattr(dp, "require_tools", lambda *t: None)
+    with pytest.raises(BadInput, match="static glibc") as e:
+        dp.build()
+    assert "libc6-dev" in e.value.hint
