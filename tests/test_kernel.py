@@ -694,6 +694,34 @@ def test_show_takes_fragments_and_patches(fake_kernel, cache, capsys):
     assert f"key: {extra['key']}" in capsys.readouterr().out
 
 
+def test_bench_kernel_build_keeps_its_figures_under_results(tmp_path, cache, monkeypatch, capsys):
+    """bench/kernel_build writes figures.json (bench/README: every bench keeps its runs under results/)."""
+    import importlib.machinery
+    import importlib.util
+    import json
+    import types
+    loader = importlib.machinery.SourceFileLoader("bench_kernel_build", str(ROOT / "bench/kernel_build"))
+    bench = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(bench)
+    built = []
+
+    def fake_ensure(spec, progress=True, want_vmlinux=False):
+        built.append(spec.name)
+        return types.SimpleNamespace(name=spec.name, dir=tmp_path / "entry")
+
+    monkeypatch.setattr(kernel, "ensure", fake_ensure)
+    bench.main(["--warm", "--out", str(tmp_path / "out")])
+    assert "figures: " in capsys.readouterr().out
+    data = json.loads((tmp_path / "out/figures.json").read_text())
+    assert data["bench"] == "kernel_build" and data["warm"] and data["error"] is None
+    assert [s["what"] for s in data["steps"]] == ["incremental (+revert-veth-napi, one file)", "cache hit"]
+    assert all({"seconds", "target_seconds", "ok", "cpu_seconds", "kernel"} <= set(s) for s in data["steps"])
+    monkeypatch.setattr(bench, "ROOT", tmp_path)              # by default: <project>/results/bench-kernel-build-*
+    bench.main(["--warm"])
+    runs = list((tmp_path / "results").glob("bench-kernel-build-*/figures.json"))
+    assert len(runs) == 1 and re.fullmatch(r"bench-kernel-build-\d+", runs[0].parent.name)
+
+
 def test_cli_help_runs_standalone():
     import subprocess
     import sys
