@@ -452,3 +452,128 @@ def test_cli_vm_run_streams_output_and_returns_the_exit_status(deb_kernel, image
     names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                            capture_output=True, text=True, check=True).stdout.split()
     assert [n for n in names if n.startswith(f"racelab-{p.pid}-")] == []
+
+
+# --- guests lost in the middle of a scenario -------------------------------------------
+
+def _domains(prefix: str) -> list[str]:
+    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    return [n for n in names if n.startswith(prefix)]
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_a_paused_guest_is_an_infrastructure_loss_not_a_clean_run(source_kernel, image, tmp_path,
+                                                                   monkeypatch):
+    """A guest that hangs but stays "running" for libvirt (here: paused) is found by
+    the silence watchdog, reported as lost, and its domain still destroyed."""
+    import libvirt
+
+    from lab import fleet, scenario
+    from lab.config import RunConfig
+    from lab.verdict import INCONCLUSIVE
+
+    s = scenario.load("generic-rx-race", {"vm.silence": "10s"})
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(SOURCE_KERNEL,),
+                    duration=60.0, vms=1, out=str(tmp_path / "out"))
+    paused: dict = {}
+    real = fleet.run_target
+
+    def run_target(host, spec, **kw):
+        inner = kw["on_event"]
+
+        def on_event(label, ev):
+            inner(label, ev)
+            if ev.get("type") == "load-start":
+                paused["load"] = True
+            elif ev.get("type") == "stats" and paused.get("load") and "at" not in paused:
+                conn = libvirt.open("qemu:///system")
+                try:
+                    (name,) = _domains(f"racelab-{os.getpid()}-")
+                    conn.lookupByName(name).suspend()
+                finally:
+                    conn.close()
+                paused["at"] = time.monotonic()
+                paused["name"] = name
+        kw["on_event"] = on_event
+        return real(host, spec, **kw)
+
+    monkeypatch.setattr(fleet, "run_target", run_target)
+    outcome = fleet.run_vm(cfg, progress=False)
+    assert "at" in paused, "the run ended before the guest could be paused"
+    lost_after = time.monotonic() - paused["at"]
+    (t,) = outcome.targets
+    assert t.infra_error and "guest stopped answering (no output for 10 s)" in t.infra_error
+    assert outcome.rows[0].verdict == INCONCLUSIVE
+    assert lost_after < 60          # found by the watchdog, not by the end of the 60 s run
+    assert _domains(paused["name"]) == []
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_a_guest_killed_mid_scenario_is_infrastructure_loss_through_the_cli(source_kernel, image,
+                                                                            tmp_path):
+    """`racelab run --backend vm --vms 2` with one guest destroyed mid-run: that
+    target is lost, the other finishes, the row is INCONCLUSIVE and the exit is 3."""
+    import json
+    import signal
+
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "lab.cli", "run", "generic-rx-race", "--backend", "vm",
+                          "--kernel", SOURCE_KERNEL, "--vms", "2", "--duration", "40s", "--out", str(out)],
+                         cwd=project_root(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(project_root())})
+    try:
+        deadline = time.monotonic() + 400
+        victim = None
+        while victim is None:
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "vm-1 never started its load"
+            time.sleep(0.5)
+            try:
+                events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()
+                          if x.strip()]
+            except (OSError, ValueError):
+                continue
+            if any(e.get("type") == "stats" and e.get("target") == f"{SOURCE_KERNEL}/vm-1"
+                   for e in events):
+                (victim,) = [n for n in _domains(f"racelab-{p.pid}-") if n.endswith("-1")]
+        subprocess.run(["virsh", "-c", "qemu:///system", "destroy", victim], check=True,
+                       capture_output=True)
+        stdout, stderr = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)    # its own teardown; the autouse fixture checks
+            p.communicate(timeout=300)
+    summary = json.loads((out / "summary.json").read_text())
+    targets = {t["label"]: t for t in summary["targets"]}
+    lost, ok = targets[f"{SOURCE_KERNEL}/vm-1"], targets[f"{SOURCE_KERNEL}/vm-0"]
+    assert lost["infra_error"] and "Lost" in lost["infra_error"], lost["infra_error"]
+    assert ok["infra_error"] is None and ok["packets"] > 0
+    assert summary["rows"][0]["verdict"] == "INCONCLUSIVE"
+    assert "NOT REPRODUCED" not in stdout
+    assert p.returncode == 3, stderr[-3000:]
+    assert _domains(f"racelab-{p.pid}-") == []
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_bench_boot_interrupted_while_guests_boot_leaves_none(deb_kernel, image):
+    import signal
+
+    p = subprocess.Popen([sys.executable, str(project_root() / "bench" / "boot"), "--kernel", DEB_KERNEL,
+                          "--boots", "0", "--fleet", "2"],
+                         cwd=project_root(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: len(_domains(f"racelab-{p.pid}-")) == 2 or p.poll() is not None, 300)
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+    assert _domains(f"racelab-{p.pid}-") == []
