@@ -10,6 +10,7 @@ After every vm test no racelab domain or VM directory of this process or its
 children is left (the autouse fixture in conftest.py checks).
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -178,6 +179,7 @@ def _fleet_that_raises(monkeypatch, tmp_path, exc):
         yield  # noqa: unreachable - a generator, as the real one
 
     monkeypatch.setattr(fleet, "booted", booted)
+    monkeypatch.setattr(fleet, "host_cpus", lambda uri: 2)
     s = scenario.load("generic-rx-race")
     cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=("a", "b"), vms=1)
     return fleet.run_fleets(cfg, s, ["a", "b"], [object(), object()], None, tmp_path, Progress(False))
@@ -192,6 +194,8 @@ def test_a_bad_input_in_a_fleet_thread_aborts_the_run_with_its_message(monkeypat
     runs = _fleet_that_raises(monkeypatch, tmp_path, LostVM("guest died while booting"))
     assert [t.infra_error for kr in runs for t in kr.targets] == \
         ["LostVM: guest died while booting"] * 2
+    # two 2-vCPU guests on 2 host CPUs: every target says so
+    assert all(any("4 vCPUs on 2 host CPUs" in n for n in t.notes) for kr in runs for t in kr.targets)
 
 
 # --- vm tier ---------------------------------------------------------------------------
@@ -449,6 +453,8 @@ def test_cli_vm_run_streams_output_and_returns_the_exit_status(deb_kernel, image
     assert p.returncode == 7, err[-2000:]
     assert out.splitlines()[-1] == deb_kernel.version, out
     assert "to-stderr" in err
+    # the accelerator and why: "tcg (kvm unusable: ...)", "kvm (KVM probe booted ...)"
+    assert re.search(r"accelerator: (tcg \(kvm unusable: |tcg \(forced|kvm \()", err), err[-2000:]
     names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                            capture_output=True, text=True, check=True).stdout.split()
     assert [n for n in names if n.startswith(f"racelab-{p.pid}-")] == []
