@@ -255,7 +255,7 @@ def _resolve_base(spec: str, cat: Catalog) -> KernelSpec:
             affected = tuple(dict.fromkeys(known.affected + sum((cat.patches[n].affects for n in names), ())))
         return KernelSpec(spec, src, paths, (str(cat.root / DEFAULT_FRAGMENT),), affected)
     sources.parse_source(spec)
-    frags = (str(cat.root / DEFAULT_FRAGMENT),) if kind in ("git", "tarball") else ()
+    frags = (str(cat.root / DEFAULT_FRAGMENT),) if kind in sources.BUILDERS else ()
     return KernelSpec(spec, spec, (), frags, None)
 
 

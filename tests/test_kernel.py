@@ -366,9 +366,10 @@ def source_view(tree: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module", params=["linux-source-6.1", "linux-source-6.12"])
+@pytest.fixture(scope="module", params=["linux-source-6.1", pytest.param("linux-source-6.12", marks=pytest.mark.slow)])
 def kconfig_tree(request, tmp_path_factory):
-    """(source view, O= directory) of a cached Debian source tree; skips if it is not cached."""
+    """(source view, O= directory) of a cached Debian source tree; skips if it is not cached.
+    ~5 s per configure here, so 6.12 (the same fragments) only runs in the slow tier."""
     pkg = request.param
     try:
         res = sources.resolve_source(sources.parse_source(f"debsrc:{pkg}"))
