@@ -160,7 +160,7 @@ def cmd_kernel(a: argparse.Namespace) -> int:
         path = kernel.cli_build(a.spec, a.fragment, a.patch, a.vmlinux)
         print(path)
     elif a.kcmd == "show":
-        kernel.cli_show(a.name)
+        kernel.cli_show(a.name, a.fragment, a.patch)
     elif a.kcmd == "gc":
         kernel.cli_gc(a.keep)
     return EXIT_OK
@@ -245,6 +245,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--vmlinux", action="store_true", help="keep vmlinux too")
     s = ks.add_parser("show", help="source, patches, config hash, cache key, build log")
     s.add_argument("name")
+    s.add_argument("--fragment", action="append", default=[], help="extra config fragment, as for build")
+    s.add_argument("--patch", action="append", default=[], help="extra patch, as for build")
     g = ks.add_parser("gc", help="drop cached kernels, keeping the most recently used")
     g.add_argument("--keep", type=int, default=5)
     p.set_defaults(func=cmd_kernel)
