@@ -222,6 +222,15 @@ def _drain(events, proc, err, ready, timeout):
     return out
 
 
+def _with_sender(out, sent):
+    """out, with xsksend's final counters from its stdout."""
+    for line in sent.stdout.splitlines():
+        ev = dp.parse_event(line)
+        if ev and ev.type == "done":
+            out.sender = dict(ev.data)
+    return out
+
+
 def rxdrop_run(bin_dir, pair, *, seconds, senders=1, rate=0, sender_inject=None, size=64, **opts):
     """Checker on b, xsksend on a for `seconds`; the checker ends 1.5 s after the senders."""
     a, b = pair
@@ -231,11 +240,7 @@ def rxdrop_run(bin_dir, pair, *, seconds, senders=1, rate=0, sender_inject=None,
                                senders=senders, rate=rate, duration=seconds, inject=sender_inject, size=size)
         sent = run(_nsexec(a.ns, sargv), timeout=seconds + 30)
         out = _drain(events, proc, err, ready, timeout=seconds + 15)
-    for line in sent.stdout.splitlines():
-        ev = dp.parse_event(line)
-        if ev and ev.type == "done":
-            out.sender = dict(ev.data)
-    return out
+    return _with_sender(out, sent)
 
 
 def assert_clean(out):
@@ -280,11 +285,7 @@ def forward_run(bin_dir, *, seconds, inject=None, xdp="generic", rate=100000):
                                    senders=1, rate=rate, duration=seconds, size=64)
             sent = run(_nsexec(c0.ns, sargv), timeout=seconds + 30)
             out = _drain(events, proc, err, ready, timeout=seconds + 15)
-    for line in sent.stdout.splitlines():
-        ev = dp.parse_event(line)
-        if ev and ev.type == "done":
-            out.sender = dict(ev.data)
-    return out
+    return _with_sender(out, sent)
 
 
 # what forward mode commits on its TX/COMP side, and the COMP detector that must catch it
