@@ -16,6 +16,7 @@ load, and streams JSON events on stdout:
   {"type":"agent-error", ...}         the checker or a load generator failed (stderr tail)
   {"type":"done", ...}                final checker counters
   {"type":"agent-done","load_seconds":...,"reason":...}
+  {"type":"heartbeat"}                every few seconds, so a silent guest means a hung one
 
 Everything it starts runs with PR_SET_PDEATHSIG and inside namespaces held by
 keeper processes, so killing the agent in any way removes all of it.
@@ -235,13 +236,24 @@ class Child:
 
 
 _T0 = time.monotonic()
+_EMIT = threading.Lock()
+HEARTBEAT_S = 5.0
 
 
 def emit(obj: dict[str, Any]) -> None:
     """One event line; "at" is the agent's clock, shared by all sources."""
     obj.setdefault("at", round(time.monotonic() - _T0, 6))
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    line = json.dumps(obj) + "\n"
+    with _EMIT:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+def _heartbeat(stop: threading.Event) -> None:
+    """A line every few seconds, also while the topology is built or the checker attaches:
+    the orchestrator takes a silent guest for a hung one (vm.silence)."""
+    while not stop.wait(HEARTBEAT_S):
+        emit({"type": "heartbeat"})
 
 
 class Stop(Exception):
@@ -258,6 +270,9 @@ def run_agent(spec: AgentSpec) -> int:
     load_start: float | None = None
     final: dict[str, Any] | None = None
     with ExitStack() as stack:
+        beat = threading.Event()
+        threading.Thread(target=_heartbeat, args=(beat,), daemon=True).start()
+        stack.callback(beat.set)
         topo: Topology = stack.enter_context(build(spec.topology))
         emit({"type": "topology", "t": time.monotonic() - t0, "netns": list(topo.keepers),
               "channels": topo.channels, "cpus": os.cpu_count()})

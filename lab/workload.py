@@ -171,8 +171,8 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                         ev = json.loads(line)
                     except json.JSONDecodeError:
                         continue
-                    if not isinstance(ev, dict):
-                        continue
+                    if not isinstance(ev, dict) or ev.get("type") == "heartbeat":
+                        continue   # a heartbeat only says the guest is alive (dog.heard above)
                     ev["target"] = label
                     if events_file is not None:
                         events_file.write(json.dumps(ev) + "\n")
@@ -209,6 +209,10 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                             res.knobs[str(ev["knob"])] = bool(ev.get("applied"))
                     elif typ == "evidence":
                         res.evidence = ev
+                    elif typ == "iperf":
+                        res.iperf = ev
+                        if ev.get("error"):
+                            res.notes.append(f"iperf3: {ev['error']} (the TCP load did not run as asked)")
                     elif typ == "agent-error":
                         res.infra_error = f"{ev.get('what')}: {' | '.join(ev.get('stderr') or [])[-500:]}"
                     elif typ == "agent-done":

@@ -156,3 +156,16 @@ def test_a_local_process_without_abandon_is_terminated():
     host = HangingHost([{"type": "stats", "rx": 1, "at": 1}], NoAbandon)
     r = run_target(host, spec(), label="local", kernel="k", silence=0.3)
     assert host.proc.how == "terminate" and "stopped answering" in r.infra_error
+
+
+def test_iperf_report_is_kept_and_its_failure_noted_and_heartbeats_are_not_events():
+    ok = FakeHost([{"type": "heartbeat"}, {"type": "load-start", "at": 1.0},
+                   {"type": "iperf", "bytes": 10**9, "bits_per_second": 1.6e9, "at": 6.0},
+                   {"type": "agent-done", "reason": "duration", "load_seconds": 5.0}])
+    seen = []
+    r = run_target(ok, spec(), label="vm-0", kernel="k", on_event=lambda l, e: seen.append(e["type"]))
+    assert r.iperf["bytes"] == 10**9 and not r.notes and "heartbeat" not in seen
+    bad = FakeHost([{"type": "iperf", "error": "iperf3 moved no data", "bytes": 0},
+                    {"type": "agent-done", "reason": "duration", "load_seconds": 5.0}])
+    r = run_target(bad, spec(), label="vm-0", kernel="k")
+    assert any("iperf3: iperf3 moved no data" in n for n in r.notes)
