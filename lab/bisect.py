@@ -200,6 +200,13 @@ def recorded_step(log_path: str, sha: str) -> dict[str, Any] | None:
     return None
 
 
+def out_dir(given: str | None, scenario: str) -> Path:
+    """The bisection's directory, absolute: its steps run from the private clone, not from here."""
+    out = Path(given or f"results/bisect-{scenario}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def resume_state(out: Path, tree: str, scenario: str, find: str, shas: dict[str, str]) -> State:
     """The state of the interrupted bisection in `out`, checked against this command line."""
     path = out / "state.json"
@@ -213,7 +220,9 @@ def resume_state(out: Path, tree: str, scenario: str, find: str, shas: dict[str,
     if differ:
         raise BadInput(f"--resume: {out} holds a different bisection:\n  " + "\n  ".join(differ),
                        hint="resume with the same --tree/--good/--bad/--scenario/--find, or use another --out")
-    return old
+    # the directory may have been moved or copied since: its log and steps are where it is now
+    here = out.resolve()
+    return dataclasses.replace(old, out=str(here), log=str(here / "bisect.jsonl"))
 
 
 def step_main(state_path: str) -> int:
@@ -280,8 +289,7 @@ def main(a: argparse.Namespace) -> int:
         shas[name] = p.stdout.strip()
     from lab import scenario as scen
     s = scen.load(a.scenario)
-    out = Path(a.out or f"results/bisect-{s.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(a.out, s.name)
     t0 = time.monotonic()
     racy_end = shas["bad"] if a.find == "cause" else shas["good"]
     if getattr(a, "resume", False):

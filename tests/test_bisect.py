@@ -144,3 +144,21 @@ def test_a_rerun_step_keeps_the_cut_run_apart(tmp_path, monkeypatch):
     assert seen == [str(cut), str(cut)]
     assert (tmp_path / "step-abc123-step.cut1" / "events.jsonl").read_text() == '{"type": "load-start"}\n'
     assert (tmp_path / "step-abc123-step.cut2").is_dir()
+
+
+def test_the_bisection_directory_is_absolute(tmp_path, monkeypatch):
+    # the steps run in the private clone: a relative --out (the default) would land there
+    monkeypatch.chdir(tmp_path)
+    assert b.out_dir("rel/out", "generic-rx-race") == tmp_path / "rel" / "out"
+    d = b.out_dir(None, "generic-rx-race")
+    assert d.is_absolute() and d.parent == tmp_path / "results" and d.name.startswith("bisect-generic-rx-race-")
+
+
+def test_resume_follows_a_moved_directory(tmp_path):
+    # interrupted in one place, copied elsewhere, resumed there: the log and steps go where it is now
+    old, new = tmp_path / "old", tmp_path / "new"
+    new.mkdir()
+    _state(tmp_path, out=str(old), log=str(old / "bisect.jsonl")).save(new / "state.json")
+    st = b.resume_state(new, str(tmp_path / "linux"), "generic-rx-race", "cause",
+                        {"good": "a" * 40, "bad": "b" * 40})
+    assert st.out == str(new) and st.log == str(new / "bisect.jsonl")
