@@ -158,8 +158,9 @@ def level_text(lv: Level, packets: int, confidence: float) -> str:
         if packets <= 0:
             return "no packets"
         return (f"rate < {_sci(lv.per_packet[1])}/pkt, < {_sci(lv.per_second[1])}/s at {pct}")
-    return (f"1 per {_every(lv.packets or packets, lv.count)} pkts, 1 per "
-            f"{_every(lv.seconds, lv.count)} s; "
+    every = (f"1 per {_every(lv.packets or packets, lv.count)} pkts, 1 per {_every(lv.seconds, lv.count)} s; "
+             if (lv.packets or packets) > 0 and lv.seconds > 0 else "")   # a crashed guest: no exposure
+    return (every +
             f"{_sci(lv.per_packet[0])}..{_sci(lv.per_packet[1])}/pkt, "
             f"{_sci(lv.per_second[0])}..{_sci(lv.per_second[1])}/s ({pct})")
 
