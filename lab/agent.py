@@ -299,6 +299,10 @@ def run_agent(spec: AgentSpec) -> int:
         children: list[Child] = []
         iperf_cli: Child | None = None
         iperf_out: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        # load-start goes out before the first packet: a kernel that oopses on the
+        # first frames may take the guest down before a later event could leave it
+        load_start = time.monotonic()
+        emit({"type": "load-start", "t": load_start - t0})
         if spec.sender and spec.sender.senders > 0:
             s = spec.sender
             sender = Child("sender", topo.nsenter(s.ns, sender_argv(
@@ -315,8 +319,6 @@ def run_agent(spec: AgentSpec) -> int:
                 "iperf3", "-c", ip.server_ip, "-t", str(max(1, int(spec.duration))),
                 "-P", str(ip.streams), "-J"]), iperf_out)
             stack.callback(iperf_cli.stop)
-        load_start = time.monotonic()
-        emit({"type": "load-start", "t": load_start - t0})
         deadline = load_start + spec.duration
         checker_open = True
         while checker_open:

@@ -170,9 +170,15 @@ def splat_kind(text: str, stalls: str = "note") -> str:
     return "stall" if stalls == "note" and STALL.search(first) else "kernel-splat"
 
 
-def record_splats(res: TargetResult, splat_events: list[str], stalls: str = "note") -> None:
-    """A target's console splats: kernel-splat violations, or notes for stalls."""
-    for text in splat_events:
+def record_splats(res: TargetResult, splat_events: list[str], stalls: str = "note",
+                  seen_at: list[float] | None = None) -> None:
+    """A target's console splats: kernel-splat violations, or notes for stalls.
+
+    seen_at: the host monotonic time each splat was read from the console.  A
+    splat after the load started is a violation with a time, so a guest that
+    oopsed before the checker said anything still has a time to first
+    violation (to the watcher's poll interval)."""
+    for n, text in enumerate(splat_events):
         if splat_kind(text, stalls) == "stall":
             res.notes.append("guest stall, not counted as a violation (starved vCPUs under TCG?; "
                              "[vm] stalls = \"violation\" counts them): "
@@ -181,6 +187,11 @@ def record_splats(res: TargetResult, splat_events: list[str], stalls: str = "not
         res.by_kind["kernel-splat"] = res.by_kind.get("kernel-splat", 0) + 1
         res.violations.append({"type": "violation", "kind": "kernel-splat", "text": text,
                                "target": res.label})
+        if seen_at is not None and n < len(seen_at) and res.load_started_host is not None \
+                and seen_at[n] >= res.load_started_host:
+            t = round(seen_at[n] - res.load_started_host, 3)
+            if res.first_violation_s is None or t < res.first_violation_s:
+                res.first_violation_s = t
 
 
 @dataclass
@@ -358,8 +369,10 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
     the scenario's [vm] knobs (a quiet guest is lost; stalls noted or counted)."""
     label = f"{kname}/vm-{i}"
     splat_events: list[str] = []
+    splat_seen: list[float] = []
 
     def on_splat(text: str) -> None:
+        splat_seen.append(time.monotonic())
         splat_events.append(text)
         if splat_kind(text, stalls) == "kernel-splat":
             prog.on_event(label, {"type": "violation", "kind": "kernel-splat"})
@@ -380,7 +393,7 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
     if cancel is not None and cancel.is_set():
         res.infra_error = "interrupted"
         return res
-    record_splats(res, splat_events, stalls)
+    record_splats(res, splat_events, stalls, seen_at=splat_seen)
     ev_dir = out / "evidence"
     ev_dir.mkdir(parents=True, exist_ok=True)
     if crashed_of_splat(res, splat_events, traced=bool(spec.trace), stalls=stalls):

@@ -84,6 +84,7 @@ class TargetResult:
     iperf: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)      # what the agent said about the set-up
     knobs: dict[str, bool] = field(default_factory=dict)  # kernel knob -> applied?
+    load_started_host: float | None = None   # host monotonic clock when the load started (splat timing)
 
     @property
     def violation_count(self) -> int:
@@ -180,6 +181,7 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                     at = float(ev.get("at", 0.0))
                     if typ == "load-start":
                         load_at = at
+                        res.load_started_host = time.monotonic()
                     elif typ == "violation":
                         kind = str(ev.get("kind", "unknown"))
                         res.by_kind[kind] = res.by_kind.get(kind, 0) + 1

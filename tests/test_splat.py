@@ -199,3 +199,27 @@ def test_the_shipped_scenarios_keep_stalls_as_notes():
     from lab.run import BadInput
     with pytest.raises(BadInput, match="vm.stalls"):
         scenario.from_data(raw, path="generic-rx-race.toml", overrides={"vm.stalls": "count"})
+
+
+def test_a_splat_after_load_start_times_the_first_violation(tmp_path):
+    """A guest that oopses before the checker reports anything still has a time to
+    first violation: the splat's, from when the console watcher read it."""
+    from lab.fleet import record_splats
+    from lab.workload import TargetResult
+
+    seen = follow(tmp_path, BOOT, OOPS)
+    res = TargetResult(label="k/vm-0", kernel="k", load_started_host=100.0)
+    record_splats(res, seen, seen_at=[102.5])
+    assert res.by_kind == {"kernel-splat": 1} and res.first_violation_s == 2.5
+
+    early = TargetResult(label="k/vm-0", kernel="k", load_started_host=100.0, first_violation_s=0.4)
+    record_splats(early, seen, seen_at=[102.5])
+    assert early.first_violation_s == 0.4, "the checker's earlier violation stays the first"
+
+    boot = TargetResult(label="k/vm-0", kernel="k", load_started_host=100.0)
+    record_splats(boot, seen, seen_at=[99.0])
+    assert boot.first_violation_s is None, "a splat before the load is not timed against it"
+
+    unstarted = TargetResult(label="k/vm-0", kernel="k")
+    record_splats(unstarted, seen, seen_at=[102.5])
+    assert unstarted.first_violation_s is None and unstarted.by_kind == {"kernel-splat": 1}
