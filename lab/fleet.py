@@ -32,11 +32,12 @@ from lab.session import Outcome, Progress, finish, results_dir, rows_from_target
 from lab.verdict import Row
 from lab.workload import TargetResult, agent_spec, fetch_evidence, run_target, write_json
 
-# What a kernel splat looks like on the console.  Stalls and lockups are noted
-# but not counted by default ([vm] stalls = "note"): under TCG on a busy host
-# they come from starved vCPUs (a fixed 6.1.192 printed "rcu_sched kthread
-# starved" with two pinned guests on two host CPUs), so they are not evidence
-# of a race on their own.  stalls = "violation" counts them (for KVM).
+# What a kernel splat looks like on the console.  Stalls and lockups count as
+# kernel-splat violations under KVM and are noted under TCG ([vm] stalls =
+# "auto"): under TCG on a busy host they come from starved vCPUs (a fixed
+# 6.1.192 printed "rcu_sched kthread starved" with two pinned guests on two
+# host CPUs), so there they are not evidence of a race on their own.  "note"
+# and "violation" force either.
 STALL = re.compile(r"rcu: INFO: rcu_\w+ (self-)?detected stall|RCU stall|soft lockup|"
                    r"INFO: task .* blocked for more than")
 SPLAT = re.compile(
@@ -163,6 +164,13 @@ class SplatWatcher:
         self.on_splat(text)
 
 
+def stall_policy(stalls: str, accel: str) -> str:
+    """[vm] stalls resolved for a guest: "auto" counts stalls under KVM only."""
+    if stalls == "auto":
+        return "violation" if accel == "kvm" else "note"
+    return stalls
+
+
 def splat_kind(text: str, stalls: str = "note") -> str:
     """"stall" (noted, not a violation) or "kernel-splat" (a violation).
     stalls="violation" ([vm] stalls) counts stalls and lockups as splats too."""
@@ -181,7 +189,7 @@ def record_splats(res: TargetResult, splat_events: list[str], stalls: str = "not
     for n, text in enumerate(splat_events):
         if splat_kind(text, stalls) == "stall":
             res.notes.append("guest stall, not counted as a violation (starved vCPUs under TCG?; "
-                             "[vm] stalls = \"violation\" counts them): "
+                             "--set vm.stalls=violation counts them): "
                              + text.split("\n", 1)[0].strip())
             continue
         res.by_kind["kernel-splat"] = res.by_kind.get("kernel-splat", 0) + 1
@@ -474,7 +482,8 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                     with ThreadPoolExecutor(len(vms)) as ex:
                         futs = [ex.submit(run_on_vm, m, kr.name, i, spec, out, prog, events_lock,
                                           events_file, cancel, silence=silence,
-                                          stalls=vmcfg["stalls"]) for i, m in enumerate(vms)]
+                                          stalls=stall_policy(vmcfg["stalls"], kr.accel))
+                                for i, m in enumerate(vms)]
                         kr.targets = [f.result() for f in futs]
             except InfraError as e:
                 kr.targets = [TargetResult(label=f"{kr.name}/fleet", kernel=kr.name,

@@ -98,7 +98,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "cmdline": (lambda v: isinstance(v, str), "a string"),
         "pin": (lambda v: isinstance(v, bool), "true or false"),
         "silence": (lambda v: _dur(v) and parse_duration(v) >= 5, "a duration >= 5s, like 60s"),
-        "stalls": (lambda v: v in ("note", "violation"), "note or violation"),
+        "stalls": (lambda v: v in ("auto", "note", "violation"), "auto, note or violation"),
     },
     "run": {
         "duration": (_dur, "a duration like 30s or 2m"),
@@ -187,7 +187,7 @@ def from_data(raw: Mapping[str, Any], path: str = "<data>",
 
 OPTIONAL_SECTIONS = {"amplifier": {"widen_rx_ns": 0}}
 # fields added after scenarios were written: their default when a file leaves them out
-OPTIONAL_FIELDS = {"vm": {"silence": "60s", "stalls": "note"}}
+OPTIONAL_FIELDS = {"vm": {"silence": "60s", "stalls": "auto"}}
 
 
 def validate(data: Mapping[str, Any]) -> list[str]:

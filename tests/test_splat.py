@@ -163,7 +163,7 @@ def test_a_panic_long_after_an_earlier_splat_is_its_own(tmp_path):
     assert len(seen) == 2 and seen[1].startswith("[   60.0] Kernel panic")
 
 
-# --- [vm] stalls = "note" | "violation" ---------------------------------------------
+# --- [vm] stalls = "auto" | "note" | "violation" -------------------------------------
 
 def test_stalls_are_notes_by_default_and_violations_on_request(tmp_path):
     from lab.fleet import crashed_of_splat, record_splats
@@ -188,10 +188,14 @@ def test_stalls_are_notes_by_default_and_violations_on_request(tmp_path):
     assert crashed_of_splat(res, seen, traced=False, stalls="violation") and res.infra_error is None
 
 
-def test_the_shipped_scenarios_keep_stalls_as_notes():
+def test_the_shipped_scenarios_count_stalls_under_kvm_only():
     from lab import scenario
+    from lab.fleet import stall_policy
     for name in scenario.available():
-        assert scenario.load(name)["vm"]["stalls"] == "note"
+        assert scenario.load(name)["vm"]["stalls"] == "auto"
+    assert stall_policy("auto", "kvm") == "violation" and stall_policy("auto", "tcg") == "note"
+    assert stall_policy("auto", "") == "note", "an unknown accelerator is not trusted with stalls"
+    assert stall_policy("note", "kvm") == "note" and stall_policy("violation", "tcg") == "violation"
     raw = scenario.load("generic-rx-race").data
     assert scenario.from_data(raw, path="generic-rx-race.toml",
                               overrides={"vm.stalls": "violation"})["vm"]["stalls"] == "violation"
