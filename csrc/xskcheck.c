@@ -280,9 +280,10 @@ static void violation(struct group *g, struct xsk *s, enum kind k, uint64_t addr
 	}
 	snprintf(line, sizeof(line),
 		 "{\"type\":\"violation\",\"t\":%.6f,\"kind\":\"%s\",\"dev\":\"%s\",\"queue\":%u,\"cpu\":%d,"
-		 "\"addr\":%llu,\"expected\":%llu,\"actual\":%llu,\"detail\":\"%s\"}\n",
+		 "\"addr\":%llu,\"expected\":%llu,\"actual\":%llu,\"rx\":%llu,\"detail\":\"%s\"}\n",
 		 tnow(), kind_name[k], s->dev, s->queue, sched_getcpu(), (unsigned long long)addr,
-		 (unsigned long long)expected, (unsigned long long)actual, detail);
+		 (unsigned long long)expected, (unsigned long long)actual, (unsigned long long)RD(g->st.rx),
+		 detail);
 	emit(line);
 }
 

@@ -432,8 +432,9 @@ def crashed_of_splat(res: TargetResult, splat_events: list[str], traced: bool,
                      f"{res.infra_error.split(':', 1)[0]}); see the console log")
     res.infra_error = None
     res.reason = "guest-crashed"
-    if not res.load_seconds and res.timeline:
-        res.load_seconds = res.timeline[-1][0]
+    if not res.load_seconds:
+        # the load ran at least until the last event the guest sent (a stats line, a violation)
+        res.load_seconds = max(res.timeline[-1][0] if res.timeline else 0.0, res.last_heard_s)
     if traced and not res.evidence.get("available"):
         res.evidence = {**res.evidence, "available": False,
                         "note": "guest crashed: its flight recorder died with it"}

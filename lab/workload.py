@@ -85,6 +85,7 @@ class TargetResult:
     notes: list[str] = field(default_factory=list)      # what the agent said about the set-up
     knobs: dict[str, bool] = field(default_factory=dict)  # kernel knob -> applied?
     load_started_host: float | None = None   # host monotonic clock when the load started (splat timing)
+    last_heard_s: float = 0.0   # agent clock, since load start, of the last event (a crashed guest's exposure)
 
     @property
     def violation_count(self) -> int:
@@ -179,10 +180,15 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                         events_file.write(json.dumps(ev) + "\n")
                     typ = ev.get("type")
                     at = float(ev.get("at", 0.0))
+                    if load_at is not None and at >= load_at:
+                        res.last_heard_s = max(res.last_heard_s, round(at - load_at, 3))
                     if typ == "load-start":
                         load_at = at
                         res.load_started_host = time.monotonic()
                     elif typ == "violation":
+                        # the checker's receive count at that moment: packets seen, even when the
+                        # guest dies before its next stats line
+                        last_rx = max(last_rx, int(ev.get("rx", 0) or 0))
                         kind = str(ev.get("kind", "unknown"))
                         res.by_kind[kind] = res.by_kind.get(kind, 0) + 1
                         if res.first_violation_s is None and load_at is not None:

@@ -263,7 +263,7 @@ def test_injected_fault_fires_its_detector(bin_dir, kind):
     assert {k: v for k, v in by_kind.items() if v and k != kind} == {}, out.summary()
     assert out.violations and all(v["kind"] == kind for v in out.violations)
     v = out.violations[0]
-    assert {"t", "queue", "cpu", "addr", "expected", "actual", "detail"} <= set(v)
+    assert {"t", "queue", "cpu", "addr", "expected", "actual", "rx", "detail"} <= set(v)
 
 
 @pytest.mark.parametrize("kind", dp.SENDER_INJECT_KINDS)

@@ -169,3 +169,20 @@ def test_iperf_report_is_kept_and_its_failure_noted_and_heartbeats_are_not_event
                     {"type": "agent-done", "reason": "duration", "load_seconds": 5.0}])
     r = run_target(bad, spec(), label="vm-0", kernel="k")
     assert any("iperf3: iperf3 moved no data" in n for n in r.notes)
+
+
+def test_a_guest_that_crashes_before_its_first_stats_line_still_has_an_exposure():
+    """The reverted generic receive can oops within 0.3 s, before the checker's first
+    stats line: the violations' receive counts and times are the exposure then."""
+    from lab.fleet import crashed_of_splat
+    host = FakeHost([
+        {"type": "load-start", "at": 6.0},
+        {"type": "violation", "kind": "order", "at": 6.3, "rx": 60},
+        {"type": "violation", "kind": "order", "at": 6.4, "rx": 132},
+        {"type": "violation", "kind": "order", "at": 6.35, "rx": 100},   # another socket's, older
+    ])
+    r = run_target(host, spec(), label="vm-0", kernel="k")
+    assert r.infra_error and r.timeline == []
+    assert r.packets == 132, "the largest receive count any violation carried"
+    assert crashed_of_splat(r, ["[ 7.0] BUG: kernel NULL pointer dereference\n"], traced=False)
+    assert r.load_seconds == 0.4 and r.packets == 132
