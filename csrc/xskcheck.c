@@ -4,8 +4,9 @@
  * Opens copy-mode AF_XDP sockets on queues 0..N-1 of --dev (and of
  * --peer-dev in forward mode), loads a hand-assembled XDP program with raw
  * bpf() calls, attaches it with rtnetlink, and then checks every descriptor
- * the kernel hands out against the invariants a correct kernel keeps (see
- * /work/shared/FACTS.md, "Detectors").  No libbpf, libxdp or clang.
+ * the kernel hands out against the invariants a correct kernel keeps (one
+ * detector per kind, listed in lab/dataplane.py VIOLATION_KINDS).  No libbpf,
+ * libxdp or clang.
  *
  * Threads: one worker per "group": a socket (rxdrop) or the pair of sockets
  * on queue q of both devices (forward).  A group owns a fixed range of UMEM
@@ -80,10 +81,10 @@
 /* kinds, states, options                                              */
 
 enum kind { K_ORDER, K_POISON, K_DUPLICATE, K_OFFSET, K_OVERHELD, K_META, K_LENGTH,
-	    K_STATE, K_SEQUENCE, K_CHECKSUM, NKINDS };
+	    K_STATE, K_SEQUENCE, K_CHECKSUM, K_LATE, NKINDS };
 static const char *const kind_name[NKINDS] = {
 	"order", "poison", "duplicate", "offset", "over-held", "meta", "length",
-	"state", "sequence", "checksum",
+	"state", "sequence", "checksum", "late",
 };
 
 /* Per-frame owner, from the application's point of view. */
@@ -94,6 +95,23 @@ static const char *const state_name[] = { "FREE", "FILL", "RX", "TX", "COMP" };
 #define F_STAMPED 1 /* the app stamp is in the frame's metadata slot */
 #define F_DUPINJ 2  /* injected duplicate FILL post: its second RX is expected */
 #define F_TXDUPINJ 4 /* injected duplicate TX post: its second completion is expected */
+#define F_SKIPPED 8  /* passed over when the FILL FIFO resynchronised: if it arrives, it is late */
+
+/* Onsets.  One kernel fault usually shows as several violations (one lost
+ * FILL descriptor, one stale slot, one held-twice frame ripple through the
+ * next descriptors), and the rate statistics need independent events.  A
+ * violation is an onset when its socket saw max(ONSET_QUIET, 2 x its group's frames) descriptors
+ * without any violation before it (or none ever): by then every frame that
+ * was in flight at the previous fault has come back through the rings twice,
+ * so what follows is no longer that fault's echo. */
+#define ONSET_QUIET 256
+/* FILL order resynchronisation: an RX frame found at most RESYNC_MAX FIFO
+ * slots behind the head means the entries before it were lost or overtaken;
+ * they are passed over (F_SKIPPED) so that the frames after it are checked
+ * against the right order again.  A frame further away is a stale or
+ * misplaced descriptor, not a loss: the FIFO keeps its head then. */
+#define RESYNC_MAX 16
+#define PHANTOM (UINT32_MAX - 1) /* --inject order: a FILL entry the kernel never had */
 
 static struct {
 	const char *dev, *peer_dev;
@@ -156,8 +174,8 @@ struct flowent {
 };
 
 struct stats {
-	uint64_t rx, tx, fill, comp, foreign, ours, viol, kicks;
-	uint64_t kinds[NKINDS];
+	uint64_t rx, tx, fill, comp, foreign, ours, viol, kicks, onsets, skipped;
+	uint64_t kinds[NKINDS], onset_kinds[NKINDS];
 } __attribute__((aligned(64)));
 
 struct group;
@@ -182,6 +200,9 @@ struct xsk {
 	struct xsk *peer; /* forward: where frames received here are sent */
 	struct group *g;
 	uint64_t rx_count;
+	uint64_t seen;	    /* RX descriptors checked on this socket */
+	uint64_t last_viol; /* `seen` at its last violation */
+	bool any_viol;
 };
 
 struct outd {
@@ -249,11 +270,19 @@ static void violation(struct group *g, struct xsk *s, enum kind k, uint64_t addr
 		      uint64_t actual, const char *fmt, ...)
 {
 	char detail[160], line[512];
+	uint64_t quiet = 2ull * g->nframes > ONSET_QUIET ? 2ull * g->nframes : ONSET_QUIET;
+	bool onset = !s->any_viol || s->seen - s->last_viol >= quiet;
 	uint64_t n;
 	va_list ap;
 
+	s->any_viol = true;
+	s->last_viol = s->seen;
 	INC(g->st.kinds[k]);
 	INC(g->st.viol);
+	if (onset) {
+		INC(g->st.onsets);
+		INC(g->st.onset_kinds[k]);
+	}
 	n = __atomic_fetch_add(&total_violations, 1, __ATOMIC_RELAXED);
 	/* flight recorder: the trace ends at the first violation, whether or not the run does */
 	if ((opt.stop_on_first || opt.trace_marker) && n == 0 &&
@@ -280,10 +309,10 @@ static void violation(struct group *g, struct xsk *s, enum kind k, uint64_t addr
 	}
 	snprintf(line, sizeof(line),
 		 "{\"type\":\"violation\",\"t\":%.6f,\"kind\":\"%s\",\"dev\":\"%s\",\"queue\":%u,\"cpu\":%d,"
-		 "\"addr\":%llu,\"expected\":%llu,\"actual\":%llu,\"rx\":%llu,\"detail\":\"%s\"}\n",
+		 "\"addr\":%llu,\"expected\":%llu,\"actual\":%llu,\"rx\":%llu,\"onset\":%s,\"detail\":\"%s\"}\n",
 		 tnow(), kind_name[k], s->dev, s->queue, sched_getcpu(), (unsigned long long)addr,
 		 (unsigned long long)expected, (unsigned long long)actual, (unsigned long long)RD(g->st.rx),
-		 detail);
+		 onset ? "true" : "false", detail);
 	emit(line);
 }
 
@@ -338,6 +367,30 @@ static inline uint32_t fifo_head(struct fifo *f)
 	while (f->head != f->tail && f->e[f->head & f->mask] == TOMB)
 		f->head++;
 	return f->head == f->tail ? NONE : f->e[f->head & f->mask];
+}
+
+/* FIFO slots between the head and fi, or NONE when fi is not in the FIFO. */
+static uint32_t fifo_find(struct fifo *f, uint32_t fi)
+{
+	for (uint32_t i = f->head; i != f->tail; i++)
+		if (f->e[i & f->mask] == fi)
+			return i - f->head;
+	return NONE;
+}
+
+/* Resynchronise: pass over the d slots before the frame at distance d, and that frame. */
+static void fifo_skip(struct group *g, struct fifo *f, uint32_t d)
+{
+	for (uint32_t i = 0; i < d; i++) {
+		uint32_t e = f->e[(f->head + i) & f->mask];
+
+		if (e == TOMB)
+			continue;
+		if (e != PHANTOM)
+			fflags[e] |= F_SKIPPED;
+		INC(g->st.skipped);
+	}
+	f->head += d + 1;
 }
 
 static bool fifo_remove(struct fifo *f, uint32_t fi)
@@ -418,7 +471,7 @@ static bool check_giveback(struct group *g, struct xsk *s, uint32_t fi, enum fst
 static void post_fill(struct group *g, struct xsk *s, const uint32_t *list, uint32_t n)
 {
 	uint32_t fr, k = 0;
-	bool swap = false;
+	bool lost = false;
 
 	if (s->npend) { /* keep FILL order: older frames first */
 		if (n)
@@ -432,8 +485,10 @@ static void post_fill(struct group *g, struct xsk *s, const uint32_t *list, uint
 	fr = prod_free(&s->fill, n);
 	if (fr > n)
 		fr = n;
-	if (opt.checks && armed_for(g, K_ORDER) && fr >= 2 && take_inject()) {
-		swap = true; /* record the first two in the FIFO the wrong way round */
+	if (opt.checks && armed_for(g, K_ORDER) && fr >= 1 && take_inject()) {
+		/* record a FILL entry the kernel never gets: the lost descriptor of a
+		 * FILL-ring race, which must give one order onset, not a cascade */
+		lost = true;
 		g->armed = false;
 	}
 	for (; k < fr; k++) {
@@ -442,13 +497,22 @@ static void post_fill(struct group *g, struct xsk *s, const uint32_t *list, uint
 		if (opt.checks) {
 			check_giveback(g, s, fi, S_FILL);
 			fstate[fi] = S_FILL;
-			if (swap && k < 2)
-				fifo_push(&s->fifo, list[1 - k]);
-			else
-				fifo_push(&s->fifo, fi);
+			if (lost && k == 0)
+				fifo_push(&s->fifo, PHANTOM);
+			fifo_push(&s->fifo, fi);
 		}
 		((uint64_t *)s->fill.descs)[s->fill.local++ & s->fill.mask] = frame_addr(s, fi);
 		g->held--;
+	}
+	if (opt.checks && fr > 0 && armed_for(g, K_LATE)) {
+		uint32_t h = fifo_head(&s->fifo);
+
+		/* bookkeeping bug: believe the oldest FILL entry was passed over */
+		if (h != NONE && h != PHANTOM && take_inject()) {
+			fflags[h] |= F_SKIPPED;
+			s->fifo.head++;
+			g->armed = false;
+		}
 	}
 	if (opt.checks && fr > 0 && g->armed && !opt.forward) {
 		uint32_t last = list[fr - 1];
@@ -599,6 +663,7 @@ static int64_t check_rx(struct group *g, struct xsk *s, const struct xdp_desc *d
 	uint8_t st;
 	bool off_ok;
 
+	s->seen++;
 	if (addr == POISON) {
 		violation(g, s, K_POISON, addr, 0, addr, "RX slot still holds the poison: never written");
 		g->held--;
@@ -648,10 +713,21 @@ static int64_t check_rx(struct group *g, struct xsk *s, const struct xdp_desc *d
 	head = fifo_head(&s->fifo);
 	if (head == fi) {
 		s->fifo.head++;
+	} else if (fflags[fi] & F_SKIPPED) {
+		fflags[fi] &= (uint8_t)~F_SKIPPED;
+		violation(g, s, K_LATE, addr, head == NONE || head == PHANTOM ? POISON : frame_addr(s, head),
+			  frame_addr(s, fi), "RX frame %u after FILL entries posted later than it", fi);
 	} else {
-		violation(g, s, K_ORDER, addr, head == NONE ? POISON : frame_addr(s, head), frame_addr(s, fi),
-			  "RX frame %u, FILL order expects %d", fi, head == NONE ? -1 : (int)head);
-		fifo_remove(&s->fifo, fi);
+		uint32_t d = fifo_find(&s->fifo, fi);
+
+		violation(g, s, K_ORDER, addr, head == NONE || head == PHANTOM ? POISON : frame_addr(s, head),
+			  frame_addr(s, fi), "RX frame %u, FILL order expects %d (%s)", fi,
+			  head == NONE || head == PHANTOM ? -1 : (int)head,
+			  d == NONE ? "not in the FIFO" : d <= RESYNC_MAX ? "resynchronised" : "far behind");
+		if (d != NONE && d <= RESYNC_MAX)
+			fifo_skip(g, &s->fifo, d);
+		else if (d != NONE)
+			fifo_remove(&s->fifo, fi);
 	}
 	fstate[fi] = S_RX;
 	if (!off_ok)
@@ -1332,8 +1408,12 @@ static void print_stats(const char *type)
 		sum.ours += RD(st->ours);
 		sum.viol += RD(st->viol);
 		sum.kicks += RD(st->kicks);
-		for (int k = 0; k < NKINDS; k++)
+		sum.onsets += RD(st->onsets);
+		sum.skipped += RD(st->skipped);
+		for (int k = 0; k < NKINDS; k++) {
 			sum.kinds[k] += RD(st->kinds[k]);
+			sum.onset_kinds[k] += RD(st->onset_kinds[k]);
+		}
 	}
 	for (int i = 0; i < nsocks; i++) {
 		struct xdp_statistics x;
@@ -1358,6 +1438,11 @@ static void print_stats(const char *type)
 	for (int k = 0; k < NKINDS; k++)
 		n += snprintf(line + n, sizeof(line) - (size_t)n, "%s\"%s\":%llu", k ? "," : "", kind_name[k],
 			      (unsigned long long)sum.kinds[k]);
+	n += snprintf(line + n, sizeof(line) - (size_t)n, "},\"onsets\":%llu,\"skipped\":%llu,\"onsets_by_kind\":{",
+		      (unsigned long long)sum.onsets, (unsigned long long)sum.skipped);
+	for (int k = 0; k < NKINDS; k++)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, "%s\"%s\":%llu", k ? "," : "", kind_name[k],
+			      (unsigned long long)sum.onset_kinds[k]);
 	n += snprintf(line + n, sizeof(line) - (size_t)n,
 		      "},\"rx_dropped\":%llu,\"rx_invalid\":%llu,\"tx_invalid\":%llu,\"rx_ring_full\":%llu,"
 		      "\"fill_empty\":%llu,\"tx_ring_empty\":%llu,\"kicks\":%llu,\"socket_rx\":[",
@@ -1398,7 +1483,7 @@ static void usage(FILE *f)
 		"                [--busy-poll] [--busy-poll-usec 20]\n"
 		"       xskcheck --selfbench N [--selfbench-size 64] [--checks all|none] [--inject KIND] [--frames F]\n"
 		"                (no kernel: time the checks against a correct in-memory one)\n"
-		"inject kinds: order poison duplicate offset over-held meta length state sequence checksum\n");
+		"inject kinds: order poison duplicate offset over-held meta length state sequence checksum late\n");
 }
 
 static void die_usage(const char *fmt, const char *arg)

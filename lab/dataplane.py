@@ -10,10 +10,15 @@ back reuses the older build.
 Output protocol (JSON lines on the checker's stdout), parsed by parse_event():
 
     ready      t=0.0 once the sockets are bound and XDP is attached
-    violation  kind, dev, queue, cpu, addr, expected, actual, detail
-    stats      rx tx fill comp foreign ours violations by_kind rx_dropped ...
+    violation  kind, dev, queue, cpu, addr, expected, actual, rx, onset, detail
+    stats      rx tx fill comp foreign ours violations by_kind onsets onsets_by_kind
+               skipped rx_dropped ...
     done       the final stats, plus reason and printed
-The sender prints ready, stats (sent, enobufs) and done (sent, per_sender).
+onset: this violation starts a new fault (its socket had been quiet for a while
+before it); the others are echoes of one (a lost FILL descriptor, a stale slot).
+The sender prints ready, stats (sent, enobufs, errors, error) and done (the same,
+plus per_sender).  enobufs is back-pressure, normal on veth; errors is any other
+send error, a load that did not run as asked.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ VIOLATION_KINDS: tuple[str, ...] = (
     "state",      # per-frame state machine FILL->RX->FILL|TX->COMP->FILL|TX broken
     "sequence",   # a flow's sequence number did not increase
     "checksum",   # payload checksum wrong, or the frame truncated
+    "late",       # a frame passed over when FILL order resynchronised arrived after all
 )
 # Every detector has a fault the checker commits on purpose (--inject KIND).
 INJECT_KINDS: tuple[str, ...] = VIOLATION_KINDS
@@ -172,6 +178,15 @@ class Event:
     @property
     def violations(self) -> int:
         return _int_or_none(self.data.get("violations")) or 0
+
+    @property
+    def onset(self) -> bool:
+        """A violation that starts a fault (True when the line does not say)."""
+        return self.data.get("onset", True) is not False
+
+    @property
+    def onsets(self) -> int:
+        return _int_or_none(self.data.get("onsets")) or 0
 
     @property
     def by_kind(self) -> dict[str, int]:

@@ -61,6 +61,14 @@ def test_parse_stats_and_done():
     assert dp.parse_event('{"type":"stats","t":1,"rx":7}').rx == 7
 
 
+def test_parse_onsets():
+    ev = dp.parse_event(json.dumps({"type": "violation", "t": 1, "kind": "order", "onset": False}))
+    assert ev.onset is False
+    assert dp.parse_event(violation_line("order")).onset is True     # a line that does not say
+    done = dp.parse_event('{"type":"done","t":2,"violations":769,"onsets":1}')
+    assert done.violations == 769 and done.onsets == 1
+
+
 def test_parse_sender_lines():
     ev = dp.parse_event(b'{"type":"done","t":2.0,"sent":64,"per_sender":[32,32]}')
     assert ev.type == "done" and ev.get("per_sender") == [32, 32]
@@ -218,8 +226,8 @@ def built():
     return dp.build()
 
 
-def selfbench(built, *args):
-    p = subprocess.run([str(built / "xskcheck"), "--selfbench", "200000", *args], capture_output=True,
+def selfbench(built, *args, descs=200000):
+    p = subprocess.run([str(built / "xskcheck"), "--selfbench", str(descs), *args], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     events = [e for e in map(dp.parse_event, p.stdout.splitlines()) if e]
@@ -243,6 +251,26 @@ def test_each_injected_fault_fires_only_its_detector(built, kind):
     assert done.by_kind[kind] >= 1
     assert {k: n for k, n in done.by_kind.items() if n and k != kind} == {}
     assert violations and {v.kind for v in violations} == {kind}
+    # three faults, 2,000 descriptors apart: three onsets, however many violations each gave
+    assert done.onsets == 3 and done.get("onsets_by_kind")[kind] == 3, done.data
+    assert violations[0].onset
+
+
+def test_a_lost_fill_descriptor_then_1000_in_order_frames_is_one_onset(built):
+    """--inject order records a FILL entry the kernel never gets (the lost descriptor of a
+    FILL-ring race) after 500 descriptors; 1,000 correct ones follow.  Without the FIFO's
+    resynchronisation every one of them was an order violation (732 here)."""
+    done, violations = selfbench(built, "--inject", "order", descs=1500)
+    assert done.rx == 1500 and done.by_kind["order"] == 1, done.data
+    assert done.onsets == 1 and done.get("skipped") == 1, done.data
+    assert [v.onset for v in violations] == [True]
+    assert "resynchronised" in violations[0].detail
+
+
+def test_a_passed_over_frame_that_arrives_is_late_and_nothing_else(built):
+    done, violations = selfbench(built, "--inject", "late", descs=1500)
+    assert done.by_kind["late"] == 1 and done.violations == 1, done.data
+    assert done.onsets == 1
 
 
 def test_missing_static_libc_is_bad_input_naming_libc6_dev(tmp_path, monkeypatch):
