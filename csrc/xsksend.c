@@ -13,8 +13,14 @@
  * Why PACKET_QDISC_BYPASS: it is faster, and the tx queue (so the peer's rx
  * queue) then follows the sending CPU, which spreads senders over queues.
  *
- * Output (stdout, JSON lines): ready, stats every --stats-ms, done.
- * Exit: 0 ok, 2 bad arguments, 3 runtime failure.
+ * Output (stdout, JSON lines): ready, stats every --stats-ms, done.  stats
+ * and done carry sent, enobufs (back-pressure: ENOBUFS, EAGAIN or ENOMEM,
+ * which a veth gives whenever its peer's backlog is full; the unsent frames
+ * are a sequence gap, which the checker allows) and errors (every other send
+ * error; error names the last one).  A reader must treat errors > 0 as a
+ * load that did not run as asked.
+ * Exit: 0 ok, 2 bad arguments, 3 runtime failure (a sender that cannot be
+ * pinned to its CPU is one: see sender_main()).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -44,10 +50,11 @@
 
 struct counters {
 	volatile uint64_t sent;
-	volatile uint64_t enobufs;
-	volatile uint64_t errors;
-	volatile int failed; /* errno of a fatal error, or 0 */
-	char pad[64 - 4 * 8];
+	volatile uint64_t enobufs; /* back-pressure (ENOBUFS, EAGAIN, ENOMEM): normal on veth */
+	volatile uint64_t errors;  /* any other send error: the load did not run as asked */
+	volatile int failed;	   /* errno of a fatal error, or 0 */
+	volatile int last_errno;   /* errno of the last counted error */
+	char pad[64 - 3 * 8 - 2 * 4];
 };
 
 static struct {
@@ -222,8 +229,15 @@ static int sender_main(int idx, struct counters *ctr, const uint8_t *src_mac, in
 
 		CPU_ZERO(&set);
 		CPU_SET(cpu, &set);
-		if (sched_setaffinity(0, sizeof(set), &set))
-			fprintf(stderr, "xsksend[%d]: cannot pin to cpu %d: %s\n", idx, cpu, strerror(errno));
+		/* Fatal, not a warning: an unpinned sender migrates between CPUs, so
+		 * its own flow can be received out of order (a false "sequence"
+		 * violation), and the races need senders on distinct CPUs. */
+		if (sched_setaffinity(0, sizeof(set), &set)) {
+			fprintf(stderr, "xsksend[%d]: cannot pin to cpu %d: %s (is it online and in this "
+				"process's cpuset?)\n", idx, cpu, strerror(errno));
+			ctr->failed = errno;
+			return 3;
+		}
 	}
 	fd = socket(AF_PACKET, SOCK_RAW, 0); /* protocol 0: never receives */
 	if (fd < 0) {
@@ -276,7 +290,7 @@ static int sender_main(int idx, struct counters *ctr, const uint8_t *src_mac, in
 			int r = sendmmsg(fd, msgs + done, (unsigned)(n - done), 0);
 
 			if (r < 0) {
-				if (errno == ENOBUFS || errno == EAGAIN) {
+				if (errno == ENOBUFS || errno == EAGAIN || errno == ENOMEM) {
 					ctr->enobufs++;
 					/* the unsent frames' seqs become a gap: allowed */
 					break;
@@ -284,6 +298,7 @@ static int sender_main(int idx, struct counters *ctr, const uint8_t *src_mac, in
 				if (errno == EINTR)
 					continue;
 				ctr->errors++;
+				ctr->last_errno = errno;
 				if (errno == ENETDOWN || errno == ENXIO || errno == ENODEV) {
 					ctr->failed = errno;
 					return 3;
@@ -324,15 +339,22 @@ static void print_stats(const char *type, uint64_t t0, struct counters *ctr, boo
 {
 	uint64_t sent = 0, enobufs = 0, errors = 0;
 	double t = (double)(now_ns() - t0) / 1e9;
+	int last = 0;
 
 	for (int i = 0; i < opt.senders; i++) {
 		sent += ctr[i].sent;
 		enobufs += ctr[i].enobufs;
 		errors += ctr[i].errors;
+		if (ctr[i].last_errno)
+			last = ctr[i].last_errno;
+		if (ctr[i].failed)
+			last = ctr[i].failed;
 	}
 	printf("{\"type\":\"%s\",\"t\":%.3f,\"sent\":%llu,\"enobufs\":%llu,\"errors\":%llu,\"pps\":%.0f", type, t,
 	       (unsigned long long)sent, (unsigned long long)enobufs, (unsigned long long)errors,
 	       t > 0 ? (double)sent / t : 0.0);
+	if (last)
+		printf(",\"error\":\"%s\"", strerror(last));
 	if (per_sender) {
 		printf(",\"per_sender\":[");
 		for (int i = 0; i < opt.senders; i++)

@@ -263,7 +263,9 @@ def test_injected_fault_fires_its_detector(bin_dir, kind):
     assert {k: v for k, v in by_kind.items() if v and k != kind} == {}, out.summary()
     assert out.violations and all(v["kind"] == kind for v in out.violations)
     v = out.violations[0]
-    assert {"t", "queue", "cpu", "addr", "expected", "actual", "rx", "detail"} <= set(v)
+    assert {"t", "queue", "cpu", "addr", "expected", "actual", "rx", "onset", "detail"} <= set(v)
+    # at most three injected faults, each one onset however many violations it gave
+    assert v["onset"] is True and 1 <= out.done["onsets"] <= 3, out.summary()
 
 
 @pytest.mark.parametrize("kind", dp.SENDER_INJECT_KINDS)
@@ -374,3 +376,28 @@ def test_sigkill_leaves_nothing_that_breaks_the_next_run(bin_dir):
         out = rxdrop_run(bin_dir, pair, seconds=1.5, senders=1, xdp="generic")
         assert not _xdp_attached(b)
     assert_clean(out)
+
+
+def test_a_sender_that_cannot_be_pinned_fails(bin_dir):
+    """An unpinned sender can reorder its own flow (a false "sequence"): xsksend refuses to run."""
+    with veth_pair() as (a, b):
+        argv = dp.sender_argv(bin_dir, dev=a.dev, dst_mac=b.mac, src_ip=a.ip, dst_ip=b.ip, senders=1,
+                              cpus=[4095], duration=1)
+        p = run(_nsexec(a.ns, argv), check=False, timeout=30)
+    assert p.returncode == 3, (p.returncode, p.stderr)
+    assert "cannot pin to cpu 4095" in p.stderr
+
+
+def test_send_errors_are_reported_and_back_pressure_is_not(bin_dir):
+    """Frames longer than the MTU fail with EMSGSIZE on every send: xsksend still runs, and its
+    done line says so (errors, error); a normal run has back-pressure at most."""
+    with veth_pair() as (a, b):
+        sargv = dp.sender_argv(bin_dir, dev=a.dev, dst_mac=b.mac, src_ip=a.ip, dst_ip=b.ip,
+                               senders=1, duration=1, size=1000)
+        run(_nsexec(a.ns, ["ip", "link", "set", "dev", a.dev, "mtu", "576"]))
+        bad = _with_sender(Outcome(ready={}, done=None), run(_nsexec(a.ns, sargv), timeout=30))
+        run(_nsexec(a.ns, ["ip", "link", "set", "dev", a.dev, "mtu", "1500"]))
+        good = _with_sender(Outcome(ready={}, done=None), run(_nsexec(a.ns, sargv), timeout=30))
+    assert bad.sender["errors"] > 0 and bad.sender["sent"] == 0, bad.sender
+    assert bad.sender["error"] == "Message too long", bad.sender
+    assert good.sender["errors"] == 0 and good.sender["sent"] > 0 and "error" not in good.sender, good.sender
