@@ -316,20 +316,39 @@ class Tracer:
         try:
             self._saved["trace_clock"] = _current_clock(self._r("trace_clock"))
             self._saved["buffer_size_kb"] = _buffer_kb(self._r("buffer_size_kb"))
+            self._saved["options/overwrite"] = self._r("options/overwrite").strip()
             self._saved["tracing_on"] = self._r("tracing_on").strip()
             self._w("tracing_on", "0")
             self._w("trace", "")
             self._w("buffer_size_kb", str(self.opts.get("buffer_kb", 4096)))
+            # Overwrite on, in both recorder modes.  Off, a full ring buffer drops
+            # the newest events and marks nothing on the pages (only the per-CPU
+            # "dropped events" count): a streamed reader that falls behind would
+            # leave gaps the analysis cannot see, and a capped stream or the text
+            # trace would keep the first events instead of the last.  On, an
+            # overwritten page flags "missed events" on the next page read, which
+            # the analysis turns into a gap and withdraws the hits that needed it.
+            self._w("options/overwrite", "1")
             self._w("trace_clock", "counter")
+            clock = _current_clock(self._r("trace_clock"))
+            if clock != "counter":
+                raise OSError(f"trace_clock is {clock or '?'} after selecting counter")
             # first argument (the xdp_sock) is in %di on x86_64
             self._add_probe("rcv", "p", rcv, " xs=%di:x64")
-            if not self._add_probe("rcvret", "r", rcv, " ret=$retval:s32"):
-                self.missing.append("rcvret: receive outcomes unknown, failed receives count as receives")
+            self._add_probe("rcvret", "r", rcv, " ret=$retval:s32")
             if flush == "__xsk_map_flush":
                 # flushes every socket on its CPU's list: "flushall", no socket
                 self._add_probe("flushall", "p", flush, "")
             elif flush is not None:
                 self._add_probe("flush", "p", flush, " xs=%di:x64")
+            why = self._unmeasurable()
+            if why:
+                # probes that cannot measure the window only slow the receive path
+                # (a kprobe there is itself a delay that changes the race): none
+                self.note = "; ".join([why, *self.missing])
+                self._cleanup()
+                self.root = None
+                return self
             if self.opts.get("stream", True):
                 self._start_stream()
             self._w("tracing_on", "1")
@@ -340,6 +359,19 @@ class Tracer:
         if self.root is not None and self.missing:
             self.note = "; ".join(self.missing)
         return self
+
+    def _unmeasurable(self) -> str:
+        """Why the registered probes cannot measure this scenario's window ("" if they can)."""
+        if "rcvret" not in self.probes:
+            # without the outcome a failed receive (no FILL entry, RX ring full)
+            # counts as a held slot, and "inside a receive" never closes at its
+            # return: a fixed kernel would show hits
+            return (f"no return probe on {self.probes.get('rcv', '?')}: receive outcomes unknown, "
+                    f"so the window is not measured")
+        if window_measure(str(self.opts.get("scenario", ""))) == "unflushed_hits" \
+                and not ({"flush", "flushall"} & set(self.probes)):
+            return "no flush probe in this kernel: the unflushed-receive window cannot be measured"
+        return ""
 
     def _start_stream(self) -> None:
         assert self.root is not None
@@ -360,7 +392,8 @@ class Tracer:
             pass
         cpus = list(range(os.cpu_count() or 1))
         max_mb = int(self.opts.get("max_mb") or min(512, _mem_total_mb() // 4))
-        header = {"page_size": page_size, "events": events, "cpus": cpus, "clock": "counter",
+        header = {"page_size": page_size, "events": events, "cpus": cpus,
+                  "clock": _current_clock(self._r("trace_clock")),
                   "probes": self.probes, "callers": self._callers, "max_mb": max_mb}
         try:
             self._streamer = _Streamer(self.root, Path(TRACE_OUT), cpus, header, max_mb << 20, page_size)
@@ -393,7 +426,7 @@ class Tracer:
                 self._w("kprobe_events", f"-:{GROUP}/{role}", append=True)
             except OSError:
                 pass
-        for name in ("trace_clock", "buffer_size_kb", "tracing_on"):
+        for name in ("trace_clock", "buffer_size_kb", "options/overwrite", "tracing_on"):
             if self._saved.get(name):
                 try:
                     self._w(name, self._saved[name])
@@ -403,16 +436,23 @@ class Tracer:
             import subprocess
             subprocess.run(["umount", "/sys/kernel/tracing"], capture_output=True)
 
-    def _tail(self) -> dict[str, Any]:
+    def _profile(self) -> dict[str, list[int]]:
+        """Our probes' rows of kprobe_profile: event -> [hits, misses].  The misses
+        column of a return probe includes the returns lost to maxactive."""
         assert self.root is not None
-        tail: dict[str, Any] = {"kprobe_profile": {}, "stats": {}}
+        prof: dict[str, list[int]] = {}
         try:
             for line in self._r("kprobe_profile").splitlines():
                 parts = line.split()
                 if len(parts) >= 3 and parts[0] in self.probes:
-                    tail["kprobe_profile"][parts[0]] = [int(parts[-2]), int(parts[-1])]
+                    prof[parts[0]] = [int(parts[-2]), int(parts[-1])]
         except (OSError, ValueError):
             pass
+        return prof
+
+    def _tail(self) -> dict[str, Any]:
+        assert self.root is not None
+        tail: dict[str, Any] = {"kprobe_profile": self._profile(), "stats": {}}
         for c in range(os.cpu_count() or 1):
             try:
                 st = dict(l.split(":", 1) for l in self._r(f"per_cpu/cpu{c}/stats").splitlines() if ":" in l)
@@ -443,25 +483,32 @@ class Tracer:
                 info["stream_error"] = s.error
                 self.note = "; ".join(filter(None, [self.note, f"trace stream: {s.error}"]))
         else:
+            # the `trace` file names neither its clock nor the probes' misses: say both
             with open(self.root / "trace") as src, open(TRACE_OUT, "w") as dst:
+                dst.write(f"{_TEXT_CLOCK} {_current_clock(self._r('trace_clock'))}\n")
+                for ev, (hits, missed) in self._profile().items():
+                    dst.write(f"{_TEXT_PROFILE} {ev} {hits} {missed}\n")
                 for line in src:
                     dst.write(line)
             info = {"format": "text"}
-        out: dict[str, Any] = {"available": True, "trace_path": TRACE_OUT, "probes": self.probes,
-                               "measure": measure, "missing": self.missing, "note": self.note,
-                               "cpus": os.cpu_count(), "save_seconds": round(time.monotonic() - t, 3), **info}
-        if measure == "unflushed_hits" and not ({"flush", "flushall"} & set(self.probes)):
-            out["available"] = False
-            out["note"] = "no flush probe in this kernel: the unflushed-receive window cannot be measured"
-        return out
+        prof = self._profile()
+        return {"available": True, "trace_path": TRACE_OUT, "probes": self.probes,
+                "measure": measure, "missing": self.missing, "note": self.note,
+                "kprobe_profile": prof, "kprobe_missed": sum(m for _, m in prof.values()),
+                "cpus": os.cpu_count(), "save_seconds": round(time.monotonic() - t, 3), **info}
 
     def __exit__(self, *exc: object) -> None:
         self._cleanup()
 
 
 def _current_clock(text: str) -> str:
-    m = re.search(r"\[(\w+)\]", text)
-    return m.group(1) if m else ""
+    """The selected clock of trace_clock ("local [counter] global" -> counter); a
+    lone name is taken as selected (what a stand-in file holds after a write)."""
+    m = re.search(r"\[([\w-]+)\]", text)
+    if m:
+        return m.group(1)
+    words = text.split()
+    return words[0] if len(words) == 1 else ""
 
 
 def _buffer_kb(text: str) -> str:
@@ -482,7 +529,12 @@ def _buffer_kb(text: str) -> str:
 # anything else (extra probes) is ignored by the analysis and shown by dump.
 
 # "  <idle>-0  [001] ..s1.  123456: rcv: (__xsk_rcv+0x0/0x1d0) xs=0xffff888004a1c000"
-_LINE = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+):\s+([\w.]+):\s?(.*)$")
+# Clocks counted in nanoseconds (local, global, mono, ...) print "SECONDS.MICROS:";
+# counter, uptime and x86-tsc print a plain integer.
+_LINE = re.compile(r"\[(\d+)\]\s+\S+\s+(\d+)(?:\.(\d+))?:\s+([\w.]+):\s?(.*)$")
+# what collect() puts at the top of a text trace it saves
+_TEXT_CLOCK = "# racelab trace_clock:"
+_TEXT_PROFILE = "# racelab kprobe_profile:"
 _HEADER = re.compile(r"entries-in-buffer/entries-written:\s*(\d+)/(\d+)")
 _LOST = re.compile(r"CPU:(\d+) \[LOST (\d+) EVENTS\]")
 _XS = re.compile(r"xs=(0x[0-9a-fA-F]+|\d+)")
@@ -519,8 +571,30 @@ class Analysis:
     retracted: int = 0                   # hits withdrawn because a CPU they relied on lost events
     outcomes: bool = False               # receive results were traced (return probe)
     kprobe_missed: int = 0
+    dropped: int = 0                     # events a full ring buffer refused (overwrite off): unmarked gaps
+    clock: str = ""                      # the trace clock; "" when the trace does not say
+    unparsed: int = 0                    # text lines that are neither comments nor events we read
     format: str = "text"
     notes: list[str] = field(default_factory=list)
+
+    def window_problems(self) -> list[str]:
+        """Why the window counts of this trace are not evidence (empty: they are)."""
+        out: list[str] = []
+        if self.kprobe_missed:
+            out.append(f"kprobes missed {self.kprobe_missed} hit(s) (kprobe_profile): a receive, "
+                       f"return or flush that was not traced can make or hide an interleaving")
+        if self.receives and not self.outcomes:
+            out.append("receive outcomes not traced (no return probe): a failed receive would "
+                       "count as a held slot")
+        if self.clock and self.clock != "counter":
+            out.append(f"trace clock {self.clock}, not counter: events on different CPUs are not "
+                       f"ordered exactly")
+        if self.dropped:
+            out.append(f"{self.dropped} event(s) dropped by a full ring buffer with overwrite off, "
+                       f"with no mark where: gaps the analysis cannot see")
+        if self.unparsed:
+            out.append(f"{self.unparsed} trace line(s) not read as events: some may be receives or flushes")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"receives": self.receives, "failed_receives": self.failed, "flushes": self.flushes,
@@ -532,8 +606,10 @@ class Analysis:
                 "first_overlap_s": self.first_overlap_s, "span_s": self.span_s,
                 "skipped": self.skipped, "lost": self.lost, "gaps": self.gaps,
                 "retracted": self.retracted, "outcomes_traced": self.outcomes,
-                "kprobe_missed": self.kprobe_missed, "trace_format": self.format,
-                "analysis_notes": self.notes}
+                "kprobe_missed": self.kprobe_missed, "dropped": self.dropped,
+                "trace_clock": self.clock, "unparsed_lines": self.unparsed, "trace_format": self.format,
+                "window_available": not self.window_problems(),
+                "window_problems": self.window_problems(), "analysis_notes": self.notes}
 
 
 class _Open:
@@ -666,13 +742,9 @@ class _Analyzer:
             a.span_s = _round(t(a.last_ts) - t0) if a.last_ts is not None else None
             a.first_hit_s = _round(t(a.first_hit_ts) - t0) if a.first_hit_ts is not None else None
             a.first_overlap_s = _round(t(a.first_overlap_ts) - t0) if a.first_overlap_ts is not None else None
-        if a.receives and not a.outcomes:
-            a.notes.append("receive outcomes not traced: failed receives count as held slots")
         if a.gaps:
             a.notes.append(f"{a.gaps} gap(s) where a CPU lost events ({a.lost} known lost); "
                            f"{a.retracted} hit(s) that relied on them withdrawn")
-        if a.kprobe_missed:
-            a.notes.append(f"kprobes missed {a.kprobe_missed} hit(s)")
         return a
 
     def _seconds(self, ts: int) -> float:
@@ -697,13 +769,29 @@ def _round(x: float) -> float:
 # --- text traces ------------------------------------------------------------------
 
 def _text_events(lines: Iterable[str], a: Analysis) -> list[tuple[Any, ...]]:
+    """The events of a text trace.  Nothing is dropped silently: a line that is
+    not an event is counted (unparsed), and a trace in another clock is read
+    (nanoseconds from its "seconds.micros") and named, so the analysis can say
+    its window counts are not evidence."""
     events: list[tuple[Any, ...]] = []
     pending_lost: dict[int, int] = {}
+    seconds: str | None = None           # a "seconds.micros" timestamp seen
+    first_unparsed = ""
     for line in lines:
+        if line.startswith(_TEXT_CLOCK):
+            a.clock = line[len(_TEXT_CLOCK):].strip()
+            continue
+        if line.startswith(_TEXT_PROFILE):
+            parts = line[len(_TEXT_PROFILE):].split()
+            if len(parts) >= 3 and parts[-1].isdigit():
+                a.kprobe_missed += int(parts[-1])
+            continue
         if line.startswith("#"):
             h = _HEADER.search(line)
             if h and int(h.group(1)) < int(h.group(2)):
                 a.lost = int(h.group(2)) - int(h.group(1))
+            continue
+        if not line.strip():
             continue
         lm = _LOST.search(line)
         if lm:
@@ -711,8 +799,15 @@ def _text_events(lines: Iterable[str], a: Analysis) -> list[tuple[Any, ...]]:
             continue
         m = _LINE.search(line)
         if not m:
+            a.unparsed += 1
+            first_unparsed = first_unparsed or line.strip()[:120]
             continue
-        cpu, ts, kind, rest = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+        cpu, kind, rest = int(m.group(1)), m.group(4), m.group(5)
+        if m.group(3) is None:
+            ts = int(m.group(2))
+        else:
+            seconds = seconds or f"{m.group(2)}.{m.group(3)}"
+            ts = int(m.group(2)) * 10**9 + int(m.group(3).ljust(9, "0")[:9])
         if cpu in pending_lost:
             events.append((ts, cpu, "lost", pending_lost.pop(cpu), None))
         if kind in ("rcv", "flush"):
@@ -725,6 +820,15 @@ def _text_events(lines: Iterable[str], a: Analysis) -> list[tuple[Any, ...]]:
             events.append((ts, cpu, kind, None, None))
         elif kind == "tracing_mark_write":
             events.append((ts, cpu, "mark", rest.strip(), None))
+    if seconds is not None and a.clock in ("", "counter"):
+        # a counter never prints a fraction: whatever the header said, this is a
+        # clock counted in nanoseconds (local, global, mono, ...)
+        a.clock = f"in seconds ({seconds})"
+    elif not a.clock:
+        a.notes.append("trace clock not recorded in the trace: its integer timestamps are taken as "
+                       "the counter clock")
+    if a.unparsed:
+        a.notes.append(f"{a.unparsed} line(s) not read as trace events, the first: {first_unparsed!r}")
     # per-CPU buffers are printed merged by timestamp already; sort to be safe (counter clock)
     events.sort(key=lambda e: e[0])
     return events
@@ -899,6 +1003,12 @@ def analyze_raw(path: Path, max_examples: int = 20) -> Analysis:
         an.feed(e)
     prof = rt.tail.get("kprobe_profile", {})
     an.a.kprobe_missed = sum(int(v[1]) for v in prof.values())
+    an.a.clock = str(rt.header.get("clock") or "counter")   # every raw trace before the field: counter
+    for st in rt.tail.get("stats", {}).values():
+        try:
+            an.a.dropped += int(st.get("dropped events", 0))
+        except (TypeError, ValueError):
+            pass
     if not rt.tail:
         an.a.notes.append("trace ends without its tail record (tracer did not finish)")
     return an.finish()
@@ -947,6 +1057,24 @@ def analyze_file(path: Path) -> Analysis:
         return analyze_raw(path)
     with _open_text(path) as f:
         return analyze(f)
+
+
+def merge(ev: dict[str, Any], a: Analysis) -> None:
+    """Fold the host-side analysis of a fetched trace into a target's evidence
+    (what the agent's collect() said), and decide whether its window count is
+    evidence at all: if not, the level is unavailable and the note says why;
+    the raw counts stay (unflushed_hits, overlap_hits) for whoever reads the trace."""
+    a.kprobe_missed = max(a.kprobe_missed, int(ev.get("kprobe_missed") or 0))
+    ev.update(a.to_dict())
+    problems = a.window_problems()
+    if problems:
+        ev["available"] = False
+        ev["note"] = "; ".join(filter(None, [str(ev.get("note") or ""),
+                                             "window not measured: " + "; ".join(problems)]))
+        ev.pop("window_hits", None)
+        return
+    # the scenario decides which interleaving is its race window
+    ev["window_hits"] = ev.get(str(ev.get("measure", "unflushed_hits")), a.window_hits)
 
 
 def window_measure(scenario: str) -> str:

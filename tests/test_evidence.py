@@ -29,8 +29,9 @@ def test_interleaving_is_flagged():
     assert a.examples[0]["cpu"] == 1 and a.examples[0]["unflushed_on"] == {0: 2}
     assert a.first_hit_ts == 1003
     assert a.marks and '"kind":"order"' in a.marks[0]
-    # no return probe in this trace: the analysis says outcomes were unknown
-    assert not a.outcomes and any("outcomes not traced" in n for n in a.notes)
+    # no return probe in this trace: outcomes unknown, so the count is not evidence
+    assert not a.outcomes and any("outcomes not traced" in n for n in a.window_problems())
+    assert a.to_dict()["window_available"] is False
 
 
 def test_serialised_receives_are_clean():
@@ -337,7 +338,9 @@ FIELD_TEXT = {
 
 
 def _fake_tracefs(root: Path, pages: dict[int, bytes]) -> None:
+    (root / "options").mkdir()
     for name, text in (("trace_clock", "local [global] counter\n"), ("buffer_size_kb", "7 (expanded: 1408)\n"),
+                       ("options/overwrite", "0\n"),
                        ("tracing_on", "1\n"), ("kprobe_events", ""), ("trace", ""), ("trace_marker", ""),
                        ("kprobe_profile", "  rcv  40  0\n  rcvret  40  1\n")):
         (root / name).write_text(text)
@@ -376,6 +379,8 @@ def test_tracer_streams_and_restores(tmp_path, monkeypatch):
         assert (root / "trace_clock").read_text() == "counter\n"
         assert (root / "buffer_size_kb").read_text() == "4096\n"
         assert (root / "events/racelab/rcvret/enable").read_text() == "1\n"
+        # a flight recorder needs overwrite on (the stand-in starts with it off)
+        assert (root / "options/overwrite").read_text() == "1\n"
         ev = t.collect()
     probes = (root / "kprobe_events").read_text().splitlines()
     assert probes[:3] == ["p:racelab/rcv __xsk_rcv xs=%di:x64", "r:racelab/rcvret __xsk_rcv ret=$retval:s32",
@@ -385,11 +390,17 @@ def test_tracer_streams_and_restores(tmp_path, monkeypatch):
     assert (root / "trace_clock").read_text() == "global\n"
     assert (root / "buffer_size_kb").read_text() == "1408\n"
     assert (root / "tracing_on").read_text() == "1\n"
+    assert (root / "options/overwrite").read_text() == "0\n"
     assert ev["available"] and ev["format"] == "raw" and ev["measure"] == "unflushed_hits" and ev["note"] == ""
     a = evidence.analyze_file(Path(ev["trace_path"]))
     assert a.receives == 1 and a.failed == 1 and a.kprobe_missed == 1
     rt = evidence.read_raw(Path(ev["trace_path"]))
     assert rt.header["callers"] == {"xsk_generic_rcv": [0x3000, 0x9000]}
+    assert rt.header["clock"] == "counter"
+    # the stand-in's kprobe_profile has a missed return: not evidence
+    assert ev["kprobe_missed"] == 1
+    evidence.merge(ev, a)
+    assert not ev["available"] and "kprobes missed 1" in ev["note"] and "window_hits" not in ev
 
 
 def test_tracer_names_a_missing_flush_probe(tmp_path, monkeypatch):
@@ -439,3 +450,136 @@ def test_streamer_cap_keeps_the_last_events(tmp_path):
     assert s.pages == 2
     a = evidence.analyze_file(tmp_path / "out.trace")
     assert a.receives == 1 and a.flushes == 1 and a.gaps == 1 and a.lost == 9
+
+
+# --- when the window count is not evidence ---------------------------------------------------
+
+def _merged(lines_or_path, **agent):
+    """What fetch_evidence() makes of a trace: the agent's evidence merged with the analysis."""
+    ev = {"available": True, "measure": "unflushed_hits", "note": "", **agent}
+    a = (evidence.analyze_file(lines_or_path) if isinstance(lines_or_path, Path)
+         else evidence.analyze(lines_or_path))
+    evidence.merge(ev, a)
+    return ev, a
+
+
+def test_a_clean_complete_trace_is_evidence_both_ways():
+    ev, _ = _merged(FIX / "veth-reverted-napi.trace")
+    assert ev["available"] and ev["window_hits"] == 14 and ev["window_problems"] == []
+    ev, _ = _merged(FIX / "veth-fixed-failed-receives.trace")
+    assert ev["available"] and ev["window_hits"] == 0
+
+
+def test_a_trace_without_return_probe_is_no_window_evidence():
+    # recorded without the kretprobe: CPU1's receive looks like a hit, but a
+    # failed receive on CPU0 would look the same
+    ev, a = _merged(FIX / "veth-interleaved.trace")
+    assert a.window_hits == 1 and not a.outcomes
+    assert not ev["available"] and "window_hits" not in ev and ev["unflushed_hits"] == 1
+    assert "window not measured: receive outcomes not traced (no return probe)" in ev["note"]
+
+
+def test_tracer_without_a_return_probe_sets_nothing_up(tmp_path, monkeypatch):
+    t, root = _tracer(tmp_path, monkeypatch, ["__xsk_rcv", "__xsk_map_flush"])
+    real = t._w
+
+    def no_kretprobes(name, value, append=False):
+        if name == "kprobe_events" and value.startswith("r:"):
+            raise OSError(22, "Invalid argument")
+        real(name, value, append)
+
+    monkeypatch.setattr(t, "_w", no_kretprobes)
+    with t:
+        assert t.root is None          # torn down at once: no probe slows the receive path
+        ev = t.collect()
+    assert not ev["available"]
+    assert "no return probe on __xsk_rcv" in ev["note"] and "cannot kretprobe __xsk_rcv (Invalid argument)" in ev["note"]
+    # the entry probe it did register is gone again, and the clock and overwrite are restored
+    events = (root / "kprobe_events").read_text().splitlines()
+    assert events[0].startswith("p:racelab/rcv ") and "-:racelab/rcv" in events
+    assert (root / "trace_clock").read_text() == "global\n"
+    assert (root / "options/overwrite").read_text() == "0\n"
+    assert not (tmp_path / "out.trace").exists()
+
+
+def test_kprobe_misses_make_the_window_unavailable():
+    lines = (FIX / "veth-reverted-napi.trace").read_text().splitlines()
+    # as collect() saves a text trace: clock and kprobe_profile on top
+    ev, a = _merged(["# racelab trace_clock: counter", "# racelab kprobe_profile: rcv 320 0",
+                     "# racelab kprobe_profile: rcvret 320 3"] + lines)
+    assert a.window_hits == 14 and a.kprobe_missed == 3 and a.clock == "counter"
+    assert not ev["available"] and "window_hits" not in ev and "kprobes missed 3 hit(s)" in ev["note"]
+    # misses the agent read (kprobe_profile at collect time) count even if the file lacks them
+    ev, _ = _merged(lines, kprobe_missed=2, note="earlier note")
+    assert not ev["available"] and ev["note"].startswith("earlier note; window not measured: kprobes missed 2")
+    ev, _ = _merged(lines, kprobe_missed=0)
+    assert ev["available"] and ev["window_hits"] == 14
+
+
+def test_text_trace_in_another_clock_is_read_and_named():
+    lines = (FIX / "veth-reverted-napi.trace").read_text().splitlines()
+    # the same trace as the `global` clock prints it: "SECONDS.MICROS:"
+    secs = [re.sub(r"(\]\s+\S+\s+)(\d+):", lambda m: f"{m.group(1)}{int(m.group(2)) // 10**6}."
+                   f"{int(m.group(2)) % 10**6:06d}:", l) for l in lines]
+    assert secs != lines
+    counter = evidence.analyze(lines)
+    a = evidence.analyze(secs)
+    # every event read (nothing dropped), in the same order
+    assert (a.receives, a.failed, a.flushes, a.window_hits) == (counter.receives, counter.failed,
+                                                               counter.flushes, counter.window_hits)
+    assert a.receives > 100 and a.clock.startswith("in seconds (0.6379")
+    ev, _ = _merged(secs)
+    assert not ev["available"] and "window_hits" not in ev
+    assert "trace clock in seconds (0.6379" in ev["note"] and "not counter" in ev["note"]
+    # a clock named by collect()'s header line, with integer timestamps
+    ev, _ = _merged(["# racelab trace_clock: x86-tsc"] + lines)
+    assert not ev["available"] and "trace clock x86-tsc, not counter" in ev["note"]
+    # the counter clock named: evidence, and no "not recorded" note
+    ev, a = _merged(["# racelab trace_clock: counter"] + lines)
+    assert ev["available"] and not any("not recorded" in n for n in a.notes)
+
+
+def test_unreadable_lines_are_counted_not_dropped():
+    lines = _rx(0, 1, 0) + ["  x-1 [001] ..s1. 7: rcv (garbled" ] + _rx(1, 10, 0)
+    ev, a = _merged(lines)
+    assert a.unparsed == 1 and any("garbled" in n for n in a.notes)
+    assert not ev["available"] and "1 trace line(s) not read as events" in ev["note"]
+
+
+def _raw_with(tmp_path, header=None, tail=None):
+    page = _page(1, _event(0, _payload("rcv", 0x10)) + _event(1, _payload("rcvret", (0, 0))))
+    p = tmp_path / "t.raw"
+    h = {"page_size": 4096, "cpus": [0, 1], "callers": {},
+         "events": {str(IDS[k]): {"name": k, "fields": FIELDS[k]} for k in IDS}, **(header or {})}
+    out = evidence.RAW_MAGIC
+    for tag, cpu, d in [(b"HEAD", 0, evidence.json.dumps(h).encode()), (b"PAGE", 0, page),
+                        (b"TAIL", 0, evidence.json.dumps(tail or {}).encode())]:
+        out += struct.pack("<4sII", tag, cpu, len(d)) + d
+    p.write_bytes(out)
+    return p
+
+
+def test_raw_trace_clock_and_dropped_events(tmp_path):
+    ev, a = _merged(_raw_with(tmp_path, tail={"stats": {"0": {"dropped events": "0"}}}))
+    assert ev["available"] and a.clock == "counter" and a.dropped == 0
+    ev, a = _merged(_raw_with(tmp_path, header={"clock": "global"}))
+    assert not ev["available"] and "trace clock global, not counter" in ev["note"]
+    # overwrite was off: a full buffer refused events and marked no page
+    ev, a = _merged(_raw_with(tmp_path, tail={"stats": {"0": {"dropped events": "0"}, "1": {"dropped events": "17"}}}))
+    assert a.dropped == 17 and not ev["available"] and "17 event(s) dropped" in ev["note"]
+
+
+def test_tracer_text_trace_names_clock_and_misses(tmp_path, monkeypatch):
+    t, root = _tracer(tmp_path, monkeypatch, ["__xsk_rcv", "__xsk_map_flush"])
+    t.opts = {**t.opts, "stream": False}
+    with t:
+        (root / "trace").write_text((FIX / "veth-reverted-napi.trace").read_text())   # what the kernel recorded
+        ev = t.collect()
+    assert ev["format"] == "text" and ev["kprobe_missed"] == 1
+    text = Path(ev["trace_path"]).read_text().splitlines()
+    assert text[:3] == ["# racelab trace_clock: counter", "# racelab kprobe_profile: rcv 40 0",
+                        "# racelab kprobe_profile: rcvret 40 1"]
+    a = evidence.analyze_file(Path(ev["trace_path"]))
+    assert a.kprobe_missed == 1 and a.window_hits == 14
+    evidence.merge(ev, a)
+    assert not ev["available"] and "kprobes missed 1" in ev["note"]
