@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lab.amplifier import METHODS as AMPLIFIER_METHODS
+from lab.amplifier import check_probe_spec
 from lab.config import parse_duration
 from lab.run import BadInput, project_root
 from lab.topology import TopologySpec, VethSpec
@@ -106,7 +108,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "confidence": (lambda v: isinstance(v, float) and 0.5 <= v < 1, "a number in [0.5, 1)"),
     },
     "amplifier": {
+        "method": (lambda v: v in AMPLIFIER_METHODS, "one of " + ", ".join(AMPLIFIER_METHODS)),
         "widen_rx_ns": (lambda v: _nonneg(v) and v <= 1_000_000, "an integer 0..1000000 (ns)"),
+        "delay_ns": (lambda v: _nonneg(v) and v <= 1_000_000, "an integer 0..1000000 (ns)"),
+        "probe": (check_probe_spec, '"" (found per kernel) or SYMBOL+OFFSET[,SYMBOL+OFFSET...]'),
     },
     "mitigations": {m: (lambda v: v in ("prevents", "no-effect"), "prevents or no-effect")
                     for m in MITIGATIONS},
@@ -187,7 +192,8 @@ def from_data(raw: Mapping[str, Any], path: str = "<data>",
 
 OPTIONAL_SECTIONS = {"amplifier": {"widen_rx_ns": 0}}
 # fields added after scenarios were written: their default when a file leaves them out
-OPTIONAL_FIELDS = {"vm": {"silence": "60s", "stalls": "auto"}}
+OPTIONAL_FIELDS = {"vm": {"silence": "60s", "stalls": "auto"},
+                   "amplifier": {"method": "auto", "delay_ns": 0, "probe": ""}}
 
 
 def validate(data: Mapping[str, Any]) -> list[str]:
