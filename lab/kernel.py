@@ -41,6 +41,9 @@ from lab.run import BadInput, BuildFailed, RacelabError, cache_dir, log, project
 
 KEY_SCHEME = 1          # bump when the build procedure changes what a key produces
 DEFAULT_FRAGMENT = "config/lab.config"
+SUMS = "sha256sums"     # in each entry, `sha256sum -c` format: every artifact file's hash
+# entry files that are bookkeeping, not artifacts (they change, or say how it was made)
+_UNHASHED = {"meta.json", "used", "build.log", SUMS}
 
 
 def kernels_root() -> Path:
@@ -396,6 +399,74 @@ def load_artifact(entry: Path) -> KernelArtifact | None:
     return art if art.bzimage.is_file() else None
 
 
+def _artifact_files(entry: Path) -> list[Path]:
+    """Every file of an entry that a run uses (bzImage, config, System.map, vmlinux, modules)."""
+    return sorted(p for p in entry.rglob("*")
+                  if p.is_file() and p.relative_to(entry).as_posix() not in _UNHASHED)
+
+
+def _record_sums(entry: Path) -> None:
+    lines = [f"{sources.sha256_file(p)}  {p.relative_to(entry).as_posix()}\n" for p in _artifact_files(entry)]
+    sources.atomic_write(entry / SUMS, "".join(lines))
+
+
+def _recorded_sums(entry: Path) -> dict[str, str] | None:
+    """relative path -> sha256 as recorded when the entry was made; None if it has none."""
+    try:
+        text = (entry / SUMS).read_text()
+    except OSError:
+        return None
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        digest, _, name = line.partition("  ")
+        if name:
+            out[name] = digest
+    return out
+
+
+def _bzimage_whole(path: Path) -> str:
+    """What is wrong with a bzImage shorter than its boot header says ((setup_sects + 1)
+    * 512 + syssize * 16 bytes; a signed image is longer); empty if nothing."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(0x206)
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if len(head) < 0x206 or head[0x202:0x206] != b"HdrS":
+        return f"no boot header ({size} bytes)"
+    want = ((head[0x1F1] or 4) + 1) * 512 + int.from_bytes(head[0x1F4:0x1F8], "little") * 16
+    return "" if size >= want else f"truncated: {size} bytes, its header says {want}"
+
+
+def _corruption(entry: Path) -> str:
+    """The first artifact file whose hash is not the one recorded when the entry
+    was made (and how); empty if every one matches.
+
+    An entry made before hashes were recorded gets them now (trust on first
+    use) if its bzImage is as long as its header says: such an entry was
+    complete when it was renamed into place, and rebuilding every older entry
+    would cost a full kernel build each; the header check still catches a
+    truncated bzImage, the damage seen in practice."""
+    sums = _recorded_sums(entry)
+    if sums is None:
+        bad = _bzimage_whole(entry / "bzImage")
+        if bad:
+            return f"bzImage {bad} (no hashes recorded)"
+        _record_sums(entry)
+        log.info("[kernel] cache entry %s was made before hashes were recorded: recorded them now "
+                 "(its bzImage is whole by its header; the other files are trusted as they are)", entry.name)
+        return ""
+    for name, digest in sums.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        got = sources.sha256_file(path)
+        if got != digest:
+            return f"{name} does not match its recorded sha256 ({path.stat().st_size} bytes, {got[:12]} != {digest[:12]})"
+    return ""
+
+
 def _touch(entry: Path) -> None:
     """Mark a use: the mtime orders gc, the content (unique per use) tells gc the entry
     was used after it listed it, however coarse the file system's clock."""
@@ -470,6 +541,7 @@ def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = Fals
                 art = _fetch(p, tmp)
             art = art.relocated(entry) if art.dir != entry else art
             (tmp / "meta.json").write_text(art.to_json())
+            _record_sums(tmp)
             if entry.exists():                       # an entry without vmlinux, upgraded
                 old = store() / f".old-{p.key}-{os.getpid()}"
                 os.replace(entry, old)
@@ -492,6 +564,11 @@ def _usable(entry: Path, want_vmlinux: bool, spec: KernelSpec) -> KernelArtifact
     (a catalog name, debsrc:...+patch), and `affected` follows the spec."""
     art = load_artifact(entry)
     if art is None or (want_vmlinux and art.vmlinux is None and sources.parse_source(art.source).builds):
+        return None
+    bad = _corruption(entry)
+    if bad:
+        again = "rebuilding it" if sources.parse_source(art.source).builds else "fetching it again"
+        log.warning("[kernel] cache entry %s (%s) is corrupt: %s; %s", entry.name, spec.name, bad, again)
         return None
     return dataclasses.replace(art, name=spec.name, affected=spec.affected)
 

@@ -965,6 +965,117 @@ def test_cache_hit_is_named_as_asked(fake_kernel, cache):
     assert a.key == b.key and (b.name, b.affected) == ("second", None)
 
 
+
+# ---------------------------------------------------------------- corrupt cache entries
+
+
+def whole_bzimage(path: Path, version: str, size: int = 300_000) -> Path:
+    """A fake bzImage whose boot header says how long it is (setup_sects, syssize), as a real one's does."""
+    fake_bzimage(path, version)
+    data = bytearray(path.read_bytes()) + bytearray(size - 0x1000)
+    data[0x1F1] = 7                                          # (7 + 1) * 512 setup bytes
+    data[0x1F4:0x1F8] = ((size - 8 * 512) // 16).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _counting(monkeypatch, name):
+    calls = []
+    real = getattr(kernel, name)
+
+    def wrapped(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernel, name, wrapped)
+    return calls
+
+
+def test_entry_records_the_hash_of_every_artifact_file(fake_kernel, cache):
+    tb, frag = fake_kernel
+    art = kernel.ensure(kernel.KernelSpec("fake", f"tarball:{tb}", (), (str(frag),), ()), progress=False,
+                        want_vmlinux=True)
+    sums = dict(reversed(line.split("  ")) for line in (art.dir / kernel.SUMS).read_text().splitlines())
+    assert set(sums) == {"bzImage", "config", "System.map", "vmlinux"}
+    assert sums["bzImage"] == sources.sha256_file(art.bzimage)
+    # the same format `sha256sum -c` reads
+    assert subprocess.run(["sha256sum", "-c", "--quiet", kernel.SUMS], cwd=art.dir).returncode == 0
+
+
+def test_truncated_bzimage_of_a_source_build_is_rebuilt(fake_kernel, cache, monkeypatch, caplog):
+    tb, frag = fake_kernel
+    spec = kernel.KernelSpec("fake", f"tarball:{tb}", (), (str(frag),), ())
+    art = kernel.ensure(spec, progress=False)
+    good = art.bzimage.read_bytes()
+    builds = _counting(monkeypatch, "_build")
+    with caplog.at_level("INFO", logger="racelab"):
+        assert kernel.ensure(spec, progress=False) == art          # intact: a plain hit, nothing said
+    assert builds == [] and not [r for r in caplog.records if r.levelname == "WARNING"]
+    os.truncate(art.bzimage, 10)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="racelab"):
+        again = kernel.ensure(spec, progress=False)
+    assert builds == [1] and again.bzimage.read_bytes() == good
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and art.key in warned[0] and "bzImage does not match its recorded sha256" in warned[0]
+    assert "(10 bytes" in warned[0] and "rebuilding it" in warned[0]
+    assert not list((cache / "kernels").glob(".old-*")) and not list((cache / "kernels").glob(".tmp-*"))
+    assert kernel.ensure(spec, progress=False).bzimage.read_bytes() == good and builds == [1]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "system_map", "config_gone"])
+def test_damaged_fetched_entry_is_fetched_again(tmp_path, cache, monkeypatch, caplog, damage):
+    bz = whole_bzimage(tmp_path / "bzImage", "6.1.99-mine")
+    (tmp_path / "System.map").write_text("ffffffff81000000 T _text\n")
+    (tmp_path / ".config").write_text("CONFIG_XDP_SOCKETS=y\n")
+    spec = kernel.resolve(f"bzimage:{bz}")
+    art = kernel.ensure(spec, progress=False)
+    fetches = _counting(monkeypatch, "_fetch")
+    if damage == "truncate":                         # what the issue did: truncate -s 100000 bzImage
+        subprocess.run(["truncate", "-s", "100000", str(art.bzimage)], check=True)
+        file = "bzImage does not match"
+    elif damage == "system_map":
+        art.system_map.write_text("ffffffff81000000 T _stext\n")
+        file = "System.map does not match"
+    else:
+        art.config.unlink()
+        file = "config is missing"
+    with caplog.at_level("INFO", logger="racelab"):
+        again = kernel.ensure(spec, progress=False)
+    assert fetches == [1] and again.bzimage.read_bytes() == bz.read_bytes()
+    assert again.config.read_text() == "CONFIG_XDP_SOCKETS=y\n"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and art.key in warned[0] and file in warned[0] and "fetching it again" in warned[0]
+
+
+def test_entry_without_recorded_hashes(tmp_path, cache, monkeypatch, caplog):
+    """An entry from before hashes were kept: hashes recorded on its first use if its
+    bzImage is as long as its header says; a truncated one is made again."""
+    bz = whole_bzimage(tmp_path / "bzImage", "6.1.5")
+    spec = kernel.resolve(f"bzimage:{bz}")
+    art = kernel.ensure(spec, progress=False)
+    (art.dir / kernel.SUMS).unlink()
+    fetches = _counting(monkeypatch, "_fetch")
+    with caplog.at_level("INFO", logger="racelab"):
+        assert kernel.ensure(spec, progress=False) == art
+    assert fetches == [] and (art.dir / kernel.SUMS).is_file()
+    assert any("made before hashes were recorded" in r.getMessage() and art.key in r.getMessage()
+               for r in caplog.records)
+    # from now on it is verified
+    art.bzimage.write_bytes(art.bzimage.read_bytes()[:-1] + b"x")
+    kernel.ensure(spec, progress=False)
+    assert fetches == [1]
+    # older entry, truncated before anyone recorded its hash: the header tells
+    (art.dir / kernel.SUMS).unlink()
+    os.truncate(art.bzimage, 100_000)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="racelab"):
+        kernel.ensure(spec, progress=False)
+    assert fetches == [1, 1] and art.bzimage.stat().st_size == 300_000
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "bzImage truncated: 100000 bytes, its header says 300000" in warned[0]
+
+
 # ---------------------------------------------------------------- ccache and .incbin
 
 INCBIN_S = '.section .rodata\n.globl blob\nblob:\n.incbin "blob.bin"\n'
