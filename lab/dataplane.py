@@ -1,4 +1,4 @@
-"""The C data plane: building xskcheck/xsksend, their argv, and their output.
+"""The C data plane: building xskcheck/xsksend/xskamp, their argv, and their output.
 
 The binaries live in csrc/ (see the comments at the top of each file).  They
 are static, so the same build runs on the host and in any guest.  A build is
@@ -60,7 +60,11 @@ INJECT_KINDS: tuple[str, ...] = VIOLATION_KINDS
 SENDER_INJECT_KINDS: tuple[str, ...] = ("sequence", "checksum")
 
 EVENT_TYPES: tuple[str, ...] = ("ready", "violation", "stats", "done")
-BINARIES: tuple[str, ...] = ("xskcheck", "xsksend")
+BINARIES: tuple[str, ...] = ("xskcheck", "xsksend", "xskamp")
+# xskamp's busy-wait loops (csrc/xskamp.c): auto tries bpf_loop() (Linux 5.17) first.
+AMPLIFIER_LOOPS: tuple[str, ...] = ("auto", "bpf_loop", "bounded")
+AMPLIFIER_MAX_PROBES = 16
+AMPLIFIER_MAX_DELAY_NS = 1_000_000   # more is a stall of the receive path, not a window
 
 _SRC_SUFFIXES = (".c", ".h")
 _SRC_NAMES = ("Makefile",)
@@ -373,12 +377,70 @@ def sender_argv(bin_dir: str | os.PathLike[str], *, dev: str, dst_mac: str, src_
     return argv
 
 
+_PROBE = re.compile(r"^([A-Za-z0-9_.]{1,127})(?:\+(0[xX][0-9a-fA-F]+|[0-9]+))?$")
+
+
+def parse_probe(spec: str) -> tuple[str, int] | None:
+    """"SYM", "SYM+123" or "SYM+0x7a" -> (SYM, offset); None if malformed.
+    The same grammar as xskamp's --probe (SYM alone is SYM+0)."""
+    m = _PROBE.match(spec) if isinstance(spec, str) else None
+    if m is None:
+        return None
+    digits = m.group(2) or "0"
+    off = int(digits, 16) if digits[:2] in ("0x", "0X") else int(digits)   # "010" is ten, not eight
+    return (m.group(1), off) if off <= 0xFFFFF else None
+
+
+def probe_name(sym: str, off: int) -> str:
+    """The form xskamp reports a probe in: SYM+0xOFF."""
+    return f"{sym}+{off:#x}"
+
+
+def amplifier_argv(bin_dir: str | os.PathLike[str], *, probes: Sequence[str], delay_ns: int = 0,
+                   loop: str = "auto", stats_ms: int = 1000, duration: float = 0.0) -> list[str]:
+    """argv for xskamp; every bad option is reported at once (BadInput).
+    probes: SYM+OFF each (OFF decimal or 0x hex), at most 16, no two the same;
+    delay_ns: the BPF busy-wait per hit (0: the kprobe's trap alone)."""
+    p: list[str] = []
+    if isinstance(probes, str):
+        p.append(f"probes: a list of SYM+OFF, got the string {probes!r}")
+        probes = [probes]
+    lst = list(probes)
+    _check(p, 1 <= len(lst) <= AMPLIFIER_MAX_PROBES,
+           f"probes: 1..{AMPLIFIER_MAX_PROBES} of them, got {len(lst)}")
+    seen: dict[str, str] = {}
+    for spec in lst:
+        parsed = parse_probe(spec)
+        if parsed is None:
+            p.append(f"probes: bad probe {spec!r} (SYM+OFF, OFF decimal or 0x hex up to 0xfffff, "
+                     "e.g. __xsk_rcv_zc+0x7a)")
+            continue
+        name = probe_name(*parsed)
+        if name in seen:
+            p.append(f"probes: {spec!r} is the same probe as {seen[name]!r}")
+        seen[name] = spec
+    _check(p, isinstance(delay_ns, int) and not isinstance(delay_ns, bool)
+           and 0 <= delay_ns <= AMPLIFIER_MAX_DELAY_NS,
+           f"delay_ns: an integer 0..{AMPLIFIER_MAX_DELAY_NS} (0 = the probe's trap only), got {delay_ns!r}")
+    _check(p, loop in AMPLIFIER_LOOPS, f"loop: one of {', '.join(AMPLIFIER_LOOPS)}; got {loop!r}")
+    _check(p, 10 <= stats_ms <= 3_600_000, f"stats_ms: 10..3600000, got {stats_ms}")
+    _check(p, duration >= 0, f"duration: >= 0 seconds (0 = until stopped), got {duration}")
+    _raise(p, "xskamp")
+
+    argv = [os.fspath(Path(bin_dir) / "xskamp")]
+    for spec in lst:
+        argv += ["--probe", spec]
+    argv += ["--delay-ns", str(delay_ns), "--loop", loop, "--stats-ms", str(stats_ms),
+             "--duration", _num(duration)]
+    return argv
+
+
 # ---------------------------------------------------------------- CLI
 
 def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab.dataplane", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build xskcheck and xsksend; print their directory")
+    b = sub.add_parser("build", help="build xskcheck, xsksend and xskamp; print their directory")
     b.add_argument("--force", action="store_true", help="rebuild even if the cached build is complete")
     args = ap.parse_args(argv)
     try:

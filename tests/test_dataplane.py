@@ -288,3 +288,107 @@ def test_missing_static_libc_is_bad_input_naming_libc6_dev(tmp_path, monkeypatch
     with pytest.raises(BadInput, match="static glibc") as e:
         dp.build()
     assert "libc6-dev" in e.value.hint
+
+
+# ------------------------------------------------------------------ xskamp (the run-time amplifier)
+
+def test_amplifier_argv_defaults_and_several_probes():
+    argv = dp.amplifier_argv(BIN, probes=["__xsk_rcv_zc+0x7a", "xsk_flush+16"], delay_ns=4000)
+    assert argv == ["/opt/bin/xskamp", "--probe", "__xsk_rcv_zc+0x7a", "--probe", "xsk_flush+16",
+                    "--delay-ns", "4000", "--loop", "auto", "--stats-ms", "1000", "--duration", "0"]
+    argv = dp.amplifier_argv(BIN, probes=("f",), loop="bounded", stats_ms=250, duration=2.5)
+    assert " ".join(argv).endswith("--probe f --delay-ns 0 --loop bounded --stats-ms 250 --duration 2.5")
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("__xsk_rcv_zc+0x7a", ("__xsk_rcv_zc", 0x7A)), ("__xsk_rcv_zc+122", ("__xsk_rcv_zc", 122)),
+    ("f", ("f", 0)), ("f.cold+0X1F", ("f.cold", 0x1F)), ("f+010", ("f", 10)),
+])
+def test_probe_specs_parse_like_xskamp(spec, parsed):
+    assert dp.parse_probe(spec) == parsed
+    assert dp.probe_name(*parsed) == f"{parsed[0]}+{parsed[1]:#x}"
+
+
+@pytest.mark.parametrize("spec", ["", "+0x7a", "f+", "f+0x", "f+1x", "f+-4", "f+0x7a+1", "f g+1",
+                                  "f/g+1", "f+0x100000", "x" * 128])
+def test_bad_probe_specs_are_refused_naming_the_probe(spec):
+    assert dp.parse_probe(spec) is None
+    with pytest.raises(BadInput, match="bad probe") as e:
+        dp.amplifier_argv(BIN, probes=[spec])
+    assert repr(spec) in str(e.value) and "SYM+OFF" in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"delay_ns": -1}, "delay_ns: an integer 0..1000000"),
+    ({"delay_ns": 1_000_001}, "delay_ns"),
+    ({"delay_ns": 2.5}, "delay_ns"),
+    ({"delay_ns": True}, "delay_ns"),
+    ({"loop": "unrolled"}, "loop: one of auto, bpf_loop, bounded"),
+    ({"stats_ms": 5}, "stats_ms"),
+    ({"duration": -1}, "duration"),
+    ({"probes": []}, "probes: 1..16"),
+    ({"probes": [f"f+{i}" for i in range(17)]}, "probes: 1..16"),
+    ({"probes": "__xsk_rcv_zc+0x7a"}, "a list of SYM+OFF"),
+    ({"probes": ["f+0x10", "f+16"]}, "'f+16' is the same probe as 'f+0x10'"),
+])
+def test_amplifier_argv_rejects(kwargs, needle):
+    with pytest.raises(BadInput, match=re.escape(needle)):
+        dp.amplifier_argv(BIN, **{"probes": ["f+0"], **kwargs})
+
+
+def test_amplifier_argv_lists_every_problem():
+    with pytest.raises(BadInput) as e:
+        dp.amplifier_argv(BIN, probes=["ok+1", "bad+"], delay_ns=-5, loop="x", stats_ms=0, duration=-2)
+    msg = str(e.value)
+    for field in ["probes: bad probe 'bad+'", "delay_ns:", "loop:", "stats_ms:", "duration:"]:
+        assert field in msg
+    assert "ok+1" not in msg
+
+
+def test_xskamp_is_built_and_in_the_binaries():
+    assert "xskamp" in dp.BINARIES
+    assert "$(OUT)/xskamp" in (project_root() / "csrc" / "Makefile").read_text()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--probe", "f+1x"], "bad --probe"),
+    (["--probe", "f+0x10", "--probe", "f+16"], "the same --probe twice 'f+0x10'"),
+    (["--probe", "f", "--delay-ns", "-1"], "bad --delay-ns"),
+    (["--probe", "f", "--loop", "unrolled"], "bad --loop"),
+    ([], "at least one --probe"),
+])
+def test_xskamp_checks_its_arguments_without_a_kernel(built, args, needle):
+    p = subprocess.run([str(built / "xskamp"), *args], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2 and needle in p.stderr and "usage" in p.stderr
+    assert p.stdout == ""
+
+
+def test_xskamp_accepts_what_amplifier_argv_builds(built):
+    """The Python grammar and the C one agree: a valid argv gets past argument
+    parsing (on a kernel without kprobes it then stops at the PMU, naming it)."""
+    import os
+    argv = dp.amplifier_argv(built, probes=["__xsk_rcv_zc+0x7a", "f.cold+10"], delay_ns=4000,
+                             loop="bounded", stats_ms=100, duration=0.1)
+    if os.path.exists("/sys/bus/event_source/devices/kprobe/type"):
+        pytest.skip("this kernel has a kprobe PMU: the probes would really be placed (see test_amplifier_vm)")
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2 and "usage" not in p.stderr
+    assert "no kprobe PMU" in p.stderr and "CONFIG_KPROBE_EVENTS" in p.stderr
+    assert p.stdout == ""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("loop", ["bpf_loop", "bounded"])
+def test_the_delay_program_passes_this_kernels_verifier_and_waits_n_ns(built, loop):
+    """Both busy-wait loops, as the host kernel's verifier sees them (run as a
+    socket filter: this host has no kprobes): every run waits at least N, the
+    average stays near N, and the bound never cut a loop short."""
+    p = subprocess.run([str(built / "xskamp"), "--try-prog", "2000", "--delay-ns", "4000", "--loop", loop],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    ready, done = [json.loads(x) for x in p.stdout.splitlines()]
+    assert ready["type"] == "ready" and ready["loop"] == loop and ready["delay_ns"] == 4000
+    assert done["type"] == "done" and done["retval"] == 1     # 1: the perf event still counts the hit
+    assert done["runs"] == 2000 and done["capped"] == 0
+    assert 4000 <= done["waited_ns_avg"] < 4000 * 3, done
+    assert done["waited_ns_total"] >= 2000 * 4000
