@@ -83,13 +83,18 @@ def cmd_run(a: argparse.Namespace) -> int:
         from lab import dataplane
         if cfg.inject not in dataplane.INJECT_KINDS:
             raise BadInput(f"unknown --inject {cfg.inject!r}", hint=f"one of: {', '.join(dataplane.INJECT_KINDS)}")
-    if cfg.backend == "netns":
-        if cfg.kernels:
-            raise BadInput("--kernel needs --backend vm", hint="the netns backend tests this machine's kernel")
-        outcome = session.run_netns(cfg, progress=not a.json)
-    else:
-        from lab import fleet
-        outcome = fleet.run_vm(cfg, progress=not a.json)
+    if cfg.backend == "netns" and cfg.kernels:
+        raise BadInput("--kernel needs --backend vm", hint="the netns backend tests this machine's kernel")
+    try:
+        if cfg.backend == "netns":
+            outcome = session.run_netns(cfg, progress=not a.json)
+        else:
+            from lab import fleet
+            outcome = fleet.run_vm(cfg, progress=not a.json)
+    except session.Interrupted as e:
+        if e.outcome is not None:   # the evidence so far: table and summary.json, then exit 130
+            _report(e.outcome, cfg, a.json)
+        raise
     return _report(outcome, cfg, a.json)
 
 
@@ -109,7 +114,13 @@ def cmd_repro(a: argparse.Namespace) -> int:
 
     budget = parse_duration(a.budget, "--budget") if a.budget else None
     cfg = build_config(a, default_backend="vm", duration=budget)
-    outcome = repro.run_repro(cfg, budget_given=budget is not None, progress=not a.json)
+    from lab.session import Interrupted
+    try:
+        outcome = repro.run_repro(cfg, budget_given=budget is not None, progress=not a.json)
+    except Interrupted as e:
+        if e.outcome is not None:
+            _report_repro(e.outcome, cfg, a.json)
+        raise
     return _report_repro(outcome, cfg, a.json)
 
 
@@ -317,8 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RacelabError as e:
         print(f"racelab: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("racelab: interrupted; everything started was torn down", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        kept = getattr(e, "outcome", None)
+        print("racelab: interrupted; everything started was torn down"
+              + (f"; the results so far are in {kept.out} (every row INCONCLUSIVE)" if kept else ""),
+              file=sys.stderr)
         return 130
     except OSError as e:
         # a file the user named (--out, a scenario path) or the machine itself (no disk):

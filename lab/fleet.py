@@ -28,7 +28,8 @@ from lab import report
 from lab.config import RunConfig, parse_duration
 from lab.run import BadInput, InfraError, LostVM, log, require_root
 from lab.scenario import Scenario, from_data
-from lab.session import Outcome, Progress, finish, results_dir, rows_from_targets, _trace_opts
+from lab.session import (Interrupted, Outcome, Progress, _trace_opts, finish, results_dir,
+                         rows_from_targets)
 from lab.verdict import Row
 from lab.workload import TargetResult, agent_spec, fetch_evidence, run_target, write_json
 
@@ -400,6 +401,7 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
                          events_file=_Sink(), alive=alive, silence=silence)
     if cancel is not None and cancel.is_set():
         res.infra_error = "interrupted"
+        res.interrupted = True   # its counts so far go into an INCONCLUSIVE (interrupted) row
         return res
     record_splats(res, splat_events, stalls, seen_at=splat_seen)
     ev_dir = out / "evidence"
@@ -499,7 +501,10 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
             # Ctrl-C: stop every agent; each fleet then tears itself down
             log.info("interrupted: stopping agents and destroying guests")
             cancel.set()
-        _join_all(workers, stop_all)
+        try:
+            _join_all(workers, stop_all)
+        except KeyboardInterrupt:
+            raise Interrupted(partial=runs) from None   # every fleet is down; run_vm keeps the counts
     errors = [w.error for w in workers if w.error is not None]
     for e in errors:
         if isinstance(e, BadInput):
@@ -526,15 +531,19 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
     out = results_dir(cfg)
     (out / "config.json").write_text(cfg.to_json())
     prog = Progress(progress)
+    interrupted = False
     try:
         runs = run_fleets(cfg, s, names, artifacts, img, out, prog)
+    except Interrupted as e:
+        runs, interrupted = e.partial, True   # finish() writes them, then raises Interrupted again
     finally:
         prog.close()
     rows: list[Row] = []
     targets: list[TargetResult] = []
     kmeta = {}
     for kr in runs:
-        rows.append(rows_from_targets(kr.name, kr.targets, kr.wall, s["run"]["confidence"], vms=cfg.vms))
+        rows.append(rows_from_targets(kr.name, kr.targets, kr.wall, s["run"]["confidence"], vms=cfg.vms,
+                                      interrupted=interrupted))
         targets += kr.targets
         a = kr.artifact
         kmeta[kr.name] = {"key": getattr(a, "key", ""), "version": getattr(a, "version", ""),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.config import RunConfig, fmt_duration, to_jsonable
-from lab.verdict import NOT_REPRODUCED, REPRODUCED, Row, level_text, verdict_text
+from lab.verdict import NOT_REPRODUCED, REPRODUCED, Row, kinds_text, level_text, verdict_text
 
 
 def provenance(cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -54,6 +54,8 @@ def provenance(cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[str,
 def row_dict(row: Row) -> dict[str, Any]:
     d = to_jsonable(row)
     d["violations"] = row.violations
+    d["onsets"] = row.onsets
+    d["kinds_text"] = kinds_text(row)
     d["verdict_text"] = verdict_text(row)
     d["rate_text"] = level_text(row.corruption, row.packets, row.confidence)
     d["window_text"] = level_text(row.window, row.packets, row.confidence)
@@ -71,8 +73,8 @@ def print_table(rows: list[Row], title: str) -> None:
                 f"corruption rate ({pct})", "window hits", "verdict"):
         t.add_column(col, overflow="fold")
     for r in rows:
-        kinds = ", ".join(f"{k}={n}" for k, n in sorted(r.by_kind.items())) or "-"
-        first = fmt_duration(r.first_violation_s) if r.first_violation_s is not None else "-"
+        kinds = kinds_text(r)
+        first = first_text(r)
         window = (str(r.window.count) if r.window.available else "n/a")
         style = {REPRODUCED: "bold red", NOT_REPRODUCED: "bold green"}.get(r.verdict, "bold yellow")
         t.add_row(r.kernel, str(r.vms), fmt_duration(r.wall), f"{r.packets:,}", kinds, first,
@@ -81,6 +83,14 @@ def print_table(rows: list[Row], title: str) -> None:
     import sys
     width = shutil.get_terminal_size((140, 24)).columns if sys.stdout.isatty() else 220
     Console(width=max(140, width)).print(t)
+
+
+def first_text(r: Row) -> str:
+    """Time to first violation, from the senders' ready line (or, said so, from load start)."""
+    if r.first_violation_s is None:
+        return "-"
+    text = fmt_duration(r.first_violation_s)
+    return text + " (from load start)" if r.first_violation_origin == "load start" else text
 
 
 def _short(text: str, n: int = 160) -> str:
@@ -95,6 +105,7 @@ def write_junit(path: Path, rows: list[Row], suite: str, expected: dict[str, str
         tc = ET.SubElement(ts, "testcase", classname=suite, name=r.kernel, time=f"{r.wall:.1f}")
         props = ET.SubElement(tc, "properties")
         for k, v in (("verdict", r.verdict), ("packets", r.packets), ("violations", r.violations),
+                     ("onsets", r.onsets), ("seconds", r.seconds),
                      ("first_violation_s", r.first_violation_s), ("rate", level_text(r.corruption, r.packets, r.confidence)),
                      ("window_hits", r.window.count if r.window.available else "n/a"),
                      ("expected", expected.get(r.kernel, ""))):
@@ -121,8 +132,8 @@ def write_html(path: Path, title: str, rows: list[Row], targets: list[dict[str, 
     colors = {REPRODUCED: "#c0392b", NOT_REPRODUCED: "#27ae60"}
     trs = []
     for r in rows:
-        kinds = ", ".join(f"{k}={n}" for k, n in sorted(r.by_kind.items())) or "-"
-        first = fmt_duration(r.first_violation_s) if r.first_violation_s is not None else "-"
+        kinds = kinds_text(r)
+        first = first_text(r)
         trs.append(
             f"<tr><td>{esc(r.kernel)}</td><td>{r.vms}</td><td>{fmt_duration(r.wall)}</td>"
             f"<td>{r.packets:,}</td><td>{esc(kinds)}</td><td>{first}</td>"

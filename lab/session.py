@@ -11,10 +11,13 @@ import errno
 import json
 import os
 import platform
+import signal
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,27 +116,80 @@ def xdp_socket_error(e: OSError) -> BadInput:
                     hint="check the kernel's XDP socket support (CONFIG_XDP_SOCKETS=y)")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT, SIGTERM, SIGHUP) during a run whose partial results were kept.
+
+    outcome: the results written so far (every row INCONCLUSIVE, interrupted), once
+    finish() wrote them; partial: what a lower layer had gathered before that (the
+    fleets' KernelRuns).  A KeyboardInterrupt, so every caller that stops on Ctrl-C
+    still does."""
+
+    def __init__(self, outcome: Outcome | None = None, partial: Any = None) -> None:
+        super().__init__("interrupted")
+        self.outcome = outcome
+        self.partial = partial
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """While the load runs, Ctrl-C (and SIGTERM, SIGHUP) sets the event instead of raising,
+    so the agent is asked to stop and its counts so far are kept; a second one raises
+    KeyboardInterrupt at once.  Off the main thread (no signals there) it only yields."""
+    cancel = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        log.info("interrupted: stopping the agent and keeping what it counted "
+                 "(Ctrl-C again to abort at once)")
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {sig: signal.signal(sig, handler) for sig in sigs}
+    try:
+        yield cancel
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def rows_from_targets(kernel: str, targets: list[TargetResult], wall: float, confidence: float,
-                      vms: int) -> Row:
-    packets = sum(t.packets for t in targets)
-    seconds = sum(t.load_seconds for t in targets)
+                      vms: int, interrupted: bool = False) -> Row:
+    """One kernel's row.  Exposure (packets, seconds) comes only from the targets that
+    count: not lost, or lost after a violation (what it saw is evidence, with the exposure
+    it had).  A lost target (infrastructure, no packets, failed senders, traffic that
+    stopped early) is named in the row and leaves it INCONCLUSIVE unless a violation
+    decides it.  interrupted (or any interrupted target): INCONCLUSIVE (interrupted)."""
+    lost = [(t, r) for t in targets if (r := t.lost_reason())]
+    counted = [t for t in targets if t.violation_count or not t.lost_reason()]
+    packets = sum(t.packets for t in counted)
+    seconds = round(sum(t.exposure_s() for t in counted), 3)
     by_kind: dict[str, int] = {}
-    for t in targets:
+    onsets: dict[str, int] = {}
+    for t in counted:
         for k, n in t.by_kind.items():
             by_kind[k] = by_kind.get(k, 0) + n
-    firsts = [t.first_violation_s for t in targets if t.first_violation_s is not None]
-    window_hits = sum(int(t.evidence.get("window_hits", 0)) for t in targets)
-    window_avail = any(t.evidence.get("available") for t in targets)
+        for k, n in t.onsets().items():
+            onsets[k] = onsets.get(k, 0) + n
+    with_first = [t for t in counted if t.first_violation_s is not None]
+    first = min(with_first, key=lambda t: t.first_violation_s or 0.0) if with_first else None
+    window_hits = sum(int(t.evidence.get("window_hits", 0)) for t in counted)
+    window_avail = any(t.evidence.get("available") for t in counted)
     notes = sorted({str(t.evidence.get("note")) for t in targets if t.evidence.get("note")})
-    infra = [f"{t.label}: {t.infra_error}" for t in targets if t.infra_error]
-    # a target lost to infrastructure contributes no evidence either way
-    good = [t for t in targets if not t.infra_error]
-    if infra and not good:
-        packets, seconds = 0, 0.0
+    infra = [f"{t.label}: {r}" for t, r in lost]
     row = decide(kernel, vms=vms, packets=packets, seconds=seconds, wall=wall, by_kind=by_kind,
-                 first_violation_s=min(firsts) if firsts else None, window_hits=window_hits,
-                 window_available=window_avail, window_note="; ".join(notes),
-                 confidence=confidence, infra_errors=infra)
+                 first_violation_s=first.first_violation_s if first else None,
+                 window_hits=window_hits, window_available=window_avail,
+                 window_note="; ".join(notes), confidence=confidence, infra_errors=infra,
+                 onsets_by_kind=onsets,
+                 first_violation_from_load_start_s=first.first_violation_from_load_start_s
+                 if first else None,
+                 first_violation_origin=first.first_violation_origin if first else "",
+                 interrupted=interrupted or any(t.interrupted for t in targets))
+    row.extra["load_seconds"] = round(sum(t.load_seconds for t in targets), 3)
     return row
 
 
@@ -172,9 +228,9 @@ def run_netns(cfg: RunConfig, progress: bool = True) -> Outcome:
     t0 = time.monotonic()
     kernel = f"host:{platform.release()}"
     try:
-        with open(out / "events.jsonl", "w") as ev:
+        with open(out / "events.jsonl", "w") as ev, stop_on_signals() as cancel:
             res = run_target(LocalHost(str(bin_dir)), spec, label="local", kernel=kernel,
-                             on_event=prog.on_event, events_file=ev)
+                             on_event=prog.on_event, events_file=ev, cancel=cancel)
     finally:
         prog.close()
     row = rows_from_targets(kernel, [res], time.monotonic() - t0,
@@ -203,8 +259,10 @@ def finish(cfg: RunConfig, scenario: Scenario, rows: list[Row], targets: list[Ta
     if cfg.expect:
         expected = {r.kernel: cfg.expect for r in rows}
     expected = expected or {}
+    interrupted = any(r.interrupted for r in rows)
     summary = {
         "scenario": cfg.scenario, "backend": cfg.backend, "bug": scenario.bug,
+        "interrupted": interrupted,
         "rows": [report.row_dict(r) for r in rows],
         "targets": [to_jsonable(t) | {"violations": t.violations[:50]} for t in targets],
         "provenance": meta, "config": json.loads(cfg.to_json()), "expected": expected,
@@ -213,4 +271,8 @@ def finish(cfg: RunConfig, scenario: Scenario, rows: list[Row], targets: list[Ta
     report.write_junit(out / "junit.xml", rows, f"racelab.{cfg.scenario}", expected)
     report.write_html(out / "report.html", title, rows, [to_jsonable(t) for t in targets], meta)
     log.debug("results in %s", out)
-    return Outcome(rows, targets, out, meta)
+    outcome = Outcome(rows, targets, out, meta)
+    if interrupted:
+        # the partial results are on disk; the caller prints them and exits as interrupted
+        raise Interrupted(outcome)
+    return outcome

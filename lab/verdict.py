@@ -9,6 +9,13 @@ function is computed here and inverted by bisection.
 Two levels (issue 8): CORRUPTION counts ring-invariant violations seen by
 user space; WINDOW HIT counts kernel-side evidence of the racy interleaving.
 Only corruption makes a row REPRODUCED.
+
+The Poisson model needs independent events, and one kernel fault shows as a
+burst of violations (a lost FILL descriptor used to give hundreds of `order`
+violations).  So the corruption rate counts ONSETS (the checker marks the
+violation that starts a burst, see csrc/xskcheck.c), and the raw counts by
+kind are shown beside them.  The exposure is the time packets were flowing
+and the packets checked, over the targets that count (lab.workload).
 """
 
 from __future__ import annotations
@@ -120,20 +127,28 @@ class Row:
     kernel: str
     vms: int
     packets: int
-    seconds: float            # summed load time over VMs (VM-seconds)
+    seconds: float            # seconds packets flowed, summed over the targets that count
     wall: float               # wall time of the whole row
-    by_kind: dict[str, int]
-    first_violation_s: float | None   # time from load start to the first violation, min over VMs
+    by_kind: dict[str, int]   # raw violation counts
+    first_violation_s: float | None   # from the senders' ready line to the first violation, min over VMs
     verdict: str
-    corruption: Level
+    corruption: Level         # its count: independent onsets
     window: Level
     confidence: float = 0.95
     infra_errors: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    onsets_by_kind: dict[str, int] = field(default_factory=dict)
+    first_violation_from_load_start_s: float | None = None   # the agent's load-start as origin
+    first_violation_origin: str = ""   # "senders ready", or "load start" when no sender line came
+    interrupted: bool = False          # Ctrl-C: what was counted so far, no verdict
 
     @property
     def violations(self) -> int:
         return sum(self.by_kind.values())
+
+    @property
+    def onsets(self) -> int:
+        return self.corruption.count
 
     def rate_text(self) -> str:
         return level_text(self.corruption, self.packets, self.confidence)
@@ -160,6 +175,8 @@ def level_text(lv: Level, packets: int, confidence: float) -> str:
         return (f"rate < {_sci(lv.per_packet[1])}/pkt, < {_sci(lv.per_second[1])}/s at {pct}")
     every = (f"1 per {_every(lv.packets or packets, lv.count)} pkts, 1 per {_every(lv.seconds, lv.count)} s; "
              if (lv.packets or packets) > 0 and lv.seconds > 0 else "")   # a crashed guest: no exposure
+    if lv.name == "corruption":   # the rate is per onset, never per raw violation
+        every = f"{lv.count:,} onset{'s' if lv.count != 1 else ''}: " + every
     return (every +
             f"{_sci(lv.per_packet[0])}..{_sci(lv.per_packet[1])}/pkt, "
             f"{_sci(lv.per_second[0])}..{_sci(lv.per_second[1])}/s ({pct})")
@@ -184,12 +201,22 @@ def _sci(x: float) -> str:
 def decide(kernel: str, *, vms: int, packets: int, seconds: float, wall: float,
            by_kind: dict[str, int], first_violation_s: float | None, window_hits: int = 0,
            window_available: bool = False, window_note: str = "", confidence: float = 0.95,
-           infra_errors: list[str] | None = None) -> Row:
-    k = sum(by_kind.values())
+           infra_errors: list[str] | None = None, onsets_by_kind: dict[str, int] | None = None,
+           first_violation_from_load_start_s: float | None = None,
+           first_violation_origin: str = "", interrupted: bool = False) -> Row:
+    """One row.  onsets_by_kind: independent onsets (None: every violation is one);
+    the rate statistics count those.  interrupted: INCONCLUSIVE whatever was seen."""
+    raw = sum(by_kind.values())
+    onsets = dict(by_kind) if onsets_by_kind is None else {
+        kd: min(n, onsets_by_kind.get(kd, n)) for kd, n in by_kind.items()}
+    # the first violation of a run always starts a fault: a row that saw any has an onset
+    k = max(sum(onsets.values()), 1 if raw else 0)
     corruption = level("corruption", k, packets, seconds, confidence)
     window = level("window", window_hits, packets, seconds, confidence,
                    available=window_available, note=window_note)
-    if k > 0:
+    if interrupted:
+        verdict = INCONCLUSIVE   # a run cut short by the user decides nothing
+    elif raw > 0:
         verdict = REPRODUCED
     elif packets == 0 or infra_errors:
         # a lost guest's exposure is unknown: the row is never "not reproduced" with a loss in it
@@ -199,7 +226,18 @@ def decide(kernel: str, *, vms: int, packets: int, seconds: float, wall: float,
     return Row(kernel=kernel, vms=vms, packets=packets, seconds=seconds, wall=wall,
                by_kind=dict(by_kind), first_violation_s=first_violation_s, verdict=verdict,
                corruption=corruption, window=window, confidence=confidence,
-               infra_errors=list(infra_errors or []))
+               infra_errors=list(infra_errors or []), onsets_by_kind=onsets,
+               first_violation_from_load_start_s=first_violation_from_load_start_s,
+               first_violation_origin=first_violation_origin, interrupted=interrupted)
+
+
+def kinds_text(row: Row) -> str:
+    """Raw counts by kind, with the onsets beside those that differ: order=769 (1 onset)."""
+    parts = []
+    for kd, n in sorted(row.by_kind.items()):
+        o = row.onsets_by_kind.get(kd, n)
+        parts.append(f"{kd}={n:,}" if o == n else f"{kd}={n:,} ({o:,} onset{'s' if o != 1 else ''})")
+    return ", ".join(parts) or "-"
 
 
 def verdict_text(row: Row) -> str:
@@ -208,6 +246,9 @@ def verdict_text(row: Row) -> str:
     if row.verdict == NOT_REPRODUCED:
         return (f"NOT REPRODUCED (rate < {_sci(row.corruption.per_packet[1])}/pkt at "
                 f"{row.confidence * 100:.0f}%)")
+    if row.interrupted:
+        return (f"{INCONCLUSIVE} (interrupted: {row.packets:,} packets over {row.seconds:.1f} s of "
+                f"traffic so far)")
     return f"{INCONCLUSIVE} (infrastructure: {'; '.join(row.infra_errors) or 'no packets'})"
 
 

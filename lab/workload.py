@@ -4,11 +4,17 @@ run_target() starts the agent on any Host (local namespaces or a guest over
 SSH), streams its events to a callback and to events.jsonl, and returns a
 TargetResult.  A stream that ends without the agent's "agent-done" is an
 infrastructure loss, recorded as such and never counted as "not reproduced".
+
+A target's exposure is the time its checker's receive count was rising
+(exposure_s()), not the time the agent ran; a target that checked nothing
+(no packets, senders that failed, traffic that stopped early) is lost
+(lost_reason()) and counts neither way.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +28,12 @@ from lab.run import InfraError, LostVM
 from lab.scenario import MAC_RX, Scenario, to_topology
 
 MAX_KEPT_VIOLATIONS = 500
+# Traffic that stopped this long before the load ended (and at least this share of the load)
+# leaves a target whose exposure is not what was asked: lost, not "clean".  Stats come every
+# 0.5 s and a busy TCG guest delays them by a second or two.
+STOPPED_EARLY_S = 3.0
+STOPPED_EARLY_SHARE = 0.1
+INTERRUPT_GRACE_S = 15.0   # after Ctrl-C: how long the agent gets to wind down and say its last
 
 
 def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on_first: bool,
@@ -86,10 +98,65 @@ class TargetResult:
     knobs: dict[str, bool] = field(default_factory=dict)  # kernel knob -> applied?
     load_started_host: float | None = None   # host monotonic clock when the load started (splat timing)
     last_heard_s: float = 0.0   # agent clock, since load start, of the last event (a crashed guest's exposure)
+    onsets_by_kind: dict[str, int] = field(default_factory=dict)   # independent onsets (the checker's)
+    # first_violation_s runs from the senders' ready line (their packets start then); this
+    # one from the agent's load-start, sent before the senders are even started
+    first_violation_from_load_start_s: float | None = None
+    first_violation_origin: str = ""      # "senders ready" | "load start" (no sender line came)
+    senders_ready_s: float | None = None  # since load start
+    rx_points: list[tuple[float, int]] = field(default_factory=list)  # (s since load, checker rx)
+    interrupted: bool = False             # Ctrl-C ended it: what it had so far, never a verdict
 
     @property
     def violation_count(self) -> int:
         return sum(self.by_kind.values())
+
+    def onsets(self) -> dict[str, int]:
+        """Independent onsets per kind.  A kind the checker gave no onset count for
+        (kernel-splat: one crash is one splat) counts each violation as an onset."""
+        return {k: min(n, self.onsets_by_kind[k]) if k in self.onsets_by_kind else n
+                for k, n in self.by_kind.items() if n}
+
+    def exposure_s(self) -> float:
+        """Seconds during which packets flowed: the sum of the intervals between
+        receive-count readings in which the count rose, up to the end of the load."""
+        end = self.load_seconds if self.load_seconds > 0 else None
+        total, prev_t, prev_rx = 0.0, 0.0, 0
+        for t, rx in sorted(self.rx_points):
+            t = min(t, end) if end is not None else t
+            if rx > prev_rx:
+                total += max(0.0, t - prev_t)
+                prev_rx = rx
+            prev_t = max(prev_t, t)
+        return round(total, 3)
+
+    def last_rise_s(self) -> float:
+        """When the receive count last rose (s since load start), 0 if never."""
+        last, prev_rx = 0.0, 0
+        for t, rx in sorted(self.rx_points):
+            if rx > prev_rx:
+                last, prev_rx = t, rx
+        return last
+
+    def lost_reason(self) -> str | None:
+        """Why this target is no evidence either way, or None.  A violation it saw is
+        evidence whatever else went wrong; an interrupted target keeps its exposure."""
+        if self.infra_error and not self.interrupted:
+            return self.infra_error
+        if self.interrupted or self.violation_count:
+            return None
+        if self.packets <= 0:
+            return "no packets reached the checker"
+        errors = int(self.senders.get("errors", 0) or 0)
+        if errors:
+            return (f"the senders reported {errors:,} send error(s) "
+                    f"({self.senders.get('error', 'unknown error')}): the load did not run as asked")
+        last = self.last_rise_s()
+        if self.reason == "duration" and self.load_seconds > 0 and \
+                self.load_seconds - last > max(STOPPED_EARLY_S, STOPPED_EARLY_SHARE * self.load_seconds):
+            return (f"traffic stopped early: no packet after {last:.1f} s of a "
+                    f"{self.load_seconds:.1f} s load")
+        return None
 
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -103,14 +170,21 @@ class _Watchdog:
     running and TCP keepalives behind QEMU's user-net never notice."""
 
     def __init__(self, alive: Callable[[], bool] | None, on_dead: Callable[[], None],
-                 silence: float | None = None) -> None:
+                 silence: float | None = None, *, deadline: float | None = None,
+                 cancel: threading.Event | None = None,
+                 on_cancel: Callable[[], None] | None = None) -> None:
         self.alive = alive
         self.silence = silence
+        self.deadline = deadline   # monotonic: an agent still running then has overrun
+        self.cancel = cancel       # set by Ctrl-C: ask the agent to stop, then wait a little
+        self.on_cancel = on_cancel
         self.dead = False      # the host is gone
         self.silent = False    # the host is there but said nothing for `silence` seconds
+        self.overran = False   # the agent ran past its deadline
+        self.cancelled = False
         self._last = time.monotonic()
         self._stop = threading.Event()
-        if alive is not None or silence is not None:
+        if alive is not None or silence is not None or deadline is not None or cancel is not None:
             self._t = threading.Thread(target=self._run, args=(on_dead,), daemon=True)
             self._t.start()
 
@@ -119,9 +193,28 @@ class _Watchdog:
 
     def _run(self, on_dead: Callable[[], None]) -> None:
         period = 1.0 if self.silence is None else min(1.0, self.silence / 5)
+        if self.deadline is not None:
+            period = max(0.05, min(period, (self.deadline - time.monotonic()) / 5))
+        if self.cancel is not None:
+            period = min(period, 0.2)
         next_alive = 0.0
+        grace_end: float | None = None
         while not self._stop.wait(period):
             now = time.monotonic()
+            if self.cancel is not None and self.cancel.is_set():
+                if not self.cancelled:
+                    self.cancelled = True
+                    grace_end = now + INTERRUPT_GRACE_S
+                    if self.on_cancel is not None:
+                        self.on_cancel()
+                elif grace_end is not None and now >= grace_end:
+                    on_dead()
+                    return
+                continue   # winding down: neither silence nor a dead host is news now
+            if self.deadline is not None and now >= self.deadline:
+                self.overran = True
+                on_dead()
+                return
             if self.alive is not None and now >= next_alive:
                 next_alive = now + 1.0
                 if not self.alive():
@@ -151,21 +244,28 @@ def _give_up(proc: Any) -> None:
 def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                on_event: EventSink | None = None, events_file: IO[str] | None = None,
                alive: Callable[[], bool] | None = None, deadline_slack: float = 120.0,
-               silence: float | None = None) -> TargetResult:
+               silence: float | None = None, cancel: threading.Event | None = None) -> TargetResult:
     """Run the agent on host; infrastructure loss is recorded in .infra_error.
 
     alive(): is the host still there (checked every second)?  silence: seconds
-    without a line from the agent after which the host counts as lost."""
+    without a line from the agent after which the host counts as lost.  An
+    agent still running spec.duration + deadline_slack seconds after its start
+    is stopped (infrastructure loss, never a verdict).  cancel (Ctrl-C): the
+    agent is asked to stop and its last lines are read; the result is then
+    .interrupted, with what it had counted so far."""
     res = TargetResult(label=label, kernel=kernel)
     env = {"PYTHONPATH": host.lab_root}
     argv = [host.python, "-m", "lab.agent", spec.to_json()]
     load_at: float | None = None
+    ready_at: float | None = None   # agent clock of the senders' ready line
     done = False
     last_rx = 0
     started = time.monotonic()
     try:
         with host.spawn(argv, env=env) as proc:
-            dog = _Watchdog(alive, lambda: _give_up(proc), silence)
+            dog = _Watchdog(alive, lambda: _give_up(proc), silence,
+                            deadline=started + spec.duration + deadline_slack,
+                            cancel=cancel, on_cancel=proc.terminate)
             try:
                 for line in proc.lines():
                     dog.heard()
@@ -191,8 +291,17 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                         last_rx = max(last_rx, int(ev.get("rx", 0) or 0))
                         kind = str(ev.get("kind", "unknown"))
                         res.by_kind[kind] = res.by_kind.get(kind, 0) + 1
+                        # the checker says which violations start a new fault; others are its echo
+                        res.onsets_by_kind[kind] = res.onsets_by_kind.get(kind, 0) + (
+                            1 if ev.get("onset", True) else 0)
+                        if load_at is not None:
+                            res.rx_points.append((round(at - load_at, 3), int(ev.get("rx", 0) or 0)))
                         if res.first_violation_s is None and load_at is not None:
-                            res.first_violation_s = max(0.0, at - load_at)
+                            res.first_violation_from_load_start_s = round(max(0.0, at - load_at), 6)
+                            origin = ready_at if ready_at is not None else load_at
+                            res.first_violation_s = round(max(0.0, at - origin), 6)
+                            res.first_violation_origin = "senders ready" if ready_at is not None \
+                                else "load start"
                         if len(res.violations) < MAX_KEPT_VIOLATIONS:
                             res.violations.append(ev)
                     elif typ in ("stats", "done"):
@@ -205,12 +314,22 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                             for k, n in by_kind.items():
                                 if int(n) > res.by_kind.get(k, 0):
                                     res.by_kind[k] = int(n)
+                        onsets = ev.get("onsets_by_kind")
+                        if isinstance(onsets, dict):
+                            for k, n in onsets.items():
+                                if int(n) > res.onsets_by_kind.get(k, 0) or k not in res.onsets_by_kind:
+                                    res.onsets_by_kind[k] = int(n)
                         if load_at is not None:
                             res.timeline.append((round(at - load_at, 3), rx, res.violation_count))
+                            res.rx_points.append((round(at - load_at, 3), rx))
                         if typ == "done":
                             res.final = ev
                     elif typ == "sender":
                         res.senders = ev
+                        if ev.get("sender_type") == "ready" and ready_at is None:
+                            ready_at = at
+                            if load_at is not None:
+                                res.senders_ready_s = round(max(0.0, at - load_at), 6)
                     elif typ == "note":
                         res.notes.append(str(ev.get("text")))
                         if ev.get("knob"):
@@ -231,13 +350,19 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                             res.infra_error = res.infra_error or str(ev.get("error"))
                     if on_event is not None:
                         on_event(label, ev)
-                    if time.monotonic() - started > spec.duration + deadline_slack:
-                        res.infra_error = "agent overran its deadline"
-                        break
                 dog.close()
-                proc.wait(30)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    _give_up(proc)   # host.spawn() kills what is left when its block ends
             finally:
                 dog.close()
+            if dog.overran:
+                res.infra_error = (f"agent overran its deadline ({spec.duration + deadline_slack:g} s "
+                                   f"after its start) and was stopped")
+            if dog.cancelled:
+                res.interrupted = True
+                res.infra_error = res.infra_error or "interrupted"
             if dog.silent and not done:
                 raise LostVM(f"{label}: guest stopped answering (no output for {silence:g} s)",
                              hint="the guest hangs or is paused; see its console log")
@@ -248,6 +373,9 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
     res.packets = last_rx
     if not done and res.infra_error is None:
         res.infra_error = "agent stream ended without a result (host lost?)"
+    if res.first_violation_s is not None and res.first_violation_origin == "load start":
+        res.notes.append("time to first violation measured from load start: no sender ready line "
+                         "came before it (the guest may have died first, or no packet sender ran)")
     return res
 
 
@@ -273,8 +401,6 @@ def fetch_evidence(host: Host, res: TargetResult, out: Path) -> None:
         ev["note"] = f"trace not fetched: {e}"
         ev["available"] = False
         return
-    a = evidence.analyze_file(dest)
-    ev.update(a.to_dict())
-    # the scenario decides which interleaving is its race window
-    ev["window_hits"] = ev.get(str(ev.get("measure", "unflushed_hits")), a.window_hits)
+    # the window count is evidence only from a complete trace (merge says why not)
+    evidence.merge(ev, evidence.analyze_file(dest))
     ev["trace_file"] = str(dest)

@@ -63,3 +63,29 @@ def test_reproduced_text_gives_packets_and_time_per_violation():
                  first_violation_s=0.5)
     text = r.rate_text()
     assert "1 per 250,000 pkts" in text and "1 per 5 s" in text and "(95%)" in text
+
+
+def test_the_rate_counts_onsets_and_the_table_shows_both():
+    """The last generic-rx repro row: order=111 over 7,436 packets, one lost descriptor."""
+    r = v.decide("k", vms=1, packets=7436, seconds=0.5, wall=30, by_kind={"order": 111},
+                 first_violation_s=0.2, onsets_by_kind={"order": 1})
+    assert r.verdict == v.REPRODUCED and r.violations == 111 and r.onsets == 1
+    assert r.corruption.per_packet == v.poisson_interval(1, 7436)
+    assert "1 onset: 1 per 7,436 pkts" in r.rate_text()
+    assert v.kinds_text(r) == "order=111 (1 onset)"
+    plain = v.decide("k", vms=1, packets=7436, seconds=0.5, wall=30, by_kind={"poison": 2, "late": 1},
+                     first_violation_s=0.2, onsets_by_kind={"poison": 2, "late": 0})
+    assert v.kinds_text(plain) == "late=1 (0 onsets), poison=2" and plain.onsets == 2
+
+
+def test_a_violation_always_has_an_onset():
+    r = v.decide("k", vms=1, packets=100, seconds=1, wall=2, by_kind={"late": 3},
+                 first_violation_s=0.1, onsets_by_kind={"late": 0})
+    assert r.onsets == 1 and r.verdict == v.REPRODUCED
+
+
+def test_an_interrupted_row_is_inconclusive_whatever_it_saw():
+    r = v.decide("k", vms=1, packets=12_345, seconds=3.2, wall=5, by_kind={"order": 1},
+                 first_violation_s=0.5, interrupted=True)
+    assert r.verdict == v.INCONCLUSIVE and not v.matches(r, "reproduced")
+    assert v.verdict_text(r) == "INCONCLUSIVE (interrupted: 12,345 packets over 3.2 s of traffic so far)"

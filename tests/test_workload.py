@@ -186,3 +186,162 @@ def test_a_guest_that_crashes_before_its_first_stats_line_still_has_an_exposure(
     assert r.packets == 132, "the largest receive count any violation carried"
     assert crashed_of_splat(r, ["[ 7.0] BUG: kernel NULL pointer dereference\n"], traced=False)
     assert r.load_seconds == 0.4 and r.packets == 132
+
+
+def test_time_to_first_violation_runs_from_the_senders_ready_line():
+    """load-start goes out before xsksend is even started: the senders' ready is the origin,
+    load start the second figure."""
+    host = FakeHost([
+        {"type": "load-start", "at": 1.0},
+        {"type": "sender", "sender_type": "ready", "at": 1.4, "senders": 2},
+        {"type": "violation", "kind": "order", "at": 1.65, "rx": 40, "onset": True},
+        {"type": "stats", "rx": 1000, "at": 2.0, "by_kind": {"order": 1}},
+        {"type": "agent-done", "reason": "duration", "load_seconds": 1.0, "at": 2.1},
+    ])
+    r = run_target(host, spec(), label="vm-0", kernel="k")
+    assert r.first_violation_s == 0.25 and r.first_violation_origin == "senders ready"
+    assert r.first_violation_from_load_start_s == 0.65 and r.senders_ready_s == 0.4
+    assert not r.notes
+
+
+def test_a_guest_dead_before_its_senders_spoke_falls_back_to_load_start_and_says_so():
+    host = FakeHost([
+        {"type": "load-start", "at": 6.0},
+        {"type": "violation", "kind": "order", "at": 6.3, "rx": 60},
+    ])
+    r = run_target(host, spec(), label="vm-0", kernel="k")
+    assert r.first_violation_s == 0.3 == r.first_violation_from_load_start_s
+    assert r.first_violation_origin == "load start"
+    assert any("measured from load start" in n for n in r.notes)
+
+
+def test_onsets_come_from_the_checker_and_each_violation_says_whether_it_is_one():
+    events = [{"type": "load-start", "at": 0.0}]
+    events += [{"type": "violation", "kind": "order", "at": 0.1, "rx": 10 + i, "onset": i == 0}
+               for i in range(5)]
+    events += [{"type": "violation", "kind": "late", "at": 0.11, "rx": 20, "onset": False},
+               {"type": "agent-done", "reason": "error", "error": "guest gone"}]
+    r = run_target(FakeHost(events), spec(), label="vm-0", kernel="k")
+    assert r.by_kind == {"order": 5, "late": 1} and r.onsets() == {"order": 1, "late": 0}
+    # the checker's totals win over the events it printed (it stops printing after 1,000)
+    stats = {"type": "done", "at": 1.0, "rx": 9000, "by_kind": {"order": 769, "late": 0},
+             "onsets_by_kind": {"order": 1, "late": 0}}
+    r = run_target(FakeHost(events[:2] + [stats, events[-1]]), spec(), label="vm-0", kernel="k")
+    assert r.by_kind["order"] == 769 and r.onsets() == {"order": 1}
+    # a kind the checker has no onset count for (a console splat) counts each one
+    r.by_kind["kernel-splat"] = 1
+    assert r.onsets() == {"order": 1, "kernel-splat": 1}
+
+
+def _flow(points, load_seconds=60.0, **kw):
+    from lab.workload import TargetResult
+    t = TargetResult(label="vm-0", kernel="k", load_seconds=load_seconds, reason="duration",
+                     packets=max([rx for _, rx in points] or [0]), **kw)
+    t.rx_points = list(points)
+    return t
+
+
+def test_exposure_is_the_time_the_receive_count_rose():
+    steady = _flow([(i * 0.5, 1000 * i) for i in range(1, 121)])
+    assert steady.exposure_s() == 60.0 and steady.lost_reason() is None
+    # a 20 s gap in the middle is not exposure, and the final line after the load is clipped
+    gap = _flow([(i * 0.5, 1000 * min(i, 40) + 1000 * max(0, i - 80)) for i in range(1, 121)]
+                + [(75.0, 200_000)])
+    assert gap.exposure_s() == 40.0
+    assert _flow([]).exposure_s() == 0.0
+
+
+def test_a_target_that_checked_nothing_is_lost_not_clean():
+    assert _flow([]).lost_reason() == "no packets reached the checker"
+    t = _flow([(i * 0.5, 1000 * i) for i in range(1, 121)],
+              senders={"sender_type": "done", "errors": 12, "error": "Message too long"})
+    assert "12 send error(s) (Message too long)" in t.lost_reason()
+    early = _flow([(i * 0.5, 1000 * min(i, 20)) for i in range(1, 121)])
+    assert early.lost_reason() == "traffic stopped early: no packet after 10.0 s of a 60.0 s load"
+    # back-pressure is normal, and a violation is evidence whatever the load did
+    assert _flow([(60.0, 10**6)], senders={"errors": 0, "enobufs": 5000}).lost_reason() is None
+    assert _flow([], by_kind={"kernel-splat": 1}).lost_reason() is None
+
+
+class EndlessProc(FakeProc):
+    """An agent that never ends: it keeps printing stats (or, quiet=True, prints nothing)
+    until it is given up on, and its wait() times out like a real process's."""
+
+    def __init__(self, quiet=False):
+        super().__init__([])
+        import threading
+        self.quiet = quiet
+        self.stopped = threading.Event()
+        self.how = None
+
+    def lines(self):
+        import time
+        i = 0
+        while not self.stopped.is_set():
+            if self.quiet:
+                self.stopped.wait(0.05)
+                continue
+            i += 1
+            yield json.dumps({"type": "stats", "rx": i, "at": i * 0.01})
+            time.sleep(0.01)
+
+    def poll(self):
+        return None
+
+    def wait(self, timeout=None):
+        import subprocess
+        raise subprocess.TimeoutExpired("agent", timeout)
+
+    def terminate(self):
+        self.how = self.how or "terminate"
+        self.stopped.set()
+
+    def abandon(self):
+        self.how = self.how or "abandon"
+        self.stopped.set()
+
+
+class EndlessHost(FakeHost):
+    def __init__(self, proc):
+        super().__init__([])
+        self.proc = proc
+
+    @contextmanager
+    def spawn(self, argv, env=None):
+        yield self.proc
+
+
+def _short_spec():
+    import dataclasses
+    return dataclasses.replace(spec(), duration=0.2)
+
+
+def test_an_agent_that_overruns_its_deadline_is_stopped_and_the_run_inconclusive():
+    from lab.session import rows_from_targets
+    from lab.verdict import INCONCLUSIVE
+    for quiet in (False, True):
+        host = EndlessHost(EndlessProc(quiet=quiet))
+        r = run_target(host, _short_spec(), label="local", kernel="k", deadline_slack=0.3)
+        assert r.infra_error == "agent overran its deadline (0.5 s after its start) and was stopped"
+        assert host.proc.how == "abandon"
+        row = rows_from_targets("k", [r], 1.0, 0.95, vms=0)
+        assert row.verdict == INCONCLUSIVE and "overran its deadline" in row.infra_errors[0]
+
+
+def test_cancel_asks_the_agent_to_stop_and_keeps_its_counts():
+    import threading
+
+    class Stoppable(EndlessProc):
+        def lines(self):
+            yield json.dumps({"type": "load-start", "at": 0.0})
+            yield from super().lines()
+            # what the agent says while it winds down after SIGTERM
+            yield json.dumps({"type": "agent-done", "reason": "interrupted"})
+
+    cancel = threading.Event()
+    host = EndlessHost(Stoppable())
+    threading.Timer(0.3, cancel.set).start()
+    r = run_target(host, spec(), label="local", kernel="k", cancel=cancel)
+    assert host.proc.how == "terminate"    # asked to stop, not abandoned: it says its last lines
+    assert r.interrupted and r.infra_error == "interrupted" and r.reason == "interrupted"
+    assert r.packets > 0 and r.exposure_s() > 0 and r.lost_reason() is None
