@@ -104,6 +104,7 @@ class AgentSpec:
     bin_dir: str = ""
     trace: dict[str, Any] = field(default_factory=dict)   # evidence options (lab.evidence)
     knobs: dict[str, str] = field(default_factory=dict)   # /sys path -> value, set for the run
+    amplifier: dict[str, Any] = field(default_factory=dict)   # lab.amplifier.Plan.to_dict()
 
     def to_json(self) -> str:
         return json.dumps(to_jsonable(self))
@@ -155,6 +156,61 @@ def _knob(path: str, value: str) -> Iterator[None]:
             p.write_text(old + "\n")
         except OSError:
             pass
+
+
+@contextlib.contextmanager
+def _amplifier(bin_dir: str, plan: dict[str, Any]) -> Iterator[None]:
+    """xskamp for the run: kprobes (with a BPF busy-wait for kprobe-delay) at the
+    race window, placed before the checker starts and removed after the load.
+    A probe the kernel refuses stops the run: it must never go on silently
+    unamplified (the veth race then looks like a fixed kernel)."""
+    out: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    amp = Child("amplifier", dataplane.amplifier_argv(
+        bin_dir, probes=list(plan["probes"]),
+        delay_ns=int(plan.get("delay_ns", 0)) if plan["method"] == "kprobe-delay" else 0), out)
+    try:
+        ready = _wait_line(amp, out, "ready", 30.0)
+        if ready is None:
+            raise Stop(f"amplifier ({plan['method']} at {', '.join(plan['probes'])}) did not start: "
+                       f"{' | '.join(amp.stderr[-5:]) or 'no output'}")
+        emit({"type": "amplifier", "phase": "ready", "method": plan["method"],
+              **{k: v for k, v in ready.items() if k != "type"}})
+        yield
+    finally:
+        amp.stop()
+        done = None
+        while True:
+            try:
+                _, line = out.get(timeout=0.2)
+            except queue.Empty:
+                break
+            ev = _parse(line, "amplifier-raw") if line is not None else None
+            if ev is not None and ev.get("type") == "done":
+                done = ev
+        if done is not None:
+            emit({"type": "amplifier", "phase": "done", "method": plan["method"],
+                  **{k: v for k, v in done.items() if k != "type"}})
+        elif amp.proc.returncode not in (0, -signal.SIGTERM):
+            emit({"type": "note", "text": f"amplifier exited {amp.proc.returncode} without its final "
+                                          f"counts: {' | '.join(amp.stderr[-3:])}"})
+
+
+def _wait_line(child: Child, out: queue.Queue[tuple[str, str | None]], typ: str,
+               timeout: float) -> dict[str, Any] | None:
+    """The first JSON line of type typ from child, or None if it ended or timed out first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, line = out.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if line is None:
+            child.proc.wait(5)
+            return None
+        ev = _parse(line, "amplifier-raw")
+        if ev is not None and ev.get("type") == typ:
+            return ev
+    return None
 
 
 def _iperf_result(cli: Child, out: queue.Queue[tuple[str, str | None]], *, early: bool
@@ -278,6 +334,8 @@ def run_agent(spec: AgentSpec) -> int:
               "channels": topo.channels, "cpus": os.cpu_count()})
         for path, value in spec.knobs.items():
             stack.enter_context(_knob(path, value))
+        if spec.amplifier.get("method") in ("kprobe", "kprobe-delay"):
+            stack.enter_context(_amplifier(bin_dir, spec.amplifier))
         tracer = None
         if spec.trace:
             tracer = stack.enter_context(evidence.Tracer(spec.trace))

@@ -105,8 +105,31 @@ def _report(outcome, cfg: RunConfig, as_json: bool) -> int:  # noqa: ANN001
         print((outcome.out / "summary.json").read_text())
     else:
         report.print_table(outcome.rows, f"racelab {cfg.scenario} ({cfg.backend}), seed {cfg.seed}")
+        _print_amplifiers(outcome.rows)
         print(f"results: {outcome.out}  (summary.json, events.jsonl, junit.xml, report.html)")
     return _exit_for(outcome, cfg.expect)
+
+
+def _print_amplifiers(rows) -> None:  # noqa: ANN001
+    """Say how each kernel's race window was widened: an amplified rate is not the natural one."""
+    for r in rows:
+        amp = r.extra.get("amplifier")
+        if not amp or amp.get("method") == "off":
+            for knob, applied in r.extra.get("knobs_applied", {}).items():
+                if not applied:
+                    print(f"{r.kernel}: {knob} NOT applied: this kernel has no such knob, it ran unamplified")
+            continue
+        if amp["method"] == "patch":
+            what = f"widen-rx.patch busy-wait {amp['widen_rx_ns']} ns"
+        else:
+            what = (f"{amp['method']} at {', '.join(amp['probes'])}"
+                    + (f", {amp['delay_ns']} ns BPF busy-wait" if amp["method"] == "kprobe-delay" else "")
+                    + f"; fired {amp.get('hits', 0):,} times")
+            if amp.get("waited_ns_avg"):
+                what += f" (waited {amp['waited_ns_avg']:.0f} ns on average)"
+        print(f"{r.kernel}: race window amplified: {what}  (--set amplifier.method=off for the natural rate)")
+        if amp.get("warning"):
+            print(f"{r.kernel}: WARNING: {amp['warning']}")
 
 
 def cmd_repro(a: argparse.Namespace) -> int:
@@ -132,12 +155,7 @@ def _report_repro(outcome, cfg: RunConfig, as_json: bool) -> int:  # noqa: ANN00
         print((outcome.out / "summary.json").read_text())
     else:
         report.print_table(outcome.rows, f"racelab repro {cfg.scenario} ({cfg.backend}), seed {cfg.seed}")
-        for r in outcome.rows:   # say when a kernel ran amplified: the rate is not the natural one
-            for knob, applied in r.extra.get("knobs_applied", {}).items():
-                value = cfg.scenario_data.get("amplifier", {}).get("widen_rx_ns")
-                print(f"{r.kernel}: {knob} = {value} " + (
-                    "(race window amplified; --set amplifier.widen_rx_ns=0 for the unamplified rate)"
-                    if applied else "NOT applied: this kernel has no such knob, it ran unamplified"))
+        _print_amplifiers(outcome.rows)
         print(f"results: {outcome.out}  (summary.json, junit.xml, report.html, evidence/)")
     if any(r.verdict == INCONCLUSIVE for r in outcome.rows):
         return EXIT_INFRA
