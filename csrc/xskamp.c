@@ -41,8 +41,9 @@
  *   stats  every --stats-ms: hits (per CPU of cpu_list, all probes summed),
  *          hits_total, by_probe [{probe, hits_total}]
  *   done   the final stats, plus reason, runs (delay program runs),
- *          waited_ns_total, waited_ns_avg, waited_ns_max, capped (runs that
- *          ran out of loop iterations before N), optimisation_restored
+ *          waited_ns_total, waited_ns_avg, waited_ns_max, waited_under_2n
+ *          (runs that waited less than 2N), capped (runs that ran out of
+ *          loop iterations before N), optimisation_restored
  * --try-prog R runs the delay program R times through BPF_PROG_TEST_RUN,
  * loaded as a socket filter, with no probe: the verifier's verdict on both
  * loops and the delay they give, on a kernel without kprobes too.
@@ -93,6 +94,9 @@ struct probe {
 /* The per-CPU map value the delay program updates. */
 struct waited {
 	uint64_t ns, runs, capped, max;
+	uint64_t under_2n; /* runs that waited < 2N: under TCG a vCPU thread the host
+			    * preempts mid-wait makes a few waits of milliseconds,
+			    * which the average alone would hide the typical wait behind */
 };
 
 static struct {
@@ -231,7 +235,7 @@ static void opt_restore(void)
 
 /* Shared tail: r8 = ns waited; add it to the per-CPU map, return 1 so the
  * perf event still counts the hit (0 would drop it). */
-#define TAIL_LEN 22
+#define TAIL_LEN 26
 static void emit_tail(struct bpf_insn *p, int mfd, int32_t n)
 {
 	struct bpf_insn t[TAIL_LEN] = {
@@ -240,7 +244,7 @@ static void emit_tail(struct bpf_insn *p, int mfd, int32_t n)
 		BPF_ALU64_IMM(BPF_ADD, BPF_REG_2, -24),
 		BPF_LD_MAP_FD(BPF_REG_1, mfd),
 		BPF_CALL_FN(BPF_HELPER_map_lookup_elem),
-		BPF_JMP_IMM(BPF_JEQ, BPF_REG_0, 0, 13), /* to out */
+		BPF_JMP_IMM(BPF_JEQ, BPF_REG_0, 0, 17), /* to out */
 		BPF_LDX_MEM(BPF_DW, BPF_REG_1, BPF_REG_0, offsetof(struct waited, ns)),
 		BPF_ALU64_REG(BPF_ADD, BPF_REG_1, BPF_REG_8),
 		BPF_STX_MEM(BPF_DW, BPF_REG_0, BPF_REG_1, offsetof(struct waited, ns)),
@@ -250,6 +254,10 @@ static void emit_tail(struct bpf_insn *p, int mfd, int32_t n)
 		BPF_LDX_MEM(BPF_DW, BPF_REG_1, BPF_REG_0, offsetof(struct waited, max)),
 		BPF_JMP_REG(BPF_JGE, BPF_REG_1, BPF_REG_8, 1),
 		BPF_STX_MEM(BPF_DW, BPF_REG_0, BPF_REG_8, offsetof(struct waited, max)),
+		BPF_JMP_IMM(BPF_JGE, BPF_REG_8, 2 * n, 3),
+		BPF_LDX_MEM(BPF_DW, BPF_REG_1, BPF_REG_0, offsetof(struct waited, under_2n)),
+		BPF_ALU64_IMM(BPF_ADD, BPF_REG_1, 1),
+		BPF_STX_MEM(BPF_DW, BPF_REG_0, BPF_REG_1, offsetof(struct waited, under_2n)),
 		BPF_JMP_IMM(BPF_JGE, BPF_REG_8, n, 3), /* to out */
 		BPF_LDX_MEM(BPF_DW, BPF_REG_1, BPF_REG_0, offsetof(struct waited, capped)),
 		BPF_ALU64_IMM(BPF_ADD, BPF_REG_1, 1),
@@ -588,7 +596,7 @@ static int possible_cpus(void)
 /* The delay program's totals over every CPU, into extra (a JSON tail). */
 static void waited_json(char *extra, size_t len, const char *reason)
 {
-	uint64_t ns = 0, runs = 0, capped = 0, max = 0;
+	uint64_t ns = 0, runs = 0, capped = 0, max = 0, under = 0;
 	int np = possible_cpus();
 	struct waited *w;
 
@@ -598,6 +606,7 @@ static void waited_json(char *extra, size_t len, const char *reason)
 				ns += w[i].ns;
 				runs += w[i].runs;
 				capped += w[i].capped;
+				under += w[i].under_2n;
 				if (w[i].max > max)
 					max = w[i].max;
 			}
@@ -607,9 +616,9 @@ static void waited_json(char *extra, size_t len, const char *reason)
 	}
 	snprintf(extra, len,
 		 ",\"reason\":\"%s\",\"runs\":%" PRIu64 ",\"waited_ns_total\":%" PRIu64
-		 ",\"waited_ns_avg\":%.1f,\"waited_ns_max\":%" PRIu64 ",\"capped\":%" PRIu64
-		 ",\"optimisation_restored\":%s",
-		 reason, runs, ns, runs ? (double)ns / (double)runs : 0.0, max, capped,
+		 ",\"waited_ns_avg\":%.1f,\"waited_ns_max\":%" PRIu64 ",\"waited_under_2n\":%" PRIu64
+		 ",\"capped\":%" PRIu64 ",\"optimisation_restored\":%s",
+		 reason, runs, ns, runs ? (double)ns / (double)runs : 0.0, max, under, capped,
 		 !opt_touched ? "null" : opt_restored ? "true" : "false");
 }
 

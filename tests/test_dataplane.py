@@ -391,4 +391,5 @@ def test_the_delay_program_passes_this_kernels_verifier_and_waits_n_ns(built, lo
     assert done["type"] == "done" and done["retval"] == 1     # 1: the perf event still counts the hit
     assert done["runs"] == 2000 and done["capped"] == 0
     assert 4000 <= done["waited_ns_avg"] < 4000 * 3, done
+    assert done["waited_under_2n"] >= 0.5 * done["runs"], done
     assert done["waited_ns_total"] >= 2000 * 4000
