@@ -376,6 +376,89 @@ def plan(amp: Mapping[str, Any], artifact: Any, kallsyms: str | None = None,
                 probes=probes, sites=sites)
 
 
+def summary(plan: Plan, targets: Sequence[Any]) -> dict[str, Any]:
+    """A row's amplifier: the plan, and how often it fired (per target, per vCPU);
+    targets: lab.workload.TargetResult."""
+    d = {k: v for k, v in plan.to_dict().items() if k != "sites"}
+    if plan.method in ("kprobe", "kprobe-delay"):
+        per = {t.label: list(t.amplifier.get("hits") or []) for t in targets if t.amplifier}
+        d["hits"] = sum(int(t.amplifier.get("hits_total", 0) or 0) for t in targets)
+        d["hits_per_vcpu"] = per
+        waited = [float(t.amplifier["waited_ns_avg"]) for t in targets if t.amplifier.get("waited_ns_avg")]
+        if waited:
+            d["waited_ns_avg"] = round(sum(waited) / len(waited), 1)
+        if d["hits"] == 0 and any(t.packets for t in targets):
+            d["warning"] = ("the probe never fired while packets flowed: it is not on this kernel's "
+                            "receive path, so the run was effectively unamplified")
+    return d
+
+
+KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
+
+
+def kcore_bytes(addr: int, size: int, kcore: Path = Path("/proc/kcore")) -> bytes:
+    """Bytes of the running kernel at a run-time address, from /proc/kcore's segments."""
+    with open(kcore, "rb") as f:
+        hdr = f.read(64)
+        if hdr[:5] != b"\x7fELF\x02":
+            raise ValueError(f"{kcore} is not a 64-bit ELF core")
+        phoff, = struct.unpack_from("<Q", hdr, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", hdr, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for i in range(phnum):
+            p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+            if p_type == 1 and p_vaddr <= addr and addr + size <= p_vaddr + p_filesz:
+                f.seek(p_offset + addr - p_vaddr)
+                return f.read(size)
+    raise ValueError(f"address {addr:#x} is in no segment of {kcore}")
+
+
+def host_plan(amp: Mapping[str, Any]) -> Plan:
+    """The amplifier on this machine's own kernel (the netns backend): the patch knob
+    if it is there, else a probe found in the running kernel (/proc/kallsyms and
+    /proc/kcore), else off, said out loud: an unamplified veth run here is weak evidence."""
+    method = str(amp.get("method", "auto"))
+    widen, delay = int(amp.get("widen_rx_ns", 0)), int(amp.get("delay_ns", 0))
+    if method == "off" or (method == "auto" and not widen and not delay):
+        return Plan("off", "asked for" if method == "off" else "the scenario widens no window")
+    if method in ("auto", "patch") and Path(PATCH_KNOB).exists() and widen:
+        return Plan("patch", "this machine's kernel has widen-rx.patch", widen_rx_ns=widen)
+    if method == "patch":
+        raise BadInput(f"amplifier.method = patch, but this machine's kernel has no {PATCH_KNOB}",
+                       hint="--set amplifier.method=auto, or run --backend vm on a NAME+widen-rx kernel")
+    if not KPROBE_PMU.exists():
+        if method != "auto":
+            raise BadInput(f"amplifier.method = {method}, but this machine's kernel has no kprobes "
+                           "(no kprobe PMU: CONFIG_KPROBE_EVENTS)",
+                           hint="--backend vm on a catalog kernel, or --set amplifier.method=off")
+        return Plan("off", "this machine's kernel has neither widen-rx.patch nor kprobes, so the window "
+                           "runs unwidened: a clean result says little about the veth race")
+    chosen = "kprobe-delay" if method in ("auto", "kprobe-delay") else "kprobe"
+    if amp.get("probe"):
+        probes = tuple(p.strip() for p in str(amp["probe"]).split(",") if p.strip())
+    else:
+        syms = Path("/proc/kallsyms").read_text()
+        core = {p[2]: int(p[0], 16) for p in (ln.split() for ln in syms.splitlines()) if len(p) == 3}
+        addrs = sorted(set(core.values()))
+        import bisect
+        found: list[Site] = []
+        for name in CANDIDATES:
+            a = core.get(name)
+            if not a:
+                continue
+            j = bisect.bisect_right(addrs, a)
+            size = min((addrs[j] - a) if j < len(addrs) else 4096, 16384)
+            found += find_sites(name, a, disassemble(kcore_bytes(a, size), a))
+        if not found:
+            raise NoSite("this machine's kernel: no cached_prod++ / descriptor store sequence in "
+                         + ", ".join(n for n in CANDIDATES if n in core),
+                         hint="--set amplifier.probe=SYMBOL+OFFSET, or --set amplifier.method=off")
+        probes = tuple(dict.fromkeys(s.probe for s in found))
+    return Plan(chosen, "this machine's kernel", delay_ns=(delay or widen or 4000) if chosen == "kprobe-delay"
+                else 0, probes=probes)
+
+
 PROBE_SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\+(0x[0-9a-fA-F]+|\d+)$")
 
 

@@ -114,6 +114,9 @@ def _print_amplifiers(rows) -> None:  # noqa: ANN001
     """Say how each kernel's race window was widened: an amplified rate is not the natural one."""
     for r in rows:
         amp = r.extra.get("amplifier")
+        if amp and amp.get("method") == "off" and amp.get("why") not in ("asked for",
+                                                                        "the scenario widens no window"):
+            print(f"{r.kernel}: race window NOT amplified: {amp['why']}")
         if not amp or amp.get("method") == "off":
             for knob, applied in r.extra.get("knobs_applied", {}).items():
                 if not applied:

@@ -175,3 +175,44 @@ def test_the_plan_round_trips_through_the_agent_spec():
     patch = agent_spec(s, duration=5, seed=1, bin_dir="/b", stop_on_first=False,
                        amplifier=Plan("patch", "test", widen_rx_ns=2000))
     assert patch.knobs == {amplifier.PATCH_KNOB: "2000"} and patch.amplifier["method"] == "patch"
+
+
+def test_a_probe_that_never_fired_while_packets_flowed_is_said(tmp_path):
+    @dataclass
+    class T:
+        label: str
+        packets: int
+        amplifier: dict
+
+    p = Plan("kprobe", "test", probes=("f+0x1",))
+    quiet = amplifier.summary(p, [T("k/vm-0", 1000, {"hits": [0, 0], "hits_total": 0})])
+    assert quiet["hits"] == 0 and "never fired" in quiet["warning"]
+    busy = amplifier.summary(p, [T("k/vm-0", 1000, {"hits": [600, 400], "hits_total": 1000})])
+    assert busy["hits"] == 1000 and busy["hits_per_vcpu"] == {"k/vm-0": [600, 400]} and "warning" not in busy
+
+
+def test_on_a_host_without_kprobes_auto_is_off_out_loud_and_an_explicit_probe_is_bad_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(amplifier, "KPROBE_PMU", tmp_path / "no-kprobe-pmu")
+    monkeypatch.setattr(amplifier, "PATCH_KNOB", str(tmp_path / "no-knob"))
+    p = amplifier.host_plan(VETH)
+    assert p.method == "off" and "says little" in p.why
+    with pytest.raises(BadInput, match="no kprobes"):
+        amplifier.host_plan({**VETH, "method": "kprobe"})
+    with pytest.raises(BadInput, match="patch, but this machine's kernel has no"):
+        amplifier.host_plan({**VETH, "method": "patch"})
+    (tmp_path / "no-knob").write_text("0\n")
+    assert amplifier.host_plan(VETH).method == "patch"
+
+
+def test_kcore_bytes_reads_the_segment_at_a_run_time_address(tmp_path):
+    import struct
+    hdr = bytearray(64)
+    hdr[:5] = b"\x7fELF\x02"
+    struct.pack_into("<Q", hdr, 0x20, 64)
+    struct.pack_into("<HH", hdr, 0x36, 56, 1)
+    ph = struct.pack("<IIQQQQQQ", 1, 5, 0x100, 0xffffffff9a000000, 0, 0x20, 0x20, 0x1000)
+    core = tmp_path / "kcore"
+    core.write_bytes(bytes(hdr) + ph + b"\0" * (0x100 - 120) + bytes(range(32)))
+    assert amplifier.kcore_bytes(0xffffffff9a000004, 4, core) == bytes([4, 5, 6, 7])
+    with pytest.raises(ValueError):
+        amplifier.kcore_bytes(0xffffffff9b000000, 4, core)
