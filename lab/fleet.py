@@ -30,178 +30,10 @@ from lab.run import BadInput, InfraError, LostVM, log, require_root
 from lab.scenario import Scenario, from_data
 from lab.session import (Interrupted, Outcome, Progress, _trace_opts, finish, results_dir,
                          rows_from_targets)
+from lab.splat import (PANIC, SPLAT, STALL, Splat, SplatWatcher, crashed_of_splat,  # noqa: F401 - the
+                       record_splats, splat_kind, stall_policy)                     # fleet's splat API
 from lab.verdict import Row
 from lab.workload import TargetResult, agent_spec, fetch_evidence, run_target, write_json
-
-# What a kernel splat looks like on the console.  Stalls and lockups count as
-# kernel-splat violations under KVM and are noted under TCG ([vm] stalls =
-# "auto"): under TCG on a busy host they come from starved vCPUs (a fixed
-# 6.1.192 printed "rcu_sched kthread starved" with two pinned guests on two
-# host CPUs), so there they are not evidence of a race on their own.  "note"
-# and "violation" force either.
-STALL = re.compile(r"rcu: INFO: rcu_\w+ (self-)?detected stall|RCU stall|soft lockup|"
-                   r"INFO: task .* blocked for more than")
-SPLAT = re.compile(
-    r"(Oops:|BUG:|WARNING:|KASAN:|KCSAN:|UBSAN:|Kernel panic|general protection fault|"
-    r"rcu: INFO: rcu_\w+ (self-)?detected stall|RCU stall|watchdog: BUG: soft lockup|"
-    r"INFO: task .* blocked for more than|list_add corruption|list_del corruption)")
-# The panic an oops (or a stall with *_panic set) ends in: part of that crash.
-PANIC = re.compile(r"Kernel panic - not syncing")
-END = re.compile(r"---\[ end (trace|Kernel panic)")
-SPLAT_LINES = 80       # a splat's text: at most this many lines ...
-SPLAT_SECONDS = 5.0    # ... collected for at most this long after its first line
-TAIL_LINES = 30        # after "---[ end trace": the registers again, then the panic
-
-
-@dataclass
-class _Block:
-    lines: list[str]
-    start: float
-    stall: bool
-    ended: bool = False       # its "---[ end trace" was seen
-    panicked: bool = False    # ... and then the panic it ended in
-    pending: list[str] = field(default_factory=list)   # lines after the end: kept if a panic follows
-
-
-class SplatWatcher:
-    """Follows a console log; every splat is reported once, with its text.
-
-    A splat is a block of console lines from its first trigger line (BUG:,
-    WARNING:, ...) to its "---[ end trace" (plus the lines that still belong
-    to the crash: the register dump again and the panic), or SPLAT_LINES
-    lines, or SPLAT_SECONDS after it began, whichever comes first; its lines
-    may arrive over several reads.  Trigger lines inside a block are the same
-    crash ("BUG: ..." then "Oops: ...") and fold into it; a panic after an
-    earlier splat is that splat's end.  Two things do start a new block: a
-    trigger after the end of a trace that is not its panic (a second
-    WARNING), and a real splat inside a stall's block (so a BUG is never
-    hidden in a stall note).
-    """
-
-    def __init__(self, path: Path, on_splat: Callable[[str], None], interval: float = 0.5,
-                 window: float = SPLAT_SECONDS) -> None:
-        self.path = path
-        self.on_splat = on_splat
-        self.splats: list[str] = []
-        self._pos = 0
-        self._buf = ""
-        self._block: _Block | None = None
-        self._since_close = TAIL_LINES + 1   # lines since the last block's end (or its close)
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._interval = interval
-        self._window = window
-
-    def __enter__(self) -> SplatWatcher:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join(5)
-        self.poll()
-        if self._buf:                 # a last line without its newline
-            self._feed(self._buf, time.monotonic())
-            self._buf = ""
-        self._close()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self.poll()
-
-    def poll(self) -> None:
-        now = time.monotonic()
-        try:
-            with open(self.path, errors="replace") as f:
-                f.seek(self._pos)
-                data = f.read()
-                self._pos = f.tell()
-        except OSError:
-            data = ""
-        self._buf += data.replace("\r", "")
-        lines = self._buf.split("\n")
-        self._buf = lines.pop()
-        for line in lines:
-            self._feed(line, now)
-        if self._block is not None and now - self._block.start >= self._window:
-            self._close()
-
-    def _feed(self, line: str, now: float) -> None:
-        hit = SPLAT.search(line) is not None
-        b = self._block
-        if b is not None:
-            real = hit and not STALL.search(line) and not PANIC.search(line)
-            if hit and ((b.stall and real) or (b.ended and not PANIC.search(line))):
-                self._close()
-            elif not b.ended:
-                b.lines.append(line)
-                b.ended = END.search(line) is not None
-                if len(b.lines) >= SPLAT_LINES:
-                    self._close()
-                return
-            else:   # after its end: the registers again, then perhaps the panic
-                b.pending.append(line)
-                b.panicked = b.panicked or PANIC.search(line) is not None
-                if b.panicked:
-                    b.lines += b.pending[:max(0, SPLAT_LINES - len(b.lines))]
-                    b.pending = []
-                if "end Kernel panic" in line or len(b.pending) >= TAIL_LINES:
-                    self._close()
-                return
-        self._since_close += 1
-        if not hit:
-            return
-        if PANIC.search(line) and self._since_close <= TAIL_LINES:
-            return   # the end of the crash reported just before
-        self._block = _Block([line], now, stall=STALL.search(line) is not None)
-
-    def _close(self) -> None:
-        b, self._block = self._block, None
-        if b is None:
-            return
-        self._since_close = len(b.pending)   # lines since its end
-        text = "\n".join(b.lines)
-        self.splats.append(text)
-        self.on_splat(text)
-
-
-def stall_policy(stalls: str, accel: str) -> str:
-    """[vm] stalls resolved for a guest: "auto" counts stalls under KVM only."""
-    if stalls == "auto":
-        return "violation" if accel == "kvm" else "note"
-    return stalls
-
-
-def splat_kind(text: str, stalls: str = "note") -> str:
-    """"stall" (noted, not a violation) or "kernel-splat" (a violation).
-    stalls="violation" ([vm] stalls) counts stalls and lockups as splats too."""
-    first = text.split("\n", 1)[0]
-    return "stall" if stalls == "note" and STALL.search(first) else "kernel-splat"
-
-
-def record_splats(res: TargetResult, splat_events: list[str], stalls: str = "note",
-                  seen_at: list[float] | None = None) -> None:
-    """A target's console splats: kernel-splat violations, or notes for stalls.
-
-    seen_at: the host monotonic time each splat was read from the console.  A
-    splat after the load started is a violation with a time, so a guest that
-    oopsed before the checker said anything still has a time to first
-    violation (to the watcher's poll interval)."""
-    for n, text in enumerate(splat_events):
-        if splat_kind(text, stalls) == "stall":
-            res.notes.append("guest stall, not counted as a violation (starved vCPUs under TCG?; "
-                             "--set vm.stalls=violation counts them): "
-                             + text.split("\n", 1)[0].strip())
-            continue
-        res.by_kind["kernel-splat"] = res.by_kind.get("kernel-splat", 0) + 1
-        res.violations.append({"type": "violation", "kind": "kernel-splat", "text": text,
-                               "target": res.label})
-        if seen_at is not None and n < len(seen_at) and res.load_started_host is not None \
-                and seen_at[n] >= res.load_started_host:
-            t = round(seen_at[n] - res.load_started_host, 3)
-            if res.first_violation_s is None or t < res.first_violation_s:
-                res.first_violation_s = t
-
 
 @dataclass
 class KernelRun:
@@ -315,6 +147,13 @@ def host_cpus(uri: str) -> int:
         conn.close()
 
 
+def overcommitted(guests: int, vcpus: int, uris: tuple[str, ...], cpus: dict[str, int]) -> set[str]:
+    """The hosts (URIs) on which the fleet's vCPUs outnumber the CPUs: guest g runs on
+    uris[g % len(uris)].  Under KVM a stall there is starvation, not evidence."""
+    return {uri for u, uri in enumerate(uris)
+            if len(range(u, guests, len(uris))) * vcpus > cpus[uri]}
+
+
 def overcommit_notes(guests: int, vcpus: int, uris: tuple[str, ...],
                      cpus: dict[str, int]) -> list[str]:
     """What to say when a fleet has more vCPUs than a host has CPUs."""
@@ -373,21 +212,15 @@ def _slug(text: str) -> str:
 def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
               events_lock: threading.Lock, events_file: Any,
               cancel: threading.Event | None = None, *, silence: float | None = None,
-              stalls: str = "note") -> TargetResult:
+              stalls: str = "note", stalls_why: str = "") -> TargetResult:
     """The agent in guest m, its console watched for splats.  silence, stalls:
-    the scenario's [vm] knobs (a quiet guest is lost; stalls noted or counted)."""
+    the scenario's [vm] knobs (a quiet guest is lost; stalls noted or counted,
+    stalls_why saying why)."""
     label = f"{kname}/vm-{i}"
-    splat_events: list[str] = []
-    splat_seen: list[float] = []
 
-    def on_splat(text: str) -> None:
-        splat_seen.append(time.monotonic())
-        splat_events.append(text)
-        if splat_kind(text, stalls) == "kernel-splat":
+    def on_splat(s: Splat) -> None:
+        if s.after_load and splat_kind(s.text, stalls) == "kernel-splat":
             prog.on_event(label, {"type": "violation", "kind": "kernel-splat"})
-
-    def on_event(lbl: str, ev: dict[str, Any]) -> None:
-        prog.on_event(lbl, ev)
 
     class _Sink:
         def write(self, s: str) -> None:
@@ -395,7 +228,12 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
                 events_file.write(s)
                 events_file.flush()   # events.jsonl can be followed while the run goes on
 
-    with SplatWatcher(Path(m.console_path), on_splat):
+    with SplatWatcher(Path(m.console_path), on_splat) as console:
+
+        def on_event(lbl: str, ev: dict[str, Any]) -> None:
+            console.on_agent_event(ev)   # at load-start: the console so far is the boot and set-up
+            prog.on_event(lbl, ev)
+
         alive = m.alive if cancel is None else (lambda: not cancel.is_set() and m.alive())
         res = run_target(m.host, spec, label=label, kernel=kname, on_event=on_event,
                          events_file=_Sink(), alive=alive, silence=silence)
@@ -403,10 +241,11 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
         res.infra_error = "interrupted"
         res.interrupted = True   # its counts so far go into an INCONCLUSIVE (interrupted) row
         return res
-    record_splats(res, splat_events, stalls, seen_at=splat_seen)
+    record_splats(res, console.splats, stalls, stalls_why)
     ev_dir = out / "evidence"
     ev_dir.mkdir(parents=True, exist_ok=True)
-    if crashed_of_splat(res, splat_events, traced=bool(spec.trace), stalls=stalls):
+    if crashed_of_splat(res, console.splats, traced=bool(spec.trace), stalls=stalls,
+                        last_progress=console.last_progress):
         return res
     if res.infra_error is None:
         try:
@@ -417,30 +256,6 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
             res.infra_error = f"evidence lost: {e.message}"
     res.evidence.setdefault("console", str(m.console_path))
     return res
-
-
-def crashed_of_splat(res: TargetResult, splat_events: list[str], traced: bool,
-                     stalls: str = "note") -> bool:
-    """A guest lost right after a kernel splat died of the kernel under test.
-
-    That is the race's outcome (the reverted generic receive oopses in
-    __xsk_rcv_zc), not a lost host: the target keeps its packets and its
-    kernel-splat violation, and the row says REPRODUCED.  Its trace and dmesg
-    died with it; the console log (in the evidence) holds the splat.
-    """
-    if res.infra_error is None or not any(splat_kind(t, stalls) == "kernel-splat" for t in splat_events):
-        return False
-    res.notes.append(f"guest crashed after a kernel splat (the stream ended with "
-                     f"{res.infra_error.split(':', 1)[0]}); see the console log")
-    res.infra_error = None
-    res.reason = "guest-crashed"
-    if not res.load_seconds:
-        # the load ran at least until the last event the guest sent (a stats line, a violation)
-        res.load_seconds = max(res.timeline[-1][0] if res.timeline else 0.0, res.last_heard_s)
-    if traced and not res.evidence.get("available"):
-        res.evidence = {**res.evidence, "available": False,
-                        "note": "guest crashed: its flight recorder died with it"}
-    return True
 
 
 def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: list[Any],
@@ -457,6 +272,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
     runs = [KernelRun(n, a) for n, a in zip(kernel_names, artifacts)]
     cpus = {u: host_cpus(u) for u in cfg.uris}
     notes = overcommit_notes(len(runs) * cfg.vms, vmcfg["vcpus"], cfg.uris, cpus)
+    crowded = overcommitted(len(runs) * cfg.vms, vmcfg["vcpus"], cfg.uris, cpus)
     for note in notes:
         log.info("note: %s", note)
     silence = parse_duration(vmcfg["silence"])
@@ -482,10 +298,13 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                     spec = agent_spec(s, duration=cfg.duration, seed=cfg.seed, bin_dir="/opt/racelab/bin",
                                       stop_on_first=cfg.stop_on_first, inject=cfg.inject or "",
                                       trace=trace, stop_grace=cfg.stop_grace)
+                    policies = [stall_policy(vmcfg["stalls"], kr.accel,
+                                             cfg.uris[(k * cfg.vms + i) % len(cfg.uris)] in crowded)
+                                for i in range(len(vms))]
                     with ThreadPoolExecutor(len(vms)) as ex:
                         futs = [ex.submit(run_on_vm, m, kr.name, i, spec, out, prog, events_lock,
                                           events_file, cancel, silence=silence,
-                                          stalls=stall_policy(vmcfg["stalls"], kr.accel))
+                                          stalls=policies[i][0], stalls_why=policies[i][1])
                                 for i, m in enumerate(vms)]
                         kr.targets = [f.result() for f in futs]
             except InfraError as e:

@@ -211,7 +211,7 @@ def results_dir(cfg: RunConfig) -> Path:
 
 
 def run_netns(cfg: RunConfig, progress: bool = True) -> Outcome:
-    from lab import dataplane
+    from lab import dataplane, splat
 
     scenario = from_data(cfg.scenario_data, path=f"{cfg.scenario}.toml")
     preflight_netns()
@@ -228,11 +228,18 @@ def run_netns(cfg: RunConfig, progress: bool = True) -> Outcome:
     t0 = time.monotonic()
     kernel = f"host:{platform.release()}"
     try:
-        with open(out / "events.jsonl", "w") as ev, stop_on_signals() as cancel:
+        # the host's kernel log from here on: a WARN in xsk or veth during the load is a splat
+        with open(out / "events.jsonl", "w") as ev, stop_on_signals() as cancel, \
+                splat.KmsgWatcher() as kmsg:
+
+            def on_event(label: str, e: dict[str, Any]) -> None:
+                kmsg.on_agent_event(e)
+                prog.on_event(label, e)
             res = run_target(LocalHost(str(bin_dir)), spec, label="local", kernel=kernel,
-                             on_event=prog.on_event, events_file=ev, cancel=cancel)
+                             on_event=on_event, events_file=ev, cancel=cancel)
     finally:
         prog.close()
+    splat.host_splats(res, kmsg, scenario["vm"]["stalls"], bool(spec.trace), out)
     row = rows_from_targets(kernel, [res], time.monotonic() - t0,
                             scenario["run"]["confidence"], vms=0)
     return finish(cfg, scenario, [row], [res], out, meta)

@@ -184,7 +184,11 @@ def test_a_guest_that_crashes_before_its_first_stats_line_still_has_an_exposure(
     r = run_target(host, spec(), label="vm-0", kernel="k")
     assert r.infra_error and r.timeline == []
     assert r.packets == 132, "the largest receive count any violation carried"
-    assert crashed_of_splat(r, ["[ 7.0] BUG: kernel NULL pointer dereference\n"], traced=False)
+    import time
+
+    from lab.splat import Splat
+    oops = Splat("[ 7.0] BUG: kernel NULL pointer dereference", seen_at=time.monotonic(), after_load=True)
+    assert crashed_of_splat(r, [oops], traced=False)
     assert r.load_seconds == 0.4 and r.packets == 132
 
 
