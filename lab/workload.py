@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lab.agent import AgentSpec, CheckerOpts, IperfOpts, SenderOpts
+from lab.amplifier import PATCH_KNOB
 from lab.host import Host
 from lab.run import InfraError, LostVM
 from lab.scenario import MAC_RX, Scenario, to_topology
@@ -38,7 +39,10 @@ INTERRUPT_GRACE_S = 15.0   # after Ctrl-C: how long the agent gets to wind down 
 
 def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on_first: bool,
                inject: str = "", trace: dict[str, Any] | None = None,
-               checks: str = "all", stop_grace: float = 0.0) -> AgentSpec:
+               checks: str = "all", stop_grace: float = 0.0,
+               amplifier: Any = None) -> AgentSpec:
+    """The agent's spec for one target.  amplifier: the lab.amplifier.Plan chosen for
+    this kernel (None: the scenario's patch knob only, as on a kernel we know nothing of)."""
     c, ld, x = s["checker"], s["load"], s["xdp"]
     topo = to_topology(s)
     queues = c["queues"]
@@ -69,10 +73,14 @@ def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on
                             inject=sender_inject)
         iperf = IperfOpts(server_ns="srv", client_ns="cli", server_ip="198.18.1.2") if ld["iperf3"] else None
     knobs = {}
-    if s["amplifier"]["widen_rx_ns"]:
-        knobs["/sys/module/xsk/parameters/widen_rx_ns"] = str(s["amplifier"]["widen_rx_ns"])
+    amp: dict[str, Any] = amplifier.to_dict() if amplifier is not None else {}
+    if amplifier is None and s["amplifier"]["widen_rx_ns"]:
+        knobs[PATCH_KNOB] = str(s["amplifier"]["widen_rx_ns"])
+    elif amplifier is not None and amplifier.method == "patch":
+        knobs[PATCH_KNOB] = str(amplifier.widen_rx_ns)
     return AgentSpec(topology=topo, checker=checker, sender=sender, iperf=iperf, duration=duration, knobs=knobs,
-                     stop_on_first=stop_on_first, stop_grace=stop_grace, seed=seed, bin_dir=bin_dir, trace=trace or {})
+                     stop_on_first=stop_on_first, stop_grace=stop_grace, seed=seed, bin_dir=bin_dir,
+                     trace=trace or {}, amplifier=amp)
 
 
 @dataclass
@@ -96,8 +104,10 @@ class TargetResult:
     iperf: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)      # what the agent said about the set-up
     knobs: dict[str, bool] = field(default_factory=dict)  # kernel knob -> applied?
+    amplifier: dict[str, Any] = field(default_factory=dict)  # what widened the window, and its hits
     load_started_host: float | None = None   # host monotonic clock when the load started (splat timing)
     last_heard_s: float = 0.0   # agent clock, since load start, of the last event (a crashed guest's exposure)
+    pre_load_splats: list[str] = field(default_factory=list)  # kernel splats before load-start: shown, never counted
     pre_load_splats: list[str] = field(default_factory=list)  # kernel splats before load-start: shown, never counted
     onsets_by_kind: dict[str, int] = field(default_factory=dict)   # independent onsets (the checker's)
     # first_violation_s runs from the senders' ready line (their packets start then); this
@@ -335,6 +345,9 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                         res.notes.append(str(ev.get("text")))
                         if ev.get("knob"):
                             res.knobs[str(ev["knob"])] = bool(ev.get("applied"))
+                    elif typ == "amplifier":
+                        res.amplifier.update({k: v for k, v in ev.items()
+                                              if k not in ("type", "phase", "target", "at")})
                     elif typ == "evidence":
                         res.evidence = ev
                     elif typ == "iperf":
