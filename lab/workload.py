@@ -108,7 +108,6 @@ class TargetResult:
     load_started_host: float | None = None   # host monotonic clock when the load started (splat timing)
     last_heard_s: float = 0.0   # agent clock, since load start, of the last event (a crashed guest's exposure)
     pre_load_splats: list[str] = field(default_factory=list)  # kernel splats before load-start: shown, never counted
-    pre_load_splats: list[str] = field(default_factory=list)  # kernel splats before load-start: shown, never counted
     onsets_by_kind: dict[str, int] = field(default_factory=dict)   # independent onsets (the checker's)
     # first_violation_s runs from the senders' ready line (their packets start then); this
     # one from the agent's load-start, sent before the senders are even started
