@@ -89,6 +89,7 @@ class IperfOpts:
     client_ns: str
     server_ip: str
     streams: int = 1
+    clients: int = 1      # iperf3 clients, client i pinned to CPU i (3.12 runs all -P streams in one thread)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,50 @@ def _wait_line(child: Child, out: queue.Queue[tuple[str, str | None]], typ: str,
         if ev is not None and ev.get("type") == typ:
             return ev
     return None
+
+
+IPERF_PORT = 5201
+
+
+def _start_iperf(ip: IperfOpts, topo: Topology, duration: float, stack: ExitStack
+                 ) -> list[tuple[Child, queue.Queue[tuple[str, str | None]]]]:
+    """iperf3 servers and clients; with clients > 1, client i is pinned to CPU i (wrapping)
+    so TCP enters the queue from several CPUs at once, as in the veth race's report."""
+    ncpu = os.cpu_count() or 1
+    pinned = ip.clients > 1
+    for i in range(ip.clients):
+        srv = Child(f"iperf3-server-{i}", topo.nsenter(ip.server_ns, [
+            "iperf3", "-s", "-1", "-J", "-p", str(IPERF_PORT + i)]), queue.Queue())
+        stack.callback(srv.stop)
+    time.sleep(0.5)
+    clis = []
+    for i in range(ip.clients):
+        out: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        argv = ["iperf3", "-c", ip.server_ip, "-p", str(IPERF_PORT + i), "-t", str(max(1, int(duration))),
+                "-P", str(ip.streams), "-J"]
+        if pinned:
+            argv = ["taskset", "-c", str(i % ncpu), *argv]
+        cli = Child("iperf3" if not pinned else f"iperf3-{i}", topo.nsenter(ip.client_ns, argv), out)
+        stack.callback(cli.stop)
+        clis.append((cli, out))
+    return clis
+
+
+def _iperf_sum(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One "iperf" event for all clients: throughput and bytes summed, any error kept."""
+    if len(reports) == 1:
+        return reports[0]
+    ev: dict[str, Any] = {"type": "iperf", "clients": len(reports),
+                          "returncode": max((r.get("returncode") or 0) for r in reports)}
+    for k in ("bits_per_second", "bytes", "retransmits", "seconds"):
+        vals = [r[k] for r in reports if isinstance(r.get(k), (int, float))]
+        if vals:
+            ev[k] = max(vals) if k == "seconds" else sum(vals)
+    errors = [f"client {i}: {r['error']}" for i, r in enumerate(reports) if r.get("error")]
+    if errors:
+        ev["error"] = "; ".join(errors)
+    ev["per_client_bits_per_second"] = [r.get("bits_per_second", 0.0) for r in reports]
+    return ev
 
 
 def _iperf_result(cli: Child, out: queue.Queue[tuple[str, str | None]], *, early: bool
@@ -355,8 +400,7 @@ def run_agent(spec: AgentSpec) -> int:
         for note in topo.apply_late():
             emit({"type": "note", "text": note})
         children: list[Child] = []
-        iperf_cli: Child | None = None
-        iperf_out: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        iperf_clis: list[tuple[Child, queue.Queue[tuple[str, str | None]]]] = []
         # load-start goes out before the first packet: a kernel that oopses on the
         # first frames may take the guest down before a later event could leave it
         load_start = time.monotonic()
@@ -368,15 +412,7 @@ def run_agent(spec: AgentSpec) -> int:
             stack.callback(sender.stop)
             children.append(sender)
         if spec.iperf:
-            ip = spec.iperf
-            srv = Child("iperf3-server", topo.nsenter(ip.server_ns, ["iperf3", "-s", "-1", "-J"]),
-                        queue.Queue())
-            stack.callback(srv.stop)
-            time.sleep(0.5)
-            iperf_cli = Child("iperf3", topo.nsenter(ip.client_ns, [
-                "iperf3", "-c", ip.server_ip, "-t", str(max(1, int(spec.duration))),
-                "-P", str(ip.streams), "-J"]), iperf_out)
-            stack.callback(iperf_cli.stop)
+            iperf_clis = _start_iperf(spec.iperf, topo, spec.duration, stack)
         deadline = load_start + spec.duration
         checker_open = True
         while checker_open:
@@ -408,8 +444,9 @@ def run_agent(spec: AgentSpec) -> int:
                 emit({"type": "agent-error", "what": ch.name, "returncode": ch.proc.returncode,
                       "stderr": ch.stderr[-20:]})
             ch.stop()
-        if iperf_cli is not None:
-            emit(_iperf_result(iperf_cli, iperf_out, early=reason != "duration"))
+        if iperf_clis:
+            emit(_iperf_sum([_iperf_result(cli, out, early=reason != "duration")
+                             for cli, out in iperf_clis]))
         checker.stop()
         # drain what the checker printed while stopping (its final "done")
         while True:

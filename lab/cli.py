@@ -39,6 +39,8 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False) -> Non
     p.add_argument("--seed", type=int, default=None, help="seed for names and payloads (default: random)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario knob, e.g. --set load.senders=4")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="a named variant of the scenario ([variants.NAME] in its file), e.g. iperf3")
     p.add_argument("--mitigation", choices=scen.MITIGATIONS, help="apply a workaround to the scenario")
     p.add_argument("--evidence", action="append", default=[], choices=("trace",),
                    help="collect kernel-side evidence (ftrace kprobes)")
@@ -49,7 +51,7 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False) -> Non
 def build_config(a: argparse.Namespace, *, default_backend: str, duration: float | None = None
                  ) -> RunConfig:
     overrides = parse_overrides(a.set)
-    s = scen.load(a.scenario, overrides)
+    s = scen.load(a.scenario, overrides, variant=getattr(a, "variant", None))
     s = scen.apply_mitigation(s, a.mitigation)
     dur = duration if duration is not None else (
         parse_duration(a.duration, "--duration") if getattr(a, "duration", None) else s.duration())
@@ -61,7 +63,7 @@ def build_config(a: argparse.Namespace, *, default_backend: str, duration: float
         scenario=s.name, scenario_data=s.data, backend=a.backend or default_backend,
         kernels=tuple(a.kernel), duration=dur, vms=vms, seed=seed,
         stop_on_first=a.stop_on_first, expect=a.expect, inject=a.inject,
-        mitigation=a.mitigation, evidence=tuple(a.evidence), out=a.out,
+        mitigation=a.mitigation, variant=getattr(a, "variant", None), evidence=tuple(a.evidence), out=a.out,
         overrides=tuple(a.set), uris=tuple(a.uri) or ("qemu:///system",))
 
 

@@ -60,6 +60,7 @@ class RunConfig:
     expect: str | None = None           # reproduced | clean | None
     inject: str | None = None           # fault class the checker commits on purpose
     mitigation: str | None = None       # workaround applied to the affected kernel
+    variant: str | None = None          # [variants.NAME] of the scenario, applied before --set
     evidence: tuple[str, ...] = ()      # extra evidence: "trace"
     out: str = ""                       # results directory
     overrides: tuple[str, ...] = ()     # the --set KEY=VALUE strings, as given

@@ -10,8 +10,10 @@ from __future__ import annotations
 import html
 import json
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -47,8 +49,37 @@ def provenance(cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[str,
         "python": platform.python_version(), "qemu": qemu,
         "seed": cfg.seed, "scenario": cfg.scenario, "backend": cfg.backend,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "amplifier_config": cfg.scenario_data.get("amplifier", {}),
+        "command": " ".join(shlex.quote(a) for a in ["racelab", *sys.argv[1:]]),
+        "rerun": rerun_command(cfg),
         **(extra or {}),
     }
+
+
+def rerun_command(cfg: RunConfig) -> str:
+    """`racelab run` with everything that decided this run, the seed included."""
+    argv = ["racelab", "run", cfg.scenario, "--backend", cfg.backend]
+    for k in cfg.kernels:
+        argv += ["--kernel", k]
+    if cfg.backend == "vm":
+        argv += ["--vms", str(cfg.vms)]
+    argv += ["--duration", f"{cfg.duration:g}s", "--seed", str(cfg.seed)]
+    if cfg.variant:
+        argv += ["--variant", cfg.variant]
+    for o in cfg.overrides:
+        argv += ["--set", o]
+    if cfg.mitigation:
+        argv += ["--mitigation", cfg.mitigation]
+    for e in cfg.evidence:
+        argv += ["--evidence", e]
+    if cfg.stop_on_first:
+        argv.append("--stop-on-first")
+    if cfg.inject:
+        argv += ["--inject", cfg.inject]
+    for u in cfg.uris:
+        if u != "qemu:///system":
+            argv += ["--uri", u]
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 def row_dict(row: Row) -> dict[str, Any]:

@@ -93,6 +93,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "size": (lambda v: isinstance(v, int) and 64 <= v <= 1500, "an integer 64..1500"),
         "rate": (_nonneg, "an integer >= 0 (0 = as fast as possible)"),
         "iperf3": (lambda v: isinstance(v, bool), "true or false"),
+        "iperf3_clients": (lambda v: _pos(v) and v <= 16, "an integer 1..16 (client i pinned to CPU i)"),
     },
     "vm": {
         "vcpus": (lambda v: _pos(v) and v <= 64, "an integer 1..64"),
@@ -159,10 +160,11 @@ def find(name_or_path: str) -> Path:
     raise BadInput(f"unknown scenario {name_or_path!r}", hint=hint)
 
 
-def load(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Scenario:
+def load(name_or_path: str, overrides: Mapping[str, Any] | None = None,
+         variant: str | None = None) -> Scenario:
     path = find(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = with_variant(tomllib.loads(path.read_text()), variant, str(path))
     except tomllib.TOMLDecodeError as e:
         raise BadInput(f"{path}: malformed TOML: {e}",
                        hint="fix the syntax; see scenarios/generic-rx-race.toml for the format") from None
@@ -192,7 +194,7 @@ def from_data(raw: Mapping[str, Any], path: str = "<data>",
 
 OPTIONAL_SECTIONS = {"amplifier": {"widen_rx_ns": 0}}
 # fields added after scenarios were written: their default when a file leaves them out
-OPTIONAL_FIELDS = {"vm": {"silence": "60s", "stalls": "auto"},
+OPTIONAL_FIELDS = {"vm": {"silence": "60s", "stalls": "auto"}, "load": {"iperf3_clients": 1},
                    "amplifier": {"method": "auto", "delay_ns": 0, "probe": ""}}
 
 
@@ -228,10 +230,51 @@ def validate(data: Mapping[str, Any]) -> list[str]:
             if fld not in fields:
                 problems.append(f"{section}.{fld}: unknown field")
     for section in data:
-        if section not in SCHEMA:
+        if section not in SCHEMA and section != "variants":
             problems.append(f"[{section}]: unknown section")
+    problems += _check_variants(data.get("variants", {}))
     problems += cross_check(data, bad)
     return problems
+
+
+def _check_variants(variants: Any) -> list[str]:
+    """[variants.NAME]: "section.field" = value, each a known field with a valid value
+    (the whole scenario with a variant applied is validated again when it is chosen)."""
+    if not isinstance(variants, dict):
+        return ["[variants]: a table of named variants, e.g. [variants.iperf3]"]
+    problems = []
+    for name, keys in variants.items():
+        if not isinstance(keys, dict) or not keys:
+            problems.append(f"variants.{name}: a table of \"section.field\" = value overrides")
+            continue
+        for key, value in keys.items():
+            section, _, fld = str(key).partition(".")
+            if section not in SCHEMA or fld not in SCHEMA[section]:
+                problems.append(f"variants.{name}: {key!r}: no such field")
+                continue
+            check, good = SCHEMA[section][fld]
+            try:
+                ok = bool(check(value))
+            except Exception:  # a check on a wrong type
+                ok = False
+            if not ok:
+                problems.append(f"variants.{name}: {key} = {value!r} is not {good}")
+    return problems
+
+
+def with_variant(raw: Mapping[str, Any], variant: str | None, path: str = "<data>") -> dict[str, Any]:
+    """The scenario's data with a named variant's overrides applied (--variant NAME)."""
+    data = copy.deepcopy(dict(raw))
+    if not variant:
+        return data
+    variants = data.get("variants") or {}
+    if variant not in variants:
+        known = ", ".join(sorted(variants)) or "none"
+        raise BadInput(f"{path}: no variant {variant!r}", hint=f"variants of this scenario: {known}")
+    for key, value in variants[variant].items():
+        section, _, fld = str(key).partition(".")
+        data.setdefault(section, {})[fld] = value
+    return data
 
 
 def cross_check(data: Mapping[str, Any], bad: set[str]) -> list[str]:

@@ -71,7 +71,8 @@ def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on
                             dst_ip="198.18.1.2", senders=ld["senders"], burst=ld["burst"],
                             gap_ns=ld["gap_ns"], size=ld["size"], rate=ld["rate"],
                             inject=sender_inject)
-        iperf = IperfOpts(server_ns="srv", client_ns="cli", server_ip="198.18.1.2") if ld["iperf3"] else None
+        iperf = IperfOpts(server_ns="srv", client_ns="cli", server_ip="198.18.1.2",
+                          clients=ld["iperf3_clients"]) if ld["iperf3"] else None
     knobs = {}
     amp: dict[str, Any] = amplifier.to_dict() if amplifier is not None else {}
     if amplifier is None and s["amplifier"]["widen_rx_ns"]:
