@@ -45,6 +45,7 @@ class KernelRun:
     accel_reason: str = ""
     boot_seconds: list[float] = field(default_factory=list)
     pinning: dict[str, list[int]] = field(default_factory=dict)   # target -> host CPU per vCPU
+    plan: Any = None          # lab.amplifier.Plan for this kernel
 
 
 def preflight_vm() -> None:
@@ -259,7 +260,7 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
 
 
 def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: list[Any],
-               image: Any, out: Path, prog: Progress) -> list[KernelRun]:
+               image: Any, out: Path, prog: Progress, plans: list[Any] | None = None) -> list[KernelRun]:
     """Boot every kernel's fleet at once and run the scenario in every guest.
 
     An error that is not an infrastructure loss (BadInput, a bug) in any
@@ -269,7 +270,9 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
 
     vmcfg = s["vm"]
     trace = _trace_opts(cfg, s)
-    runs = [KernelRun(n, a) for n, a in zip(kernel_names, artifacts)]
+    from lab import amplifier
+
+    runs = [KernelRun(n, a, plan=p) for n, a, p in zip(kernel_names, artifacts, plans or [None] * len(artifacts))]
     cpus = {u: host_cpus(u) for u in cfg.uris}
     notes = overcommit_notes(len(runs) * cfg.vms, vmcfg["vcpus"], cfg.uris, cpus)
     crowded = overcommitted(len(runs) * cfg.vms, vmcfg["vcpus"], cfg.uris, cpus)
@@ -295,9 +298,14 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                              "; vCPUs pinned to host CPUs " + ", ".join(
                                  f"{lbl.rsplit('/', 1)[1]}: {cs}" for lbl, cs in kr.pinning.items())
                              if kr.pinning else "")
+                    if kr.plan is not None and amplifier.needs_guest(kr.plan):
+                        # no System.map: the probe site from the running kernel's own symbols
+                        syms = vms[0].host.cmd(["cat", "/proc/kallsyms"], timeout=120).stdout
+                        kr.plan = amplifier.plan(s["amplifier"], kr.artifact, kallsyms=syms)
+                        log.info("%s: amplifier %s", kr.name, kr.plan.text())
                     spec = agent_spec(s, duration=cfg.duration, seed=cfg.seed, bin_dir="/opt/racelab/bin",
                                       stop_on_first=cfg.stop_on_first, inject=cfg.inject or "",
-                                      trace=trace, stop_grace=cfg.stop_grace)
+                                      trace=trace, stop_grace=cfg.stop_grace, amplifier=kr.plan)
                     policies = [stall_policy(vmcfg["stalls"], kr.accel,
                                              cfg.uris[(k * cfg.vms + i) % len(cfg.uris)] in crowded)
                                 for i in range(len(vms))]
@@ -335,6 +343,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
 
 def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
            expected: dict[str, str] | None = None) -> Outcome:
+    from lab import amplifier
     from lab import image as imagemod
 
     s = from_data(cfg.scenario_data, path=f"{cfg.scenario}.toml")
@@ -346,13 +355,14 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
     names = list(cfg.kernels)
     resolve_kernels(names)                 # every bad name before any build
     artifacts = build_kernels(names, progress=progress)
+    plans = amplifier_plans(s, names, artifacts)
     img = imagemod.ensure_image(progress=progress)
     out = results_dir(cfg)
     (out / "config.json").write_text(cfg.to_json())
     prog = Progress(progress)
     interrupted = False
     try:
-        runs = run_fleets(cfg, s, names, artifacts, img, out, prog)
+        runs = run_fleets(cfg, s, names, artifacts, img, out, prog, plans)
     except Interrupted as e:
         runs, interrupted = e.partial, True   # finish() writes them, then raises Interrupted again
     finally:
@@ -361,8 +371,11 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
     targets: list[TargetResult] = []
     kmeta = {}
     for kr in runs:
-        rows.append(rows_from_targets(kr.name, kr.targets, kr.wall, s["run"]["confidence"], vms=cfg.vms,
-                                      interrupted=interrupted))
+        row = rows_from_targets(kr.name, kr.targets, kr.wall, s["run"]["confidence"], vms=cfg.vms,
+                                interrupted=interrupted)
+        if kr.plan is not None:
+            row.extra["amplifier"] = amplifier.summary(kr.plan, kr.targets)
+        rows.append(row)
         targets += kr.targets
         a = kr.artifact
         kmeta[kr.name] = {"key": getattr(a, "key", ""), "version": getattr(a, "version", ""),
@@ -371,11 +384,33 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
                           "affected": list(getattr(a, "affected", []) or []),
                           "accelerator": kr.accel, "accelerator_reason": kr.accel_reason,
                           "boot_seconds": kr.boot_seconds, "vcpus": s["vm"]["vcpus"],
-                          "pinning": kr.pinning}
+                          "pinning": kr.pinning,
+                          "amplifier": kr.plan.to_dict() if kr.plan is not None else None}
     meta = report.provenance(cfg, {"kernels": kmeta, "image": {"key": img.key, "path": str(img.path)},
                                    "expected": expected or {}})
     write_json(out / "provenance.json", meta)
     return finish(cfg, s, rows, targets, out, meta, title=title, expected=expected)
+
+
+def amplifier_plans(s: Scenario, names: list[str], artifacts: list[Any]) -> list[Any]:
+    """The amplifier of each kernel, chosen before anything boots (bad input at once);
+    the control must run with the same one as the affected kernel, or it proves less."""
+    from lab import amplifier
+
+    plans, problems = [], []
+    for name, art in zip(names, artifacts):
+        try:
+            plans.append(amplifier.plan(s["amplifier"], art, defer=True))
+        except BadInput as e:
+            problems.append(f"{name}: {e}")
+    if problems:
+        raise BadInput("amplifier:\n  " + "\n  ".join(problems))
+    for name, p in zip(names, plans):
+        log.info("%s: amplifier %s", name, p.text())
+    if len({(p.method, p.delay_ns, p.widen_rx_ns) for p in plans}) > 1:
+        log.info("note: the kernels run with different amplifiers, so a clean control is weaker "
+                 "evidence (--set amplifier.method=... makes them alike)")
+    return plans
 
 
 # --- single guests, for `racelab vm run|shell` ---------------------------------

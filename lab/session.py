@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import report
+from lab import amplifier, report
 from lab.config import RunConfig, fmt_duration, to_jsonable
 from lab.host import LocalHost
 from lab.run import BadInput, log, require_root, require_tools
@@ -221,7 +221,13 @@ def run_netns(cfg: RunConfig, progress: bool = True) -> Outcome:
     meta = report.provenance(cfg, {"kernel": f"host:{platform.release()}", "accelerator": "none (host kernel)",
                                    "bin_dir": str(bin_dir)})
     write_json(out / "provenance.json", meta)
-    spec = agent_spec(scenario, duration=cfg.duration, seed=cfg.seed, bin_dir=str(bin_dir),
+    plan = amplifier.host_plan(scenario["amplifier"])
+    if plan.method == "off" and scenario["amplifier"]["method"] != "off" and \
+            (scenario["amplifier"]["widen_rx_ns"] or scenario["amplifier"]["delay_ns"]):
+        log.info("note: amplifier off: %s", plan.why)
+    elif plan.method != "off":
+        log.info("amplifier: %s", plan.text())
+    spec = agent_spec(scenario, duration=cfg.duration, seed=cfg.seed, bin_dir=str(bin_dir), amplifier=plan,
                       stop_on_first=cfg.stop_on_first, inject=cfg.inject or "",
                       trace=_trace_opts(cfg, scenario), stop_grace=cfg.stop_grace)
     prog = Progress(progress)
@@ -242,6 +248,7 @@ def run_netns(cfg: RunConfig, progress: bool = True) -> Outcome:
     splat.host_splats(res, kmsg, scenario["vm"]["stalls"], bool(spec.trace), out)
     row = rows_from_targets(kernel, [res], time.monotonic() - t0,
                             scenario["run"]["confidence"], vms=0)
+    row.extra["amplifier"] = amplifier.summary(plan, [res])
     return finish(cfg, scenario, [row], [res], out, meta)
 
 
