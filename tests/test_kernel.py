@@ -114,7 +114,7 @@ def test_resolve_catalog_name():
     assert [Path(p).name for p in s.patches] == ["revert-generic-rx.patch"]
     assert Path(s.patches[0]).parent.name == "6.1"
     assert Path(s.fragments[0]) == ROOT / "kernels/config/lab.config"
-    assert s.affected == ("generic-rx-race",)
+    assert s.affected == ("generic-rx-race", "shared-pool-rx-race")
 
 
 def test_resolve_composes_name_and_catalog_patches():
@@ -482,7 +482,7 @@ def test_bad_patch_names_file_and_hunk_and_changes_nothing(tree):
 
 
 PATCHED_FILES = ["net/xdp/xsk.c", "net/xdp/xsk_queue.h", "net/xdp/xsk_buff_pool.c",
-                 "include/net/xsk_buff_pool.h", "drivers/net/veth.c"]
+                 "include/net/xsk_buff_pool.h", "include/net/xdp_sock.h", "drivers/net/veth.c"]
 
 
 def pristine_files(tarball: Path) -> Path:
@@ -490,7 +490,7 @@ def pristine_files(tarball: Path) -> Path:
     import subprocess
     st = tarball.stat()
     top = tarball.name.removesuffix(".tar.xz")
-    dest = kernel.cache_dir() / "test-kernel-files" / f"{top}-{st.st_size}-{int(st.st_mtime)}"
+    dest = kernel.cache_dir() / "test-kernel-files" / f"{top}-{st.st_size}-{int(st.st_mtime)}-{len(PATCHED_FILES)}"
     if not (dest / "done").exists():
         tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
