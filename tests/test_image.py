@@ -309,7 +309,11 @@ def test_an_image_without_the_c_binaries_is_an_error(monkeypatch, tmp_path):
         image.dataplane_binaries()
     (half / "xsksend").write_text("#!/bin/sh\n")
     (half / "xsksend").chmod(0o755)
-    assert [p.name for p in image.dataplane_binaries()] == ["xskcheck", "xsksend"]
+    with pytest.raises(BuildFailed, match="xskamp"):
+        image.dataplane_binaries()
+    (half / "xskamp").write_text("#!/bin/sh\n")
+    (half / "xskamp").chmod(0o755)
+    assert [p.name for p in image.dataplane_binaries()] == ["xskamp", "xskcheck", "xsksend"]
 
 
 def test_size_limit():
