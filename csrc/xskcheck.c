@@ -8,10 +8,12 @@
  * detector per kind, listed in lab/dataplane.py VIOLATION_KINDS).  No libbpf,
  * libxdp or clang.
  *
- * Threads: one worker per "group": a socket (rxdrop) or the pair of sockets
- * on queue q of both devices (forward).  A group owns a fixed range of UMEM
- * frames and all per-frame bookkeeping for them, so the hot path takes no
- * locks.  The main thread prints stats and handles signals.
+ * Threads: one worker per "group": a socket (rxdrop), the pair of sockets
+ * on queue q of both devices (forward), or the --sockets-per-queue sockets
+ * bound to one queue with XDP_SHARED_UMEM (rxdrop), which share one buffer
+ * pool and so one FILL ring.  A group owns a fixed range of UMEM frames and
+ * all per-frame bookkeeping for them, so the hot path takes no locks.  The
+ * main thread prints stats and handles signals.
  *
  * Output: JSON lines on stdout (ready, violation, stats, done); diagnostics
  * on stderr.  Exit 0 ok, 2 bad arguments / no XDP sockets / not permitted,
@@ -69,6 +71,7 @@
 #define NONE UINT32_MAX
 #define MAX_QUEUES 64
 #define MAX_SOCKS (2 * MAX_QUEUES)
+#define MAX_SPQ 8 /* sockets sharing one queue's pool */
 #define MAX_BATCH 1024
 #define FLOWTAB 1024
 #define PRINT_CAP 1000
@@ -130,12 +133,15 @@ static struct {
 	uint64_t seed;
 	int spin;
 	int busy_poll_us; /* 0: off */
+	int spq;	  /* sockets per queue, sharing that queue's pool */
+	bool pick_rr;	  /* the XDP program picks the socket round-robin, not by CPU */
 	int idle_us;	  /* idle: sleep this long instead of poll() (0: poll) */
 	uint64_t selfbench; /* > 0: no kernel, an in-memory one; this many descriptors */
 	uint32_t selfbench_size; /* its frame size */
 } opt = {
 	.queues = 1, .frame_size = 2048, .frames = 256, .batch = 64, .stats_ms = 500,
 	.checks = true, .inject = -1, .seed = 1, .spin = 0, .idle_us = 50, .selfbench_size = 64,
+	.spq = 1,
 };
 
 static uint32_t exp_off; /* expected addr % frame_size of an RX descriptor */
@@ -198,9 +204,13 @@ struct xsk {
 	uint32_t *pend;		     /* frames waiting for FILL space */
 	uint32_t npend;
 	struct xsk *peer; /* forward: where frames received here are sent */
+	struct xsk *fq;	  /* whose FILL ring (the pool's) takes this socket's frames back: itself,
+			   * or the queue's first socket when several share its pool */
+	int slot;	  /* index in its group */
+	uint64_t last_fseq; /* pooled: FILL posting number of the last frame received here */
 	struct group *g;
 	uint64_t rx_count;
-	uint64_t seen;	    /* RX descriptors checked on this socket */
+	uint64_t seen;	    /* RX descriptors checked in the pool (kept on s->fq) */
 	uint64_t last_viol; /* `seen` at its last violation */
 	bool any_viol;
 };
@@ -212,11 +222,12 @@ struct outd {
 
 struct group {
 	int id;
-	struct xsk *s[2];
+	struct xsk *s[MAX_SPQ];
 	int ns;
 	uint32_t first, nframes;
 	uint8_t *umem; /* UMEM holding this group's frames */
 	uint32_t umem_gbase;
+	uint64_t fill_seq; /* pooled: FILL postings so far, across the pool */
 	int64_t held;
 	int cpu;
 	pthread_t th;
@@ -232,6 +243,8 @@ static int nsocks;
 static struct group groups[MAX_QUEUES];
 static int ngroups;
 static uint8_t *fstate, *fflags; /* per global frame */
+static uint64_t *fseq;		  /* pooled: per frame, its FILL posting number in its pool */
+static uint8_t *fsock;		  /* pooled: per frame, the slot of the socket that last received it */
 static int ifindex[2];
 static int xskmap_fd[2] = { -1, -1 }, prog_fd[2] = { -1, -1 }, ctl_fd = -1;
 static bool attached[2];
@@ -271,12 +284,13 @@ static void violation(struct group *g, struct xsk *s, enum kind k, uint64_t addr
 {
 	char detail[160], line[512];
 	uint64_t quiet = 2ull * g->nframes > ONSET_QUIET ? 2ull * g->nframes : ONSET_QUIET;
-	bool onset = !s->any_viol || s->seen - s->last_viol >= quiet;
+	struct xsk *o = s->fq; /* onsets per pool: one fault echoes on all the sockets sharing it */
+	bool onset = !o->any_viol || o->seen - o->last_viol >= quiet;
 	uint64_t n;
 	va_list ap;
 
-	s->any_viol = true;
-	s->last_viol = s->seen;
+	o->any_viol = true;
+	o->last_viol = o->seen;
 	INC(g->st.kinds[k]);
 	INC(g->st.viol);
 	if (onset) {
@@ -438,6 +452,14 @@ static inline bool armed_for(struct group *g, enum kind k)
 	return g->armed && opt.inject == (int)k;
 }
 
+/* Several sockets consume one pool's FILL ring: the kernel hands FILL
+ * entries to whichever socket the XDP program picked, so no socket sees the
+ * whole FILL order; each sees a subsequence of it (checked with fseq). */
+static inline bool pooled(void)
+{
+	return opt.spq > 1;
+}
+
 /* Before the application gives frame fi back to the kernel (FILL or TX):
  * the frame must be the application's, and its stamp intact. */
 static bool check_giveback(struct group *g, struct xsk *s, uint32_t fi, enum fstate to)
@@ -485,7 +507,7 @@ static void post_fill(struct group *g, struct xsk *s, const uint32_t *list, uint
 	fr = prod_free(&s->fill, n);
 	if (fr > n)
 		fr = n;
-	if (opt.checks && armed_for(g, K_ORDER) && fr >= 1 && take_inject()) {
+	if (opt.checks && !pooled() && armed_for(g, K_ORDER) && fr >= 1 && take_inject()) {
 		/* record a FILL entry the kernel never gets: the lost descriptor of a
 		 * FILL-ring race, which must give one order onset, not a cascade */
 		lost = true;
@@ -497,9 +519,13 @@ static void post_fill(struct group *g, struct xsk *s, const uint32_t *list, uint
 		if (opt.checks) {
 			check_giveback(g, s, fi, S_FILL);
 			fstate[fi] = S_FILL;
-			if (lost && k == 0)
-				fifo_push(&s->fifo, PHANTOM);
-			fifo_push(&s->fifo, fi);
+			if (pooled()) {
+				fseq[fi] = ++g->fill_seq;
+			} else {
+				if (lost && k == 0)
+					fifo_push(&s->fifo, PHANTOM);
+				fifo_push(&s->fifo, fi);
+			}
 		}
 		((uint64_t *)s->fill.descs)[s->fill.local++ & s->fill.mask] = frame_addr(s, fi);
 		g->held--;
@@ -520,7 +546,10 @@ static void post_fill(struct group *g, struct xsk *s, const uint32_t *list, uint
 		if (opt.inject == K_DUPLICATE && prod_free(&s->fill, 1) >= 1 && take_inject()) {
 			/* post the same frame again: a real second FILL entry */
 			check_giveback(g, s, last, S_FILL);
-			fifo_push(&s->fifo, last);
+			if (pooled())
+				fseq[last] = ++g->fill_seq;
+			else
+				fifo_push(&s->fifo, last);
 			fflags[last] |= F_DUPINJ;
 			((uint64_t *)s->fill.descs)[s->fill.local++ & s->fill.mask] = frame_addr(s, last);
 			g->armed = false;
@@ -658,12 +687,12 @@ static void check_payload(struct group *g, struct xsk *s, uint64_t addr, uint8_t
 static int64_t check_rx(struct group *g, struct xsk *s, const struct xdp_desc *d)
 {
 	uint64_t addr = d->addr, local;
-	uint32_t len = d->len, fi, off, head;
+	uint32_t len = d->len, fi, off, head = NONE;
 	uint32_t *m;
 	uint8_t st;
 	bool off_ok;
 
-	s->seen++;
+	s->fq->seen++; /* counted per pool, like the onsets */
 	if (addr == POISON) {
 		violation(g, s, K_POISON, addr, 0, addr, "RX slot still holds the poison: never written");
 		g->held--;
@@ -691,14 +720,25 @@ static int64_t check_rx(struct group *g, struct xsk *s, const struct xdp_desc *d
 	if (st == S_RX) {
 		if (fflags[fi] & F_DUPINJ) {
 			/* the injected second FILL entry arrived: hand the frame back now */
-			violation(g, s, K_DUPLICATE, addr, 0, fi, "frame %u received while the app holds it", fi);
+			if (pooled())
+				violation(g, s, K_DUPLICATE, addr, 0, fi,
+					  "frame %u received on socket %d while the app holds it from socket %d", fi,
+					  s->slot, fsock[fi]);
+			else
+				violation(g, s, K_DUPLICATE, addr, 0, fi, "frame %u received while the app holds it",
+					  fi);
 			fflags[fi] &= (uint8_t)~F_DUPINJ;
 			if (fifo_head(&s->fifo) == fi)
 				s->fifo.head++;
 			g->held--;
 			return fi;
 		}
-		violation(g, s, K_DUPLICATE, addr, 0, fi, "frame %u received while the app holds it", fi);
+		if (pooled())
+			violation(g, s, K_DUPLICATE, addr, 0, fi,
+				  "frame %u received on socket %d while the app holds it from socket %d", fi, s->slot,
+				  fsock[fi]);
+		else
+			violation(g, s, K_DUPLICATE, addr, 0, fi, "frame %u received while the app holds it", fi);
 		g->held--;
 		return RX_DISCARD;
 	}
@@ -710,8 +750,22 @@ static int64_t check_rx(struct group *g, struct xsk *s, const struct xdp_desc *d
 	if (st != S_FILL) /* the app thinks it holds it: take it (once) */
 		violation(g, s, K_STATE, addr, S_FILL, st, "%s->RX (frame %u)", state_name[st], fi);
 
-	head = fifo_head(&s->fifo);
-	if (head == fi) {
+	if (pooled()) {
+		uint64_t q = fseq[fi];
+
+		if (armed_for(g, K_ORDER) && take_inject()) {
+			/* bookkeeping bug: believe this socket already had a frame posted after this one */
+			s->last_fseq = q;
+			g->armed = false;
+		}
+		if (q <= s->last_fseq)
+			violation(g, s, K_ORDER, addr, s->last_fseq + 1, q,
+				  "RX frame %u on socket %d: FILL post %llu after post %llu, not a subsequence of "
+				  "the pool's FILL order", fi, s->slot, (unsigned long long)q,
+				  (unsigned long long)s->last_fseq);
+		s->last_fseq = q; /* one violation per fault, not a cascade */
+		fsock[fi] = (uint8_t)s->slot;
+	} else if ((head = fifo_head(&s->fifo)) == fi) {
 		s->fifo.head++;
 	} else if (fflags[fi] & F_SKIPPED) {
 		fflags[fi] &= (uint8_t)~F_SKIPPED;
@@ -785,8 +839,9 @@ static uint32_t do_rx(struct group *g, struct xsk *s)
 		}
 		if (g->held + extra > (int64_t)g->nframes)
 			violation(g, s, K_OVERHELD, 0, g->nframes, (uint64_t)(g->held + extra),
-				  "the app holds %lld frames, the group has %u", (long long)(g->held + extra),
-				  g->nframes);
+				  pooled() ? "the app holds %lld frames across the pool's sockets, the pool has %u"
+					   : "the app holds %lld frames, the group has %u",
+				  (long long)(g->held + extra), g->nframes);
 		if (armed_for(g, K_OFFSET) && take_inject()) {
 			/* as if the kernel had written a descriptor with a wrong offset */
 			ring[base & s->rx.mask].addr += exp_off + 64 < opt.frame_size ? 64 : (uint64_t)-64;
@@ -847,7 +902,7 @@ static uint32_t do_rx(struct group *g, struct xsk *s)
 
 		for (uint32_t i = 0; i < k; i++)
 			list[i] = g->out[i].fi;
-		post_fill(g, s, list, k);
+		post_fill(g, s->fq, list, k);
 	}
 
 	if (opt.inject >= 0 && RD(g->st.rx) >= g->next_inject) {
@@ -959,7 +1014,7 @@ static bool kick_tx(struct group *g, struct xsk *s)
 static void *worker(void *arg)
 {
 	struct group *g = arg;
-	struct pollfd pfd[2];
+	struct pollfd pfd[MAX_SPQ];
 	int idle = 0;
 
 	if (g->cpu >= 0) {
@@ -1092,10 +1147,13 @@ static void set_len_bias(uint32_t v)
  *   if (bpf_xdp_adjust_meta(ctx, -8) == 0 && data_meta + 8 <= data)
  *       meta = { data_end - data + bias, XDP_META_MAGIC }
  *   return bpf_redirect_map(&xskmap, ctx->rx_queue_index, XDP_PASS)
+ * With --sockets-per-queue K > 1 the key is rx_queue_index * K + pick, pick =
+ * bpf_get_smp_processor_id() % K (so two CPUs feed two sockets of one pool at
+ * once), or with --pick rr a counter in ctl[1] % K.
  */
 static int load_prog(int xskmap, int ctl)
 {
-	struct bpf_insn insns[] = {
+	struct bpf_insn head[] = {
 		BPF_MOV64_REG(BPF_REG_6, BPF_REG_1),
 		/* r7 = bias */
 		BPF_MOV64_IMM(BPF_REG_7, 0),
@@ -1125,21 +1183,61 @@ static int load_prog(int xskmap, int ctl)
 		BPF_ALU64_REG(BPF_ADD, BPF_REG_4, BPF_REG_7),
 		BPF_STX_MEM(BPF_W, BPF_REG_3, BPF_REG_4, 0),
 		BPF_ST_MEM(BPF_W, BPF_REG_3, 4, (int32_t)XDP_META_MAGIC),
-		/* redirect */
+	};
+	struct bpf_insn one[] = { /* key = rx_queue_index */
+		BPF_LDX_MEM(BPF_W, BPF_REG_8, BPF_REG_6, offsetof(struct xdp_md, rx_queue_index)),
+	};
+	struct bpf_insn by_cpu[] = { /* key = rx_queue_index * K + cpu % K */
+		BPF_LDX_MEM(BPF_W, BPF_REG_8, BPF_REG_6, offsetof(struct xdp_md, rx_queue_index)),
+		BPF_ALU64_IMM(BPF_MUL, BPF_REG_8, opt.spq),
+		BPF_CALL_FN(BPF_FUNC_get_smp_processor_id),
+		BPF_ALU64_IMM(BPF_MOD, BPF_REG_0, opt.spq),
+		BPF_ALU64_REG(BPF_ADD, BPF_REG_8, BPF_REG_0),
+	};
+	struct bpf_insn by_rr[] = { /* key = rx_queue_index * K + ctl[1]++ % K */
+		BPF_LDX_MEM(BPF_W, BPF_REG_8, BPF_REG_6, offsetof(struct xdp_md, rx_queue_index)),
+		BPF_ALU64_IMM(BPF_MUL, BPF_REG_8, opt.spq),
+		BPF_ST_MEM(BPF_W, BPF_REG_10, -8, 1),
+		BPF_MOV64_REG(BPF_REG_2, BPF_REG_10),
+		BPF_ALU64_IMM(BPF_ADD, BPF_REG_2, -8),
+		BPF_LD_MAP_FD(BPF_REG_1, ctl),
+		BPF_CALL_FN(BPF_FUNC_map_lookup_elem),
+		BPF_MOV64_IMM(BPF_REG_9, 0),
+		BPF_JMP_IMM(BPF_JEQ, BPF_REG_0, 0, 4),
+		BPF_LDX_MEM(BPF_W, BPF_REG_9, BPF_REG_0, 0),
+		BPF_MOV64_REG(BPF_REG_1, BPF_REG_9),
+		BPF_ALU64_IMM(BPF_ADD, BPF_REG_1, 1), /* unlocked: a lost count only skews the pick */
+		BPF_STX_MEM(BPF_W, BPF_REG_0, BPF_REG_1, 0),
+		BPF_ALU64_IMM(BPF_MOD, BPF_REG_9, opt.spq),
+		BPF_ALU64_REG(BPF_ADD, BPF_REG_8, BPF_REG_9),
+	};
+	struct bpf_insn tail[] = {
 		BPF_LD_MAP_FD(BPF_REG_1, xskmap),
-		BPF_LDX_MEM(BPF_W, BPF_REG_2, BPF_REG_6, offsetof(struct xdp_md, rx_queue_index)),
+		BPF_MOV64_REG(BPF_REG_2, BPF_REG_8),
 		BPF_MOV64_IMM(BPF_REG_3, XDP_PASS),
 		BPF_CALL_FN(BPF_FUNC_redirect_map),
 		BPF_EXIT_INSN(),
 	};
+	struct bpf_insn insns[sizeof(head) / sizeof(head[0]) + sizeof(by_rr) / sizeof(by_rr[0]) +
+			      sizeof(tail) / sizeof(tail[0])];
+	const struct bpf_insn *pick = opt.spq == 1 ? one : opt.pick_rr ? by_rr : by_cpu;
+	size_t npick = opt.spq == 1 ? sizeof(one) : opt.pick_rr ? sizeof(by_rr) : sizeof(by_cpu);
+	size_t n = 0;
 	static char log[65536];
 	union bpf_attr a;
 	int fd;
 
+	memcpy(insns, head, sizeof(head));
+	n += sizeof(head) / sizeof(head[0]);
+	memcpy(insns + n, pick, npick);
+	n += npick / sizeof(insns[0]);
+	memcpy(insns + n, tail, sizeof(tail));
+	n += sizeof(tail) / sizeof(tail[0]);
+
 	memset(&a, 0, sizeof(a));
 	a.prog_type = BPF_PROG_TYPE_XDP;
 	a.insns = (uint64_t)(uintptr_t)insns;
-	a.insn_cnt = sizeof(insns) / sizeof(insns[0]);
+	a.insn_cnt = (uint32_t)n;
 	a.license = (uint64_t)(uintptr_t) "GPL";
 	snprintf(a.prog_name, sizeof(a.prog_name), "xskcheck");
 	fd = sys_bpf(BPF_PROG_LOAD, &a);
@@ -1310,8 +1408,10 @@ static int setup_socket(struct xsk *s, struct xsk *umem_owner)
 			return -1;
 		}
 	}
-	if (setsockopt(s->fd, SOL_XDP, XDP_UMEM_FILL_RING, &ring, sizeof(ring)) ||
-	    setsockopt(s->fd, SOL_XDP, XDP_UMEM_COMPLETION_RING, &ring, sizeof(ring)) ||
+	/* a socket joining another's pool (same device and queue) must not have
+	 * FILL/COMP rings of its own: bind() refuses them (EINVAL) */
+	if ((s->fq == s && (setsockopt(s->fd, SOL_XDP, XDP_UMEM_FILL_RING, &ring, sizeof(ring)) ||
+			    setsockopt(s->fd, SOL_XDP, XDP_UMEM_COMPLETION_RING, &ring, sizeof(ring)))) ||
 	    setsockopt(s->fd, SOL_XDP, XDP_RX_RING, &ring, sizeof(ring)) ||
 	    (opt.forward && setsockopt(s->fd, SOL_XDP, XDP_TX_RING, &ring, sizeof(ring)))) {
 		fail_errno("setting ring sizes", s);
@@ -1321,8 +1421,8 @@ static int setup_socket(struct xsk *s, struct xsk *umem_owner)
 		fail_errno("XDP_MMAP_OFFSETS", s);
 		return -1;
 	}
-	if (map_ring(s->fd, &s->fill, ring, &off.fr, XDP_UMEM_PGOFF_FILL_RING, 8) ||
-	    map_ring(s->fd, &s->comp, ring, &off.cr, XDP_UMEM_PGOFF_COMPLETION_RING, 8) ||
+	if ((s->fq == s && (map_ring(s->fd, &s->fill, ring, &off.fr, XDP_UMEM_PGOFF_FILL_RING, 8) ||
+			    map_ring(s->fd, &s->comp, ring, &off.cr, XDP_UMEM_PGOFF_COMPLETION_RING, 8))) ||
 	    map_ring(s->fd, &s->rx, ring, &off.rx, XDP_PGOFF_RX_RING, sizeof(struct xdp_desc)) ||
 	    (opt.forward && map_ring(s->fd, &s->tx, ring, &off.tx, XDP_PGOFF_TX_RING, sizeof(struct xdp_desc)))) {
 		fail_errno("mmap of a ring", s);
@@ -1375,7 +1475,7 @@ static void close_all(void)
 				munmap(rs[j]->map, rs[j]->maplen);
 		if (s->fd > 0)
 			close(s->fd);
-		if (!opt.shared_umem && s->umem)
+		if (!opt.shared_umem && s->owns_umem && s->umem)
 			munmap(s->umem, s->umem_maplen);
 	}
 	nsocks = 0;
@@ -1480,10 +1580,12 @@ static void usage(FILE *f)
 		"                [--shared-umem] [--ring R] [--batch 64] [--duration SEC] [--stats-ms 500]\n"
 		"                [--checks all|none] [--inject KIND] [--stop-on-first] [--trace-marker]\n"
 		"                [--cpus LIST] [--seed N] [--idle-us 50 (0: block in poll)] [--spin 0]\n"
-		"                [--busy-poll] [--busy-poll-usec 20]\n"
+		"                [--busy-poll] [--busy-poll-usec 20] [--sockets-per-queue K] [--pick cpu|rr]\n"
 		"       xskcheck --selfbench N [--selfbench-size 64] [--checks all|none] [--inject KIND] [--frames F]\n"
 		"                (no kernel: time the checks against a correct in-memory one)\n"
-		"inject kinds: order poison duplicate offset over-held meta length state sequence checksum late\n");
+		"inject kinds: order poison duplicate offset over-held meta length state sequence checksum late\n"
+		"--sockets-per-queue K: K rxdrop sockets bound to each queue with XDP_SHARED_UMEM, one pool and\n"
+		"                one FILL ring per queue; the XDP program picks the socket by CPU (or --pick rr)\n");
 }
 
 static void die_usage(const char *fmt, const char *arg)
@@ -1523,6 +1625,7 @@ static void parse_args(int argc, char **argv)
 		{ "trace-marker", no_argument, 0, 'M' },     { "cpus", required_argument, 0, 'C' },
 		{ "seed", required_argument, 0, 'S' },	     { "spin", required_argument, 0, 's' },
 		{ "selfbench", required_argument, 0, 'X' }, { "selfbench-size", required_argument, 0, 'Z' }, { "idle-us", required_argument, 0, 'I' },   { "busy-poll", no_argument, 0, 'B' },	     { "busy-poll-usec", required_argument, 0, 'U' },
+		{ "sockets-per-queue", required_argument, 0, 'K' }, { "pick", required_argument, 0, 'P' },
 		{ "help", no_argument, 0, 'h' },	     { 0, 0, 0, 0 },
 	};
 	bool have_mode = false, have_xdp = false;
@@ -1606,6 +1709,15 @@ static void parse_args(int argc, char **argv)
 				opt.busy_poll_us = 20;
 			break;
 		case 'U': opt.busy_poll_us = (int)parse_long(optarg, "busy-poll-usec", 1, 1000000); break;
+		case 'K': opt.spq = (int)parse_long(optarg, "sockets-per-queue", 1, MAX_SPQ); break;
+		case 'P':
+			if (!strcmp(optarg, "cpu"))
+				opt.pick_rr = false;
+			else if (!strcmp(optarg, "rr"))
+				opt.pick_rr = true;
+			else
+				die_usage("--pick must be cpu or rr, got '%s'", optarg);
+			break;
 		case 'h': usage(stdout); exit(0);
 		default: usage(stderr); exit(2);
 		}
@@ -1633,6 +1745,15 @@ static void parse_args(int argc, char **argv)
 		die_usage("--headroom must be below frame-size - 256%s", "");
 	if (!opt.checks && opt.inject >= 0)
 		die_usage("--inject needs --checks all%s", "");
+	if (opt.spq > 1 && opt.forward)
+		die_usage("--sockets-per-queue > 1 is for --mode rxdrop (forward pairs one socket per device)%s", "");
+	if (opt.spq > 1 && opt.selfbench)
+		die_usage("--selfbench checks one socket%s", "");
+	if (opt.spq > 1 && opt.inject == K_LATE)
+		die_usage("--inject late needs one socket per queue: with several there is no FILL FIFO to "
+			  "pass entries over%s", "");
+	if (opt.queues * opt.spq > MAX_SOCKS)
+		die_usage("--queues x --sockets-per-queue must be at most 128%s", "");
 	{
 		uint32_t nsock = (uint32_t)opt.queues * (opt.forward ? 2 : 1);
 
@@ -1832,6 +1953,8 @@ int main(int argc, char **argv)
 	rem = opt.frames % (uint32_t)ngroups;
 	fstate = calloc(opt.frames, 1);
 	fflags = calloc(opt.frames, 1);
+	fseq = calloc(opt.frames, sizeof(*fseq));
+	fsock = calloc(opt.frames, 1);
 	if (opt.shared_umem) {
 		shared_len = ((size_t)opt.frames * opt.frame_size + 4095) & ~(size_t)4095;
 		shared = mmap(NULL, shared_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
@@ -1849,10 +1972,10 @@ int main(int argc, char **argv)
 		g->first = fpos;
 		g->nframes = n;
 		g->held = n;
-		g->ns = opt.forward ? 2 : 1;
+		g->ns = opt.forward ? 2 : opt.spq;
 		g->cpu = opt.ncpus ? opt.cpus[gi % opt.ncpus] : -1;
 		g->next_inject = INJECT_FIRST;
-		if (g->ns == 2 && n < 2) {
+		if (opt.forward && n < 2) {
 			fprintf(stderr, "xskcheck: forward mode needs at least 2 frames per queue\n");
 			return 2;
 		}
@@ -1862,13 +1985,26 @@ int main(int argc, char **argv)
 
 			g->s[j] = s;
 			s->g = g;
-			s->devno = j;
-			s->dev = devs[j];
-			s->ifindex = ifindex[j];
+			s->slot = j;
+			s->devno = opt.forward ? j : 0;
+			s->dev = devs[s->devno];
+			s->ifindex = ifindex[s->devno];
 			s->queue = (uint32_t)gi;
-			s->home_first = g->ns == 1 ? fpos : (j == 0 ? fpos : fpos + half);
-			s->home_n = g->ns == 1 ? n : (j == 0 ? half : n - half);
-			if (opt.shared_umem) {
+			s->fq = opt.forward || j == 0 ? s : g->s[0];
+			if (opt.forward) {
+				s->home_first = j == 0 ? fpos : fpos + half;
+				s->home_n = j == 0 ? half : n - half;
+			} else { /* pooled: every frame starts in the pool's one FILL ring */
+				s->home_first = fpos;
+				s->home_n = j == 0 ? n : 0;
+			}
+			if (s->fq != s && !opt.shared_umem) { /* the pool's UMEM, registered by its first socket */
+				s->umem = g->s[0]->umem;
+				s->umem_frames = n;
+				s->gbase = fpos;
+				s->owns_umem = false;
+				s->umem_maplen = g->s[0]->umem_maplen;
+			} else if (opt.shared_umem) {
 				s->umem = shared;
 				s->umem_frames = opt.frames;
 				s->gbase = 0;
@@ -1929,13 +2065,13 @@ int main(int argc, char **argv)
 		return selfbench();
 
 	/* BPF objects, before any socket so that EPERM is reported early */
-	ctl_fd = map_create(BPF_MAP_TYPE_ARRAY, 1, "xskcheck_ctl");
+	ctl_fd = map_create(BPF_MAP_TYPE_ARRAY, 2, "xskcheck_ctl"); /* [0] length bias, [1] rr pick */
 	if (ctl_fd < 0) {
 		fprintf(stderr, "xskcheck: cannot create a BPF map: %s\n", strerror(errno));
 		return errno == EPERM ? 2 : 3;
 	}
 	for (int d = 0; d < (opt.forward ? 2 : 1); d++) {
-		xskmap_fd[d] = map_create(BPF_MAP_TYPE_XSKMAP, (uint32_t)opt.queues, "xskcheck_xsks");
+		xskmap_fd[d] = map_create(BPF_MAP_TYPE_XSKMAP, (uint32_t)(opt.queues * opt.spq), "xskcheck_xsks");
 		if (xskmap_fd[d] < 0) {
 			fprintf(stderr, "xskcheck: cannot create the XSKMAP: %s\n", strerror(errno));
 			return 3;
@@ -1957,9 +2093,13 @@ int main(int argc, char **argv)
 	for (int i = 0; i < nsocks; i++) {
 		struct xsk *s = &socks[i];
 
-		if (setup_socket(s, opt.shared_umem ? &socks[0] : s))
+		/* a socket on its pool's queue joins that pool (same device and queue:
+		 * one FILL ring); a queue's first socket joins the shared UMEM, if any */
+		if (setup_socket(s, s->fq != s ? s->fq : opt.shared_umem ? &socks[0] : s))
 			bail(3);
-		if (map_update(xskmap_fd[s->devno], s->queue, (uint32_t)s->fd)) {
+		/* forward: slot 1 is on the peer device, in its own map */
+		if (map_update(xskmap_fd[s->devno],
+			       s->queue * (uint32_t)opt.spq + (opt.forward ? 0u : (uint32_t)s->slot), (uint32_t)s->fd)) {
 			fail_errno("adding the socket to the XSKMAP", s);
 			bail(3);
 		}
@@ -2001,11 +2141,11 @@ int main(int argc, char **argv)
 		snprintf(line, sizeof(line),
 			 "{\"type\":\"ready\",\"t\":0.0,\"sockets\":%d,\"queues\":%d,\"xdp\":\"%s\",\"mode\":\"%s\","
 			 "\"frames\":%u,\"frame_size\":%u,\"headroom\":%u,\"expected_offset\":%u,\"ring\":%u,"
-			 "\"shared_umem\":%s,\"busy_poll_usec\":%d,\"checks\":\"%s\",\"inject\":%s%s%s,\"dev\":\"%s\",\"peer_dev\":%s%s%s,"
+			 "\"shared_umem\":%s,\"sockets_per_queue\":%d,\"pick\":\"%s\",\"busy_poll_usec\":%d,\"checks\":\"%s\",\"inject\":%s%s%s,\"dev\":\"%s\",\"peer_dev\":%s%s%s,"
 			 "\"pid\":%d}\n",
 			 nsocks, opt.queues, opt.native ? "native" : "generic", opt.forward ? "forward" : "rxdrop",
 			 opt.frames, opt.frame_size, opt.headroom, exp_off, opt.ring, opt.shared_umem ? "true" : "false",
-			 opt.busy_poll_us, opt.checks ? "all" : "none", opt.inject >= 0 ? "\"" : "",
+			 opt.spq, opt.pick_rr ? "rr" : "cpu", opt.busy_poll_us, opt.checks ? "all" : "none", opt.inject >= 0 ? "\"" : "",
 			 opt.inject >= 0 ? kind_name[opt.inject] : "null", opt.inject >= 0 ? "\"" : "", opt.dev,
 			 opt.peer_dev ? "\"" : "", opt.peer_dev ? opt.peer_dev : "null", opt.peer_dev ? "\"" : "",
 			 (int)getpid());

@@ -67,6 +67,8 @@ class CheckerOpts:
     trace_marker: bool = False
     stats_ms: int = 500
 
+    sockets_per_queue: int = 1      # > 1: sockets sharing each queue's pool (XDP_SHARED_UMEM, same queue)
+    pick: str = "cpu"               # how the XDP program picks among them: cpu or rr
 
 @dataclass(frozen=True)
 class SenderOpts:
@@ -124,7 +126,7 @@ def checker_argv(bin_dir: str, c: CheckerOpts, duration: float, seed: int,
         batch=c.batch,
         duration=duration, stats_ms=c.stats_ms, checks=c.checks, inject=c.inject or None,
         stop_on_first=stop_on_first, trace_marker=c.trace_marker, seed=seed,
-        busy_poll=c.busy_poll)
+        busy_poll=c.busy_poll, sockets_per_queue=c.sockets_per_queue, pick=c.pick)
 
 
 def sender_argv(bin_dir: str, s: SenderOpts, duration: float, seed: int) -> list[str]:

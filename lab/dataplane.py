@@ -275,8 +275,14 @@ def checker_argv(bin_dir: str | os.PathLike[str], *, dev: str, mode: str = "rxdr
                  trace_marker: bool = False, cpus: Sequence[int] | str | None = None,
                  seed: int | None = None, busy_poll: bool = False,
                  busy_poll_usec: int | None = None, idle_us: int | None = None,
-                 spin: int | None = None) -> list[str]:
-    """argv for xskcheck; every bad option is reported at once (BadInput)."""
+                 spin: int | None = None, sockets_per_queue: int = 1,
+                 pick: str = "cpu") -> list[str]:
+    """argv for xskcheck; every bad option is reported at once (BadInput).
+
+    sockets_per_queue > 1: that many rxdrop sockets bound to each queue with
+    XDP_SHARED_UMEM, sharing the queue's buffer pool (one FILL ring); the XDP
+    program picks one by CPU (pick="cpu") or round-robin (pick="rr").
+    """
     p: list[str] = []
     _check(p, bool(_IFNAME.match(dev or "")), f"dev: bad interface name {dev!r}")
     _check(p, mode in ("rxdrop", "forward"), f"mode: rxdrop or forward, got {mode!r}")
@@ -286,6 +292,13 @@ def checker_argv(bin_dir: str | os.PathLike[str], *, dev: str, mode: str = "rxdr
     elif peer_dev is not None:
         p.append("peer_dev: only with mode='forward'")
     _check(p, 1 <= queues <= 64, f"queues: 1..64, got {queues}")
+    _check(p, 1 <= sockets_per_queue <= 8, f"sockets_per_queue: 1..8, got {sockets_per_queue}")
+    _check(p, pick in ("cpu", "rr"), f"pick: cpu or rr, got {pick!r}")
+    if sockets_per_queue > 1:
+        _check(p, mode == "rxdrop", "sockets_per_queue: several sockets on one queue need mode='rxdrop'")
+        _check(p, queues * sockets_per_queue <= 128,
+               f"sockets_per_queue: queues x sockets_per_queue at most 128, got {queues * sockets_per_queue}")
+        _check(p, inject != "late", "inject: 'late' needs sockets_per_queue=1 (several sockets keep no FILL FIFO)")
     _check(p, frame_size in (2048, 4096), f"frame_size: 2048 or 4096, got {frame_size}")
     _check(p, 0 <= headroom < frame_size - 256, f"headroom: 0..{frame_size - 257}, got {headroom}")
     nsock = queues * (2 if mode == "forward" else 1)
@@ -332,6 +345,8 @@ def checker_argv(bin_dir: str | os.PathLike[str], *, dev: str, mode: str = "rxdr
         argv += ["--idle-us", str(idle_us)]
     if spin is not None:
         argv += ["--spin", str(spin)]
+    if sockets_per_queue != 1:
+        argv += ["--sockets-per-queue", str(sockets_per_queue), "--pick", pick]
     return argv
 
 

@@ -54,7 +54,8 @@ def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on
         checker = CheckerOpts(ns="rx", dev="v1", mode="rxdrop", xdp=x["mode"], queues=queues,
                               frame_size=c["frame_size"], headroom=c["headroom"], frames=c["frames"],
                               shared_umem=c["shared_umem"], batch=c["batch"], busy_poll=c["busy_poll"],
-                              checks=checks, inject=checker_inject, trace_marker=bool(trace))
+                              checks=checks, inject=checker_inject, trace_marker=bool(trace),
+                              sockets_per_queue=c["sockets_per_queue"], pick=c["pick"])
         sender = SenderOpts(ns="tx", dev="v0", dst_mac=MAC_RX, src_ip="198.18.0.1", dst_ip="198.18.0.2",
                             senders=ld["senders"], burst=ld["burst"], gap_ns=ld["gap_ns"],
                             size=ld["size"], rate=ld["rate"], inject=sender_inject)
