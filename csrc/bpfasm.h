@@ -45,6 +45,7 @@
 
 /* Helper numbers are ABI; older uapi headers lack the newer names. */
 #define BPF_HELPER_ktime_get_ns 5
+#define BPF_HELPER_get_smp_processor_id 8
 #define BPF_HELPER_map_lookup_elem 1
 #define BPF_HELPER_loop 181 /* bpf_loop(), Linux 5.17 */
 

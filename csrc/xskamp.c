@@ -107,10 +107,14 @@ static struct {
 	double duration;
 	int loop;
 	uint32_t try_prog; /* > 0: no probes; run the program this many times (BPF_PROG_TEST_RUN) */
+	char gate[MAX_SYM]; /* --gate SYM: delay only while another CPU is inside SYM */
 } opt = { .stats_ms = 1000, .loop = LOOP_AUTO };
 
 static int cpus[MAX_CPUS], ncpus;
 static int map_fd = -1, prog_fd = -1, loop_used = -1;
+/* --gate: an array map "CPU i is inside SYM" (1/0), written by an entry
+ * kprobe and a kretprobe on SYM; the delay program reads the other CPUs' */
+static int gate_map_fd = -1, gate_nr, gate_evt[2] = { -1, -1 }, gate_prog[2] = { -1, -1 };
 static char opt_old[32];	/* the sysctl's value before us; "" = none / untouched */
 static bool opt_touched, opt_restored;
 static char vlog[1 << 24];	/* verifier log: 16 MB, the limit before Linux 5.2 */
@@ -122,11 +126,12 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: xskamp --probe SYM+OFF [--probe SYM+OFF ...] [--delay-ns N] [--loop auto|bpf_loop|bounded]\n"
-		"              [--stats-ms 1000] [--duration SEC (0: until SIGTERM)]\n"
+		"              [--gate SYM] [--stats-ms 1000] [--duration SEC (0: until SIGTERM)]\n"
 		"       xskamp --try-prog REPEAT --delay-ns N [--loop ...]\n"
 		"              (no probes: run the delay program REPEAT times with BPF_PROG_TEST_RUN, as a socket\n"
 		"              filter, on a kernel without kprobes too)\n"
-		"  OFF is decimal or 0x hex (SYM alone is SYM+0); N is 0..%d ns (0: the probe's trap only)\n",
+		"  OFF is decimal or 0x hex (SYM alone is SYM+0); N is 0..%d ns (0: the probe's trap only)\n"
+		"  --gate SYM: wait only while another CPU is inside SYM (e.g. veth_poll)\n",
 		MAX_DELAY_NS);
 }
 
@@ -334,11 +339,78 @@ static int build_bounded(struct bpf_insn *p, int mfd, int32_t n, int32_t bound)
 	return i + TAIL_LEN;
 }
 
+/* The --gate prologue: go on to the delay only if another CPU is inside the
+ * gate function, else return 1 at once (the hit is still counted):
+ *   me = smp_processor_id();
+ *   for (i = 0; i < gate_nr; i++) if (i != me && inside[i]) goto body;
+ *   return 1;
+ * The race's window only matters while another CPU is in the same poll
+ * (veth_poll(): on the affected kernel it is between napi_complete_done()
+ * and its flush), so delaying only then keeps every other receive fast: an
+ * unconditional delay per receive slows the poll until it always uses its
+ * whole budget, and a poll that uses its budget never opens the window. */
+#define GATE_LEN 18
+static void emit_gate(struct bpf_insn *p, int gfd, int32_t nr)
+{
+	struct bpf_insn g[GATE_LEN] = {
+		BPF_CALL_FN(BPF_HELPER_get_smp_processor_id),
+		BPF_MOV64_REG(BPF_REG_7, BPF_REG_0),
+		BPF_MOV64_IMM(BPF_REG_6, 0),
+		/* 3 loop: */
+		BPF_JMP_IMM(BPF_JGE, BPF_REG_6, nr, 12),	/* to nodelay (16) */
+		BPF_JMP_REG(BPF_JEQ, BPF_REG_6, BPF_REG_7, 9),	/* to next (14) */
+		BPF_STX_MEM(BPF_W, BPF_REG_10, BPF_REG_6, -32),
+		BPF_MOV64_REG(BPF_REG_2, BPF_REG_10),
+		BPF_ALU64_IMM(BPF_ADD, BPF_REG_2, -32),
+		BPF_LD_MAP_FD(BPF_REG_1, gfd),
+		BPF_CALL_FN(BPF_HELPER_map_lookup_elem),
+		BPF_JMP_IMM(BPF_JEQ, BPF_REG_0, 0, 2),		/* to next (14) */
+		BPF_LDX_MEM(BPF_DW, BPF_REG_1, BPF_REG_0, 0),
+		BPF_JMP_IMM(BPF_JNE, BPF_REG_1, 0, 4),		/* to body (18) */
+		/* 14 next: */
+		BPF_ALU64_IMM(BPF_ADD, BPF_REG_6, 1),
+		BPF_JMP_A(-13),					/* to loop (3) */
+		/* 16 nodelay: */
+		BPF_MOV64_IMM(BPF_REG_0, 1),
+		BPF_EXIT_INSN(),
+	};
+	memcpy(p, g, sizeof(g));
+}
+
+/* The gate's entry (val 1) and return (val 0) programs: inside[cpu] = val.
+ * They return 0: no perf sample, nothing counted, as cheap as a probe gets. */
+static int load_gate_prog(int val)
+{
+	struct bpf_insn p[] = {
+		BPF_CALL_FN(BPF_HELPER_get_smp_processor_id),
+		BPF_STX_MEM(BPF_W, BPF_REG_10, BPF_REG_0, -8),
+		BPF_MOV64_REG(BPF_REG_2, BPF_REG_10),
+		BPF_ALU64_IMM(BPF_ADD, BPF_REG_2, -8),
+		BPF_LD_MAP_FD(BPF_REG_1, gate_map_fd),
+		BPF_CALL_FN(BPF_HELPER_map_lookup_elem),
+		BPF_JMP_IMM(BPF_JEQ, BPF_REG_0, 0, 1),
+		BPF_ST_MEM(BPF_DW, BPF_REG_0, 0, val),
+		BPF_MOV64_IMM(BPF_REG_0, 0),
+		BPF_EXIT_INSN(),
+	};
+	int fd = bpf_prog_load_log(BPF_PROG_TYPE_KPROBE, p, sizeof(p) / sizeof(p[0]),
+				   val ? "xskamp_gate_in" : "xskamp_gate_out", running_kernel_version(), -1, NULL, 0,
+				   vlog, sizeof(vlog));
+
+	if (fd < 0) {
+		fprintf(stderr, "xskamp: the kernel refused the --gate program: %s; verifier log tail:\n%s\n",
+			strerror(errno), log_tail(vlog, 20));
+		exit(2);
+	}
+	return fd;
+}
+
 /* One attempt at loading the program with the given loop; the fd, or -1
  * with errno and the reason in why[] (the verifier log is in vlog). */
 static int try_load(int loop, char *why, size_t whylen)
 {
-	static struct bpf_insn insns[128];
+	static struct bpf_insn insns[256];
+	int pro = gate_map_fd >= 0 ? GATE_LEN : 0; /* the --gate prologue goes first */
 	struct bpf_func_info fi[2] = { { 0, 4 }, { 0, 6 } }; /* bpf_btf_main_and_callback()'s ids */
 	int32_t n = (int32_t)opt.delay_ns;
 	/* a call to bpf_ktime_get_ns() takes >= 4 ns on any machine we know, so
@@ -348,7 +420,8 @@ static int try_load(int loop, char *why, size_t whylen)
 
 	vlog[0] = '\0';
 	if (loop == LOOP_BPF_LOOP) {
-		cnt = build_bpf_loop(insns, map_fd, n, &fi[1].insn_off);
+		cnt = build_bpf_loop(insns + pro, map_fd, n, &fi[1].insn_off);
+		fi[1].insn_off += (uint32_t)pro;
 		btf_fd = bpf_btf_main_and_callback("xskamp_delay", "xskamp_wait");
 		if (btf_fd < 0) {
 			e = errno;
@@ -359,8 +432,11 @@ static int try_load(int loop, char *why, size_t whylen)
 		nfi = 2;
 	} else {
 		bound = bound < BOUNDED_MIN ? BOUNDED_MIN : bound > BOUNDED_MAX ? BOUNDED_MAX : bound;
-		cnt = build_bounded(insns, map_fd, n, (int32_t)bound);
+		cnt = build_bounded(insns + pro, map_fd, n, (int32_t)bound);
 	}
+	if (pro)
+		emit_gate(insns, gate_map_fd, gate_nr);
+	cnt += pro;
 	fd = bpf_prog_load_log(opt.try_prog ? BPF_PROG_TYPE_SOCKET_FILTER : BPF_PROG_TYPE_KPROBE, insns, (uint32_t)cnt, "xskamp_delay", running_kernel_version(),
 			       btf_fd, fi, (uint32_t)nfi, vlog, sizeof(vlog));
 	e = errno;
@@ -379,6 +455,18 @@ static int load_delay_prog(void)
 {
 	char why[2][512];
 	int tries[2], ntries = 0, fd = -1;
+
+	if (opt.gate[0]) {
+		gate_nr = cpus[ncpus - 1] + 1;	/* CPU ids index the map */
+		gate_map_fd = bpf_map_create_sized(BPF_MAP_TYPE_ARRAY, sizeof(uint64_t), (uint32_t)gate_nr,
+						   "xskamp_gate");
+		if (gate_map_fd < 0) {
+			fprintf(stderr, "xskamp: cannot create the --gate map: %s\n", strerror(errno));
+			exit(errno == ENOMEM ? 3 : 2);
+		}
+		gate_prog[0] = load_gate_prog(1);
+		gate_prog[1] = load_gate_prog(0);
+	}
 
 	map_fd = bpf_map_create_sized(BPF_MAP_TYPE_PERCPU_ARRAY, sizeof(struct waited), 1, "xskamp_waited");
 	if (map_fd < 0) {
@@ -485,6 +573,11 @@ static void die_probe(const struct probe *p, int e)
 
 static void close_probes(void)
 {
+	for (int g = 0; g < 2; g++)
+		if (gate_evt[g] >= 0) {
+			close(gate_evt[g]);
+			gate_evt[g] = -1;
+		}
 	for (int i = 0; i < opt.nprobes; i++)
 		for (int c = 0; c < ncpus; c++)
 			if (opt.probes[i].fd[c] >= 0) {
@@ -529,6 +622,37 @@ static int place_probes(uint32_t pmu_type)
 				e == EOPNOTSUPP || e == EINVAL || e == ENOTTY
 				? " (the kernel needs CONFIG_BPF_EVENTS=y)" : "");
 			return 2;
+		}
+	}
+	if (gate_map_fd >= 0) {
+		/* one entry probe and one kretprobe on the gate function: a kprobe's
+		 * program runs on whichever CPU hits it (see the delay program) */
+		struct probe g = { .off = 0 };
+
+		snprintf(g.sym, sizeof(g.sym), "%s", opt.gate);
+		snprintf(g.name, sizeof(g.name), "%s (--gate)", opt.gate);
+		for (int k = 0; k < 2; k++) {
+			struct perf_event_attr a;
+
+			memset(&a, 0, sizeof(a));
+			a.size = sizeof(a);
+			a.type = pmu_type;
+			a.config = (uint64_t)k; /* bit 0 of the kprobe PMU's config: retprobe */
+			a.config1 = (uint64_t)(uintptr_t)g.sym;
+			a.disabled = 1;
+			gate_evt[k] = sys_perf_event_open(&a, cpus[0]);
+			if (gate_evt[k] < 0) {
+				int e = errno;
+
+				die_probe(&g, e);
+				return e == ENOMEM || e == EMFILE ? 3 : 2;
+			}
+			if (ioctl(gate_evt[k], PERF_EVENT_IOC_SET_BPF, gate_prog[k]) != 0 ||
+			    ioctl(gate_evt[k], PERF_EVENT_IOC_ENABLE, 0) != 0) {
+				fprintf(stderr, "xskamp: attaching the --gate program to %s%s: %s\n", opt.gate,
+					k ? " (return)" : "", strerror(errno));
+				return 2;
+			}
 		}
 	}
 	for (int i = 0; i < opt.nprobes; i++)
@@ -663,7 +787,7 @@ int main(int argc, char **argv)
 		{ "probe", required_argument, 0, 'p' },	   { "delay-ns", required_argument, 0, 'n' },
 		{ "stats-ms", required_argument, 0, 's' }, { "duration", required_argument, 0, 't' },
 		{ "loop", required_argument, 0, 'l' },	   { "try-prog", required_argument, 0, 'T' },
-		{ "help", no_argument, 0, 'h' },
+		{ "gate", required_argument, 0, 'g' },	   { "help", no_argument, 0, 'h' },
 		{ 0, 0, 0, 0 },
 	};
 	char buf[64], extra[512], *end;
@@ -717,6 +841,12 @@ int main(int argc, char **argv)
 			opt.try_prog = (uint32_t)v;
 			break;
 		}
+		case 'g':
+			if (!*optarg || strlen(optarg) >= MAX_SYM ||
+			    strspn(optarg, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.") != strlen(optarg))
+				die_usage("bad --gate (a function name, e.g. veth_poll)", optarg);
+			snprintf(opt.gate, sizeof(opt.gate), "%s", optarg);
+			break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -730,6 +860,8 @@ int main(int argc, char **argv)
 	}
 	if (opt.nprobes == 0)
 		die_usage("at least one --probe SYM+OFF is needed", NULL);
+	if (opt.gate[0] && opt.delay_ns == 0)
+		die_usage("--gate needs --delay-ns N > 0 (it gates the delay)", opt.gate);
 	for (int i = 0; i < opt.nprobes; i++)
 		for (int j = 0; j < i; j++)
 			if (strcmp(opt.probes[i].sym, opt.probes[j].sym) == 0 && opt.probes[i].off == opt.probes[j].off)
@@ -783,6 +915,10 @@ int main(int argc, char **argv)
 		printf("\"%s\"", loop_name[loop_used]);
 	else
 		printf("null");
+	if (opt.gate[0])
+		printf(",\"gate\":\"%s\"", opt.gate);
+	else
+		printf(",\"gate\":null");
 	if (opt_touched)
 		printf(",\"optimisation_was\":\"%s\"", opt_old);
 	else

@@ -170,7 +170,8 @@ def _amplifier(bin_dir: str, plan: dict[str, Any]) -> Iterator[None]:
     out: queue.Queue[tuple[str, str | None]] = queue.Queue()
     amp = Child("amplifier", dataplane.amplifier_argv(
         bin_dir, probes=list(plan["probes"]),
-        delay_ns=int(plan.get("delay_ns", 0)) if plan["method"] == "kprobe-delay" else 0), out)
+        delay_ns=int(plan.get("delay_ns", 0)) if plan["method"] == "kprobe-delay" else 0,
+        gate=str(plan.get("gate") or "") if plan["method"] == "kprobe-delay" else ""), out)
     try:
         ready = _wait_line(amp, out, "ready", 30.0)
         if ready is None:

@@ -86,6 +86,7 @@ class Plan:
     widen_rx_ns: int = 0                 # patch
     delay_ns: int = 0                    # kprobe-delay
     probes: tuple[str, ...] = ()         # kprobe, kprobe-delay: SYM+OFF
+    gate: str = ""                       # kprobe-delay: wait only while another CPU is in this function
     sites: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +99,9 @@ class Plan:
             return f"off ({self.why})"
         if self.method == "patch":
             return f"patch: widen_rx_ns={self.widen_rx_ns} ({self.why})"
-        what = f"{self.delay_ns} ns BPF busy-wait" if self.method == "kprobe-delay" else "int3 trap only"
+        what = (f"{self.delay_ns} ns BPF busy-wait" + (f" while another CPU is in {self.gate}()" if self.gate
+                                                       else "")
+                if self.method == "kprobe-delay" else "int3 trap only")
         return f"{self.method} at {', '.join(self.probes)}: {what} ({self.why})"
 
 
@@ -367,13 +370,14 @@ def plan(amp: Mapping[str, Any], artifact: Any, kallsyms: str | None = None,
         why += "; probe given"
     elif defer and kallsyms is None and not usable_map(getattr(artifact, "system_map", None)):
         return Plan(chosen, why + "; probe site from the guest's /proc/kallsyms (no System.map)",
-                    delay_ns=(delay or widen or 4000) if chosen == "kprobe-delay" else 0)
+                    delay_ns=(delay or widen or 4000) if chosen == "kprobe-delay" else 0,
+                    gate=str(amp.get("gate", "")) if chosen == "kprobe-delay" else "")
     else:
         found = sites_for(artifact, kallsyms)
         probes = tuple(dict.fromkeys(s.probe for s in found))
         sites = tuple(asdict(s) for s in found)
     return Plan(chosen, why, delay_ns=(delay or widen or 4000) if chosen == "kprobe-delay" else 0,
-                probes=probes, sites=sites)
+                probes=probes, sites=sites, gate=str(amp.get("gate", "")) if chosen == "kprobe-delay" else "")
 
 
 def summary(plan: Plan, targets: Sequence[Any]) -> dict[str, Any]:
@@ -456,10 +460,11 @@ def host_plan(amp: Mapping[str, Any]) -> Plan:
                          hint="--set amplifier.probe=SYMBOL+OFFSET, or --set amplifier.method=off")
         probes = tuple(dict.fromkeys(s.probe for s in found))
     return Plan(chosen, "this machine's kernel", delay_ns=(delay or widen or 4000) if chosen == "kprobe-delay"
-                else 0, probes=probes)
+                else 0, probes=probes, gate=str(amp.get("gate", "")) if chosen == "kprobe-delay" else "")
 
 
 PROBE_SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\+(0x[0-9a-fA-F]+|\d+)$")
+SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,126}")
 
 
 def check_probe_spec(value: object) -> bool:

@@ -412,10 +412,12 @@ def probe_name(sym: str, off: int) -> str:
 
 
 def amplifier_argv(bin_dir: str | os.PathLike[str], *, probes: Sequence[str], delay_ns: int = 0,
-                   loop: str = "auto", stats_ms: int = 1000, duration: float = 0.0) -> list[str]:
+                   loop: str = "auto", stats_ms: int = 1000, duration: float = 0.0,
+                   gate: str = "") -> list[str]:
     """argv for xskamp; every bad option is reported at once (BadInput).
     probes: SYM+OFF each (OFF decimal or 0x hex), at most 16, no two the same;
-    delay_ns: the BPF busy-wait per hit (0: the kprobe's trap alone)."""
+    delay_ns: the BPF busy-wait per hit (0: the kprobe's trap alone);
+    gate: wait only while another CPU is inside this function ("" = every hit)."""
     p: list[str] = []
     if isinstance(probes, str):
         p.append(f"probes: a list of SYM+OFF, got the string {probes!r}")
@@ -440,6 +442,9 @@ def amplifier_argv(bin_dir: str | os.PathLike[str], *, probes: Sequence[str], de
     _check(p, loop in AMPLIFIER_LOOPS, f"loop: one of {', '.join(AMPLIFIER_LOOPS)}; got {loop!r}")
     _check(p, 10 <= stats_ms <= 3_600_000, f"stats_ms: 10..3600000, got {stats_ms}")
     _check(p, duration >= 0, f"duration: >= 0 seconds (0 = until stopped), got {duration}")
+    _check(p, gate == "" or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,126}", gate) is not None,
+           f"gate: a function name (e.g. veth_poll) or \"\", got {gate!r}")
+    _check(p, not gate or delay_ns > 0, "gate: needs delay_ns > 0 (it gates the delay)")
     _raise(p, "xskamp")
 
     argv = [os.fspath(Path(bin_dir) / "xskamp")]
@@ -447,6 +452,8 @@ def amplifier_argv(bin_dir: str | os.PathLike[str], *, probes: Sequence[str], de
         argv += ["--probe", spec]
     argv += ["--delay-ns", str(delay_ns), "--loop", loop, "--stats-ms", str(stats_ms),
              "--duration", _num(duration)]
+    if gate:
+        argv += ["--gate", gate]
     return argv
 
 

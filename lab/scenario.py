@@ -18,6 +18,7 @@ from typing import Any
 
 from lab.amplifier import METHODS as AMPLIFIER_METHODS
 from lab.amplifier import check_probe_spec
+from lab.amplifier import SYMBOL as PROBE_SYMBOL
 from lab.config import parse_duration
 from lab.run import BadInput, project_root
 from lab.topology import TopologySpec, VethSpec
@@ -113,6 +114,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
         "widen_rx_ns": (lambda v: _nonneg(v) and v <= 1_000_000, "an integer 0..1000000 (ns)"),
         "delay_ns": (lambda v: _nonneg(v) and v <= 1_000_000, "an integer 0..1000000 (ns)"),
         "probe": (check_probe_spec, '"" (found per kernel) or SYMBOL+OFFSET[,SYMBOL+OFFSET...]'),
+        "gate": (lambda v: isinstance(v, str) and (v == "" or PROBE_SYMBOL.fullmatch(v) is not None),
+                 '"" (every hit) or a function name, e.g. "veth_poll"'),
     },
     "mitigations": {m: (lambda v: v in ("prevents", "no-effect"), "prevents or no-effect")
                     for m in MITIGATIONS},
@@ -195,7 +198,7 @@ def from_data(raw: Mapping[str, Any], path: str = "<data>",
 OPTIONAL_SECTIONS = {"amplifier": {"widen_rx_ns": 0}}
 # fields added after scenarios were written: their default when a file leaves them out
 OPTIONAL_FIELDS = {"vm": {"silence": "60s", "stalls": "auto"}, "load": {"iperf3_clients": 1},
-                   "amplifier": {"method": "auto", "delay_ns": 0, "probe": ""}}
+                   "amplifier": {"method": "auto", "delay_ns": 0, "probe": "", "gate": ""}}
 
 
 def validate(data: Mapping[str, Any]) -> list[str]:

@@ -130,3 +130,50 @@ def test_xskamp_counts_delays_refuses_and_restores_in_a_guest(kernel6, image, tm
         assert "no such symbol racelab_no_such_function" in err, err
         # (c) the error paths restore the sysctl too
         assert h.cmd(["cat", OPT]).stdout.strip() == "1"
+
+
+# a process that stays inside clock_nanosleep() (time.sleep) on CPU 1 for 3 s: the gate's
+# "inside" flag is
+# per CPU, set by the entry probe and cleared by the return probe
+SLEEPER = "import os, time; os.sched_setaffinity(0, {1}); time.sleep(3)"
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_the_gate_waits_only_while_another_cpu_is_inside_the_gate_function(kernel6, image, tmp_path):
+    """--gate SYM: the delay program waits only while another CPU is inside SYM (the veth
+    race's interleaving is a receive while another CPU is in veth_poll()); any other hit
+    passes at once, still counted."""
+    with vmmod.VM(kernel6, image, name="gate", results_dir=tmp_path, vcpus=2) as vm:
+        h = vm.host
+        pin0 = ("import os, sys, time; os.sched_setaffinity(0, {0}); n = int(sys.argv[1]); "
+                "g = os.getppid; [g() for _ in range(n)]")
+        args = ["--probe", PROBE, "--delay-ns", "20000", "--gate", "__x64_sys_clock_nanosleep",
+                "--stats-ms", "500"]
+
+        def run(with_sleeper: bool) -> dict:
+            with h.spawn([f"{h.bin_dir}/xskamp", *args]) as p:
+                lines = p.lines()
+                ready = next(json.loads(x) for x in lines if x.startswith("{") and '"ready"' in x)
+                assert ready["gate"] == "__x64_sys_clock_nanosleep", ready
+                if with_sleeper:
+                    with h.spawn([h.python, "-c", SLEEPER]) as s:
+                        import time
+                        time.sleep(1.0)                  # it is inside clock_nanosleep() on CPU 1 now
+                        h.cmd([h.python, "-c", pin0, "2000"], timeout=300)
+                        s.wait(30)
+                else:
+                    h.cmd([h.python, "-c", pin0, "2000"], timeout=300)
+                p.terminate()
+                events = [json.loads(x) for x in lines if x.startswith("{")]
+                assert p.wait(30) == 0, p.stderr_text()
+            return next(e for e in events if e["type"] == "done")
+
+        alone = run(False)
+        assert alone["hits_total"] >= 2000, alone
+        assert alone["runs"] < 50, alone            # nobody inside clock_nanosleep elsewhere: (almost) no waits
+        held = run(True)
+        assert held["hits_total"] >= 2000, held
+        assert held["runs"] >= 1000, held           # CPU 1 inside clock_nanosleep: the calls on CPU 0 wait
+        assert held["waited_under_2n"] >= 0.5 * held["runs"], held
+        assert h.cmd(["cat", OPT]).stdout.strip() == "1"
