@@ -212,6 +212,21 @@ def cmd_vm(a: argparse.Namespace) -> int:
     from lab import fleet
 
     if a.vcmd == "run":
+def cmd_scenario(a: argparse.Namespace) -> int:
+    if a.scmd == "list":
+        scen.cli_list()
+    elif a.scmd == "show":
+        scen.cli_show(a.name, parse_overrides(a.set), a.variant)
+    elif a.scmd == "validate":
+        return EXIT_BAD_INPUT if scen.cli_validate(a.files) else EXIT_OK
+    elif a.scmd == "new":
+        path = scen.cli_new(a.name, a.out)
+        print(f"{path}: fill in [bug] and [kernels], then `racelab scenario validate {path}`")
+    elif a.scmd == "schema":
+        return scen.cli_schema(a.check)
+    return EXIT_OK
+
+
         argv = a.command[1:] if a.command and a.command[0] == "--" else a.command
         if not argv:
             raise BadInput("racelab vm run KERNEL -- COMMAND...: no command given")
@@ -302,6 +317,22 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cleanup", help="remove guests and namespaces left by killed runs")
     p.set_defaults(func=cmd_cleanup)
+
+    p = sub.add_parser("scenario", help="scenarios: list, show, validate, new, schema")
+    ss = p.add_subparsers(dest="scmd", required=True)
+    ss.add_parser("list", help="the scenarios under scenarios/")
+    s = ss.add_parser("show", help="the fully resolved scenario: defaults, variant and --set applied")
+    s.add_argument("name", help="scenario name or .toml path")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    s.add_argument("--variant", default=None, metavar="NAME", help="apply a named variant")
+    s = ss.add_parser("validate", help="check scenario files; every problem named (exit 2 if any)")
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s = ss.add_parser("new", help="write a commented starting file (scenarios/NAME.toml)")
+    s.add_argument("name")
+    s.add_argument("--out", default=None, help="where to write it (default: scenarios/NAME.toml)")
+    s = ss.add_parser("schema", help="write scenarios/schema.json (JSON Schema for editors) from the validator")
+    s.add_argument("--check", action="store_true", help="only say whether it is up to date (exit 1 if not)")
+    p.set_defaults(func=cmd_scenario)
 
     p = sub.add_parser("matrix", help="kernel x scenario grid")
     p.add_argument("--kernels", required=True)

@@ -71,12 +71,13 @@ _RB_MISSED_STORED = 1 << 30
 
 
 def trace_options(scenario: str, stop_on_first: bool = True, buffer_kb: int = 4096,
-                  stream: bool = True, max_mb: int = 0) -> dict[str, Any]:
+                  stream: bool = True, max_mb: int = 0, window: str = "") -> dict[str, Any]:
     """Tracer options.  buffer_kb: ring buffer per CPU (the reader's slack, and
     the flight recorder's depth once the stream is capped); max_mb: cap of the
-    streamed file (0: a quarter of the guest's memory, at most 512 MB)."""
+    streamed file (0: a quarter of the guest's memory, at most 512 MB); window:
+    the measure that is this race's window (default: the scenario's evidence.window)."""
     return {"scenario": scenario, "stop_on_first": stop_on_first, "buffer_kb": buffer_kb,
-            "stream": stream, "max_mb": max_mb}
+            "stream": stream, "max_mb": max_mb, "window": window_measure(scenario, window)}
 
 
 def tracefs() -> Path | None:
@@ -368,7 +369,7 @@ class Tracer:
             # return: a fixed kernel would show hits
             return (f"no return probe on {self.probes.get('rcv', '?')}: receive outcomes unknown, "
                     f"so the window is not measured")
-        if window_measure(str(self.opts.get("scenario", ""))) == "unflushed_hits" \
+        if window_measure(str(self.opts.get("scenario", "")), str(self.opts.get("window", ""))) == "unflushed_hits" \
                 and not ({"flush", "flushall"} & set(self.probes)):
             return "no flush probe in this kernel: the unflushed-receive window cannot be measured"
         return ""
@@ -465,7 +466,7 @@ class Tracer:
         """Stop tracing, save the trace to a file, and describe it."""
         if self.root is None or not self.probes:
             return {"available": False, "note": self.note or "tracing unavailable", "missing": self.missing}
-        measure = window_measure(str(self.opts.get("scenario", "")))
+        measure = window_measure(str(self.opts.get("scenario", "")), str(self.opts.get("window", "")))
         self._w("tracing_on", "0")
         t = time.monotonic()
         info: dict[str, Any] = {}
@@ -1077,9 +1078,13 @@ def merge(ev: dict[str, Any], a: Analysis) -> None:
     ev["window_hits"] = ev.get(str(ev.get("measure", "unflushed_hits")), a.window_hits)
 
 
-def window_measure(scenario: str) -> str:
-    """Which interleaving is the race's window: overlap (generic-rx) or unflushed (veth)."""
-    return "overlap_hits" if scenario.startswith("generic") else "unflushed_hits"
+def window_measure(scenario: str, window: str = "") -> str:
+    """Which interleaving is the race's window: the scenario's evidence.window (data, not code);
+    window, when given, is that value already (in the guest there are no scenario files)."""
+    if window:
+        return window
+    from lab.scenario import load
+    return str(load(scenario)["evidence"]["window"])
 
 
 # --- command line ----------------------------------------------------------------------

@@ -9,9 +9,10 @@ scenario into what the agent builds and runs inside the kernel under test.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,80 +47,199 @@ def _dur(v: Any) -> bool:
     return True
 
 
-# section -> field -> (check, what a good value looks like).  The schema is
-# data, so validation can name every bad field at once.
-SCHEMA: dict[str, dict[str, tuple[Any, str]]] = {
+REQUIRED: Any = object()   # a field the scenario must give: no default
+
+
+@dataclass(frozen=True)
+class Field:
+    """One scenario field: how to check it, its default, and its JSON Schema."""
+    check: Callable[[Any], Any]
+    good: str                           # what a good value looks like, for messages
+    default: Any = REQUIRED
+    doc: str = ""                       # one line: `scenario new` comments and the JSON Schema
+    json: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def integer(lo: int, hi: int | None = None, default: Any = REQUIRED, doc: str = "",
+            good: str = "") -> Field:
+    rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+    js: dict[str, Any] = {"type": "integer", "minimum": lo}
+    if hi is not None:
+        js["maximum"] = hi
+    return Field(lambda v: _is_int(v) and v >= lo and (hi is None or v <= hi),
+                 good or f"an integer {rng}", default, doc, js)
+
+
+def choice(*values: Any, default: Any = REQUIRED, doc: str = "", good: str = "") -> Field:
+    words = [str(v) for v in values]
+    text = good or (", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0])
+    return Field(lambda v: not isinstance(v, bool) and v in values, text, default, doc, {"enum": list(values)})
+
+
+def boolean(default: Any = REQUIRED, doc: str = "") -> Field:
+    return Field(lambda v: isinstance(v, bool), "true or false", default, doc, {"type": "boolean"})
+
+
+def string(default: Any = REQUIRED, doc: str = "", nonempty: bool = False, min_len: int = 0,
+           good: str = "a string") -> Field:
+    n = max(min_len, 1 if nonempty else 0)
+    return Field(lambda v: isinstance(v, str) and len(v) >= n, good, default, doc,
+                 {"type": "string", **({"minLength": n} if n else {})})
+
+
+def strings(default: Any = REQUIRED, doc: str = "", good: str = "a list of strings") -> Field:
+    return Field(lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), good, default, doc,
+                 {"type": "array", "items": {"type": "string"}})
+
+
+def duration(min_s: float = 0, default: Any = REQUIRED, doc: str = "", good: str = "") -> Field:
+    return Field(lambda v: _dur(v) and parse_duration(v) >= min_s,
+                 good or "a duration like 30s or 2m", default, doc,
+                 {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"})
+
+
+# section -> field -> Field: the one place that says what a scenario may hold,
+# what each value must look like, and what it is when the file leaves it out.
+# Only [bug] and [kernels] have required fields.  Validation walks this table
+# (naming every bad field at once), `racelab scenario new` writes it out, and
+# scenarios/schema.json is generated from it (tests/test_scenario.py keeps it current).
+SCHEMA: dict[str, dict[str, Field]] = {
     "bug": {
-        "name": (lambda v: isinstance(v, str) and v, "a non-empty string"),
-        "title": (lambda v: isinstance(v, str), "a string"),
-        "fix": (lambda v: isinstance(v, str) and len(v) >= 7, "a commit hash"),
-        "fixed_in": (lambda v: isinstance(v, str), "a version string"),
-        "introduced_by": (lambda v: isinstance(v, str), "a commit hash"),
-        "introduced_in": (lambda v: isinstance(v, str), "a version string"),
-        "stable_backports": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                             "a list of version strings"),
-        "follow_ups": (lambda v: isinstance(v, list), "a list of commit hashes"),
-        "revert_patch": (lambda v: isinstance(v, str), "a patch name"),
-        "mechanism": (lambda v: isinstance(v, str), "a string"),
-        "user_visible": (lambda v: isinstance(v, list), "a list of violation kinds"),
+        "name": string(nonempty=True, good="a non-empty string", doc="must equal the file name"),
+        "title": string(doc="the fix's subject line"),
+        "fix": string(min_len=7, good="a commit hash", doc="the commit that fixed it"),
+        "fixed_in": string(good="a version string", doc="first release carrying the fix"),
+        "introduced_by": string(default="", good="a commit hash", doc="the commit that brought the race in"),
+        "introduced_in": string(default="", good="a version string", doc="its release"),
+        "stable_backports": strings(default=[], good="a list of version strings",
+                                    doc="stable releases that carry the fix"),
+        "follow_ups": strings(default=[], good="a list of commit hashes", doc="later commits on the same lock"),
+        "revert_patch": string(default="", good="a patch name", doc="the catalog patch that puts the race back"),
+        "mechanism": string(doc="how the race happens, in a few lines"),
+        "user_visible": strings(default=[], good="a list of violation kinds",
+                                doc="violation kinds the race can show in user space"),
     },
     "kernels": {
-        "affected": (lambda v: isinstance(v, str) and v, "a kernel name"),
-        "fixed": (lambda v: isinstance(v, str) and v, "a kernel name"),
+        "affected": string(nonempty=True, good="a kernel name", doc="default affected kernel (a catalog name)"),
+        "fixed": string(nonempty=True, good="a kernel name", doc="default fixed control"),
     },
     "topology": {
-        "queues": (lambda v: _pos(v) and v <= 64, "an integer 1..64"),
-        "gro": (lambda v: isinstance(v, bool), "true or false"),
-        "threaded_napi": (lambda v: isinstance(v, bool), "true or false"),
-        "channels": (_nonneg, "an integer >= 0"),
-        "xps": (lambda v: v in ("auto", "same", "spread"), "auto, same or spread"),
+        "queues": integer(1, 64, 1, "queues on each veth end"),
+        "gro": boolean(False, "GRO on the receiving end"),
+        "threaded_napi": boolean(False, "threaded NAPI on the receiving end"),
+        "channels": integer(0, None, 0, "ethtool -L combined N on the receiving end; 0 = leave"),
+        "xps": choice("auto", "same", "spread", default="auto", doc="sender CPU -> tx queue"),
     },
     "xdp": {
-        "mode": (lambda v: v in ("generic", "native"), "generic or native"),
+        "mode": choice("generic", "native", default="generic", doc="generic (SKB mode) or native (driver) XDP"),
     },
     "checker": {
-        "mode": (lambda v: v in ("rxdrop", "forward"), "rxdrop or forward"),
-        "queues": (lambda v: _pos(v) and v <= 64, "an integer 1..64"),
-        "frame_size": (lambda v: v in (2048, 4096), "2048 or 4096"),
-        "headroom": (lambda v: _nonneg(v) and v <= 1024, "an integer 0..1024"),
-        "frames": (lambda v: _pos(v) and v <= 1 << 20, "an integer 1..1048576"),
-        "shared_umem": (lambda v: isinstance(v, bool), "true or false"),
-        "batch": (lambda v: _pos(v) and v <= 4096, "an integer 1..4096"),
-        "busy_poll": (lambda v: isinstance(v, bool), "true or false"),
+        "mode": choice("rxdrop", "forward", default="rxdrop", doc="rxdrop, or forward between two veths"),
+        "queues": integer(1, 64, 1, "queues with sockets, 0..N-1"),
+        "frame_size": choice(2048, 4096, default=2048, doc="UMEM frame size"),
+        "headroom": integer(0, 1024, 0, "UMEM headroom"),
+        "frames": integer(1, 1 << 20, 256, "UMEM frames, split between the queues"),
+        "shared_umem": boolean(False, "one UMEM for the sockets of all queues"),
+        "sockets_per_queue": integer(1, 8, 1, "sockets bound to each queue sharing its pool (XDP_SHARED_UMEM)"),
+        "pick": choice("cpu", "rr", default="cpu",
+                       doc="how the XDP program picks among them: by CPU, or round-robin"),
+        "batch": integer(1, 4096, 64, "descriptors per ring pass"),
+        "busy_poll": boolean(False, "preferred busy polling"),
     },
     "load": {
-        "senders": (lambda v: _nonneg(v) and v <= 64, "an integer 0..64"),
-        "burst": (lambda v: _pos(v) and v <= 1024, "an integer 1..1024"),
-        "gap_ns": (_nonneg, "an integer >= 0"),
-        "size": (lambda v: isinstance(v, int) and 64 <= v <= 1500, "an integer 64..1500"),
-        "rate": (_nonneg, "an integer >= 0 (0 = as fast as possible)"),
-        "iperf3": (lambda v: isinstance(v, bool), "true or false"),
-        "iperf3_clients": (lambda v: _pos(v) and v <= 16, "an integer 1..16 (client i pinned to CPU i)"),
+        "senders": integer(0, 64, 2, "sender processes, one per CPU, pinned"),
+        "burst": integer(1, 1024, 32, "frames per sendmmsg()"),
+        "gap_ns": integer(0, None, 0, "busy-wait between bursts"),
+        "size": integer(64, 1500, 64, "frame size in bytes"),
+        "rate": integer(0, None, 0, "packets/s, all senders together",
+                        good="an integer >= 0 (0 = as fast as possible)"),
+        "iperf3": boolean(False, "TCP through forward mode"),
+        "iperf3_clients": integer(1, 16, 1, "iperf3 clients, client i pinned to CPU i",
+                                  good="an integer 1..16 (client i pinned to CPU i)"),
     },
     "vm": {
-        "vcpus": (lambda v: _pos(v) and v <= 64, "an integer 1..64"),
-        "memory_mib": (lambda v: isinstance(v, int) and 256 <= v <= 65536, "an integer 256..65536"),
-        "cmdline": (lambda v: isinstance(v, str), "a string"),
-        "pin": (lambda v: isinstance(v, bool), "true or false"),
-        "silence": (lambda v: _dur(v) and parse_duration(v) >= 5, "a duration >= 5s, like 60s"),
-        "stalls": (lambda v: v in ("auto", "note", "violation"), "auto, note or violation"),
+        "vcpus": integer(1, 64, 2, "guest vCPUs"),
+        "memory_mib": integer(256, 65536, 1024, "guest memory"),
+        "cmdline": string(default="", doc="extra kernel command line"),
+        "pin": boolean(False, "pin guest g's vCPU i to host CPU (g*vcpus + i) % host CPUs"),
+        "silence": duration(5, "60s", "no agent output for this long: the guest stopped answering",
+                            good="a duration >= 5s, like 60s"),
+        "stalls": choice("auto", "note", "violation", default="auto",
+                         doc="RCU stalls / soft lockups: violations under KVM, notes under TCG (auto)"),
     },
     "run": {
-        "duration": (_dur, "a duration like 30s or 2m"),
-        "budget": (_dur, "a duration like 60s or 10m"),
-        "confidence": (lambda v: isinstance(v, float) and 0.5 <= v < 1, "a number in [0.5, 1)"),
+        "duration": duration(default="30s", doc="`racelab run` default"),
+        "budget": duration(default="60s", good="a duration like 60s or 10m", doc="`racelab repro` default per kernel"),
+        "confidence": Field(lambda v: isinstance(v, float) and 0.5 <= v < 1, "a number in [0.5, 1)", 0.95,
+                            "confidence of the verdicts' intervals",
+                            {"type": "number", "minimum": 0.5, "exclusiveMaximum": 1}),
+        # repro: a clean control stops once an affected-like kernel would have shown an
+        # onset with probability >= 1 - control_miss; 0 = always run the whole budget
+        "control_miss": Field(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 0.5,
+                              "a probability in [0, 0.5), e.g. 1e-3 (0: controls run their whole budget)", 1e-3,
+                              "repro: a clean control stops once a miss this unlikely",
+                              {"type": "number", "minimum": 0, "exclusiveMaximum": 0.5}),
     },
     "amplifier": {
-        "method": (lambda v: v in AMPLIFIER_METHODS, "one of " + ", ".join(AMPLIFIER_METHODS)),
-        "widen_rx_ns": (lambda v: _nonneg(v) and v <= 1_000_000, "an integer 0..1000000 (ns)"),
-        "delay_ns": (lambda v: _nonneg(v) and v <= 1_000_000, "an integer 0..1000000 (ns)"),
-        "probe": (check_probe_spec, '"" (found per kernel) or SYMBOL+OFFSET[,SYMBOL+OFFSET...]'),
-        "gate": (lambda v: isinstance(v, str) and (v == "" or PROBE_SYMBOL.fullmatch(v) is not None),
-                 '"" (every hit) or a function name, e.g. "veth_poll"'),
+        "method": choice(*AMPLIFIER_METHODS, default="auto", good="one of " + ", ".join(AMPLIFIER_METHODS),
+                         doc="how to widen the race window"),
+        "widen_rx_ns": integer(0, 1_000_000, 0, "widen-rx.patch busy-wait", good="an integer 0..1000000 (ns)"),
+        "delay_ns": integer(0, 1_000_000, 0, "run-time amplifier busy-wait", good="an integer 0..1000000 (ns)"),
+        "probe": Field(check_probe_spec, '"" (found per kernel) or SYMBOL+OFFSET[,SYMBOL+OFFSET...]', "",
+                       "where the run-time amplifier waits", {"type": "string"}),
+        "gate": Field(lambda v: isinstance(v, str) and (v == "" or PROBE_SYMBOL.fullmatch(v) is not None),
+                      '"" (every hit) or a function name, e.g. "veth_poll"', "",
+                      "only wait when called from this function", {"type": "string"}),
     },
-    "mitigations": {m: (lambda v: v in ("prevents", "no-effect"), "prevents or no-effect")
+    "evidence": {
+        # code in lab/evidence.py computes both measures; which one is this race's window is data
+        "window": choice("overlap_hits", "unflushed_hits", default="unflushed_hits",
+                         doc="the trace measure that counts this race's window: overlap_hits (two CPUs "
+                             "inside one socket's receive) or unflushed_hits (a receive while another "
+                             "CPU's are unflushed)"),
+    },
+    "mitigations": {m: choice("prevents", "no-effect", "unknown", default="unknown",
+                              doc="what this workaround does to the race (unknown: not measured)")
                     for m in MITIGATIONS},
 }
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """Every section with its defaulted fields (required ones left out)."""
+    return {sec: {f: copy.deepcopy(fd.default) for f, fd in fields.items() if not fd.required}
+            for sec, fields in SCHEMA.items()}
+
+
+def json_schema() -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) of a scenario file, from SCHEMA, for editors (TOML via JSON)."""
+    props: dict[str, Any] = {}
+    for sec, fields in SCHEMA.items():
+        fp = {}
+        for name, fd in fields.items():
+            p = dict(fd.json)
+            p["description"] = (fd.doc + "; " if fd.doc else "") + f"expected: {fd.good}"
+            if not fd.required:
+                p["default"] = fd.default
+            fp[name] = p
+        req = [n for n, fd in fields.items() if fd.required]
+        props[sec] = {"type": "object", "additionalProperties": False, "properties": fp,
+                      **({"required": req} if req else {})}
+    props["variants"] = {"type": "object", "description": "named sets of \"section.field\" = value overrides "
+                         "(--variant NAME)", "additionalProperties": {"type": "object"}}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://racelab.invalid/scenario.schema.json",
+            "title": "racelab scenario", "description": "A race scenario (scenarios/NAME.toml); generated "
+            "from lab/scenario.py SCHEMA by `racelab scenario schema`",
+            "type": "object", "additionalProperties": False, "required": ["bug", "kernels"],
+            "properties": props}
 
 
 @dataclass(frozen=True)
@@ -195,46 +315,41 @@ def from_data(raw: Mapping[str, Any], path: str = "<data>",
     return Scenario(name=data["bug"]["name"], path=path, data=data)
 
 
-OPTIONAL_SECTIONS = {"amplifier": {"widen_rx_ns": 0}}
-# fields added after scenarios were written: their default when a file leaves them out
-OPTIONAL_FIELDS = {"vm": {"silence": "60s", "stalls": "auto"}, "load": {"iperf3_clients": 1},
-                   "amplifier": {"method": "auto", "delay_ns": 0, "probe": "", "gate": ""}}
-
-
 def validate(data: Mapping[str, Any]) -> list[str]:
+    """Every problem with data, at once; fills in the defaults (in place) of what it leaves out."""
     problems: list[str] = []
     bad: set[str] = set()     # "section.field" that failed on its own: cross-checks skip them
-    for section, defaults in OPTIONAL_SECTIONS.items():
-        if isinstance(data, dict) and section not in data:
-            data[section] = dict(defaults)   # type: ignore[index]
-    for section, defaults in OPTIONAL_FIELDS.items():
-        if isinstance(data, dict) and isinstance(data.get(section), dict):
-            for fld, value in defaults.items():
-                data[section].setdefault(fld, value)   # type: ignore[index]
     for section, fields in SCHEMA.items():
+        if section not in data and not any(fd.required for fd in fields.values()) and isinstance(data, dict):
+            data[section] = {}   # type: ignore[index]
         sec = data.get(section)
         if not isinstance(sec, dict):
-            problems.append(f"[{section}]: missing section")
+            problems.append(f"[{section}]: missing section" if sec is None else f"[{section}]: not a table")
             bad.update(f"{section}.{fld}" for fld in fields)
             continue
-        for fld, (check, good) in fields.items():
+        for fld, fd in fields.items():
             if fld not in sec:
-                problems.append(f"{section}.{fld}: missing (expected {good})")
-                bad.add(f"{section}.{fld}")
+                if fd.required:
+                    problems.append(f"{section}.{fld}: missing (expected {fd.good})")
+                    bad.add(f"{section}.{fld}")
+                    continue
+                sec[fld] = copy.deepcopy(fd.default)
                 continue
             try:
-                ok = bool(check(sec[fld]))
+                ok = bool(fd.check(sec[fld]))
             except Exception:  # a check on a wrong type
                 ok = False
             if not ok:
-                problems.append(f"{section}.{fld}: {sec[fld]!r} is not {good}")
+                problems.append(f"{section}.{fld}: {sec[fld]!r} is not {fd.good}")
                 bad.add(f"{section}.{fld}")
         for fld in sec:
             if fld not in fields:
-                problems.append(f"{section}.{fld}: unknown field")
+                close = difflib.get_close_matches(fld, list(fields), n=1)
+                problems.append(f"{section}.{fld}: unknown field" + (f" (did you mean {close[0]}?)" if close else ""))
     for section in data:
         if section not in SCHEMA and section != "variants":
-            problems.append(f"[{section}]: unknown section")
+            close = difflib.get_close_matches(section, list(SCHEMA), n=1)
+            problems.append(f"[{section}]: unknown section" + (f" (did you mean [{close[0]}]?)" if close else ""))
     problems += _check_variants(data.get("variants", {}))
     problems += cross_check(data, bad)
     return problems
@@ -255,7 +370,8 @@ def _check_variants(variants: Any) -> list[str]:
             if section not in SCHEMA or fld not in SCHEMA[section]:
                 problems.append(f"variants.{name}: {key!r}: no such field")
                 continue
-            check, good = SCHEMA[section][fld]
+            fd = SCHEMA[section][fld]
+            check, good = fd.check, fd.good
             try:
                 ok = bool(check(value))
             except Exception:  # a check on a wrong type
@@ -295,6 +411,11 @@ def cross_check(data: Mapping[str, Any], bad: set[str]) -> list[str]:
         elif c["mode"] == "forward" and c["frames"] < 2 * c["queues"]:
             problems.append(f"checker.frames: forward mode needs at least 2 frames per queue "
                             f"({2 * c['queues']} for {c['queues']} queue(s)), got {c['frames']}")
+    if ok("checker.mode", "checker.sockets_per_queue") and c["mode"] == "forward" and c["sockets_per_queue"] > 1:
+        problems.append("checker.sockets_per_queue: several sockets on one queue need checker.mode = \"rxdrop\"")
+    if ok("checker.queues", "checker.sockets_per_queue") and c["queues"] * c["sockets_per_queue"] > 128:
+        problems.append(f"checker.sockets_per_queue: {c['queues']} queues x {c['sockets_per_queue']} sockets "
+                        f"is more than the checker's 128")
     if ok("checker.mode", "load.iperf3") and c["mode"] == "rxdrop" and load["iperf3"]:
         problems.append("load.iperf3: TCP needs checker.mode = \"forward\"")
     if ok("load.size", "checker.frame_size", "checker.headroom") and \
@@ -352,3 +473,153 @@ def to_topology(s: Scenario) -> TopologySpec:
         VethSpec("srv", "b0", "mid", "b1", a_addr="198.18.1.2/24", a_mac=MAC_SRV, b_mac=MAC_MID_B,
                  xps_a=t["xps"], **common),
     ))
+
+
+# --- `racelab scenario list | show | validate | new | schema` -------------------------------
+
+SCHEMA_FILE = "schema.json"   # under scenarios/: generated by `racelab scenario schema`
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v)
+    if "\n" in s:
+        return '"""' + s.replace("\\", "\\\\").replace('"""', '\\"""') + '"""'
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _key(k: str) -> str:
+    return k if all(c.isalnum() or c in "-_" for c in k) else _toml_value(k)
+
+
+def to_toml(data: Mapping[str, Any], notes: Mapping[str, str] | None = None) -> str:
+    """data as TOML, sections in SCHEMA order; notes: "section.field" -> trailing comment."""
+    notes = notes or {}
+    out: list[str] = []
+    for sec in [*SCHEMA, *(k for k in data if k not in SCHEMA and k != "variants")]:
+        if sec not in data:
+            continue
+        out.append(f"[{sec}]")
+        for fld, v in data[sec].items():
+            line = f"{_key(fld)} = {_toml_value(v)}"
+            note = notes.get(f"{sec}.{fld}")
+            out.append(f"{line:<46} # {note}" if note else line)
+        out.append("")
+    for name, keys in (data.get("variants") or {}).items():
+        out.append(f"[variants.{_key(name)}]")
+        out += [f"{_key(k)} = {_toml_value(v)}" for k, v in keys.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def cli_list() -> None:
+    rows = []
+    for name in available():
+        try:
+            s = load(name)
+            rows.append((name, s.bug["fix"], s["kernels"]["affected"], s["kernels"]["fixed"], s.bug["title"]))
+        except BadInput as e:
+            rows.append((name, "-", "-", "-", f"INVALID: {str(e).splitlines()[0]}"))
+    w = max([len(r[0]) for r in rows] + [8])
+    print(f"{'scenario':<{w}}  {'fix':<12}  {'affected kernel':<28}  {'fixed kernel':<16}  title")
+    for r in rows:
+        print(f"{r[0]:<{w}}  {r[1]:<12}  {r[2]:<28}  {r[3]:<16}  {r[4]}")
+
+
+def cli_show(name: str, overrides: Mapping[str, Any], variant: str | None) -> None:
+    """The fully resolved scenario: every field, and where each value came from."""
+    path = find(name)
+    raw = tomllib.loads(path.read_text())
+    s = load(name, overrides, variant=variant)
+    var = (raw.get("variants") or {}).get(variant or "", {})
+    notes = {}
+    for sec, fields in SCHEMA.items():
+        for fld in fields:
+            key = f"{sec}.{fld}"
+            if key in (overrides or {}):
+                notes[key] = "--set"
+            elif key in var:
+                notes[key] = f"variant {variant}"
+            elif fld not in (raw.get(sec) or {}):
+                notes[key] = "default"
+    print(f"# {path}" + (f", variant {variant}" if variant else "")
+          + (f", --set {', '.join(overrides)}" if overrides else ""))
+    print(to_toml(s.data, notes), end="")
+
+
+def cli_validate(paths: list[str]) -> int:
+    """Validate each file; print every problem.  Returns the number of bad files."""
+    bad = 0
+    for p in paths:
+        try:
+            s = load(p)
+        except BadInput as e:
+            bad += 1
+            msg = str(e)   # "PATH: N problem(s):\n  ...\n  hint: ..." or one line
+            for prefix in (f"{p}: ", f"{Path(p)}: "):
+                msg = msg.removeprefix(prefix)
+            print(f"{p}: INVALID: {msg}")
+            continue
+        given = sum(len(v) for k, v in tomllib.loads(find(p).read_text()).items()
+                    if k in SCHEMA and isinstance(v, dict))
+        total = sum(len(f) for f in SCHEMA.values())
+        print(f"{p}: ok ({s.name}: {given} of {total} fields given, the rest defaults)")
+    return bad
+
+
+def new_scenario_text(name: str) -> str:
+    """A commented starting file: [bug] and [kernels] to fill in, every other field
+    commented out at its default (uncomment to change)."""
+    lines = [f"# {name}: a racelab scenario.  Fill in [bug] and [kernels]; every other field has a",
+             "# default (shown commented out).  Check it with `racelab scenario validate FILE`,",
+             "# see it resolved with `racelab scenario show NAME`; README \"Adding a race\".",
+             ""]
+    for sec, fields in SCHEMA.items():
+        required = any(fd.required for fd in fields.values())
+        lines.append(f"[{sec}]" if required else f"# [{sec}]")
+        for fld, fd in fields.items():
+            if fd.required:
+                value = name if (sec, fld) == ("bug", "name") else ""
+                line = f"{_key(fld)} = {_toml_value(value)}"
+                tag = "REQUIRED: " + (fd.doc or fd.good)
+            else:
+                line = f"# {_key(fld)} = {_toml_value(fd.default)}"
+                tag = fd.doc or fd.good
+            lines.append(f"{line:<46} # {tag} ({fd.good})" if fd.doc else f"{line:<46} # {tag}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cli_new(name: str, out: str | None) -> Path:
+    import re
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        raise BadInput(f"scenario name {name!r}: lower-case letters, digits and '-'",
+                       hint="e.g. racelab scenario new my-race")
+    path = Path(out) if out else scenario_dir() / f"{name}.toml"
+    if path.exists():
+        raise BadInput(f"{path} exists", hint="choose another name, or --out PATH")
+    path.write_text(new_scenario_text(name))
+    return path
+
+
+def schema_text() -> str:
+    import json
+    return json.dumps(json_schema(), indent=2, sort_keys=False) + "\n"
+
+
+def cli_schema(check: bool) -> int:
+    """Write scenarios/schema.json (or, with check, say whether it is current: 0 yes, 1 no)."""
+    path = scenario_dir() / SCHEMA_FILE
+    text = schema_text()
+    if check:
+        current = path.exists() and path.read_text() == text
+        print(f"{path}: {'up to date' if current else 'stale: run `racelab scenario schema`'}")
+        return 0 if current else 1
+    path.write_text(text)
+    print(path)
+    return 0

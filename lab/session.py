@@ -257,7 +257,7 @@ def _trace_opts(cfg: RunConfig, scenario: Scenario) -> dict[str, Any]:
         return {}
     from lab import evidence
 
-    return evidence.trace_options(scenario.name, stop_on_first=True)
+    return evidence.trace_options(scenario.name, stop_on_first=True, window=scenario["evidence"]["window"])
 
 
 def finish(cfg: RunConfig, scenario: Scenario, rows: list[Row], targets: list[TargetResult],
