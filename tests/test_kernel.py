@@ -1128,3 +1128,23 @@ def test_payload_check_fires_on_a_stale_payload(tmp_path):
     with pytest.raises(BuildFailed) as e:
         kbuild.check_payload(_fake_tree(tmp_path, elf, old))
     assert "does not carry the vmlinux just linked" in e.value.message and "byte 3000" in e.value.message
+
+
+def test_bzimage_in_a_build_tree_takes_config_and_system_map_from_the_top(tmp_path, cache):
+    """bzimage:TREE/arch/x86/boot/bzImage: the build's .config and System.map are at TREE, three
+    levels up (the amplifier needs the System.map to find the race window's code)."""
+    tree = tmp_path / "linux"
+    boot = tree / "arch" / "x86" / "boot"
+    boot.mkdir(parents=True)
+    (tree / "Makefile").write_text("VERSION = 6\n")
+    (tree / ".config").write_text("CONFIG_XDP_SOCKETS=y\n")
+    (tree / "System.map").write_text("ffffffff81000000 T _text\n")
+    bz = fake_bzimage(boot / "bzImage", "6.1.99-tree")
+    art = kernel.ensure(kernel.resolve(f"bzimage:{bz}"), progress=False)
+    assert art.config.read_text() == "CONFIG_XDP_SOCKETS=y\n"
+    assert art.system_map.read_text() == "ffffffff81000000 T _text\n"
+    # beside the bzImage wins over the tree's top
+    (boot / "System.map").write_text("ffffffff81000000 T _text\nffffffff81000100 t beside\n")
+    other = fake_bzimage(boot / "bzImage", "6.1.99-tree2")
+    art2 = kernel.ensure(kernel.resolve(f"bzimage:{other}"), progress=False)
+    assert "beside" in art2.system_map.read_text()
