@@ -7,7 +7,8 @@ load, and streams JSON events on stdout:
 
   {"type":"topology", ...}            namespaces are up
   {"type":"ready", ...}               the checker's sockets are bound (from xskcheck)
-  {"type":"load-start","t":...}       senders / iperf3 started (t: agent clock)
+  {"type":"load-start","t":...,"pid":...}  senders / iperf3 started (t: agent clock);
+                                      SIGUSR1 to pid ends the load early (reason "stopped")
   {"type":"violation", ...}           from xskcheck, as it happens
   {"type":"stats", ...}               from xskcheck, periodically
   {"type":"sender", ...}              sender progress
@@ -407,7 +408,8 @@ def run_agent(spec: AgentSpec) -> int:
         # load-start goes out before the first packet: a kernel that oopses on the
         # first frames may take the guest down before a later event could leave it
         load_start = time.monotonic()
-        emit({"type": "load-start", "t": load_start - t0})
+        # pid: the orchestrator may end the load early with SIGUSR1 (see _request_stop)
+        emit({"type": "load-start", "t": load_start - t0, "pid": os.getpid()})
         if spec.sender and spec.sender.senders > 0:
             s = spec.sender
             sender = Child("sender", topo.nsenter(s.ns, sender_argv(
@@ -422,8 +424,12 @@ def run_agent(spec: AgentSpec) -> int:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 break
+            if _STOP.is_set() and reason == "duration":
+                # the orchestrator has seen enough: end the load as if its duration had elapsed
+                reason = "stopped"
+                break
             try:
-                src, line = events.get(timeout=min(timeout, 1.0))
+                src, line = events.get(timeout=min(timeout, 0.2))
             except queue.Empty:
                 continue
             if line is None:
@@ -512,6 +518,15 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+# Set by SIGUSR1: end the load now, gracefully (the counts are a normal result, never an
+# interruption).  A flag polled by the load loop, since a handler must not take the queue's lock.
+_STOP = threading.Event()
+
+
+def _request_stop(signum: int, frame: object) -> None:
+    _STOP.set()
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
         print(__doc__)
@@ -528,6 +543,7 @@ def main() -> int:
     # SIGTERM/SIGINT/SIGHUP unwind the ExitStack: topology and children go away
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
+    signal.signal(signal.SIGUSR1, _request_stop)
     try:
         return run_agent(spec)
     except Stop as e:

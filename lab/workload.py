@@ -164,7 +164,7 @@ class TargetResult:
             return (f"the senders reported {errors:,} send error(s) "
                     f"({self.senders.get('error', 'unknown error')}): the load did not run as asked")
         last = self.last_rise_s()
-        if self.reason == "duration" and self.load_seconds > 0 and \
+        if self.reason in ("duration", "stopped") and self.load_seconds > 0 and \
                 self.load_seconds - last > max(STOPPED_EARLY_S, STOPPED_EARLY_SHARE * self.load_seconds):
             return (f"traffic stopped early: no packet after {last:.1f} s of a "
                     f"{self.load_seconds:.1f} s load")
