@@ -140,11 +140,16 @@ def _print_amplifiers(rows) -> None:  # noqa: ANN001
 def cmd_repro(a: argparse.Namespace) -> int:
     from lab import repro
 
+    if a.budget and a.duration:
+        raise BadInput("--budget and --duration both given",
+                       hint="--budget caps each kernel's load (a clean control may stop sooner, once its "
+                            "evidence suffices); --duration runs a clean control for exactly that long")
     budget = parse_duration(a.budget, "--budget") if a.budget else None
     cfg = build_config(a, default_backend="vm", duration=budget)
     from lab.session import Interrupted
     try:
-        outcome = repro.run_repro(cfg, budget_given=budget is not None, progress=not a.json)
+        outcome = repro.run_repro(cfg, budget_given=budget is not None, progress=not a.json,
+                                  fixed_duration=bool(a.duration))
     except Interrupted as e:
         if e.outcome is not None:
             _report_repro(e.outcome, cfg, a.json)
@@ -161,6 +166,10 @@ def _report_repro(outcome, cfg: RunConfig, as_json: bool) -> int:  # noqa: ANN00
     else:
         report.print_table(outcome.rows, f"racelab repro {cfg.scenario} ({cfg.backend}), seed {cfg.seed}")
         _print_amplifiers(outcome.rows)
+        for r in outcome.rows:
+            stop = r.extra.get("control_stop") or {}
+            if stop.get("text"):
+                print(f"{r.kernel}: {stop['text']}")
         print(f"results: {outcome.out}  (summary.json, junit.xml, report.html, evidence/)")
     if any(r.verdict == INCONCLUSIVE for r in outcome.rows):
         return EXIT_INFRA
@@ -182,7 +191,10 @@ def report_ok(row, exp: str | None) -> bool:  # noqa: ANN001
 def cmd_selftest(a: argparse.Namespace) -> int:
     from lab import selftest
 
-    return selftest.main(xdp_modes=a.xdp, kinds=a.kind, seconds=parse_duration(a.duration), as_json=a.json)
+    if a.jobs < 1:
+        raise BadInput(f"--jobs must be >= 1, got {a.jobs}")
+    return selftest.main(xdp_modes=a.xdp, kinds=a.kind, seconds=parse_duration(a.duration), as_json=a.json,
+                         jobs=a.jobs)
 
 
 def cmd_kernel(a: argparse.Namespace) -> int:
@@ -200,18 +212,6 @@ def cmd_kernel(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_image(a: argparse.Namespace) -> int:
-    from lab import image
-
-    img = image.ensure_image(progress=True)
-    print(img.path)
-    return EXIT_OK
-
-
-def cmd_vm(a: argparse.Namespace) -> int:
-    from lab import fleet
-
-    if a.vcmd == "run":
 def cmd_scenario(a: argparse.Namespace) -> int:
     if a.scmd == "list":
         scen.cli_list()
@@ -227,6 +227,18 @@ def cmd_scenario(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_image(a: argparse.Namespace) -> int:
+    from lab import image
+
+    img = image.ensure_image(progress=True)
+    print(img.path)
+    return EXIT_OK
+
+
+def cmd_vm(a: argparse.Namespace) -> int:
+    from lab import fleet
+
+    if a.vcmd == "run":
         argv = a.command[1:] if a.command and a.command[0] == "--" else a.command
         if not argv:
             raise BadInput("racelab vm run KERNEL -- COMMAND...: no command given")
@@ -275,12 +287,18 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("repro", help="one-command repro of a named bug: affected vs fixed kernels")
     _common_run_args(p, budget=True)
+    p.add_argument("--duration", default=None,
+                   help="load time of a clean control, run in full (default: it stops once its evidence "
+                        "suffices, see run.control_miss, within the budget)")
     p.set_defaults(func=cmd_repro)
 
     p = sub.add_parser("selftest", help="prove every detector fires (fault injection) on this kernel")
     p.add_argument("--xdp", action="append", choices=("generic", "native"), default=None)
     p.add_argument("--kind", action="append", default=None, help="only these detector kinds")
-    p.add_argument("--duration", default="4s", help="traffic per injected fault")
+    p.add_argument("--duration", default="3s",
+                   help="traffic of each clean control (an injection case ends at its violation, "
+                        "within this long)")
+    p.add_argument("--jobs", type=int, default=4, help="cases run side by side (default 4)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_selftest)
 
@@ -300,6 +318,22 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep", type=int, default=5)
     p.set_defaults(func=cmd_kernel)
 
+    p = sub.add_parser("scenario", help="scenarios: list, show, validate, new, schema")
+    ss = p.add_subparsers(dest="scmd", required=True)
+    ss.add_parser("list", help="the scenarios under scenarios/")
+    s = ss.add_parser("show", help="the fully resolved scenario: defaults, variant and --set applied")
+    s.add_argument("name", help="scenario name or .toml path")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    s.add_argument("--variant", default=None, metavar="NAME", help="apply a named variant")
+    s = ss.add_parser("validate", help="check scenario files; every problem named (exit 2 if any)")
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s = ss.add_parser("new", help="write a commented starting file (scenarios/NAME.toml)")
+    s.add_argument("name")
+    s.add_argument("--out", default=None, help="where to write it (default: scenarios/NAME.toml)")
+    s = ss.add_parser("schema", help="write scenarios/schema.json (JSON Schema for editors) from the validator")
+    s.add_argument("--check", action="store_true", help="only say whether it is up to date (exit 1 if not)")
+    p.set_defaults(func=cmd_scenario)
+
     p = sub.add_parser("image", help="guest image")
     p.add_argument("icmd", choices=("build",))
     p.set_defaults(func=cmd_image)
@@ -317,22 +351,6 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cleanup", help="remove guests and namespaces left by killed runs")
     p.set_defaults(func=cmd_cleanup)
-
-    p = sub.add_parser("scenario", help="scenarios: list, show, validate, new, schema")
-    ss = p.add_subparsers(dest="scmd", required=True)
-    ss.add_parser("list", help="the scenarios under scenarios/")
-    s = ss.add_parser("show", help="the fully resolved scenario: defaults, variant and --set applied")
-    s.add_argument("name", help="scenario name or .toml path")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    s.add_argument("--variant", default=None, metavar="NAME", help="apply a named variant")
-    s = ss.add_parser("validate", help="check scenario files; every problem named (exit 2 if any)")
-    s.add_argument("files", nargs="+", metavar="FILE")
-    s = ss.add_parser("new", help="write a commented starting file (scenarios/NAME.toml)")
-    s.add_argument("name")
-    s.add_argument("--out", default=None, help="where to write it (default: scenarios/NAME.toml)")
-    s = ss.add_parser("schema", help="write scenarios/schema.json (JSON Schema for editors) from the validator")
-    s.add_argument("--check", action="store_true", help="only say whether it is up to date (exit 1 if not)")
-    p.set_defaults(func=cmd_scenario)
 
     p = sub.add_parser("matrix", help="kernel x scenario grid")
     p.add_argument("--kernels", required=True)

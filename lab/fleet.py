@@ -45,6 +45,7 @@ class KernelRun:
     accel_reason: str = ""
     boot_seconds: list[float] = field(default_factory=list)
     pinning: dict[str, list[int]] = field(default_factory=dict)   # target -> host CPU per vCPU
+    phases: dict[str, float] = field(default_factory=dict)   # boot, setup, load, evidence, teardown (s)
     plan: Any = None          # lab.amplifier.Plan for this kernel
 
 
@@ -213,10 +214,13 @@ def _slug(text: str) -> str:
 def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
               events_lock: threading.Lock, events_file: Any,
               cancel: threading.Event | None = None, *, silence: float | None = None,
-              stalls: str = "note", stalls_why: str = "") -> TargetResult:
+              stalls: str = "note", stalls_why: str = "", control: Any = None,
+              phases: dict[str, dict[str, float]] | None = None) -> TargetResult:
     """The agent in guest m, its console watched for splats.  silence, stalls:
     the scenario's [vm] knobs (a quiet guest is lost; stalls noted or counted,
-    stalls_why saying why)."""
+    stalls_why saying why).  control: sees every agent event and may end the
+    load early (lab.repro.ControlStop).  phases: gets this target's set-up,
+    load and evidence seconds under its label."""
     label = f"{kname}/vm-{i}"
 
     def on_splat(s: Splat) -> None:
@@ -234,10 +238,17 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
         def on_event(lbl: str, ev: dict[str, Any]) -> None:
             console.on_agent_event(ev)   # at load-start: the console so far is the boot and set-up
             prog.on_event(lbl, ev)
+            if control is not None:
+                control.on_event(kname, lbl, ev, m.host)
 
         alive = m.alive if cancel is None else (lambda: not cancel.is_set() and m.alive())
         res = run_target(m.host, spec, label=label, kernel=kname, on_event=on_event,
                          events_file=_Sink(), alive=alive, silence=silence)
+    if control is not None:
+        control.target_done(kname, res)
+    if phases is not None:   # host clock; the caller adds when this function returns
+        phases[label] = {"load_started": res.load_started_host or time.monotonic(),
+                         "load": res.load_seconds}
     if cancel is not None and cancel.is_set():
         res.infra_error = "interrupted"
         res.interrupted = True   # its counts so far go into an INCONCLUSIVE (interrupted) row
@@ -259,10 +270,25 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
     return res
 
 
+def _phases(t0: float, t_up: float, t_ran: float, t_down: float,
+            each: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A fleet's seconds per phase, from the host clock; its guests run side by
+    side, so each phase lasts as long as its slowest guest's."""
+    ts = list(each.values())
+    load_end = [t["load_started"] + t["load"] for t in ts]
+    return {"boot": round(t_up - t0, 3),
+            "setup": round(max((t["load_started"] - t_up for t in ts), default=0.0), 3),
+            "load": round(max((t["load"] for t in ts), default=0.0), 3),
+            "evidence": round(max((t.get("returned", e) - e for t, e in zip(ts, load_end)), default=0.0), 3),
+            "teardown": round(t_down - t_ran, 3)}
+
+
 def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: list[Any],
-               image: Any, out: Path, prog: Progress, plans: list[Any] | None = None) -> list[KernelRun]:
+               image: Any, out: Path, prog: Progress, plans: list[Any] | None = None,
+               control: Any = None) -> list[KernelRun]:
     """Boot every kernel's fleet at once and run the scenario in every guest.
 
+    control: sees every agent's events and may end a load early (lab.repro.ControlStop).
     An error that is not an infrastructure loss (BadInput, a bug) in any
     fleet is raised here once every fleet has torn itself down."""
     from lab import dataplane  # noqa: F401 - binaries are in the image already
@@ -280,6 +306,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
         log.info("note: %s", note)
     silence = parse_duration(vmcfg["silence"])
     events_lock = threading.Lock()
+    accels_said: set[str] = set()
     cancel = threading.Event()
     with open(out / "events.jsonl", "a") as events_file:
 
@@ -290,11 +317,16 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                             uris=cfg.uris, first=k * cfg.vms, cpus=cpus) as vms:
                     kr.accel = getattr(vms[0], "accel", "")
                     kr.accel_reason = getattr(vms[0], "accel_reason", "")
+                    t_up = time.monotonic()
                     kr.boot_seconds = [float(getattr(v, "boot_seconds", 0.0)) for v in vms]
                     kr.pinning = {f"{kr.name}/vm-{i}": [int(c) for c in getattr(v, "pin", ())]
                                   for i, v in enumerate(vms) if getattr(v, "pin", ())}
-                    log.info("%s: %d guest(s) up (accelerator: %s)%s", kr.name, len(vms),
-                             accel_text(kr.accel, kr.accel_reason),
+                    with events_lock:   # the accelerator and why: once per run, not per kernel
+                        said = accel_text(kr.accel, kr.accel_reason) in accels_said
+                        accels_said.add(accel_text(kr.accel, kr.accel_reason))
+                    if not said:
+                        log.info("accelerator: %s", accel_text(kr.accel, kr.accel_reason))
+                    log.info("%s: %d guest(s) up in %.1f s (%s)%s", kr.name, len(vms), t_up - t0, kr.accel,
                              "; vCPUs pinned to host CPUs " + ", ".join(
                                  f"{lbl.rsplit('/', 1)[1]}: {cs}" for lbl, cs in kr.pinning.items())
                              if kr.pinning else "")
@@ -309,12 +341,20 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                     policies = [stall_policy(vmcfg["stalls"], kr.accel,
                                              cfg.uris[(k * cfg.vms + i) % len(cfg.uris)] in crowded)
                                 for i in range(len(vms))]
+                    each: dict[str, dict[str, float]] = {}
+
+                    def target(i: int, m: Any) -> TargetResult:
+                        res = run_on_vm(m, kr.name, i, spec, out, prog, events_lock, events_file, cancel,
+                                        silence=silence, stalls=policies[i][0], stalls_why=policies[i][1],
+                                        control=control, phases=each)
+                        each[res.label]["returned"] = time.monotonic()
+                        return res
+
                     with ThreadPoolExecutor(len(vms)) as ex:
-                        futs = [ex.submit(run_on_vm, m, kr.name, i, spec, out, prog, events_lock,
-                                          events_file, cancel, silence=silence,
-                                          stalls=policies[i][0], stalls_why=policies[i][1])
-                                for i, m in enumerate(vms)]
+                        futs = [ex.submit(target, i, m) for i, m in enumerate(vms)]
                         kr.targets = [f.result() for f in futs]
+                    t_ran = time.monotonic()
+                kr.phases = _phases(t0, t_up, t_ran, time.monotonic(), each)
             except InfraError as e:
                 kr.targets = [TargetResult(label=f"{kr.name}/fleet", kernel=kr.name,
                                            infra_error=f"{type(e).__name__}: {e.message}")]
@@ -342,10 +382,12 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
 
 
 def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
-           expected: dict[str, str] | None = None) -> Outcome:
+           expected: dict[str, str] | None = None, control: Any = None) -> Outcome:
+    """control: may end a clean control's load early (lab.repro.ControlStop) and says why in its row."""
     from lab import amplifier
     from lab import image as imagemod
 
+    t_start = time.monotonic()
     s = from_data(cfg.scenario_data, path=f"{cfg.scenario}.toml")
     if not cfg.kernels:
         raise BadInput("--backend vm needs at least one --kernel",
@@ -361,8 +403,9 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
     (out / "config.json").write_text(cfg.to_json())
     prog = Progress(progress)
     interrupted = False
+    t_built = time.monotonic()
     try:
-        runs = run_fleets(cfg, s, names, artifacts, img, out, prog, plans)
+        runs = run_fleets(cfg, s, names, artifacts, img, out, prog, plans, control=control)
     except Interrupted as e:
         runs, interrupted = e.partial, True   # finish() writes them, then raises Interrupted again
     finally:
@@ -375,6 +418,9 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
                                 interrupted=interrupted)
         if kr.plan is not None:
             row.extra["amplifier"] = amplifier.summary(kr.plan, kr.targets)
+        if control is not None:
+            control.annotate(row)
+        row.extra["phases"] = dict(kr.phases)
         rows.append(row)
         targets += kr.targets
         a = kr.artifact
@@ -389,7 +435,35 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
     meta = report.provenance(cfg, {"kernels": kmeta, "image": {"key": img.key, "path": str(img.path)},
                                    "expected": expected or {}})
     write_json(out / "provenance.json", meta)
-    return finish(cfg, s, rows, targets, out, meta, title=title, expected=expected)
+    t_report = time.monotonic()
+    outcome = finish(cfg, s, rows, targets, out, meta, title=title, expected=expected)
+    phases = run_phases(runs, build_check=t_built - t_start, report=time.monotonic() - t_report,
+                        wall=time.monotonic() - t_start)
+    log.info("phases: %s", ", ".join(f"{k} {v:.1f}s" for k, v in phases.items() if isinstance(v, float)))
+    add_to_summary(out, "phases", phases)
+    outcome.meta["phases"] = phases
+    return outcome
+
+
+def run_phases(runs: list[KernelRun], *, build_check: float, report: float, wall: float) -> dict[str, Any]:
+    """Where a run's wall time went.  The fleets run side by side, so the phases of
+    the one that ended last (its kernel named) are the ones the user waited for."""
+    last = max(runs, key=lambda kr: kr.wall, default=None)
+    fleet = {k: float(last.phases.get(k, 0.0)) if last else 0.0
+             for k in ("boot", "setup", "load", "evidence", "teardown")}
+    return {"build_check": round(build_check, 3), **fleet, "report": round(report, 3),
+            "wall": round(wall, 3), "slowest_kernel": last.name if last else "",
+            "by_kernel": {kr.name: dict(kr.phases) for kr in runs}}
+
+
+def add_to_summary(out: Path, key: str, value: Any) -> None:
+    """One more top-level field in summary.json, once finish() has written it."""
+    import json
+
+    path = out / "summary.json"
+    summary = json.loads(path.read_text())
+    summary[key] = value
+    write_json(path, summary)
 
 
 def amplifier_plans(s: Scenario, names: list[str], artifacts: list[Any]) -> list[Any]:

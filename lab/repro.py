@@ -3,19 +3,27 @@
 The kernels come from the scenario ([kernels] affected/fixed) unless --kernel
 replaces them.  What each kernel is expected to do comes from the catalog
 (the races a kernel is affected by), adjusted by a mitigation's predicted
-effect (the scenario's [mitigations] table, from FACTS.md).  The verdicts
-come only from the runs.
+effect (the scenario's [mitigations] table).  The verdicts come only from
+the runs.  Both fleets run at once; a clean control stops as soon as its
+clean exposure rules out the affected kernel's measured rate (ControlStop).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
-from lab.config import RunConfig
-from lab.run import BadInput, log
+from lab import verdict as v
+from lab.config import RunConfig, fmt_duration
+from lab.run import InfraError, log
 from lab.scenario import Scenario, from_data
-from lab.session import Outcome
+from lab.session import Outcome, rows_from_targets
+from lab.workload import TargetResult
+
+
+AFFECTED_GRACE_S = 5.0
 
 
 def expectations(s: Scenario, names: list[str], artifacts_affected: list[tuple[str, ...]],
@@ -29,16 +37,22 @@ def expectations(s: Scenario, names: list[str], artifacts_affected: list[tuple[s
     return exp
 
 
-def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True) -> Outcome:
-    from lab import fleet, kernel, session
+def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True,
+              fixed_duration: bool = False) -> Outcome:
+    """fixed_duration: cfg.duration is the user's --duration, so a clean control runs
+    all of it (no early stop); otherwise it is a budget (--budget, or the scenario's)."""
+    from lab import fleet, session
 
     s = from_data(cfg.scenario_data, path=f"{cfg.scenario}.toml")
     names = list(cfg.kernels) or [s["kernels"]["affected"], s["kernels"]["fixed"]]
-    budget = cfg.duration if budget_given else s.budget()
+    budget = cfg.duration if budget_given or fixed_duration else s.budget()
     cfg = dataclasses.replace(
         cfg, kernels=tuple(names), duration=budget,
-        # run to the first violation (plus a moment, to see its kinds), or to the budget
-        stop_on_first=True, stop_grace=0.0 if cfg.stop_on_first else 2.0,
+        # run to the first violation, or to the budget; a few seconds more show its kinds and
+        # give the rate a clean control is tested against (k onsets: its lower bound grows
+        # with k, so the control's wanted clean time falls: 4 onsets in 3 s want 21 s of it,
+        # 8 in 6 s 13 s); the control runs meanwhile, so this costs the run no time
+        stop_on_first=True, stop_grace=0.0 if cfg.stop_on_first else AFFECTED_GRACE_S,
         evidence=tuple(sorted(set(cfg.evidence) | {"trace"})))
     if cfg.backend == "netns":
         if cfg.kernels and list(cfg.kernels) != [s["kernels"]["affected"], s["kernels"]["fixed"]]:
@@ -50,4 +64,134 @@ def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True) -> O
     expected = expectations(s, names, affected, cfg.mitigation)
     log.info("repro %s: %s", s.name, ", ".join(f"{k} (expect {v})" for k, v in expected.items()))
     title = f"racelab repro {s.name}" + (f" with mitigation {cfg.mitigation}" if cfg.mitigation else "")
-    return fleet.run_vm(cfg, progress=progress, title=title, expected=expected)
+    control = None if fixed_duration else ControlStop.for_repro(s, expected, cfg.vms)
+    if control is not None:
+        log.info("a clean control stops once an affected-like kernel would have shown an onset with "
+                 "probability >= %g (run.control_miss = %g), within the %s budget",
+                 1 - control.miss, control.miss, fmt_duration(budget))
+    return fleet.run_vm(cfg, progress=progress, title=title, expected=expected, control=control)
+
+
+@dataclass
+class _Watched:
+    """One control target, as its agent's events tell it."""
+
+    host: Any = None
+    pid: int | None = None
+    load_at: float | None = None   # agent clock
+    prev_t: float = 0.0            # s since load start of the last receive-count reading
+    prev_rx: int = 0
+    clean_s: float = 0.0           # seconds packets flowed, as lab.workload counts exposure
+    violated: bool = False
+    stop_sent: bool = False
+    reason: str = ""               # the agent's own reason for ending ("stopped": ours)
+
+
+@dataclass
+class ControlStop:
+    """Ends a clean control once its evidence suffices.
+
+    The affected kernels (expected to reproduce) give a rate: the Garwood lower bound,
+    at the scenario's confidence, of their onsets per second.  A control (expected
+    clean) that stays clean so long that an affected-like kernel would have shown an
+    onset with probability >= 1 - miss is asked to end its load (SIGUSR1 to its agent,
+    which ends as if its duration had elapsed: a normal result over the exposure it
+    had).  Until every affected kernel has reproduced, the controls keep running; the
+    budget caps them either way.  The fleet calls on_event() for every agent event,
+    target_done() when an agent's run ends and annotate() on every row."""
+
+    affected: tuple[str, ...]
+    controls: tuple[str, ...]
+    vms: int
+    confidence: float
+    miss: float
+    rate: float | None = None      # decided lower rate (onsets/s); 0: no rate to test against
+    by: dict[str, float] = field(default_factory=dict)   # affected kernel -> its lower rate
+    _done: dict[str, list[TargetResult]] = field(default_factory=dict)
+    _watched: dict[str, dict[str, _Watched]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def for_repro(cls, s: Scenario, expected: dict[str, str], vms: int) -> ControlStop | None:
+        affected = tuple(k for k, e in expected.items() if e == "reproduced")
+        controls = tuple(k for k, e in expected.items() if e == "clean")
+        miss = float(s["run"]["control_miss"])
+        if not affected or not controls or miss <= 0:
+            return None
+        return cls(affected, controls, vms, s["run"]["confidence"], miss)
+
+    def on_event(self, kernel: str, label: str, ev: dict[str, Any], host: Any) -> None:
+        if kernel not in self.controls:
+            return
+        with self._lock:
+            w = self._watched.setdefault(kernel, {}).setdefault(label, _Watched())
+            typ, at = ev.get("type"), float(ev.get("at", 0.0) or 0.0)
+            if typ == "load-start":
+                w.host, w.load_at = host, at
+                w.pid = int(ev["pid"]) if isinstance(ev.get("pid"), int) else None
+            elif typ == "violation":
+                w.violated = True
+            elif typ == "agent-done":
+                w.reason = str(ev.get("reason", ""))
+            elif typ in ("stats", "done") and w.load_at is not None:
+                t, rx = at - w.load_at, int(ev.get("rx", 0) or 0)
+                if rx > w.prev_rx:
+                    w.clean_s += max(0.0, t - w.prev_t)
+                    w.prev_rx = rx
+                w.prev_t = max(w.prev_t, t)
+            todo = self._due(kernel) if typ in ("stats", "done") else []
+        self._send(todo)
+
+    def target_done(self, kernel: str, res: TargetResult) -> None:
+        """An agent's run ended (before its evidence is fetched: the rate is known now)."""
+        if kernel not in self.affected:
+            return
+        with self._lock:
+            self._done.setdefault(kernel, []).append(res)
+            if len(self._done[kernel]) < self.vms:
+                return
+            row = rows_from_targets(kernel, self._done[kernel], 0.0, self.confidence, vms=self.vms)
+            self.by[kernel] = row.corruption.per_second[0] if row.verdict == v.REPRODUCED else 0.0
+            if set(self.by) != set(self.affected):
+                return
+            self.rate = min(self.by.values())
+            if self.rate > 0:
+                log.info("%s reproduced (>= %.3g onsets/s at %.0f%%): a clean control may stop after "
+                         "%.3g s of traffic", ", ".join(self.affected), self.rate, self.confidence * 100,
+                         v.budget_for(self.rate, self.miss))
+            todo = [t for k in self.controls for t in self._due(k)]
+        self._send(todo)
+
+    def _due(self, kernel: str) -> list[tuple[str, _Watched]]:
+        """The targets of a control to stop now (called with the lock held)."""
+        ws = self._watched.get(kernel, {})
+        if not self.rate or len(ws) < self.vms or any(w.violated or w.pid is None for w in ws.values()):
+            return []
+        if any(w.stop_sent for w in ws.values()) or \
+                not v.clean_enough(self.rate, sum(w.clean_s for w in ws.values()), self.miss):
+            return []
+        for w in ws.values():
+            w.stop_sent = True
+        log.info("%s: clean for %.1f s, enough against %s: ending its load", kernel,
+                 sum(w.clean_s for w in ws.values()), ", ".join(self.affected))
+        return list(ws.items())
+
+    def _send(self, todo: list[tuple[str, _Watched]]) -> None:
+        for label, w in todo:
+            try:
+                w.host.cmd(["kill", "-USR1", str(w.pid)], check=False, timeout=15)
+            except InfraError as e:   # the guest is gone: its own stream says so
+                log.debug("%s: stop request not delivered: %s", label, e)
+
+    def annotate(self, row: v.Row) -> None:
+        """Say in a control's row why it ended when it did."""
+        if row.kernel not in self.controls:
+            return
+        rate = self.rate or 0.0
+        stopped = any(w.reason == "stopped" for w in self._watched.get(row.kernel, {}).values())
+        row.extra["control_stop"] = {
+            "stopped_early": stopped, "miss": self.miss, "against": dict(self.by),
+            "lower_rate_per_s": rate,
+            "needed_s": round(v.budget_for(rate, self.miss), 3) if rate > 0 else None,
+            "text": v.control_stop_text(row.seconds, rate, self.confidence, self.miss, stopped)
+            if row.verdict == v.NOT_REPRODUCED else ""}

@@ -106,6 +106,40 @@ def budget_for(rate_per_s: float, miss: float = 0.01) -> float:
     return -math.log(miss) / rate_per_s
 
 
+def miss_probability(rate_per_s: float, seconds: float) -> float:
+    """P(no event in `seconds`) for a Poisson process at this rate."""
+    return math.exp(-rate_per_s * seconds)
+
+
+def clean_enough(lower_rate: float, clean_seconds: float, miss: float) -> bool:
+    """Has a clean control run long enough?  An affected-like kernel, with at least
+    the affected kernel's rate (its lower confidence bound), would have stayed this
+    clean with probability <= miss."""
+    return lower_rate > 0 and clean_seconds > 0 and miss_probability(lower_rate, clean_seconds) <= miss
+
+
+def control_stop_text(clean_seconds: float, lower_rate: float, confidence: float, miss: float,
+                      stopped: bool) -> str:
+    """Why a clean control ended when it did (its verdict line says it)."""
+    rate = f">= {_sci(lower_rate)} onsets/s at {confidence * 100:.0f}%"
+    if stopped:
+        return (f"clean for {clean_seconds:.3g} s: an affected-like kernel ({rate}) would show one "
+                f"with probability > {1 - miss:.10g}")
+    if lower_rate <= 0:
+        return f"ran its whole budget ({clean_seconds:.3g} s clean): the affected kernel gave no rate to test against"
+    return (f"ran its whole budget ({clean_seconds:.3g} s clean, {budget_for(lower_rate, miss):.3g} s wanted): "
+            f"an affected-like kernel ({rate}) would show one with probability "
+            f"{_prob(detection_probability(lower_rate, clean_seconds))}")
+
+
+def _prob(p: float) -> str:
+    """0.999, 0.9999, 0.632: enough digits to tell it from 1."""
+    if p >= 1:
+        return "1"
+    digits = max(3, min(12, math.ceil(-math.log10(1 - p)) + 1 if p > 0.9 else 3))
+    return f"{math.floor(p * 10 ** digits) / 10 ** digits:.{digits}f}".rstrip("0").rstrip(".")
+
+
 @dataclass
 class Level:
     """One evidence level of a row: its count and rate statistics."""
@@ -244,8 +278,9 @@ def verdict_text(row: Row) -> str:
     if row.verdict == REPRODUCED:
         return REPRODUCED
     if row.verdict == NOT_REPRODUCED:
+        stop = row.extra.get("control_stop") or {}
         return (f"NOT REPRODUCED (rate < {_sci(row.corruption.per_packet[1])}/pkt at "
-                f"{row.confidence * 100:.0f}%)")
+                f"{row.confidence * 100:.0f}%)" + (f"; {stop['text']}" if stop.get("text") else ""))
     if row.interrupted:
         return (f"{INCONCLUSIVE} (interrupted: {row.packets:,} packets over {row.seconds:.1f} s of "
                 f"traffic so far)")

@@ -25,7 +25,8 @@ def racelab(*args, timeout=900):
 
 
 def test_repro_generic_rx_race_affected_vs_fixed(tmp_path):
-    p = racelab("repro", "generic-rx-race", "--budget", "40s", "--out", str(tmp_path), "--json")
+    budget = 90.0
+    p = racelab("repro", "generic-rx-race", "--budget", f"{budget:g}s", "--out", str(tmp_path), "--json")
     assert p.returncode == 0, p.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = {r["kernel"]: r for r in summary["rows"]}
@@ -35,6 +36,16 @@ def test_repro_generic_rx_race_affected_vs_fixed(tmp_path):
     assert affected["first_violation_s"] is not None and affected["violations"] > 0
     assert fixed["verdict"] == "NOT REPRODUCED", fixed
     assert fixed["packets"] > 10_000 and fixed["violations"] == 0
+    # the control stopped once its clean traffic ruled out the affected kernel's rate,
+    # long before the budget, and says so in its verdict line
+    stop = fixed["extra"]["control_stop"]
+    assert stop["stopped_early"], stop
+    assert stop["lower_rate_per_s"] > 0 and stop["needed_s"] <= fixed["seconds"] < budget - 20, (stop, fixed)
+    assert fixed["verdict_text"].endswith(stop["text"]) and "probability > 0.999" in stop["text"]
+    assert [t["reason"] for t in summary["targets"] if t["kernel"] == "6.1.192"] == ["stopped"]
+    phases = summary["phases"]
+    for k in ("build_check", "boot", "setup", "load", "evidence", "teardown", "report"):
+        assert 0 <= phases[k] < phases["wall"], (k, phases)
     # what produced it is recorded
     prov = summary["provenance"]
     for k in ("host_kernel", "qemu", "seed"):
