@@ -2,7 +2,7 @@
 
 A source build lives in ONE directory per source (cache_dir()/build/<build_id>/linux)
 and is never copied: a built tree that moves rebuilds from scratch (absolute
-paths, see FACTS.md).  Switching patch sets reverses the previously applied
+paths in the objects).  Switching patch sets reverses the previously applied
 patches (from copies kept in the build directory) down to the common prefix
 and applies the new ones, so only the touched files recompile.
 """
