@@ -33,7 +33,9 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False) -> Non
     else:
         p.add_argument("--duration", default=None, help="load time, e.g. 30s, 2m (default: scenario's)")
     p.add_argument("--stop-on-first", action="store_true", help="stop a target at its first violation")
-    p.add_argument("--expect", choices=("reproduced", "clean"), help="exit 1 if the verdict differs")
+    p.add_argument("--expect", choices=("reproduced", "window", "clean"),
+                   help="the level to judge, exit 1 if the verdict falls short: reproduced (corruption), "
+                        "window (at least the race window traced), clean (neither)")
     p.add_argument("--out", default="", help="results directory (default: results/SCENARIO-TIME-PID)")
     p.add_argument("--json", action="store_true", help="print summary.json to stdout")
     p.add_argument("--seed", type=int, default=None, help="seed for names and payloads (default: random)")
@@ -42,8 +44,9 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False) -> Non
     p.add_argument("--variant", default=None, metavar="NAME",
                    help="a named variant of the scenario ([variants.NAME] in its file), e.g. iperf3")
     p.add_argument("--mitigation", choices=scen.MITIGATIONS, help="apply a workaround to the scenario")
-    p.add_argument("--evidence", action="append", default=[], choices=("trace",),
-                   help="collect kernel-side evidence (ftrace kprobes)")
+    p.add_argument("--evidence", action="append", default=[], choices=("trace", "none"),
+                   help="collect kernel-side evidence (ftrace kprobes); the default for a scenario whose "
+                        "corruption is rare (evidence.corruption_rare); none: not even then")
     p.add_argument("--inject", default=None, help="fault class the checker commits on purpose")
     p.add_argument("--uri", action="append", default=[], help="libvirt URI(s) hosting the fleet")
 
@@ -63,8 +66,20 @@ def build_config(a: argparse.Namespace, *, default_backend: str, duration: float
         scenario=s.name, scenario_data=s.data, backend=a.backend or default_backend,
         kernels=tuple(a.kernel), duration=dur, vms=vms, seed=seed,
         stop_on_first=a.stop_on_first, expect=a.expect, inject=a.inject,
-        mitigation=a.mitigation, variant=getattr(a, "variant", None), evidence=tuple(a.evidence), out=a.out,
+        mitigation=a.mitigation, variant=getattr(a, "variant", None), evidence=_evidence(a.evidence, s), out=a.out,
         overrides=tuple(a.set), uris=tuple(a.uri) or ("qemu:///system",))
+
+
+def _evidence(asked: list[str], s: scen.Scenario) -> tuple[str, ...]:
+    """--evidence as given; none given, a rare-corruption scenario traces its window, since
+    without it a vulnerable kernel would read like a fixed one."""
+    if "none" in asked:
+        if len(set(asked)) > 1:
+            raise BadInput("--evidence none with other --evidence kinds", hint="give one or the other")
+        return ()
+    if not asked and s["evidence"].get("corruption_rare"):
+        return ("trace",)
+    return tuple(asked)
 
 
 def _exit_for(outcome, expect: str | None) -> int:  # noqa: ANN001

@@ -2,9 +2,13 @@
 
 Each cell boots a fleet on one kernel and runs one scenario to a verdict.
 Its expectation comes from the catalog: a kernel whose `affected` list names
-the scenario should reproduce; any other kernel must stay clean.  A fixed
-kernel with any violation fails its cell; an affected kernel that does not
-reproduce within the budget is reported as such, with its rate bound.
+the scenario should reproduce; any other kernel must stay clean.  Each cell
+names the level it judges: "reproduced" (corruption seen), "window" (at least
+the race window traced; for scenarios whose corruption is rare,
+evidence.corruption_rare) or "clean" (neither corruption nor window hits).
+A fixed kernel with any violation or window hit fails its cell; an affected
+kernel that does not reach its level within the budget is reported as such,
+with its rate bound.
 
 Cells run `--jobs` at a time, spread round-robin over the libvirt URIs given
 with --uri (or RACELAB_URIS, comma-separated).
@@ -27,7 +31,8 @@ from typing import Any
 from lab import scenario as scen
 from lab.config import RunConfig, parse_duration
 from lab.run import BadInput, InfraError, log
-from lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Row, level_text, verdict_text
+from lab.verdict import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, WINDOW_HIT, Row, level_text, matches,
+                         verdict_text)
 
 PASS, FAIL, MISSED, ERROR = "pass", "fail", "not-reproduced-within-budget", "error"
 
@@ -36,7 +41,7 @@ PASS, FAIL, MISSED, ERROR = "pass", "fail", "not-reproduced-within-budget", "err
 class Cell:
     kernel: str
     scenario: str
-    expected: str                  # reproduced | clean
+    expected: str                  # the level judged: reproduced | window | clean
     row: Row | None = None
     outcome: str = ERROR           # pass | fail | not-reproduced-within-budget | error
     out: str = ""
@@ -50,15 +55,21 @@ class Cell:
 
 
 def judge(expected: str, row: Row) -> str:
+    """expected: the level this cell judges (lab.verdict.EXPECT_LEVELS)."""
     if row.verdict == INCONCLUSIVE:
         return ERROR
     if expected == "clean":
-        return PASS if row.verdict == NOT_REPRODUCED else FAIL
-    return PASS if row.verdict == REPRODUCED else MISSED
+        return PASS if matches(row, "clean") else FAIL
+    return PASS if matches(row, expected) else MISSED
 
 
 def expected_for(kernel_spec: Any, scenario: str) -> str:
-    return "reproduced" if scenario in tuple(getattr(kernel_spec, "affected", ()) or ()) else "clean"
+    """The level a cell judges: clean for a kernel the catalog does not list as affected;
+    for an affected one, reproduced, or window where the scenario says its corruption
+    is rare (a window hit then shows the kernel is vulnerable)."""
+    if scenario not in tuple(getattr(kernel_spec, "affected", ()) or ()):
+        return "clean"
+    return "window" if scen.load(scenario)["evidence"].get("corruption_rare") else "reproduced"
 
 
 def run_cell(cell: Cell, *, budget: float, vms: int, seed: int, out: Path, uri: str,
@@ -109,11 +120,15 @@ def cell_text(c: Cell) -> str:
     if c.row is None:
         return f"ERROR: {c.error[:60]}"
     w = f", window {c.row.window.count}" if c.row.window.available else ""
+    judged = f"[{c.outcome}, judged: {c.expected}]"
     if c.row.verdict == REPRODUCED:
-        return f"REPRODUCED ({c.row.violations} viol{w}) [{c.outcome}]"
+        return f"REPRODUCED ({c.row.violations} viol{w}) {judged}"
+    if c.row.verdict == WINDOW_HIT:
+        return f"WINDOW HIT ({c.row.window.count:,} interleavings, no corruption in {c.row.packets:,} pkts) {judged}"
     if c.row.verdict == NOT_REPRODUCED:
-        return f"clean (< {c.row.corruption.per_packet[1]:.2g}/pkt{w}) [{c.outcome}]"
-    return f"{verdict_text(c.row)} [{c.outcome}]"
+        w = f", window {c.row.window.count}" if c.row.window.available else ", window n/a"
+        return f"clean (< {c.row.corruption.per_packet[1]:.2g}/pkt{w}) {judged}"
+    return f"{verdict_text(c.row)} {judged}"
 
 
 def print_grid(cells: list[Cell], kernels: list[str], scenarios: list[str]) -> None:
@@ -151,7 +166,8 @@ def write_junit(path: Path, cells: list[Cell]) -> None:
             ET.SubElement(tc, "failure", message=f"expected {c.expected}: {cell_text(c)}")
             nfail += 1
         elif c.outcome == MISSED:
-            ET.SubElement(tc, "skipped", message=f"affected kernel did not reproduce within budget: {cell_text(c)}")
+            ET.SubElement(tc, "skipped", message=f"affected kernel did not reach {c.expected} within budget: "
+                                                 f"{cell_text(c)}")
             nskip += 1
         elif c.outcome == ERROR:
             ET.SubElement(tc, "error", message=c.error or (verdict_text(r) if r else "error"))
@@ -190,8 +206,9 @@ def write_heatmap(path: Path, cells: list[Cell], kernels: list[str], scenarios: 
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>racelab matrix</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #999;padding:8px}}
 table{{border-collapse:collapse}}</style></head><body><h1>racelab matrix</h1>
-<p>green: as expected; red: a fixed kernel showed violations (or an affected one was clean when
-expected otherwise); yellow: affected kernel not reproduced within budget; purple: infrastructure error</p>
+<p>green: as expected; red: a fixed kernel showed violations or window hits; yellow: an affected
+kernel did not reach the level its cell judges (reproduced: corruption; window: at least the race
+window traced) within budget; purple: infrastructure error</p>
 <table><tr><th>kernel</th>{head}</tr>{''.join(rows)}</table></body></html>""")
 
 

@@ -5,15 +5,19 @@ Options:
   --racelab-scenarios=S1,S2   scenarios for the grid
   --racelab-budget=60s        load budget per cell
   --racelab-vms=1             guests per cell
-  --racelab-expect=K:S=clean  override a cell's expectation (repeatable)
+  --racelab-expect=K:S=LEVEL  override the level a cell judges (repeatable):
+                              reproduced, window or clean
 
 With --racelab-kernels and --racelab-scenarios, the plugin adds its own test,
 `racelab_grid::test_cell[SCENARIO-KERNEL]`, one per cell.  A cell passes or
-fails against the expectation derived from the catalog (the kernel's
-`affected` list, i.e. its source and patches): a fixed kernel with any
-violation fails; an affected kernel that does not reproduce within the
-budget fails with its rate bound in the message.  Rate, time to first
-violation, packets and verdict go into JUnit as properties.
+fails against the level derived from the catalog (the kernel's `affected`
+list, i.e. its source and patches; lab.matrix.expected_for): a fixed kernel
+with any violation or window hit fails ("clean"); an affected kernel must
+reproduce ("reproduced"), or, for a scenario whose corruption is rare, at
+least hit the race window ("window"); one that falls short within the budget
+fails with its rate bound in the message.  Cells judging the window level
+collect trace evidence.  Rate, time to first violation, packets, verdict and
+the level judged go into JUnit as properties.
 
 Fixtures (names unique per xdist worker: guests and namespaces carry the
 worker's pid; the kernel cache is shared behind a file lock):
@@ -45,7 +49,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--racelab-budget", default="60s", help="load budget per cell (default 60s)")
     g.addoption("--racelab-vms", type=int, default=1, help="guests per cell")
     g.addoption("--racelab-expect", action="append", default=[],
-                help="KERNEL:SCENARIO=reproduced|clean overrides the catalog's expectation")
+                help="KERNEL:SCENARIO=reproduced|window|clean overrides the level the catalog gives the cell")
     g.addoption("--racelab-backend", default="vm", choices=("vm", "netns"),
                 help="vm (default) or netns (the host kernel; --racelab-kernels=host)")
 
@@ -75,9 +79,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def expectation(config: pytest.Config, kernel: str, scenario: str) -> str:
+    from lab.verdict import EXPECT_LEVELS
     for item in config.getoption("--racelab-expect"):
         key, _, value = item.partition("=")
         if key == f"{kernel}:{scenario}":
+            if value not in EXPECT_LEVELS:
+                raise pytest.UsageError(f"--racelab-expect {item!r}: the level must be one of "
+                                        f"{', '.join(EXPECT_LEVELS)}, e.g. {key}=window")
             return value
     if kernel == "host":
         return "clean"

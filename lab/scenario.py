@@ -205,6 +205,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
                          doc="the trace measure that counts this race's window: overlap_hits (two CPUs "
                              "inside one socket's receive) or unflushed_hits (a receive while another "
                              "CPU's are unflushed)"),
+        # a race whose corruption seldom reaches user space: without the window a vulnerable
+        # kernel looks fixed, so `racelab run` traces it unless --evidence none, and affected
+        # matrix/grid cells judge the window level
+        "corruption_rare": boolean(False, "user space seldom sees this race's corruption: `racelab run` "
+                                          "collects window evidence by default"),
     },
     "mitigations": {m: choice("prevents", "no-effect", "unknown", default="unknown",
                               doc="what this workaround does to the race (unknown: not measured)")

@@ -8,7 +8,11 @@ function is computed here and inverted by bisection.
 
 Two levels (issue 8): CORRUPTION counts ring-invariant violations seen by
 user space; WINDOW HIT counts kernel-side evidence of the racy interleaving.
-Only corruption makes a row REPRODUCED.
+Only corruption makes a row REPRODUCED.  A row with window hits and no
+corruption is WINDOW HIT, never NOT REPRODUCED: a vulnerable kernel whose
+corruption did not reach user space in time must not read like a fixed one.
+NOT REPRODUCED means neither (and says whether the window was measured).
+`--expect` names the level it judges (EXPECT_LEVELS).
 
 The Poisson model needs independent events, and one kernel fault shows as a
 burst of violations (a lost FILL descriptor used to give hundreds of `order`
@@ -27,6 +31,10 @@ from typing import Any
 REPRODUCED = "REPRODUCED"
 NOT_REPRODUCED = "NOT REPRODUCED"
 INCONCLUSIVE = "INCONCLUSIVE"   # infrastructure lost before any packet: no verdict
+WINDOW_HIT = "WINDOW HIT"       # the racy interleaving traced, no corruption seen by user space
+# --expect levels: reproduced = corruption seen; window = at least the window hit
+# (corruption implies it); clean = neither corruption nor, where measured, window hits
+EXPECT_LEVELS = ("reproduced", "window", "clean")
 
 
 def _gamma_p(a: float, x: float) -> float:
@@ -252,6 +260,9 @@ def decide(kernel: str, *, vms: int, packets: int, seconds: float, wall: float,
         verdict = INCONCLUSIVE   # a run cut short by the user decides nothing
     elif raw > 0:
         verdict = REPRODUCED
+    elif window_available and window_hits > 0:
+        # positive evidence like a violation: a lost guest elsewhere in the fleet does not undo it
+        verdict = WINDOW_HIT
     elif packets == 0 or infra_errors:
         # a lost guest's exposure is unknown: the row is never "not reproduced" with a loss in it
         verdict = INCONCLUSIVE
@@ -277,22 +288,47 @@ def kinds_text(row: Row) -> str:
 def verdict_text(row: Row) -> str:
     if row.verdict == REPRODUCED:
         return REPRODUCED
+    if row.verdict == WINDOW_HIT:
+        n = row.window.count
+        return f"{WINDOW_HIT} ({n:,} interleaving{'s' if n != 1 else ''}; no corruption in {row.packets:,} packets)"
     if row.verdict == NOT_REPRODUCED:
         stop = row.extra.get("control_stop") or {}
         return (f"NOT REPRODUCED (rate < {_sci(row.corruption.per_packet[1])}/pkt at "
-                f"{row.confidence * 100:.0f}%)" + (f"; {stop['text']}" if stop.get("text") else ""))
+                f"{row.confidence * 100:.0f}%; {_window_clause(row)})"
+                + (f"; {stop['text']}" if stop.get("text") else ""))
     if row.interrupted:
         return (f"{INCONCLUSIVE} (interrupted: {row.packets:,} packets over {row.seconds:.1f} s of "
                 f"traffic so far)")
     return f"{INCONCLUSIVE} (infrastructure: {'; '.join(row.infra_errors) or 'no packets'})"
 
 
+def _window_clause(row: Row) -> str:
+    """What a clean row says of the window: 0 hits measured, or not measured (and why)."""
+    if row.window.available:
+        return "0 window hits"
+    return "window not measured" + (f": {_short(row.window.note)}" if row.window.note else "")
+
+
+def _short(text: str, n: int = 100) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def level_of(row: Row) -> str:
+    """The strongest level a row reached: reproduced, window, clean, or inconclusive."""
+    return {REPRODUCED: "reproduced", WINDOW_HIT: "window", NOT_REPRODUCED: "clean"}.get(row.verdict,
+                                                                                        "inconclusive")
+
+
 def matches(row: Row, expect: str | None) -> bool:
-    """--expect reproduced|clean against a row."""
+    """--expect reproduced|window|clean against a row.  window is met by corruption too
+    (it needs the window); clean by neither (a row whose window was not measured is
+    judged on corruption alone, and its verdict text says so)."""
     if expect is None:
         return True
     if expect == "reproduced":
         return row.verdict == REPRODUCED
+    if expect == "window":
+        return row.verdict in (REPRODUCED, WINDOW_HIT)
     if expect == "clean":
         return row.verdict == NOT_REPRODUCED
-    raise ValueError(expect)
+    raise ValueError(f"unknown expectation {expect!r}: one of {', '.join(EXPECT_LEVELS)}")

@@ -42,3 +42,54 @@ def test_junit_round_trip_and_heatmap(tmp_path):
     m.write_heatmap(tmp_path / "h.html", grid, ["6.1.192"], ["generic-rx-race", "veth-napi-race"])
     page = (tmp_path / "h.html").read_text()
     assert "#27ae60" in page and "#c0392b" in page and "REPRODUCED (2 viol)" in page
+
+
+def wrow(hits, kinds=None):
+    return v.decide("k", vms=1, packets=50_000, seconds=10, wall=12, by_kind=kinds or {},
+                    first_violation_s=None, window_hits=hits, window_available=True)
+
+
+def test_cells_judge_the_level_they_name():
+    # a fixed kernel's window hit fails its cell: the window is the race
+    assert m.judge("clean", wrow(4)) == m.FAIL
+    assert m.judge("clean", wrow(0)) == m.PASS
+    assert m.judge("window", wrow(4)) == m.PASS
+    assert m.judge("window", wrow(0, {"poison": 1})) == m.PASS
+    assert m.judge("window", wrow(0)) == m.MISSED
+    # judged at corruption, a window hit is not enough: missed, never pass
+    assert m.judge("reproduced", wrow(4)) == m.MISSED
+    c = m.Cell("6.1.192+revert-veth-napi", "veth-napi-race", "window", wrow(4), m.PASS)
+    assert m.cell_text(c) == ("WINDOW HIT (4 interleavings, no corruption in 50,000 pkts) "
+                              "[pass, judged: window]")
+    assert "judged: clean" in m.cell_text(m.Cell("6.1.192", "veth-napi-race", "clean", wrow(0), m.PASS))
+
+
+def test_a_rare_corruption_scenario_judges_affected_kernels_at_the_window():
+    class K:
+        affected = ("generic-rx-race", "veth-napi-race")
+    assert m.expected_for(K, "veth-napi-race") == "window"
+    assert m.expected_for(K, "generic-rx-race") == "reproduced"
+
+    class Fixed:
+        affected = ()
+    assert m.expected_for(Fixed, "veth-napi-race") == "clean"
+
+
+def test_grid_cells_that_judge_the_window_collect_the_trace():
+    from lab.racelab_grid import trace_for
+    assert trace_for({"expected": "window"}, {"corruption_rare": False}) == ("trace",)
+    assert trace_for({"expected": "clean"}, {"corruption_rare": True}) == ("trace",)
+    assert trace_for({"expected": "reproduced"}, {"corruption_rare": False}) == ()
+
+
+def test_run_junit_names_the_level_a_window_hit_falls_short_of(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from lab import report
+    rows = [wrow(4)]
+    for exp, failed in (("window", False), ("reproduced", True), ("clean", True)):
+        report.write_junit(tmp_path / "j.xml", rows, "s", {"k": exp})
+        fail = ET.parse(tmp_path / "j.xml").getroot().find("testcase/failure")
+        assert (fail is not None) == failed
+        if failed:
+            assert fail.get("message").startswith(f"expected {exp}, got WINDOW HIT (4 interleavings")

@@ -89,3 +89,62 @@ def test_an_interrupted_row_is_inconclusive_whatever_it_saw():
                  first_violation_s=0.5, interrupted=True)
     assert r.verdict == v.INCONCLUSIVE and not v.matches(r, "reproduced")
     assert v.verdict_text(r) == "INCONCLUSIVE (interrupted: 12,345 packets over 3.2 s of traffic so far)"
+
+
+def _row(by_kind=None, hits=0, available=True, packets=1_544_470, **kw):
+    return v.decide("6.1.192+revert-veth-napi", vms=1, packets=packets, seconds=30, wall=60,
+                    by_kind=by_kind or {}, first_violation_s=None, window_hits=hits,
+                    window_available=available, **kw)
+
+
+def test_window_hits_without_corruption_are_their_own_verdict():
+    """The issue's row: 927 hits over 1,544,470 packets was NOT REPRODUCED."""
+    r = _row(hits=927)
+    assert r.verdict == v.WINDOW_HIT != v.NOT_REPRODUCED
+    assert v.verdict_text(r) == "WINDOW HIT (927 interleavings; no corruption in 1,544,470 packets)"
+    assert v.verdict_text(_row(hits=1)).startswith("WINDOW HIT (1 interleaving;")
+    assert v.level_of(r) == "window"
+
+
+def test_window_levels_of_expect():
+    hit, clean, corrupt = _row(hits=5), _row(), _row(by_kind={"poison": 1}, hits=5)
+    assert [v.matches(hit, e) for e in v.EXPECT_LEVELS] == [False, True, False]
+    assert [v.matches(clean, e) for e in v.EXPECT_LEVELS] == [False, False, True]
+    # corruption needs the window: it meets "window" as well as "reproduced"
+    assert [v.matches(corrupt, e) for e in v.EXPECT_LEVELS] == [True, True, False]
+    with pytest.raises(ValueError, match="one of reproduced, window, clean"):
+        v.matches(hit, "vulnerable")
+
+
+def test_hits_of_an_unmeasured_window_are_no_evidence():
+    """Probes that missed make the level unavailable: its count decides nothing, and the
+    clean verdict says the window was not measured."""
+    r = _row(hits=12, available=False, window_note="kprobes missed 3 hit(s)")
+    assert r.verdict == v.NOT_REPRODUCED
+    assert "window not measured: kprobes missed 3 hit(s)" in v.verdict_text(r)
+    assert "0 window hits" in v.verdict_text(_row())
+
+
+def test_window_hits_decide_over_a_lost_guest_but_not_over_an_interrupt():
+    r = _row(hits=3, infra_errors=["vm-1: LostVM"])
+    assert r.verdict == v.WINDOW_HIT and v.matches(r, "window")
+    assert _row(hits=3, interrupted=True).verdict == v.INCONCLUSIVE
+    # no hits and a lost guest: still no verdict either way
+    assert _row(infra_errors=["vm-1: LostVM"]).verdict == v.INCONCLUSIVE
+
+
+def test_run_traces_a_rare_corruption_scenario_by_default():
+    from lab import cli
+    from lab import scenario as scen
+    from lab.run import BadInput
+
+    veth, generic = scen.load("veth-napi-race"), scen.load("generic-rx-race")
+    assert veth["evidence"]["corruption_rare"] and not generic["evidence"]["corruption_rare"]
+    assert cli._evidence([], veth) == ("trace",)
+    assert cli._evidence([], generic) == ()
+    assert cli._evidence(["none"], veth) == ()
+    assert cli._evidence(["trace"], generic) == ("trace",)
+    with pytest.raises(BadInput, match="none with other"):
+        cli._evidence(["none", "trace"], veth)
+    a = cli.make_parser().parse_args(["run", "veth-napi-race", "--expect", "window"])
+    assert a.expect == "window"
