@@ -123,7 +123,8 @@ def detect_accel(kernel: Any, uri: str = SYSTEM_URI) -> tuple[str, str]:
         return cached[0], f"{cached[1]} (cached probe)"
     accel, reason = _probe_kvm(kernel)
     _accel_cache_put(key, (accel, reason))
-    log.info("accelerator for kernel %s: %s (%s)", getattr(kernel, "version", "?"), accel, reason)
+    # debug: a run names its accelerator once (lab.fleet), not once per kernel probed
+    log.debug("accelerator for kernel %s: %s (%s)", getattr(kernel, "version", "?"), accel, reason)
     return accel, reason
 
 
@@ -479,6 +480,8 @@ class VM:
         self.console_path = ((self.results_dir or self.dir) / f"{_slug(self.name)}.console.log")
         self.port = 0
         self.boot_seconds = 0.0
+        # host clock since the boot began: "domain" (libvirt and QEMU up), "marker" (init ready)
+        self.phase_seconds: dict[str, float] = {}
         self.host: SshHost = None  # type: ignore[assignment]  # set by __enter__
         self._conn: libvirt.virConnect | None = None
         self._dom: libvirt.virDomain | None = None
@@ -555,6 +558,7 @@ class VM:
         else:
             raise InfraError(f"{self.name}: no free SSH forward port after 5 tries: {last}")
         ssh_port = self.port
+        self.phase_seconds["domain"] = time.monotonic() - t0   # libvirt and QEMU up
         if not self.local:
             console_stream = ConsoleStream(self._conn, self._dom, self.console_path)
             self._stack.callback(console_stream.stop)
@@ -565,6 +569,7 @@ class VM:
         self.host = SshHost(self.name, ssh_port, self.image.ssh_key, self.image.host_pubkey,
                             describe_loss=self.describe)
         self._wait_ready(t0 + timeout)
+        self.phase_seconds["marker"] = time.monotonic() - t0   # firmware, kernel and init done
         self.host.connect(timeout=max(5.0, t0 + timeout - time.monotonic()))
         self.boot_seconds = time.monotonic() - t0
         log.debug("%s: ready in %.1fs", self.name, self.boot_seconds)
