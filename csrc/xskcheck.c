@@ -287,6 +287,7 @@ static void violation(struct group *g, struct xsk *s, enum kind k, uint64_t addr
 	struct xsk *o = s->fq; /* onsets per pool: one fault echoes on all the sockets sharing it */
 	bool onset = !o->any_viol || o->seen - o->last_viol >= quiet;
 	uint64_t n;
+	bool stop_trace;
 	va_list ap;
 
 	o->any_viol = true;
@@ -298,16 +299,19 @@ static void violation(struct group *g, struct xsk *s, enum kind k, uint64_t addr
 		INC(g->st.onset_kinds[k]);
 	}
 	n = __atomic_fetch_add(&total_violations, 1, __ATOMIC_RELAXED);
-	/* flight recorder: the trace ends at the first violation, whether or not the run does */
-	if ((opt.stop_on_first || opt.trace_marker) && n == 0 &&
-	    !__atomic_exchange_n(&tracing_stopped, 1, __ATOMIC_RELAXED))
-		write_str(tracing_on_fd, "0");
+	/* flight recorder: the trace ends at the first violation, whether or not the run does;
+	 * after its marker, since the kernel refuses trace_marker writes while tracing is off */
+	stop_trace = (opt.stop_on_first || opt.trace_marker) && n == 0 &&
+		     !__atomic_exchange_n(&tracing_stopped, 1, __ATOMIC_RELAXED);
 	if (opt.stop_on_first && n == 0) {
 		stop_reason = "stop-on-first";
 		stop_flag = 1;
 	}
-	if (__atomic_fetch_add(&printed, 1, __ATOMIC_RELAXED) >= PRINT_CAP)
+	if (__atomic_fetch_add(&printed, 1, __ATOMIC_RELAXED) >= PRINT_CAP) {
+		if (stop_trace)
+			write_str(tracing_on_fd, "0");
 		return;
+	}
 	va_start(ap, fmt);
 	vsnprintf(detail, sizeof(detail), fmt, ap);
 	va_end(ap);
@@ -321,6 +325,8 @@ static void violation(struct group *g, struct xsk *s, enum kind k, uint64_t addr
 			 (unsigned long long)actual, detail);
 		write_str(trace_fd, line);
 	}
+	if (stop_trace)
+		write_str(tracing_on_fd, "0");
 	snprintf(line, sizeof(line),
 		 "{\"type\":\"violation\",\"t\":%.6f,\"kind\":\"%s\",\"dev\":\"%s\",\"queue\":%u,\"cpu\":%d,"
 		 "\"addr\":%llu,\"expected\":%llu,\"actual\":%llu,\"rx\":%llu,\"onset\":%s,\"detail\":\"%s\"}\n",
