@@ -102,7 +102,8 @@ class Plan:
         what = (f"{self.delay_ns} ns BPF busy-wait" + (f" while another CPU is in {self.gate}()" if self.gate
                                                        else "")
                 if self.method == "kprobe-delay" else "int3 trap only")
-        return f"{self.method} at {', '.join(self.probes)}: {what} ({self.why})"
+        where = ", ".join(self.probes) or "the window (its site is found once the guest is up)"
+        return f"{self.method} at {where}: {what} ({self.why})"
 
 
 # ---------------------------------------------------------------- finding the site
