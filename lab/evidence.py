@@ -48,6 +48,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,16 +69,25 @@ CLOCK_MARK = "racelab-clock"
 _REC = struct.Struct("<4sII")             # tag, cpu, length
 _RB_MISSED_EVENTS = 1 << 31
 _RB_MISSED_STORED = 1 << 30
+VIOLATION_MARK = "racelab violation"   # what xskcheck writes to trace_marker at a violation
+RECORDER_MIN_S = 0.5                   # the flight recorder must cover this much on every CPU
+INTERLEAVING_BEFORE = 160              # events kept before the first violation (or first hit)
+INTERLEAVING_AFTER = 24                # ... and after it
 
 
 def trace_options(scenario: str, stop_on_first: bool = True, buffer_kb: int = 4096,
-                  stream: bool = True, max_mb: int = 0, window: str = "") -> dict[str, Any]:
+                  stream: bool = True, max_mb: int = 0, window: str = "",
+                  recorder_s: float = RECORDER_MIN_S) -> dict[str, Any]:
     """Tracer options.  buffer_kb: ring buffer per CPU (the reader's slack, and
     the flight recorder's depth once the stream is capped); max_mb: cap of the
     streamed file (0: a quarter of the guest's memory, at most 512 MB); window:
-    the measure that is this race's window (default: the scenario's evidence.window)."""
+    the measure that is this race's window (default: the scenario's evidence.window);
+    recorder_s: seconds the recorder must cover on every CPU before the first
+    violation (the ring buffers grow to that at the measured event rate when the
+    stream is capped; a shorter recorder is named in the results)."""
     return {"scenario": scenario, "stop_on_first": stop_on_first, "buffer_kb": buffer_kb,
-            "stream": stream, "max_mb": max_mb, "window": window_measure(scenario, window)}
+            "stream": stream, "max_mb": max_mb, "window": window_measure(scenario, window),
+            "recorder_s": recorder_s}
 
 
 def tracefs() -> Path | None:
@@ -158,9 +168,14 @@ class _Streamer(threading.Thread):
     """Copies every CPU's trace_pipe_raw pages into one file, and writes clock marks."""
 
     def __init__(self, root: Path, out: Path, cpus: list[int], header: dict[str, Any],
-                 cap_bytes: int, page_size: int, mark_every: float = 0.02) -> None:
+                 cap_bytes: int, page_size: int, mark_every: float = 0.02, recorder_s: float = 0.0,
+                 buffer_kb: int = 0) -> None:
         super().__init__(name="racelab-trace-stream", daemon=True)
         self.root, self.out, self.cpus = root, out, cpus
+        self.recorder_s, self.buffer_kb = recorder_s, buffer_kb
+        self.cpu_bytes: dict[int, int] = {c: 0 for c in cpus}
+        self.t0 = time.monotonic()
+        self.resized_kb = 0
         self.cap_bytes, self.page_size, self.mark_every = cap_bytes, page_size, mark_every
         self.stop_ev = threading.Event()
         self.fds: dict[int, int] = {}
@@ -219,9 +234,30 @@ class _Streamer(threading.Thread):
                     return
                 self.bytes += end
                 self.pages += 1
+                self.cpu_bytes[c] = self.cpu_bytes.get(c, 0) + end
             if not force and self.bytes >= self.cap_bytes and self.capped_at is None:
                 # from here the ring buffers keep the last events: a flight recorder
                 self.capped_at = time.monotonic()
+                self._size_recorder()
+
+    def _size_recorder(self) -> None:
+        """Grow the ring buffers to hold recorder_s at the busiest CPU's measured rate (x2 for
+        bursts), within an eighth of the guest's memory: the recorder is the buffers from now."""
+        elapsed = max(1e-3, time.monotonic() - self.t0)
+        rate = max(self.cpu_bytes.values(), default=0) / elapsed
+        want = int(2 * rate * self.recorder_s) >> 10
+        limit = (_mem_total_mb() << 10) // 8 // max(1, len(self.cpus))
+        kb = min(want, limit)
+        if kb > self.buffer_kb:
+            try:
+                fd = os.open(self.root / "buffer_size_kb", os.O_WRONLY | os.O_TRUNC)
+                try:
+                    os.write(fd, f"{kb}\n".encode())
+                finally:
+                    os.close(fd)
+                self.resized_kb = kb
+            except OSError as e:
+                self.error = self.error or f"recorder not resized to {kb} KB per CPU: {e.strerror}"
 
     def run(self) -> None:
         try:
@@ -397,7 +433,9 @@ class Tracer:
                   "clock": _current_clock(self._r("trace_clock")),
                   "probes": self.probes, "callers": self._callers, "max_mb": max_mb}
         try:
-            self._streamer = _Streamer(self.root, Path(TRACE_OUT), cpus, header, max_mb << 20, page_size)
+            self._streamer = _Streamer(self.root, Path(TRACE_OUT), cpus, header, max_mb << 20, page_size,
+                                       recorder_s=float(self.opts.get("recorder_s", RECORDER_MIN_S)),
+                                       buffer_kb=int(self.opts.get("buffer_kb", 4096)))
         except OSError as e:
             self.missing.append(f"stream: {e}; keeping the ring buffer only")
             self._streamer = None
@@ -475,6 +513,8 @@ class Tracer:
             s.finish(self._tail())
             self._streamer = None
             info = {"format": "raw", "bytes": s.bytes, "pages": s.pages}
+            if s.resized_kb:
+                info["recorder_buffer_kb"] = s.resized_kb
             if s.capped_at is not None:
                 info["capped_mb"] = s.cap_bytes >> 20
                 self.note = "; ".join(filter(None, [self.note, (
@@ -496,7 +536,8 @@ class Tracer:
         return {"available": True, "trace_path": TRACE_OUT, "probes": self.probes,
                 "measure": measure, "missing": self.missing, "note": self.note,
                 "kprobe_profile": prof, "kprobe_missed": sum(m for _, m in prof.values()),
-                "cpus": os.cpu_count(), "save_seconds": round(time.monotonic() - t, 3), **info}
+                "cpus": os.cpu_count(), "save_seconds": round(time.monotonic() - t, 3),
+                "recorder_wanted_s": float(self.opts.get("recorder_s", RECORDER_MIN_S)), **info}
 
     def __exit__(self, *exc: object) -> None:
         self._cleanup()
@@ -577,6 +618,16 @@ class Analysis:
     unparsed: int = 0                    # text lines that are neither comments nor events we read
     format: str = "text"
     notes: list[str] = field(default_factory=list)
+    violation_ts: int | None = None      # counter value of the checker's first violation marker
+    violation_mark: str = ""
+    hits_before_violation: int | None = None   # window hits (this trace's measures) before that marker
+    overlaps_before_violation: int | None = None
+    # per CPU that received or flushed: seconds the recorder covers before the marker,
+    # from that CPU's first event (or its last gap) to the marker
+    recorder_s: dict[int, float] = field(default_factory=dict)
+    # the events around the first violation (else the first hit): [ts, cpu, kind, detail]
+    interleaving: list[list[Any]] = field(default_factory=list)
+    interleaving_focus: str = ""         # "violation" | "window hit" | ""
 
     def window_problems(self) -> list[str]:
         """Why the window counts of this trace are not evidence (empty: they are)."""
@@ -610,7 +661,13 @@ class Analysis:
                 "kprobe_missed": self.kprobe_missed, "dropped": self.dropped,
                 "trace_clock": self.clock, "unparsed_lines": self.unparsed, "trace_format": self.format,
                 "window_available": not self.window_problems(),
-                "window_problems": self.window_problems(), "analysis_notes": self.notes}
+                "window_problems": self.window_problems(), "analysis_notes": self.notes,
+                "violation_ts": self.violation_ts, "violation_mark": self.violation_mark,
+                "hits_before_violation": self.hits_before_violation,
+                "overlaps_before_violation": self.overlaps_before_violation,
+                "recorder_s": {str(c): v for c, v in sorted(self.recorder_s.items())},
+                "recorder_min_s": min(self.recorder_s.values()) if self.recorder_s else None,
+                "interleaving": self.interleaving, "interleaving_focus": self.interleaving_focus}
 
 
 class _Open:
@@ -633,6 +690,30 @@ class _Analyzer:
         self.log: list[tuple[int, int, str, int, int, dict[int, int]]] = []
         self.clock: list[tuple[int, float]] = []
         self.first_rcv: int | None = None
+        self.since: dict[int, int] = {}                # cpu -> ts of its first event, or of its last gap
+        self.recent: deque[list[Any]] = deque(maxlen=INTERLEAVING_BEFORE)
+        self.after = -1                                # events still to keep after the focus (-1: no focus yet)
+
+    def _keep(self, ev: tuple[Any, ...]) -> None:
+        """The interleaving around the focus: a bounded window, never the whole trace."""
+        kind = ev[2]
+        if kind not in ("rcv", "rcvret", "flush", "flushall", "mark", "lost"):
+            return
+        detail = ev[3] if kind in ("mark", "rcvret", "lost") else (hex(ev[3]) if isinstance(ev[3], int) else "")
+        item = [ev[0], ev[1], kind, detail]
+        self.recent.append(item)
+        if self.after > 0:
+            self.a.interleaving.append(item)
+            self.after -= 1
+
+    def _focus(self, what: str) -> None:
+        """The first violation, or (until one comes) the first window hit: keep what led to it."""
+        a = self.a
+        if a.interleaving_focus == "violation" or (what == "window hit" and a.interleaving_focus):
+            return
+        a.interleaving = list(self.recent)
+        a.interleaving_focus = what
+        self.after = INTERLEAVING_AFTER
 
     def feed(self, ev: tuple[Any, ...]) -> None:
         ts, cpu, kind = ev[0], ev[1], ev[2]
@@ -647,9 +728,14 @@ class _Analyzer:
                     self.clock.append((ts, float(text.split()[1])))
                 except (IndexError, ValueError):
                     pass
-            else:
-                a.marks.append(text)
+                return
+            a.marks.append(text)
+            self._keep(ev)
+            if text.startswith(VIOLATION_MARK) and a.violation_ts is None:
+                a.violation_ts, a.violation_mark = ts, text
+                self._focus("violation")
             return
+        self._keep(ev)
         if kind == "lost":
             self._lost(ts, cpu, ev[3])
             return
@@ -657,6 +743,7 @@ class _Analyzer:
             return
         a.cpus.add(cpu)
         self.last[cpu] = ts
+        self.since.setdefault(cpu, ts)
         if kind == "rcvret":
             o = self.open.pop(cpu, None)
             if o is not None:
@@ -686,6 +773,8 @@ class _Analyzer:
         inside = [c for c, oo in self.open.items() if c != cpu and oo.xs == xs]
         if inside:
             self.log.append((ts, ts, "o", cpu, xs, {c: 1 for c in inside}))
+            if not self.a.interleaving_focus:
+                self._focus("window hit")
         holders = {c: n for c, n in per.items() if c != cpu and n > 0}
         for c in inside:           # inside a receive into S: holding (or about to hold) a slot
             holders[c] = holders.get(c, 0) + 1
@@ -697,6 +786,8 @@ class _Analyzer:
             return
         if o.holders:
             self.log.append((now, o.ts, "u", cpu, o.xs, o.holders))
+            if not self.a.interleaving_focus:
+                self._focus("window hit")
         per = self.pending.setdefault(o.xs, {})
         if caller in SELF_FLUSHING_CALLERS:
             per[cpu] = 0           # flushed by its caller before anything else runs here
@@ -721,6 +812,7 @@ class _Analyzer:
                 keep.append(e)
         self.log.extend(reversed(keep))
         self.last[cpu] = ts
+        self.since[cpu] = ts       # the recorder of this CPU starts again here
 
     def finish(self) -> Analysis:
         a = self.a
@@ -736,6 +828,9 @@ class _Analyzer:
                             ("unflushed_on" if e[2] == "u" else "inside_on"): e[5]})
         a.first_hit_ts = hits[0][1] if hits else None
         a.first_overlap_ts = overlaps[0][1] if overlaps else None
+        if a.violation_ts is not None:
+            a.hits_before_violation = sum(1 for e in hits if e[1] < a.violation_ts)
+            a.overlaps_before_violation = sum(1 for e in overlaps if e[1] < a.violation_ts)
         a.sockets = len(self.pending)
         t = self._seconds
         if self.first_rcv is not None and len(self.clock) >= 2:
@@ -743,6 +838,9 @@ class _Analyzer:
             a.span_s = _round(t(a.last_ts) - t0) if a.last_ts is not None else None
             a.first_hit_s = _round(t(a.first_hit_ts) - t0) if a.first_hit_ts is not None else None
             a.first_overlap_s = _round(t(a.first_overlap_ts) - t0) if a.first_overlap_ts is not None else None
+        if a.violation_ts is not None and len(self.clock) >= 2:
+            a.recorder_s = {c: _round(t(a.violation_ts) - t(s)) for c, s in self.since.items()
+                            if s <= a.violation_ts}
         if a.gaps:
             a.notes.append(f"{a.gaps} gap(s) where a CPU lost events ({a.lost} known lost); "
                            f"{a.retracted} hit(s) that relied on them withdrawn")
@@ -1076,6 +1174,27 @@ def merge(ev: dict[str, Any], a: Analysis) -> None:
         return
     # the scenario decides which interleaving is its race window
     ev["window_hits"] = ev.get(str(ev.get("measure", "unflushed_hits")), a.window_hits)
+
+
+def recorder_check(ev: dict[str, Any], saw_violation: bool) -> list[str]:
+    """Is the trace a flight recorder of the run's first violation?  ev: a target's merged
+    evidence.  Problems go to ev["recorder_problems"] (and are returned): a violation the
+    checker saw that left no marker in the trace, or a recorder shorter than wanted."""
+    problems: list[str] = []
+    if not ev.get("available"):
+        return problems
+    if saw_violation and ev.get("violation_ts") is None:
+        problems.append("the checker saw a violation but the trace holds no violation marker: "
+                        "the flight recorder did not catch it (trace_marker written after tracing "
+                        "stopped, or the checker ran without --trace-marker)")
+    wanted = float(ev.get("recorder_wanted_s") or RECORDER_MIN_S)
+    short = {c: v for c, v in (ev.get("recorder_s") or {}).items() if v < wanted}
+    if ev.get("violation_ts") is not None and short:
+        problems.append(f"the recorder covers only "
+                        f"{', '.join(f'cpu{c} {v * 1000:.0f} ms' for c, v in sorted(short.items()))} "
+                        f"before the first violation (wanted >= {wanted * 1000:.0f} ms on every CPU)")
+    ev["recorder_problems"] = problems
+    return problems
 
 
 def window_measure(scenario: str, window: str = "") -> str:

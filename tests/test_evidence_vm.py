@@ -19,7 +19,7 @@ import pytest
 from lab import fleet
 from lab import scenario as scen
 from lab.config import RunConfig
-from lab.verdict import REPRODUCED
+from lab.verdict import NOT_REPRODUCED, REPRODUCED, WINDOW_HIT, verdict_text
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -55,7 +55,7 @@ def _complete(e, duration):
 
 
 def test_veth_window_hit_on_reverted_and_none_on_fixed(tmp_path):
-    rev, fixed, duration = "6.1.192+revert-veth-napi", "6.1.192", 60.0
+    rev, fixed, duration = "6.1.192+revert-veth-napi", "6.1.192", 30.0
     # the kernel's own window, unamplified: a run-time amplifier (the scenario's
     # default) sits inside the receive and slows it to a fraction of the load
     ev, rows = _run("veth-napi-race", [rev, fixed], duration, tmp_path, {"vm.vcpus": 4, "amplifier.method": "off"})
@@ -71,7 +71,9 @@ def test_veth_window_hit_on_reverted_and_none_on_fixed(tmp_path):
         assert r["first_hit_s"] is not None and r["first_hit_s"] <= rows[rev].first_violation_s + 1.0, r
     else:
         _complete(r, duration)
-    # reverted: the window within 60 s
+        # the window without corruption is a verdict of its own: never the fixed kernel's word
+        assert rows[rev].verdict == WINDOW_HIT, rows[rev]
+    # reverted: the window within the run
     assert r["window_hits"] > 0, r
     assert r["first_hit_s"] is not None and r["first_hit_s"] < 60, r
     assert rows[rev].window.available and rows[rev].window.count == r["window_hits"]
@@ -79,6 +81,22 @@ def test_veth_window_hit_on_reverted_and_none_on_fixed(tmp_path):
     assert f["window_hits"] == 0 and f["overlap_hits"] == 0, f["examples"]
     assert f["receives"] > 50_000 and f["receives"] > 0.5 * r["receives"], (f["receives"], r["receives"])
     assert rows[fixed].window.available and rows[fixed].window.count == 0
+    assert rows[fixed].verdict == NOT_REPRODUCED and "0 window hits" in verdict_text(rows[fixed])
+
+
+def test_veth_flight_recorder_holds_the_marker_and_the_window_before_it(tmp_path):
+    """A corrupting run (the scenario's run-time amplifier): the checker's marker is in the
+    trace, with at least one window hit and >= 500 ms on every CPU before it."""
+    rev = "6.1.192+revert-veth-napi"
+    ev, rows = _run("veth-napi-race", [rev], 45.0, tmp_path, stop_grace=0.5)
+    e, row = ev[rev], rows[rev]
+    assert row.verdict == REPRODUCED, f"no corruption in 45 s with the amplifier: {row}"
+    assert e.get("available"), e.get("note")
+    assert e["violation_ts"] is not None and e["violation_mark"].startswith("racelab violation"), e["marks"]
+    assert e["hits_before_violation"] >= 1, e
+    assert e["recorder_problems"] == [], e["recorder_problems"]
+    assert e["recorder_min_s"] >= 0.5, e["recorder_s"]
+    assert e["interleaving_focus"] == "violation" and e["interleaving"][-1][2] == "mark"
 
 
 def test_generic_overlap_on_reverted_and_none_on_fixed(tmp_path):
