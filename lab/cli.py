@@ -122,6 +122,7 @@ def _report(outcome, cfg: RunConfig, as_json: bool) -> int:  # noqa: ANN001
         print((outcome.out / "summary.json").read_text())
     else:
         report.print_table(outcome.rows, f"racelab {cfg.scenario} ({cfg.backend}), seed {cfg.seed}")
+        report.print_interleavings(outcome.targets)
         _print_amplifiers(outcome.rows)
         print(f"results: {outcome.out}  (summary.json, events.jsonl, junit.xml, report.html)")
     return _exit_for(outcome, cfg.expect)
@@ -180,6 +181,7 @@ def _report_repro(outcome, cfg: RunConfig, as_json: bool) -> int:  # noqa: ANN00
         print((outcome.out / "summary.json").read_text())
     else:
         report.print_table(outcome.rows, f"racelab repro {cfg.scenario} ({cfg.backend}), seed {cfg.seed}")
+        report.print_interleavings(outcome.targets)
         _print_amplifiers(outcome.rows)
         for r in outcome.rows:
             stop = r.extra.get("control_stop") or {}

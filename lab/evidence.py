@@ -628,6 +628,7 @@ class Analysis:
     # the events around the first violation (else the first hit): [ts, cpu, kind, detail]
     interleaving: list[list[Any]] = field(default_factory=list)
     interleaving_focus: str = ""         # "violation" | "window hit" | ""
+    interleaving_at: int = -1            # index of the focus event (the marker, the hit's return) in it
 
     def window_problems(self) -> list[str]:
         """Why the window counts of this trace are not evidence (empty: they are)."""
@@ -667,7 +668,8 @@ class Analysis:
                 "overlaps_before_violation": self.overlaps_before_violation,
                 "recorder_s": {str(c): v for c, v in sorted(self.recorder_s.items())},
                 "recorder_min_s": min(self.recorder_s.values()) if self.recorder_s else None,
-                "interleaving": self.interleaving, "interleaving_focus": self.interleaving_focus}
+                "interleaving": self.interleaving, "interleaving_focus": self.interleaving_focus,
+                "interleaving_at": self.interleaving_at}
 
 
 class _Open:
@@ -712,7 +714,7 @@ class _Analyzer:
         if a.interleaving_focus == "violation" or (what == "window hit" and a.interleaving_focus):
             return
         a.interleaving = list(self.recent)
-        a.interleaving_focus = what
+        a.interleaving_focus, a.interleaving_at = what, len(a.interleaving) - 1
         self.after = INTERLEAVING_AFTER
 
     def feed(self, ev: tuple[Any, ...]) -> None:

@@ -120,6 +120,56 @@ def print_table(rows: list[Row], title: str) -> None:
     Console(width=max(140, width)).print(t)
 
 
+# one column per traced event: R receive, x failed receive (its return), F flush (one
+# socket), A flush of every socket on the CPU, ! the checker's violation marker, ~ lost events
+_GLYPH = {"rcv": "R", "flush": "F", "flushall": "A", "lost": "~"}
+
+
+def _glyph(e: list[Any]) -> str:
+    kind, detail = e[2], e[3]
+    if kind == "rcvret":
+        return "x" if isinstance(detail, int) and detail != 0 else "r"
+    if kind == "mark":
+        return "!" if str(detail).startswith("racelab violation") else "m"
+    return _GLYPH.get(kind, "?")
+
+
+def interleaving_lanes(ev: dict[str, Any], width: int = 60) -> list[str]:
+    """The per-CPU timeline of a target's trace around its first violation (else its first
+    window hit), one text lane per CPU, the last `width` events up to and just past it."""
+    il = ev.get("interleaving") or []
+    if not il:
+        return []
+    at = int(ev.get("interleaving_at", len(il) - 1))
+    if not 0 <= at < len(il):
+        at = len(il) - 1
+    after = 4                                  # a few events past the focus
+    cut = il[max(0, at + 1 + after - width):at + 1 + after]
+    cpus = sorted({e[1] for e in cut})
+    lanes = [f"  cpu{c:<3} " + "".join(_glyph(e) if e[1] == c else "." for e in cut) for c in cpus]
+    focus_col = at - max(0, at + 1 + after - width)
+    pointer = " " * (9 + focus_col) + "^ " + ("the marker" if ev.get("interleaving_focus") == "violation"
+                                              else "the hit's return")
+    return [f"  {len(cut)} events, counter {cut[0][0]}..{cut[-1][0]} (R receive, r its success, x its failure, "
+            f"F/A flush, ! violation marker)"] + lanes + [pointer]
+
+
+def print_interleavings(targets: list[Any]) -> None:
+    """In short, after the table: the interleaving that led to each target's first corruption
+    (or, with none, its first window hit), from its flight recorder."""
+    for t in targets:
+        ev = getattr(t, "evidence", None) if not isinstance(t, dict) else t.get("evidence")
+        lanes = interleaving_lanes(ev or {})
+        if not lanes:
+            continue
+        label = t["label"] if isinstance(t, dict) else t.label
+        focus = (ev or {}).get("interleaving_focus")
+        what = "first violation" if focus == "violation" else "first window hit"
+        print(f"{label}: interleaving before the {what} ({(ev or {}).get('hits_before_violation', '-')} "
+              f"window hit(s) before it)" if focus == "violation" else f"{label}: interleaving at the {what}")
+        print("\n".join(lanes))
+
+
 def first_text(r: Row) -> str:
     """Time to first violation, from the senders' ready line (or, said so, from load start)."""
     if r.first_violation_s is None:
@@ -176,6 +226,7 @@ def write_html(path: Path, title: str, rows: list[Row], targets: list[dict[str, 
             f"{esc(verdict_text(r))}</b></td></tr>")
     timeline = _svg_timeline(targets)
     rates = _svg_rates(rows)
+    interleavings = "".join(_svg_interleaving(t) for t in targets) or "<p>no trace with an interleaving</p>"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #aaa;padding:4px 8px}}th{{background:#eee}}pre{{background:#f6f6f6;padding:1em}}</style>
@@ -185,6 +236,7 @@ td,th{{border:1px solid #aaa;padding:4px 8px}}th{{background:#eee}}pre{{backgrou
 {''.join(trs)}</table>
 <h2>Violations over time, per target</h2>{timeline}
 <h2>Violation rate per kernel (95% interval, per million packets)</h2>{rates}
+<h2>Interleaving before the first violation (or the first window hit), per CPU</h2>{interleavings}
 <h2>Provenance</h2><pre>{esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre>
 </body></html>"""
     path.write_text(page)
@@ -219,6 +271,39 @@ def _svg_timeline(targets: list[dict[str, Any]]) -> str:
                          f"infrastructure: {html.escape(str(t['infra_error'])[:120])}</text>")
     parts.append(f"<text x='210' y='{h - 2}' font-size='11'>0 s</text>"
                  f"<text x='{210 + w - 40}' y='{h - 2}' font-size='11'>{tmax:.1f} s</text></svg>")
+    return "".join(parts)
+
+
+def _svg_interleaving(t: dict[str, Any]) -> str:
+    """A target's flight recorder around its focus: one lane per CPU, events in counter
+    order (receives blue, failed ones grey, flushes green, the violation marker red)."""
+    ev = t.get("evidence") or {}
+    il = ev.get("interleaving") or []
+    if not il:
+        return ""
+    colours = {"R": "#2e86c1", "r": "#85c1e9", "x": "#aab7b8", "F": "#27ae60", "A": "#1e8449",
+               "!": "#c0392b", "m": "#7d3c98", "~": "#f39c12"}
+    cpus = sorted({e[1] for e in il})
+    step, lane, left = max(3.0, min(8.0, 900 / len(il))), 26, 70
+    w, h = left + step * len(il) + 20, lane * len(cpus) + 40
+    esc = html.escape
+    parts = [f"<h3>{esc(t.get('label', '?'))} ({esc(t.get('kernel', '?'))}): "
+             f"{esc(str(ev.get('interleaving_focus', '')))}</h3>"
+             f"<svg width='{w:.0f}' height='{h}' xmlns='http://www.w3.org/2000/svg'>"]
+    row = {c: i for i, c in enumerate(cpus)}
+    for c, i in row.items():
+        y = 10 + i * lane
+        parts.append(f"<text x='0' y='{y + 14}' font-size='12'>cpu{c}</text>"
+                     f"<line x1='{left}' y1='{y + 10}' x2='{w - 10:.0f}' y2='{y + 10}' stroke='#ddd'/>")
+    for k, e in enumerate(il):
+        g = _glyph(e)
+        x, y = left + k * step, 10 + row[e[1]] * lane
+        tall = 20 if g in ("!", "F", "A") else 12
+        parts.append(f"<rect x='{x:.1f}' y='{y + 10 - tall / 2:.1f}' width='{max(2.0, step - 1):.1f}' "
+                     f"height='{tall}' fill='{colours.get(g, '#000')}'><title>{esc(str(e[0]))}: cpu{e[1]} "
+                     f"{esc(e[2])} {esc(str(e[3])[:100])}</title></rect>")
+    parts.append(f"<text x='{left}' y='{h - 4}' font-size='11'>counter {il[0][0]} .. {il[-1][0]}; blue: receive "
+                 f"(light: succeeded, grey: failed), green: flush, red: violation marker</text></svg>")
     return "".join(parts)
 
 

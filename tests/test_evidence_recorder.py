@@ -98,3 +98,29 @@ def test_a_clean_run_keeps_the_first_window_hit_interleaving():
     assert a.interleaving[-1][0] == 405
     # a serialised run has no hit and keeps nothing
     assert _feed(_clocked(events[:-6])).interleaving == []
+
+
+def test_the_report_draws_the_interleaving_per_cpu(capsys):
+    import xml.etree.ElementTree as ET
+
+    from lab import report
+    events = [e for k in range(0, 1000, 10) for e in _racy(k, 6)]
+    events.append((1000, 1, "mark", "racelab violation kind=poison dev=veth0 queue=0 addr=4096", None))
+    ev = _ev(_feed(_clocked(events)))
+    lanes = report.interleaving_lanes(ev, width=30)
+    assert len(lanes) == 4 and lanes[1].startswith("  cpu0") and lanes[2].startswith("  cpu1")
+    # the marker is the last event, on cpu1's lane, and the pointer is under it
+    assert lanes[2].endswith("!") and lanes[1].endswith(".") and "^ the marker" in lanes[3]
+    assert lanes[3].index("^") == len(lanes[2]) - 1
+    assert set(lanes[1][9:]) <= set("RrF.") and "R" in lanes[1]
+    report.print_interleavings([{"label": "vm-0", "kernel": "k", "evidence": ev}])
+    out = capsys.readouterr().out
+    assert "vm-0: interleaving before the first violation (100 window hit(s) before it)" in out
+    svg = report._svg_interleaving({"label": "vm-0", "kernel": "k", "evidence": ev})
+    root = ET.fromstring(svg[svg.index("<svg"):])
+    rects = [r for r in root.iter("{http://www.w3.org/2000/svg}rect")]
+    assert len(rects) == len(ev["interleaving"])
+    red = [r for r in rects if r.get("fill") == "#c0392b"]
+    assert len(red) == 1 and "racelab violation" in red[0].find("{http://www.w3.org/2000/svg}title").text
+    # nothing traced, nothing drawn
+    assert report.interleaving_lanes({}) == [] and report._svg_interleaving({"evidence": {}}) == ""
