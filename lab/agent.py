@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +189,7 @@ def _amplifier(bin_dir: str, plan: dict[str, Any]) -> Iterator[None]:
                 _, line = out.get(timeout=0.2)
             except queue.Empty:
                 break
-            ev = _parse(line, "amplifier-raw") if line is not None else None
+            ev = _parse(line, amp.name) if line is not None else None
             if ev is not None and ev.get("type") == "done":
                 done = ev
         if done is not None:
@@ -200,9 +200,10 @@ def _amplifier(bin_dir: str, plan: dict[str, Any]) -> Iterator[None]:
                                           f"counts: {' | '.join(amp.stderr[-3:])}"})
 
 
-def _wait_line(child: Child, out: queue.Queue[tuple[str, str | None]], typ: str,
-               timeout: float) -> dict[str, Any] | None:
-    """The first JSON line of type typ from child, or None if it ended or timed out first."""
+def _wait_line(child: Child, out: queue.Queue[tuple[str, str | None]], typ: str, timeout: float,
+               on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+    """The first JSON line of type typ from child (every line before it, and it, go to
+    on_event), or None if the child ended or the timeout passed first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -212,8 +213,12 @@ def _wait_line(child: Child, out: queue.Queue[tuple[str, str | None]], typ: str,
         if line is None:
             child.proc.wait(5)
             return None
-        ev = _parse(line, "amplifier-raw")
-        if ev is not None and ev.get("type") == typ:
+        ev = _parse(line, child.name)
+        if ev is None:
+            continue
+        if on_event is not None:
+            on_event(ev)
+        if ev.get("type") == typ:
             return ev
     return None
 
@@ -484,23 +489,13 @@ def run_agent(spec: AgentSpec) -> int:
 
 def _wait_ready(checker: Child, events: queue.Queue[tuple[str, str | None]], t0: float,
                 timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            src, line = events.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if line is None:
-            checker.proc.wait(5)
-            emit({"type": "agent-error", "what": "checker-start", "returncode": checker.proc.returncode,
-                  "stderr": checker.stderr[-20:]})
-            raise Stop(f"checker exited before ready: {' | '.join(checker.stderr[-5:])}")
-        ev = _parse(line, "checker")
-        if ev is not None:
-            emit(ev)
-            if ev.get("type") == "ready":
-                return
-    raise Stop("checker not ready within 60 s")
+    if _wait_line(checker, events, "ready", timeout, on_event=emit) is not None:
+        return
+    if checker.proc.poll() is None:
+        raise Stop(f"checker not ready within {timeout:g} s")
+    emit({"type": "agent-error", "what": "checker-start", "returncode": checker.proc.returncode,
+          "stderr": checker.stderr[-20:]})
+    raise Stop(f"checker exited before ready: {' | '.join(checker.stderr[-5:])}")
 
 
 def _parse(line: str, src: str) -> dict[str, Any] | None:
