@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -66,8 +67,22 @@ def build_config(a: argparse.Namespace, *, default_backend: str, duration: float
         scenario=s.name, scenario_data=s.data, backend=a.backend or default_backend,
         kernels=tuple(a.kernel), duration=dur, vms=vms, seed=seed,
         stop_on_first=a.stop_on_first, expect=a.expect, inject=a.inject,
-        mitigation=a.mitigation, variant=getattr(a, "variant", None), evidence=_evidence(a.evidence, s), out=a.out,
+        mitigation=a.mitigation, variant=getattr(a, "variant", None), evidence=_evidence(a.evidence, s), out=a.out or default_out(s.name),
         overrides=tuple(a.set), uris=tuple(a.uri) or ("qemu:///system",))
+
+
+def default_out(scenario: str) -> str:
+    """results/SCENARIO-TIME-PID, chosen when the run starts so it can be printed then."""
+    import time
+    return f"results/{scenario}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def _say_results(cfg: RunConfig) -> None:
+    """The results directory before anything runs: its files can be followed during the run
+    (events.jsonl, the guests' consoles).  On stderr, so that --json keeps stdout clean."""
+    from lab.run import log
+    follow = "events.jsonl" + (", vms/*/*.console.log" if cfg.backend == "vm" else "")
+    log.info("results: %s  (follow %s while it runs)", Path(cfg.out).absolute(), follow)
 
 
 def _evidence(asked: list[str], s: scen.Scenario) -> tuple[str, ...]:
@@ -102,6 +117,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             raise BadInput(f"unknown --inject {cfg.inject!r}", hint=f"one of: {', '.join(dataplane.INJECT_KINDS)}")
     if cfg.backend == "netns" and cfg.kernels:
         raise BadInput("--kernel needs --backend vm", hint="the netns backend tests this machine's kernel")
+    _say_results(cfg)
     try:
         if cfg.backend == "netns":
             outcome = session.run_netns(cfg, progress=not a.json)
@@ -162,6 +178,7 @@ def cmd_repro(a: argparse.Namespace) -> int:
                             "evidence suffices); --duration runs a clean control for exactly that long")
     budget = parse_duration(a.budget, "--budget") if a.budget else None
     cfg = build_config(a, default_backend="vm", duration=budget)
+    _say_results(cfg)
     from lab.session import Interrupted
     try:
         outcome = repro.run_repro(cfg, budget_given=budget is not None, progress=not a.json,
@@ -292,10 +309,111 @@ def cmd_bisect_step(a: argparse.Namespace) -> int:
         return bisect.EXIT_SKIP
 
 
+class _Version(argparse.Action):
+    """--version: the package version and, in a git checkout, the commit (computed only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kw: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print racelab's version (and git commit) and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"racelab {version()}")
+        parser.exit()
+
+
+def version() -> str:
+    from lab import __version__
+    from lab.run import project_root, run
+
+    root = project_root()
+    if (root / ".git").exists():
+        p = run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"], check=False)
+        if p.returncode == 0 and p.stdout.strip():
+            return f"{__version__} (git {p.stdout.strip()})"
+    return __version__
+
+
+def _verbosity_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v/-q after any subcommand too (`racelab kernel list -v`): every subparser takes them,
+    with a SUPPRESS default so that one given before the subcommand is not reset."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                                help="debug logging (every external command); as before the subcommand")
+                sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                                help="warnings and errors only")
+                _verbosity_everywhere(sp)
+
+
+def _glue_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--duration -5s` -> `--duration=-5s`: argparse takes a value that starts with '-' and is
+    not a plain number for an option, and says only "expected one argument"; glued, the value
+    reaches its check, which names what is wrong with it."""
+    takes_value = set()
+
+    def walk(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sp in action.choices.values():
+                    walk(sp)
+            elif action.option_strings and action.nargs is None and action.const is None:
+                takes_value.update(o for o in action.option_strings if o.startswith("--"))
+    walk(parser)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and re.match(r"^-[0-9.]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        if argv[i] == "--":
+            out += argv[i:]
+            break
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+# options checked before anything runs (STYLE.md point 4): every problem named at once
+_DURATIONS = ("duration", "budget", "calibrate_budget", "min_step")
+_AT_LEAST = {"vms": 1, "jobs": 1, "calibrate_runs": 1, "keep": 0, "vcpus": 1, "memory": 64}
+_RESULT_DIRS = ("run", "repro", "matrix", "bisect")   # where --out is a results directory
+
+
+def validate_args(a: argparse.Namespace) -> None:
+    from lab.run import writable_dir_problem
+
+    problems = []
+    for name in _DURATIONS:
+        value = getattr(a, name, None)
+        if value is not None:
+            try:
+                parse_duration(value, f"--{name.replace('_', '-')}")
+            except BadInput as e:
+                problems.append(str(e).replace("\n  hint:", ";"))
+    for name, least in _AT_LEAST.items():
+        value = getattr(a, name, None)
+        if value is not None and value < least:
+            problems.append(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if a.cmd in _RESULT_DIRS:
+        out = Path(a.out) if a.out else Path("results")
+        why = writable_dir_problem(out)
+        if why:
+            problems.append(f"--out {out}: {why}" if a.out else f"the results directory {out.absolute()}: {why}")
+    if problems:
+        raise BadInput("bad option(s):\n  " + "\n  ".join(problems),
+                       hint="fix the options named above; `racelab " + a.cmd + " --help` lists them")
+
+
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="racelab", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-v", "--verbose", action="count", default=0)
+    ap.add_argument("-v", "--verbose", action="count", default=0,
+                    help="debug logging (every external command); -vv adds paramiko's")
+    ap.add_argument("-q", "--quiet", action="store_true", default=False, help="warnings and errors only")
+    ap.add_argument("--version", action=_Version)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="run a scenario (netns: this kernel; vm: guests on chosen kernels)")
@@ -395,9 +513,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted bisection in --out (its calibration and steps are reused)")
     p.set_defaults(func=cmd_bisect)
 
-    p = sub.add_parser("bisect-step", help="internal: one `git bisect run` step (exit 0/1/125)")
+    # internal, so without help= (that would list it) and left out of the metavar below
+    p = sub.add_parser("bisect-step", description="internal: one `git bisect run` step (exit 0/1/125)")
     p.add_argument("--state", required=True)
     p.set_defaults(func=cmd_bisect_step)
+    sub.metavar = "{" + ",".join(c for c in sub.choices if c != "bisect-step") + "}"
+    _verbosity_everywhere(ap)
     return ap
 
 
@@ -407,12 +528,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = make_parser()
-    a = ap.parse_args(argv)
-    setup_logging(a.verbose)
+    a = ap.parse_args(_glue_negative_values(ap, list(sys.argv[1:] if argv is None else argv)))
+    setup_logging(a.verbose, quiet=a.quiet)
     # SIGTERM and SIGHUP unwind like Ctrl-C: guests, namespaces and files are removed
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
+        validate_args(a)
         return int(a.func(a) or 0)
     except RacelabError as e:
         print(f"racelab: error: {e}", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Any
 
 from lab.run import BadInput
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")   # a sign, to say "must be positive"
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
@@ -32,7 +32,7 @@ def parse_duration(text: str | int | float, what: str = "duration") -> float:
         raise BadInput(f"bad {what}: {text!r}", hint="use e.g. 500ms, 30s, 2m, 1h")
     v = float(m.group(1)) * _UNITS[m.group(2)]
     if v <= 0:
-        raise BadInput(f"{what} must be positive, got {text!r}")
+        raise BadInput(f"{what} must be positive, got {text!r}", hint="use e.g. 500ms, 30s, 2m, 1h")
     return v
 
 

@@ -54,8 +54,61 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="vm (default) or netns (the host kernel; --racelab-kernels=host)")
 
 
+def validate_options(config: pytest.Config) -> None:
+    """Every bad --racelab-* option named at once, before anything is collected or built
+    (pytest.UsageError: exit 4, and no "N tests collected" that could pass for a run)."""
+    from lab.config import parse_duration
+    from lab.run import BadInput
+    from lab.verdict import EXPECT_LEVELS
+
+    kernels = _split(config.getoption("--racelab-kernels"))
+    scenarios = _split(config.getoption("--racelab-scenarios"))
+    expects = config.getoption("--racelab-expect")
+    backend = config.getoption("--racelab-backend")
+    problems = []
+    if bool(kernels) != bool(scenarios):
+        problems.append("--racelab-kernels and --racelab-scenarios go together: the grid is their product")
+    try:
+        parse_duration(config.getoption("--racelab-budget"), "--racelab-budget")
+    except BadInput as e:
+        problems.append(str(e).replace("\n  hint:", ";"))
+    if config.getoption("--racelab-vms") < 1:
+        problems.append(f"--racelab-vms must be >= 1, got {config.getoption('--racelab-vms')}")
+    for k in kernels:
+        if backend == "netns" or k == "host":
+            if (k == "host") != (backend == "netns"):
+                problems.append(f"--racelab-kernels {k}: 'host' (this machine's kernel) goes with "
+                                "--racelab-backend=netns, and only it")
+            continue
+        from lab import kernel as kmod
+        try:
+            kmod.resolve(k)
+        except BadInput as e:
+            problems.append(f"--racelab-kernels {k}: {e}".replace("\n  hint:", ";"))
+    from lab import scenario as scen
+    for sc in scenarios:
+        try:
+            scen.find(sc)
+        except BadInput as e:
+            problems.append(f"--racelab-scenarios {sc}: {e}".replace("\n  hint:", ";"))
+    for item in expects:
+        key, sep, level = item.partition("=")
+        k, colon, sc = key.rpartition(":")
+        if not sep or not colon:
+            problems.append(f"--racelab-expect {item!r}: expected KERNEL:SCENARIO=LEVEL, "
+                            "e.g. 6.1.192:generic-rx-race=clean")
+        elif level not in EXPECT_LEVELS:
+            problems.append(f"--racelab-expect {item!r}: unknown level {level!r}; one of {', '.join(EXPECT_LEVELS)}")
+        elif kernels and (k not in kernels or sc not in scenarios):
+            problems.append(f"--racelab-expect {item!r}: no such cell in the grid "
+                            f"(kernels {', '.join(kernels)}; scenarios {', '.join(scenarios)})")
+    if problems:
+        raise pytest.UsageError("racelab: bad option(s):\n  " + "\n  ".join(problems))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "racelab_cell: a kernel x scenario grid cell")
+    validate_options(config)
     if config.getoption("--racelab-kernels") and config.getoption("--racelab-scenarios"):
         # the grid alone when no paths were given; the grid too when some were
         if getattr(config, "args_source", None) == pytest.Config.ArgsSource.TESTPATHS:

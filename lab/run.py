@@ -229,8 +229,41 @@ def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def setup_logging(verbose: int = 0) -> None:
-    level = logging.DEBUG if verbose > 0 else logging.INFO
+def writable_dir_problem(path: Path) -> str | None:
+    """None if path is, or can be made, a directory this process can write; else what is wrong.
+
+    Tried for real (root passes every permission check, not a read-only file system or a
+    path under a regular file), and nothing is left behind: the directories it made for
+    the probe are removed again."""
+    p = Path(os.path.abspath(path))
+    missing = []
+    q = p
+    while not q.exists() and not q.is_symlink() and q != q.parent:
+        missing.append(q)
+        q = q.parent
+    if not q.is_dir():
+        return f"{q} is not a directory"
+    made: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        probe = p / f".racelab-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write there ({e.strerror or e})"
+    finally:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    return None
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose > 0 else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(message)s" if verbose == 0 else "%(asctime)s %(name)s: %(message)s")
     # paramiko narrates every connection at INFO; only its problems matter here

@@ -279,6 +279,8 @@ def find(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix == ".toml" and p.exists():
         return p
+    if p.suffix == ".toml" or "/" in name_or_path:   # a path, not a name: say the file is missing
+        raise BadInput(f"no such file: {p}", hint=f"check the path; or name a scenario: {', '.join(available())}")
     cand = scenario_dir() / f"{name_or_path}.toml"
     if cand.exists():
         return cand
@@ -310,10 +312,18 @@ def from_data(raw: Mapping[str, Any], path: str = "<data>",
             problems.append(f"--set {key}: no such field" + (f" (did you mean {close[0]}?)" if close else ""))
             continue
         data.setdefault(section, {})[fld] = value
-    problems += validate(data)
+    # a bad value given with --set is the command line's fault, not the file's: say so
+    given = {k: v for k, v in (overrides or {}).items() if not any(p.startswith(f"--set {k}:") for p in problems)}
+    for p in validate(data):
+        key = p.partition(":")[0]
+        problems.append(f"--set {p}" if key in given else p)
     name = data.get("bug", {}).get("name") if isinstance(data.get("bug"), dict) else None
     if isinstance(name, str) and name and Path(path).suffix == ".toml" and name != Path(path).stem:
         problems.append(f"bug.name: {name!r} differs from the file name {Path(path).stem!r}")
+    if problems and all(p.startswith("--set ") for p in problems):
+        raise BadInput(f"--set: {len(problems)} problem(s) (scenario {path}):\n  " + "\n  ".join(problems),
+                       hint=f"fix the --set values named above; `racelab scenario show {Path(path).stem}` "
+                            "lists every field and its value")
     if problems:
         raise BadInput(f"{path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems),
                        hint="fix the fields named above (see scenarios/generic-rx-race.toml)")

@@ -1,0 +1,170 @@
+"""The command line: every bad option named before anything is built or booted, and the
+messages that name the actual problem."""
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab import cli
+from lab.run import writable_dir_problem
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Any build, boot or command body reached fails the test: validation must stop first."""
+    from lab import bisect, fleet, kernel, matrix
+
+    def boom(*a, **kw):
+        raise AssertionError("reached past validation")
+    for mod, name in ((fleet, "build_kernels"), (fleet, "run_vm"), (kernel, "ensure"), (matrix, "run_matrix"),
+                      (bisect, "calibrate"), (fleet, "preflight_vm")):
+        monkeypatch.setattr(mod, name, boom)
+
+
+def racelab(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+MATRIX = ("matrix", "--kernels", "6.1.192", "--scenarios", "generic-rx-race")
+BISECT = ("bisect", "--tree", str(ROOT), "--good", "HEAD", "--bad", "HEAD", "--scenario", "generic-rx-race")
+
+
+@pytest.mark.parametrize("argv, says", [
+    ((*MATRIX, "--vms", "0"), "--vms must be >= 1, got 0"),
+    ((*MATRIX, "--jobs", "0"), "--jobs must be >= 1, got 0"),
+    ((*MATRIX, "-j", "-2"), "--jobs must be >= 1, got -2"),
+    ((*MATRIX, "--budget", "soon"), "bad --budget: 'soon'"),
+    ((*BISECT, "--vms", "0"), "--vms must be >= 1, got 0"),
+    ((*BISECT, "--min-step", "bogus"), "bad --min-step: 'bogus'"),
+    ((*BISECT, "--calibrate-runs", "0"), "--calibrate-runs must be >= 1"),
+    (("run", "generic-rx-race", "--duration", "-5s"), "--duration must be positive, got '-5s'"),
+    (("repro", "generic-rx-race", "--budget", "-1m"), "--budget must be positive, got '-1m'"),
+    (("kernel", "gc", "--keep", "-1"), "--keep must be >= 0"),
+])
+def test_bad_options_are_named_before_anything_runs(capsys, nothing_runs, argv, says):
+    rc, out, err = racelab(capsys, *argv)
+    assert rc == 2, err
+    assert says in err and "hint:" in err
+    assert "internal error" not in err and "expected one argument" not in err
+
+
+def test_every_bad_option_is_named_at_once(capsys, nothing_runs, tmp_path):
+    rc, _, err = racelab(capsys, *MATRIX, "--vms", "0", "--jobs", "0", "--budget", "x",
+                         "--out", str(tmp_path / "f" / "out"))
+    assert rc == 2
+    assert "--vms" in err and "--jobs" in err and "--budget" in err
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "read-only"])
+def test_an_unwritable_out_is_refused_before_the_builds(capsys, nothing_runs, tmp_path, where):
+    if where == "under-a-file":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "results"
+        says = "is not a directory"
+    else:
+        out = Path("/proc/racelab-results")     # no permission bits to bypass, even as root
+        says = "cannot write there"
+    for argv in (("run", "generic-rx-race", "--backend", "vm", "--kernel", "6.1.192"), MATRIX, BISECT):
+        rc, _, err = racelab(capsys, *argv, "--out", str(out))
+        assert rc == 2, err
+        assert f"--out {out}: " in err and says in err
+
+
+def test_the_write_probe_leaves_nothing_behind(tmp_path):
+    assert writable_dir_problem(tmp_path / "a" / "b" / "c") is None
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "keep").mkdir()
+    assert writable_dir_problem(tmp_path / "keep") is None
+    assert list((tmp_path / "keep").iterdir()) == []
+
+
+def test_a_bad_set_value_is_blamed_on_set_not_on_the_scenario_file(capsys, nothing_runs):
+    rc, _, err = racelab(capsys, "run", "generic-rx-race", "--set", "load.senders=abc")
+    assert rc == 2
+    assert err.startswith("racelab: error: --set: 1 problem(s)")
+    assert "--set load.senders: 'abc' is not an integer" in err
+    assert "fix the --set values" in err and "fix the fields named above" not in err
+
+
+def test_a_bad_field_in_the_file_is_still_the_files(capsys, nothing_runs, tmp_path):
+    text = (ROOT / "scenarios" / "generic-rx-race.toml").read_text()
+    bad = tmp_path / "generic-rx-race.toml"
+    bad.write_text(text.replace("\nsenders = 2 ", "\nsenders = \"many\" ", 1))
+    rc, _, err = racelab(capsys, "run", str(bad), "--set", "load.gap_ns=8")
+    assert rc == 2
+    assert f"{bad}: 1 problem(s)" in err and "load.senders: 'many'" in err and "--set load.senders" not in err
+
+
+@pytest.mark.parametrize("given", ["/tmp/racelab-no-such-scenario.toml", "scenarios/nope", "nope.toml"])
+def test_a_missing_scenario_file_is_no_such_file(capsys, nothing_runs, given):
+    rc, _, err = racelab(capsys, "run", given)
+    assert rc == 2
+    assert f"no such file: {given}" in err and "unknown scenario" not in err
+
+
+def test_an_unknown_scenario_name_is_still_unknown(capsys, nothing_runs):
+    rc, _, err = racelab(capsys, "run", "generic-rx-rac")
+    assert rc == 2 and "unknown scenario 'generic-rx-rac'" in err and "did you mean generic-rx-race" in err
+
+
+@pytest.mark.parametrize("argv, verbose, quiet", [
+    (["kernel", "list", "-v"], 1, False),
+    (["-v", "kernel", "list"], 1, False),
+    (["kernel", "list", "-q"], 0, True),
+    (["scenario", "show", "generic-rx-race", "-vv"], 2, False),
+    (["run", "generic-rx-race", "-q"], 0, True),
+    (["-q", "matrix", "--kernels", "a", "--scenarios", "b"], 0, True),
+])
+def test_verbosity_after_any_subcommand(argv, verbose, quiet):
+    a = cli.make_parser().parse_args(argv)
+    assert (a.verbose, a.quiet) == (verbose, quiet)
+
+
+def test_kernel_list_v_runs():
+    p = subprocess.run([sys.executable, "-m", "lab.cli", "kernel", "list", "-v"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "6.12.117" in p.stdout
+
+
+def test_version():
+    p = subprocess.run([sys.executable, "-m", "lab.cli", "--version"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    from lab import __version__
+    assert p.returncode == 0 and p.stdout.startswith(f"racelab {__version__}")
+
+
+def test_bisect_step_is_hidden_from_help_but_still_works():
+    ap = cli.make_parser()
+    text = ap.format_help()
+    assert "bisect-step" not in text and "bisect " in text and "matrix" in text
+    assert ap.parse_args(["bisect-step", "--state", "x"]).state == "x"
+
+
+def test_the_results_directory_is_said_when_the_run_starts(capsys, caplog, monkeypatch, tmp_path):
+    from lab import fleet
+    from lab.run import InfraError
+    said = []
+
+    def run_vm(cfg, **kw):
+        said.extend(r.getMessage() for r in caplog.records)
+        raise InfraError("stopped here by the test")
+    monkeypatch.setattr(fleet, "run_vm", run_vm)
+    with caplog.at_level(logging.INFO, logger="racelab"):
+        rc, _, _ = racelab(capsys, "run", "generic-rx-race", "--backend", "vm", "--kernel", "6.1.192",
+                           "--out", str(tmp_path / "r"))
+    assert rc == 3
+    assert any(m.startswith(f"results: {tmp_path / 'r'}") and "console.log" in m for m in said), said
+
+
+def test_the_default_results_directory_is_chosen_up_front(monkeypatch):
+    a = cli.make_parser().parse_args(["run", "generic-rx-race"])
+    cfg = cli.build_config(a, default_backend="netns")
+    assert cfg.out.startswith("results/generic-rx-race-") and cfg.out.endswith(f"-{os.getpid()}")
