@@ -3,10 +3,40 @@
 A skipped test names the missing capability and how to get it.
 """
 import os
+import re
 import shutil
 import socket
 
 import pytest
+
+# A skip whose fix is an install step, a kernel build or root: what a CI machine set up by
+# ./bootstrap must have.  Skips name their fix (STYLE.md point 10), so it is read from the reason.
+INSTALL_STEP = re.compile(r"apt-get install|\./bootstrap install|racelab kernel build|needs root")
+
+
+def skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr or "")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under RACELAB_ALL_TESTS (tests/run-all, CI), a skip for a missing package, an unbuilt
+    kernel or a missing root is a failure: a green whole-suite run must not hide a missing
+    install step.  Skips for what a machine may lack (AF_XDP in the host kernel, a kprobe
+    PMU) stay skips."""
+    outcome = yield
+    report = outcome.get_result()
+    if not os.environ.get("RACELAB_ALL_TESTS") or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = skip_reason(report)
+    if INSTALL_STEP.search(reason):
+        report.outcome = "failed"
+        report.longrepr = (f"RACELAB_ALL_TESTS is set (tests/run-all), so this skip is a failure: "
+                           f"{reason}\n(the whole suite needs root, every package ./bootstrap installs, "
+                           "and builds the kernels its tests use)")
 
 
 def _af_xdp() -> bool:

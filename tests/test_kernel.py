@@ -376,6 +376,8 @@ def kconfig_tree(request, tmp_path_factory):
     except BadInput as e:
         pytest.skip(f"{e.message}: apt-get install {pkg}")
     tree = kernel.cache_dir() / "build" / res.build_id / "linux"
+    if not (tree / "scripts/kconfig").is_dir() and os.environ.get("RACELAB_ALL_TESTS"):
+        kernel.ensure(kernel.resolve(res.version), progress=False)   # tests/run-all: the tree, built
     if not (tree / "Makefile").is_file() or not (tree / "scripts/kconfig").is_dir():
         pytest.skip(f"no cached {pkg} tree at {tree}: `racelab kernel build {res.version}` makes one")
     base = tmp_path_factory.mktemp(f"kconfig-{pkg}")
