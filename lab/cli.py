@@ -246,6 +246,21 @@ def cmd_kernel(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cache(a: argparse.Namespace) -> int:
+    from lab import cache
+
+    if a.ccmd == "du":
+        cache.cli_du()
+    else:
+        cache.cli_gc(a.keep, parse_duration(a.older_than, "--older-than"), a.dry_run)
+    return EXIT_OK
+
+
+def _cache_doc() -> str | None:
+    from lab import cache
+    return cache.__doc__
+
+
 def cmd_scenario(a: argparse.Namespace) -> int:
     if a.scmd == "list":
         scen.cli_list()
@@ -377,7 +392,7 @@ def _glue_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> l
 
 
 # options checked before anything runs (STYLE.md point 4): every problem named at once
-_DURATIONS = ("duration", "budget", "calibrate_budget", "min_step")
+_DURATIONS = ("duration", "budget", "calibrate_budget", "min_step", "older_than")
 _AT_LEAST = {"vms": 1, "jobs": 1, "calibrate_runs": 1, "keep": 0, "vcpus": 1, "memory": 64}
 _RESULT_DIRS = ("run", "repro", "matrix", "bisect")   # where --out is a results directory
 
@@ -452,6 +467,17 @@ def make_parser() -> argparse.ArgumentParser:
     g = ks.add_parser("gc", help="drop cached kernels, keeping the most recently used")
     g.add_argument("--keep", type=int, default=5)
     p.set_defaults(func=cmd_kernel)
+
+    p = sub.add_parser("cache", help="the cache: what takes the space (du), and its clean-up (gc)",
+                       description=_cache_doc(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    cs = p.add_subparsers(dest="ccmd", required=True)
+    cs.add_parser("du", help="size of each area: kernels, build trees, ccache, downloads, images, ...")
+    g = cs.add_parser("gc", help="remove what is old or dead in every area (see racelab cache --help)")
+    g.add_argument("--keep", type=int, default=5, help="kernels kept, most recently used first (default 5)")
+    g.add_argument("--older-than", default="14d", help="age of last use beyond which an entry goes (default 14d)")
+    g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("scenario", help="scenarios: list, show, validate, new, schema")
     ss = p.add_subparsers(dest="scmd", required=True)

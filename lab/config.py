@@ -17,12 +17,12 @@ from typing import Any
 
 from lab.run import BadInput
 
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")   # a sign, to say "must be positive"
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")   # a sign, to say "must be positive"
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(text: str | int | float, what: str = "duration") -> float:
-    """'30s', '2m', '1.5h', '500ms' or a number of seconds -> seconds."""
+    """'30s', '2m', '1.5h', '500ms', '14d' or a number of seconds -> seconds."""
     if isinstance(text, (int, float)):
         if text <= 0:
             raise BadInput(f"{what} must be positive, got {text}")
