@@ -290,6 +290,7 @@ def main(a: argparse.Namespace) -> int:
     from lab import scenario as scen
     s = scen.load(a.scenario)
     out = out_dir(a.out, s.name)
+    print(f"results: {out}  (bisect.jsonl grows by one line per step)", flush=True)
     t0 = time.monotonic()
     racy_end = shas["bad"] if a.find == "cause" else shas["good"]
     if getattr(a, "resume", False):

@@ -296,43 +296,117 @@ def _make_env() -> dict[str, str]:
 _COMPILE = re.compile(r"^\s+(CC|AS|LD|AR|HOSTCC|GEN|OBJCOPY)\s")
 
 
-class Progress:
-    """Live single-line progress on a TTY; a log line every `every` seconds otherwise."""
+@dataclass(frozen=True)
+class Estimate:
+    """How many steps a build will take, and where that number comes from."""
 
-    def __init__(self, label: str, enabled: bool, expected: int = 0, every: float = 30.0) -> None:
+    steps: int
+    source: str      # "this tree's last full build", "the 6.1 tree's full build", ...
+
+
+def estimate_steps(build_dir: Path, fresh: bool) -> Estimate | None:
+    """A full build's step count: this tree's own last one, else the nearest comparable
+    tree's (the same series first, then any), so a first build still gets a percentage.
+    None for an incremental build: it recompiles what the patches touched, no telling how much."""
+    import json
+
+    if not fresh:
+        return None
+
+    def full_steps(d: Path) -> int:
+        try:
+            return int(json.loads((d / "state.json").read_text()).get("full_steps", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0
+
+    own = full_steps(build_dir)
+    if own:
+        return Estimate(own, "this tree's last full build")
+    series = re.search(r"-(\d+\.\d+)", build_dir.name)
+    others = [(d, full_steps(d)) for d in sorted(build_dir.parent.glob("*")) if d.is_dir() and d != build_dir]
+    others = [(d, n) for d, n in others if n]
+    same = [(d, n) for d, n in others if series and f"-{series.group(1)}" in d.name]
+    for d, n in same or others:
+        return Estimate(n, f"a full build of {d.name}")
+    return None
+
+
+class Progress:
+    """A kernel build's progress: a rich progress bar (percentage, ETA) on a TTY; otherwise a log
+    line every `every` seconds.  The total comes from a comparable earlier build (estimate_steps),
+    so the percentage and ETA are estimates: a build may take more steps than its model."""
+
+    def __init__(self, label: str, enabled: bool, expected: int = 0, every: float = 30.0,
+                 estimate: Estimate | None = None) -> None:
         self.label = label
         self.enabled = enabled
         self.tty = enabled and sys.stderr.isatty()
-        self.expected = expected
+        self.estimate = estimate or (Estimate(expected, "an earlier build") if expected else None)
+        self.expected = self.estimate.steps if self.estimate else 0
         self.every = every
         self.start = time.monotonic()
-        self.last = self.start if not self.tty else 0.0
+        self.last = self.start
         self.steps = 0
+        self._bar = None
+        self._task = None
+        if self.enabled and self.estimate:
+            log.info("[kernel] %s: ~%d steps expected (from %s)", label, self.expected, self.estimate.source)
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TaskProgressColumn,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+            self._bar = Bar(TextColumn(f"[kernel] {label}", markup=False), BarColumn(), TaskProgressColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                            TimeRemainingColumn(), TextColumn("{task.fields[current]}", markup=False),
+                            console=Console(stderr=True), transient=True)
+            self._task = self._bar.add_task("build", total=self.expected or None, current="")
+            self._bar.start()
 
     def line(self, text: str) -> None:
         if _COMPILE.match(text):
             self.steps += 1
-        now = time.monotonic()
-        if not self.enabled or now - self.last < (0.2 if self.tty else self.every):
+        if not self.enabled:
             return
-        self.last = now
-        self.show(text.strip())
+        if self._bar is not None:
+            # a build past its model's step count stays below 100% until it ends
+            total = max(self.expected, self.steps + 1) if self.expected else None
+            self._bar.update(self._task, completed=self.steps, total=total, current=text.strip()[-50:])
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.show()
+
+    def fraction(self) -> float | None:
+        """Done so far, by the model's step count (below 1 until the build ends)."""
+        return min(0.99, self.steps / self.expected) if self.expected else None
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate so far; None before there is a rate or a model."""
+        el = time.monotonic() - self.start
+        if not self.expected or self.steps < 20 or el <= 0:
+            return None
+        return max(0.0, (self.expected - self.steps) / (self.steps / el))
+
+    def text(self) -> str:
+        el = time.monotonic() - self.start
+        msg = f"[kernel] {self.label}: {self.steps} steps"
+        frac = self.fraction()
+        if frac is not None:
+            msg += f" of ~{self.expected} (~{100 * frac:.0f}%)"
+        msg += f", {int(el) // 60}m{int(el) % 60:02d}s"
+        eta = self.eta()
+        if eta is not None:
+            msg += f", ETA ~{int(eta) // 60}m{int(eta) % 60:02d}s" if eta else ", ETA: past the estimate"
+        return msg
 
     def show(self, current: str = "") -> None:
-        el = time.monotonic() - self.start
-        pct = f" ~{min(99, 100 * self.steps // self.expected)}%" if self.expected else ""
-        msg = f"[kernel] {self.label}: {self.steps} steps{pct}, {int(el) // 60}m{int(el) % 60:02d}s"
-        if self.tty:
-            width = max(20, shutil.get_terminal_size((100, 20)).columns - 1)
-            sys.stderr.write("\r" + (msg + "  " + current)[:width].ljust(width))
-            sys.stderr.flush()
-        else:
-            log.info("%s", msg)
+        log.info("%s", self.text())
 
     def done(self) -> None:
-        if self.tty:
-            sys.stderr.write("\r" + " " * max(20, shutil.get_terminal_size((100, 20)).columns - 1) + "\r")
-            sys.stderr.flush()
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 # ccache hashes a source and the headers it includes, never a file that an

@@ -595,9 +595,8 @@ def _build(p: Plan, tmp: Path, progress: bool, want_vmlinux: bool) -> KernelArti
             tree = stack.tree
             try:
                 kbuild.configure(tree, p.options, logf)
-                state = stack.state()
                 fresh = not (tree / "vmlinux").exists()
-                prog = kbuild.Progress(spec.name, progress, expected=0 if not fresh else state.get("full_steps", 0))
+                prog = kbuild.Progress(spec.name, progress, estimate=kbuild.estimate_steps(build_dir, fresh))
                 log.info("[kernel] building %s in %s (-j%d%s)", spec.name, tree, kbuild.jobs(),
                          ", fresh tree" if fresh else ", incremental")
                 kbuild.make(tree, ["bzImage"], logf, prog)

@@ -21,6 +21,7 @@ import html
 import json
 import os
 import random
+import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -107,8 +108,24 @@ def run_matrix(kernels: list[str], scenarios: list[str], *, budget: float, vms: 
     image.ensure_image(progress=progress)
     cells = [Cell(k, s, expected_for(sp, s)) for k, sp in zip(kernels, specs) for s in scenarios]
     out.mkdir(parents=True, exist_ok=True)
+    # several cells at once have no live line of their own (their progress would interleave):
+    # each says when it starts and ends, with the tally so far
+    tally = {PASS: 0, FAIL: 0, MISSED: 0, ERROR: 0}
+    lock = threading.Lock()
+    t0 = time.monotonic()
+
+    def one(c: Cell, i: int, **kw: Any) -> Cell:
+        log.info("[matrix] start %s on %s (cell %d/%d, %s)", c.scenario, c.kernel, i + 1, len(cells), kw["uri"])
+        done = run_cell(c, **kw)
+        with lock:
+            tally[done.outcome] += 1
+            log.info("[matrix] done  %s on %s: %s  [%d/%d done: %d pass, %d fail, %d missed, %d error; %.0fs]",
+                     c.scenario, c.kernel, cell_text(done), sum(tally.values()), len(cells), tally[PASS],
+                     tally[FAIL], tally[MISSED], tally[ERROR], time.monotonic() - t0)
+        return done
+
     with ThreadPoolExecutor(max(1, jobs)) as ex:
-        futs = [ex.submit(run_cell, c, budget=budget, vms=vms, seed=seed + i,
+        futs = [ex.submit(one, c, i, budget=budget, vms=vms, seed=seed + i,
                           out=out / f"{c.scenario}__{c.kernel.replace('/', '_').replace(':', '_')}",
                           uri=uris[i % len(uris)], progress=progress and jobs == 1)
                 for i, c in enumerate(cells)]
@@ -221,6 +238,7 @@ def main(a: argparse.Namespace) -> int:
     out = Path(a.out or f"results/matrix-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     seed = random.SystemRandom().randrange(1 << 31)
     t0 = time.monotonic()
+    log.info("results: %s  (each cell's directory appears in it as the cell starts)", out.absolute())
     cells = run_matrix(kernels, scenarios, budget=budget, vms=a.vms, jobs=a.jobs, out=out,
                        uris=uris_from(getattr(a, "uri", None)), seed=seed)
     print_grid(cells, kernels, scenarios)
