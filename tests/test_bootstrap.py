@@ -42,3 +42,24 @@ def test_bootstrap_installs_the_tools_the_lab_calls_and_the_build_needs():
     build = {n.package for n in kbuild.BUILD_NEEDS}
     missing = (tools | build) - pkgs - base
     assert not missing, f"used by the lab but not installed by bootstrap: {sorted(missing)}"
+
+
+def test_vagrant_up_installs_only_unless_tests_are_asked_for():
+    import os
+    import shutil
+
+    import pytest
+    if shutil.which("ruby") is None:
+        pytest.skip("ruby missing: apt-get install vagrant (./bootstrap install)")
+    text = (ROOT / "Vagrantfile").read_text()
+    head = text[:text.index("Vagrant.configure")]     # the settings, evaluated as Vagrant would
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RACELAB_")}
+
+    def job(**extra):
+        p = subprocess.run(["ruby", "-e", head + "\nputs RACELAB_JOB"], capture_output=True, text=True,
+                           timeout=60, env={**env, **extra})
+        assert p.returncode == 0, p.stderr
+        return p.stdout.strip()
+    assert job() == "install"
+    assert job(RACELAB_TESTS="1") == "test"
+    assert "./bootstrap #{RACELAB_JOB}" in text
