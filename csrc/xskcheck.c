@@ -46,6 +46,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "bpfasm.h"
 #include "common.h"
 
 #ifndef AF_XDP
@@ -1089,26 +1090,7 @@ static void *worker(void *arg)
 /* ------------------------------------------------------------------ */
 /* BPF: maps, the program, attaching it                                */
 
-#define INSN(CODE, DST, SRC, OFF, IMM) \
-	((struct bpf_insn){ .code = (CODE), .dst_reg = (DST), .src_reg = (SRC), .off = (OFF), .imm = (IMM) })
-#define BPF_MOV64_REG(D, S) INSN(BPF_ALU64 | BPF_MOV | BPF_X, D, S, 0, 0)
-#define BPF_MOV64_IMM(D, I) INSN(BPF_ALU64 | BPF_MOV | BPF_K, D, 0, 0, I)
-#define BPF_ALU64_REG(OP, D, S) INSN(BPF_ALU64 | (OP) | BPF_X, D, S, 0, 0)
-#define BPF_ALU64_IMM(OP, D, I) INSN(BPF_ALU64 | (OP) | BPF_K, D, 0, 0, I)
-#define BPF_LDX_MEM(SZ, D, S, OFF) INSN(BPF_LDX | (SZ) | BPF_MEM, D, S, OFF, 0)
-#define BPF_STX_MEM(SZ, D, S, OFF) INSN(BPF_STX | (SZ) | BPF_MEM, D, S, OFF, 0)
-#define BPF_ST_MEM(SZ, D, OFF, I) INSN(BPF_ST | (SZ) | BPF_MEM, D, 0, OFF, I)
-#define BPF_JMP_REG(OP, D, S, OFF) INSN(BPF_JMP | (OP) | BPF_X, D, S, OFF, 0)
-#define BPF_JMP_IMM(OP, D, I, OFF) INSN(BPF_JMP | (OP) | BPF_K, D, 0, OFF, I)
-#define BPF_CALL_FN(FN) INSN(BPF_JMP | BPF_CALL, 0, 0, 0, FN)
-#define BPF_EXIT_INSN() INSN(BPF_JMP | BPF_EXIT, 0, 0, 0, 0)
-#define BPF_LD_MAP_FD(D, FD) \
-	INSN(BPF_LD | BPF_DW | BPF_IMM, D, BPF_PSEUDO_MAP_FD, 0, FD), INSN(0, 0, 0, 0, 0)
-
-static int sys_bpf(int cmd, union bpf_attr *attr)
-{
-	return (int)syscall(__NR_bpf, cmd, attr, sizeof(*attr));
-}
+/* the instruction macros and sys_bpf(): bpfasm.h, shared with xskamp */
 
 static int map_create(enum bpf_map_type type, uint32_t max_entries, const char *name)
 {
