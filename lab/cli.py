@@ -412,7 +412,9 @@ def validate_args(a: argparse.Namespace) -> None:
         value = getattr(a, name, None)
         if value is not None and value < least:
             problems.append(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
-    if a.cmd in _RESULT_DIRS:
+    # probed as the user who will write there: these commands need root, and a user without
+    # it hears that first (from the backend's own check), not about a directory
+    if a.cmd in _RESULT_DIRS and os.geteuid() == 0:
         out = Path(a.out) if a.out else Path("results")
         why = writable_dir_problem(out)
         if why:
