@@ -504,6 +504,7 @@ def _single(kernel_name: str, vcpus: int, memory_mib: int) -> Iterator[Any]:
     (art,) = build_kernels([kernel_name])
     img = imagemod.ensure_image()
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"racelab-vm-{os.getpid()}"
+    log.info("booting 1 guest on %s...", kernel_name)
     with vmmod.VM(art, img, name=f"racelab-{os.getpid()}-single-0", vcpus=vcpus,
                   memory_mib=memory_mib, cmdline="", pin=None, results_dir=out) as m:
         log.info("guest up in %.1fs (accelerator: %s); console: %s", m.boot_seconds,
