@@ -26,10 +26,15 @@ from lab.workload import TargetResult
 AFFECTED_GRACE_S = 5.0
 
 
-def expectations(s: Scenario, names: list[str], artifacts_affected: list[tuple[str, ...]],
+def expectations(s: Scenario, names: list[str], artifacts_affected: list[tuple[str, ...] | None],
                  mitigation: str | None) -> dict[str, str]:
+    """What each kernel should do, from the catalog; a kernel the catalog does not know
+    (bzimage:, git:, tarball: without a catalog entry: affected None) gets no expectation:
+    its verdict is the answer, never a mismatch."""
     exp = {}
     for name, affected in zip(names, artifacts_affected):
+        if affected is None:
+            continue
         hit = s.name in affected
         if hit and mitigation and s["mitigations"].get(mitigation) == "prevents":
             hit = False
@@ -60,9 +65,12 @@ def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True,
         cfg = dataclasses.replace(cfg, kernels=())
         return session.run_netns(cfg, progress=progress)
     specs = fleet.resolve_kernels(names)
-    affected: list[tuple[str, ...]] = [tuple(getattr(sp, "affected", ()) or ()) for sp in specs]
+    affected: list[tuple[str, ...] | None] = [
+        None if getattr(sp, "affected", None) is None else tuple(sp.affected) for sp in specs]
     expected = expectations(s, names, affected, cfg.mitigation)
-    log.info("repro %s: %s", s.name, ", ".join(f"{k} (expect {v})" for k, v in expected.items()))
+    log.info("repro %s: %s", s.name, ", ".join(
+        f"{k} (expect {expected[k]})" if k in expected else f"{k} (unknown to the catalog: no expectation)"
+        for k in names))
     title = f"racelab repro {s.name}" + (f" with mitigation {cfg.mitigation}" if cfg.mitigation else "")
     control = None if fixed_duration else ControlStop.for_repro(s, expected, cfg.vms)
     if control is not None:
