@@ -120,12 +120,10 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
                 stack.push(m.__exit__)
 
         # a boot (and the accelerator probe before it) takes seconds to minutes under TCG: say so
-        t_boot = time.monotonic()
+        # (run_fleets says when they are up, and on what accelerator)
         log.info("booting %d guest%s on %s...", n, "" if n == 1 else "s", label)
         workers = [Worker(boot, i).start() for i in range(n)]
         _join_all(workers)   # every boot finishes (and registers its teardown) before we unwind
-        if not errors:
-            log.info("%s: %d guest%s up in %.0fs", label, n, "" if n == 1 else "s", time.monotonic() - t_boot)
         if errors:
             e = errors[0]
             if isinstance(e, (InfraError, BadInput, KeyboardInterrupt)):
