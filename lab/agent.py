@@ -67,9 +67,9 @@ class CheckerOpts:
     inject: str = ""
     trace_marker: bool = False
     stats_ms: int = 500
-
     sockets_per_queue: int = 1      # > 1: sockets sharing each queue's pool (XDP_SHARED_UMEM, same queue)
     pick: str = "cpu"               # how the XDP program picks among them: cpu or rr
+
 
 @dataclass(frozen=True)
 class SenderOpts:
