@@ -158,15 +158,21 @@ def find_sites(symbol: str, start: int, insns: Sequence[Insn]) -> list[Site]:
 
 
 def read_system_map(path: Path, names: Iterable[str]) -> dict[str, tuple[int, int]]:
-    """name -> (address, size to the next higher symbol) for the text symbols asked for.
+    """map_symbols() of a System.map file."""
+    return map_symbols(path.read_text(errors="replace"), names)
+
+
+def map_symbols(text: str, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """name -> (address, size to the next higher symbol) for the text symbols asked for,
+    from System.map-shaped lines (kallsyms' module symbols, with a 4th field, are skipped).
     A name that appears twice (two static functions of one name) is left out: a
     kprobe on it would be ambiguous."""
     want = set(names)
     addrs: list[int] = []
     found: dict[str, list[int]] = {}
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         parts = line.split()
-        if len(parts) < 3 or parts[1] not in "tTwW":
+        if len(parts) != 3 or parts[1] not in "tTwW":
             continue
         try:
             a = int(parts[0], 16)
@@ -201,14 +207,18 @@ def elf_bytes(elf: bytes, addr: int, size: int) -> bytes:
     raise ValueError(f"address {addr:#x} is in no loaded segment")
 
 
-def disassemble(code: bytes, addr: int) -> list[Insn]:
+def objdump(code: bytes, addr: int) -> str:
+    """objdump's disassembly of raw x86-64 code that sits at addr."""
     require_tools("objdump")
     with tempfile.NamedTemporaryFile(prefix="racelab-code-", suffix=".bin") as f:
         f.write(code)
         f.flush()
-        out = run(["objdump", "-D", "-b", "binary", "-m", "i386:x86-64", f"--adjust-vma={addr:#x}",
-                   f.name]).stdout
-    return parse_objdump(out)
+        return run(["objdump", "-D", "-b", "binary", "-m", "i386:x86-64", f"--adjust-vma={addr:#x}",
+                    f.name]).stdout
+
+
+def disassemble(code: bytes, addr: int) -> list[Insn]:
+    return parse_objdump(objdump(code, addr))
 
 
 def usable_map(system_map: Path | None) -> bool:
@@ -265,10 +275,7 @@ def kernel_sites(bzimage: Path, system_map: Path | None, kallsyms: str | None = 
         syms = read_system_map(system_map, CANDIDATES)
         where = "System.map"
     elif kallsyms is not None:
-        with tempfile.NamedTemporaryFile("w", prefix="racelab-kallsyms-", suffix=".map") as f:
-            f.write(kallsyms_map(kallsyms, elf))
-            f.flush()
-            syms = read_system_map(Path(f.name), CANDIDATES)
+        syms = map_symbols(kallsyms_map(kallsyms, elf), CANDIDATES)
         where = "the guest's /proc/kallsyms"
     else:
         raise NoSite(f"{bzimage}: no System.map beside the kernel, so the window's code cannot be found",
@@ -326,6 +333,14 @@ def config_has(config: Path | None, *options: str) -> dict[str, bool | None]:
     return {o: re.search(rf"^{o}=y$", text, re.M) is not None for o in options}
 
 
+def _delay_and_gate(chosen: str, amp: Mapping[str, Any]) -> dict[str, Any]:
+    """A probe plan's wait: only kprobe-delay has one (delay_ns, else widen_rx_ns, else 4 us)."""
+    if chosen != "kprobe-delay":
+        return {"delay_ns": 0, "gate": ""}
+    return {"delay_ns": int(amp.get("delay_ns", 0)) or int(amp.get("widen_rx_ns", 0)) or 4000,
+            "gate": str(amp.get("gate", ""))}
+
+
 def needs_guest(p: Plan) -> bool:
     """A probe plan whose site is found only once the guest is up (no System.map)."""
     return p.method in ("kprobe", "kprobe-delay") and not p.probes
@@ -371,14 +386,12 @@ def plan(amp: Mapping[str, Any], artifact: Any, kallsyms: str | None = None,
         why += "; probe given"
     elif defer and kallsyms is None and not usable_map(getattr(artifact, "system_map", None)):
         return Plan(chosen, why + "; probe site from the guest's /proc/kallsyms (no System.map)",
-                    delay_ns=(delay or widen or 4000) if chosen == "kprobe-delay" else 0,
-                    gate=str(amp.get("gate", "")) if chosen == "kprobe-delay" else "")
+                    **_delay_and_gate(chosen, amp))
     else:
         found = sites_for(artifact, kallsyms)
         probes = tuple(dict.fromkeys(s.probe for s in found))
         sites = tuple(asdict(s) for s in found)
-    return Plan(chosen, why, delay_ns=(delay or widen or 4000) if chosen == "kprobe-delay" else 0,
-                probes=probes, sites=sites, gate=str(amp.get("gate", "")) if chosen == "kprobe-delay" else "")
+    return Plan(chosen, why, probes=probes, sites=sites, **_delay_and_gate(chosen, amp))
 
 
 def summary(plan: Plan, targets: Sequence[Any]) -> dict[str, Any]:
@@ -443,25 +456,17 @@ def host_plan(amp: Mapping[str, Any]) -> Plan:
     if amp.get("probe"):
         probes = tuple(p.strip() for p in str(amp["probe"]).split(",") if p.strip())
     else:
-        syms = Path("/proc/kallsyms").read_text()
-        core = {p[2]: int(p[0], 16) for p in (ln.split() for ln in syms.splitlines()) if len(p) == 3}
-        addrs = sorted(set(core.values()))
-        import bisect
+        core = map_symbols(Path("/proc/kallsyms").read_text(), CANDIDATES)
         found: list[Site] = []
-        for name in CANDIDATES:
-            a = core.get(name)
-            if not a:
-                continue
-            j = bisect.bisect_right(addrs, a)
-            size = min((addrs[j] - a) if j < len(addrs) else 4096, 16384)
-            found += find_sites(name, a, disassemble(kcore_bytes(a, size), a))
+        for name, (a, size) in core.items():
+            if a:
+                found += find_sites(name, a, disassemble(kcore_bytes(a, min(size, 16384)), a))
         if not found:
             raise NoSite("this machine's kernel: no cached_prod++ / descriptor store sequence in "
                          + ", ".join(n for n in CANDIDATES if n in core),
                          hint="--set amplifier.probe=SYMBOL+OFFSET, or --set amplifier.method=off")
         probes = tuple(dict.fromkeys(s.probe for s in found))
-    return Plan(chosen, "this machine's kernel", delay_ns=(delay or widen or 4000) if chosen == "kprobe-delay"
-                else 0, probes=probes, gate=str(amp.get("gate", "")) if chosen == "kprobe-delay" else "")
+    return Plan(chosen, "this machine's kernel", probes=probes, **_delay_and_gate(chosen, amp))
 
 
 PROBE_SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\+(0x[0-9a-fA-F]+|\d+)$")
@@ -481,21 +486,11 @@ def _dump(bzimage: Path, system_map: Path, kallsyms: str | None) -> str:
 
     elf = _bzimage_payload(bzimage.read_bytes())
     assert elf is not None
-    if usable_map(system_map):
-        syms = read_system_map(system_map, CANDIDATES)
-    else:
-        with tempfile.NamedTemporaryFile("w", suffix=".map") as f:
-            f.write(kallsyms_map(kallsyms or "", elf))
-            f.flush()
-            syms = read_system_map(Path(f.name), CANDIDATES)
+    syms = (read_system_map(system_map, CANDIDATES) if usable_map(system_map)
+            else map_symbols(kallsyms_map(kallsyms or "", elf), CANDIDATES))
     name = next(n for n in CANDIDATES if n in syms)
     a, size = syms[name]
-    require_tools("objdump")
-    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
-        f.write(elf_bytes(elf, a, min(size, 16384)))
-        f.flush()
-        text = run(["objdump", "-D", "-b", "binary", "-m", "i386:x86-64", f"--adjust-vma={a:#x}",
-                    f.name]).stdout
+    text = objdump(elf_bytes(elf, a, min(size, 16384)), a)
     body = "\n".join(ln for ln in text.splitlines() if _LINE.match(ln))
     return f"# {json.dumps({'symbol': name, 'start': f'{a:#x}', 'size': size})}\n{body}\n"
 
