@@ -1,4 +1,4 @@
-"""The C data plane: building xskcheck/xsksend/xskamp, their argv, and their output.
+"""The C data plane: building xskcheck/xsksend/xskamp/xsktrace, their argv, and their output.
 
 The binaries live in csrc/ (see the comments at the top of each file).  They
 are static, so the same build runs on the host and in any guest.  A build is
@@ -60,7 +60,7 @@ INJECT_KINDS: tuple[str, ...] = VIOLATION_KINDS
 SENDER_INJECT_KINDS: tuple[str, ...] = ("sequence", "checksum")
 
 EVENT_TYPES: tuple[str, ...] = ("ready", "violation", "stats", "done")
-BINARIES: tuple[str, ...] = ("xskcheck", "xsksend", "xskamp")
+BINARIES: tuple[str, ...] = ("xskcheck", "xsksend", "xskamp", "xsktrace")
 # xskamp's busy-wait loops (csrc/xskamp.c): auto tries bpf_loop() (Linux 5.17) first.
 AMPLIFIER_LOOPS: tuple[str, ...] = ("auto", "bpf_loop", "bounded")
 AMPLIFIER_MAX_PROBES = 16
