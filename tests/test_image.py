@@ -313,7 +313,11 @@ def test_an_image_without_the_c_binaries_is_an_error(monkeypatch, tmp_path):
         image.dataplane_binaries()
     (half / "xskamp").write_text("#!/bin/sh\n")
     (half / "xskamp").chmod(0o755)
-    assert [p.name for p in image.dataplane_binaries()] == ["xskamp", "xskcheck", "xsksend"]
+    with pytest.raises(BuildFailed, match="xsktrace"):
+        image.dataplane_binaries()
+    (half / "xsktrace").write_text("#!/bin/sh\n")
+    (half / "xsktrace").chmod(0o755)
+    assert [p.name for p in image.dataplane_binaries()] == ["xskamp", "xskcheck", "xsksend", "xsktrace"]
 
 
 def test_size_limit():
