@@ -5,7 +5,7 @@ turns it into real namespaces and links and returns a Topology whose paths
 the workload uses to run programs inside each namespace.
 
 Why namespaces are anonymous: each one is held by a small keeper process
-(unshare(CLONE_NEWNET | CLONE_NEWNS) with PR_SET_PDEATHSIG), not by a bind
+(lab/nskeeper.py: unshare(CLONE_NEWNET | CLONE_NEWNS), PR_SET_PDEATHSIG), not by a bind
 mount under /run/netns.  When racelab exits in any way, SIGKILL included,
 the keepers die, the kernel frees the namespaces, and the veths, XDP
 programs and sockets in them go with them.  Nothing can be left behind, and
@@ -15,6 +15,7 @@ parallel runs (pytest-xdist) cannot collide on names.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import os
 import re
@@ -29,11 +30,8 @@ from pathlib import Path
 
 from lab.run import BadInput, InfraError, log, run
 
-CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
-PR_SET_PDEATHSIG = 1
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
+KEEPER = Path(__file__).resolve().parent / "nskeeper.py"
 
 
 @dataclass(frozen=True)
@@ -137,53 +135,84 @@ class Topology:
                 "veths": [v.__dict__ for v in self.spec.veths]}
 
 
-def _keeper_main() -> None:
-    """Hold a fresh net+mount namespace until the parent dies or we are told to stop."""
+def _start_keepers(names: Sequence[str], stack: ExitStack) -> dict[str, int]:
+    """One keeper process per namespace, started together; name -> pid."""
+    procs: dict[str, subprocess.Popen[str]] = {}
+    for ns in names:
+        # -S -I: the keeper needs the standard library only (see lab/nskeeper.py)
+        procs[ns] = subprocess.Popen([sys.executable, "-S", "-I", str(KEEPER)],
+                                     stdout=subprocess.PIPE, text=True)
+        stack.callback(_stop_keeper, procs[ns])
+    pids = {}
+    for ns, proc in procs.items():
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            msg = {"error": f"keeper said {line!r}"}
+        if "ready" not in msg:
+            if os.geteuid() != 0:
+                raise BadInput("network namespaces need root", hint="run racelab as root (sudo)")
+            raise InfraError(f"cannot create a network namespace: {msg.get('error')}")
+        pids[ns] = proc.pid
+    return pids
+
+
+@contextmanager
+def _in_netns(ns_path: str) -> Iterator[None]:
+    """This thread in the network namespace at ns_path for the block, then back.
+
+    Sockets opened and /proc/sys/net files written inside the block belong to
+    that namespace, with no helper process (pyroute2's NetNS forks one per
+    namespace) and no nsenter exec."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:      # parent already gone before prctl took effect
-        os._exit(1)
-    if libc.unshare(CLONE_NEWNET | CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
-        print(json.dumps({"error": f"unshare: {os.strerror(err)}"}), flush=True)
-        os._exit(1)
-    # private mounts, and a sysfs that shows this namespace's devices
-    libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
-    if libc.mount(b"sysfs", b"/sys", b"sysfs", 0, None) != 0:
-        print(json.dumps({"error": f"mount sysfs: {os.strerror(ctypes.get_errno())}"}), flush=True)
-        os._exit(1)
-    # tracefs/debugfs are under /sys: mount them again so trace_marker stays reachable
-    for src, dst in ((b"tracefs", b"/sys/kernel/tracing"), (b"debugfs", b"/sys/kernel/debug")):
-        libc.mount(src, dst, src, 0, None)
-    print(json.dumps({"ready": os.getpid()}), flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    while True:
-        signal.pause()
+    with open("/proc/thread-self/ns/net") as home, open(ns_path) as there:
+        if libc.setns(there.fileno(), CLONE_NEWNET) != 0:
+            raise InfraError(f"setns {ns_path}: {os.strerror(ctypes.get_errno())}")
+        try:
+            yield
+        finally:
+            if libc.setns(home.fileno(), CLONE_NEWNET) != 0:
+                # this thread would go on in the wrong namespace: nothing after it can be trusted
+                raise InfraError(f"setns back: {os.strerror(ctypes.get_errno())}")
 
 
-def _start_keeper() -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "lab.topology", "keeper"],
-                            stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": _pythonpath()})
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
+def _iproute_in(ns_path: str):  # noqa: ANN202 - a pyroute2 IPRoute
+    """An IPRoute whose netlink socket lives in the namespace at ns_path."""
+    ipr = _iproute_class()
+    with _in_netns(ns_path):
+        return ipr()
+
+
+def _iproute_class() -> type:
+    """pyroute2's IPRoute, without running pyroute2/__init__.py if nothing has yet.
+
+    That __init__ imports every pyroute2 module (NDB, IPDB, the CLI, nl80211, ...):
+    3.6 s of a guest's set-up under TCG, where the one module used here takes
+    about half of that.  The package is entered through a bare module object
+    while its submodules load, then taken out of sys.modules again, so a later
+    `import pyroute2` anywhere in the process runs the real __init__ (reusing the
+    submodules loaded here)."""
+    if "pyroute2" in sys.modules:
+        from pyroute2.iproute.linux import IPRoute
+        return IPRoute
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None:
+        raise BadInput("pyroute2 is not installed", hint="run ./bootstrap (it installs the venv)")
+    sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
+    # pyroute2.lab imports unittest.mock (and with it asyncio) for its test doubles and
+    # does without them when that import fails: a third of what is left, not needed here
+    no_unittest = "unittest" not in sys.modules
+    if no_unittest:
+        sys.modules["unittest"] = None  # type: ignore[assignment]  # makes the import fail
     try:
-        msg = json.loads(line)
-    except json.JSONDecodeError:
-        msg = {"error": f"keeper said {line!r}"}
-    if "ready" not in msg:
-        proc.kill()
-        proc.wait()
-        if os.geteuid() != 0:
-            raise BadInput("network namespaces need root", hint="run racelab as root (sudo)")
-        raise InfraError(f"cannot create a network namespace: {msg.get('error')}")
-    return proc
-
-
-def _pythonpath() -> str:
-    here = str(Path(__file__).resolve().parent.parent)
-    extra = os.environ.get("PYTHONPATH", "")
-    return here + (os.pathsep + extra if extra else "")
+        from pyroute2.iproute.linux import IPRoute
+    finally:
+        del sys.modules["pyroute2"]
+        if no_unittest:
+            del sys.modules["unittest"]
+    return IPRoute
 
 
 @contextmanager
@@ -192,16 +221,11 @@ def build(spec: TopologySpec) -> Iterator[Topology]:
     problems = spec.validate()
     if problems:
         raise BadInput("bad topology:\n  " + "\n  ".join(problems))
-    from pyroute2 import NetNS
-
     topo = Topology(spec)
     with ExitStack() as stack:
-        for ns in spec.netns:
-            proc = _start_keeper()
-            stack.callback(_stop_keeper, proc)
-            topo.keepers[ns] = proc.pid
+        topo.keepers.update(_start_keepers(spec.netns, stack))
         for v in spec.veths:
-            _add_veth(topo, v, NetNS)
+            _add_veth(topo, v)
         log.debug("topology up: %s", topo.describe())
         yield topo
     log.debug("topology down")
@@ -215,15 +239,14 @@ def _stop_keeper(proc: subprocess.Popen[str]) -> None:
         proc.stdout.close()
 
 
-def _add_veth(topo: Topology, v: VethSpec, NetNS) -> None:  # noqa: ANN001, N803
-    a_ns = NetNS(topo.ns_path(v.a_ns), flags=0)
-    b_ns = NetNS(topo.ns_path(v.b_ns), flags=0) if v.b_ns != v.a_ns else a_ns
+def _add_veth(topo: Topology, v: VethSpec) -> None:
+    a_ns = _iproute_in(topo.ns_path(v.a_ns))
+    b_ns = _iproute_in(topo.ns_path(v.b_ns)) if v.b_ns != v.a_ns else a_ns
     try:
         # pyroute2 names the attributes after IFLA_NUM_{TX,RX}_QUEUES (it silently drops
         # iproute2's "numtxqueues" spelling, and veth then makes one queue per possible CPU)
         peer: dict[str, object] = {"ifname": v.b, "num_tx_queues": v.numtx, "num_rx_queues": v.numrx}
         if v.b_ns != v.a_ns:
-            # by pid: NetNS talks through a forked helper that would not see a new fd
             peer["net_ns_pid"] = topo.keepers[v.b_ns]
         if v.b_mac:
             peer["address"] = v.b_mac
@@ -234,8 +257,10 @@ def _add_veth(topo: Topology, v: VethSpec, NetNS) -> None:  # noqa: ANN001, N803
         a_ns.link("add", **kw)
         for ns_name, ns, ifname, addr in ((v.a_ns, a_ns, v.a, v.a_addr), (v.b_ns, b_ns, v.b, v.b_addr)):
             # IPv6 ND frames would land in the AF_XDP socket as noise: no IPv6 here
-            if Path("/proc/sys/net/ipv6").exists():
-                topo.write_sysfs(ns_name, f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "1")
+            knob = Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
+            with _in_netns(topo.ns_path(ns_name)):
+                if knob.parent.parent.exists():
+                    knob.write_text("1\n")
             idx = ns.link_lookup(ifname=ifname)[0]
             ns.link("set", index=idx, mtu=v.mtu)
             if addr:
@@ -243,21 +268,22 @@ def _add_veth(topo: Topology, v: VethSpec, NetNS) -> None:  # noqa: ANN001, N803
                 ns.addr("add", index=idx, address=ip, prefixlen=int(plen or 24))
         for ns, ifname in ((a_ns, v.a), (b_ns, v.b)):
             ns.link("set", index=ns.link_lookup(ifname=ifname)[0], state="up")
+        # Senders build whole frames themselves: no segmentation offloads on the sending side.
+        # (tx checksum offload too: a partial checksum forwarded through AF_XDP arrives broken)
+        _ethtool(topo, v.a_ns, ["-K", v.a, "tx", "off", "tso", "off", "gso", "off"], quiet=True)
+        _ethtool(topo, v.b_ns, ["-K", v.b, "gro", "on" if v.gro_b else "off"], quiet=not v.gro_b)
+        # veth starts with one active queue whatever numrxqueues says: ask for what
+        # the spec wants (at most the queues the device was created with).
+        want = v.channels_b or min(v.numtx, v.numrx)
+        for ns_name, dev in ((v.b_ns, v.b), (v.a_ns, v.a)):
+            topo.channels[f"{ns_name}/{dev}"] = _set_channels(topo, ns_name, dev, want)
+        # last: the carrier comes up (linkwatch) while the settings above are made
         for ns, ifname in ((a_ns, v.a), (b_ns, v.b)):
             _wait_up(ns, ifname)
     finally:
         a_ns.close()
         if b_ns is not a_ns:
             b_ns.close()
-    # Senders build whole frames themselves: no segmentation offloads on the sending side.
-    # (tx checksum offload too: a partial checksum forwarded through AF_XDP arrives broken)
-    _ethtool(topo, v.a_ns, ["-K", v.a, "tx", "off", "tso", "off", "gso", "off"], quiet=True)
-    _ethtool(topo, v.b_ns, ["-K", v.b, "gro", "on" if v.gro_b else "off"], quiet=not v.gro_b)
-    # veth starts with one active queue whatever numrxqueues says: ask for what
-    # the spec wants (at most the queues the device was created with).
-    want = v.channels_b or min(v.numtx, v.numrx)
-    for ns, dev in ((v.b_ns, v.b), (v.a_ns, v.a)):
-        topo.channels[f"{ns}/{dev}"] = _set_channels(topo, ns, dev, want)
     # threaded NAPI needs a NAPI instance, which veth creates only with GRO on or
     # an XDP program attached: apply_late() sets it once the checker has attached.
     if v.xps_a != "auto" and v.numtx > 1:
@@ -275,12 +301,14 @@ def _add_veth(topo: Topology, v: VethSpec, NetNS) -> None:  # noqa: ANN001, N803
 
 def _set_channels(topo: Topology, ns: str, dev: str, want: int) -> int:
     p = run(topo.nsenter(ns, ["ethtool", "-l", dev]), check=False)
-    maxima = re.findall(r"^(RX|TX):\s+(\d+)", p.stdout.split("Current")[0], re.M)
+    maximum, _, current = p.stdout.partition("Current")
+    maxima = re.findall(r"^(RX|TX):\s+(\d+)", maximum, re.M)
     cap = min((int(n) for _, n in maxima), default=1)
     n = max(1, min(want, cap))
     if n != want:
         log.info("%s: %d queue(s) asked, %d usable (the kernel refused more channels)", dev, want, n)
-    if maxima:
+    now = {k: int(c) for k, c in re.findall(r"^(RX|TX):\s+(\d+)", current, re.M)}
+    if maxima and now != {"RX": n, "TX": n}:   # an exec less when it is set already
         _ethtool(topo, ns, ["-L", dev, "rx", str(n), "tx", str(n)], quiet=True)
     return n
 
@@ -311,13 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab.topology",
                                  description="Build a two-namespace veth topology and hold it (debugging).")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("keeper", help="internal: hold a namespace for build()")
     demo = sub.add_parser("demo", help="build tx<->rx with one veth pair and wait for Ctrl-C")
     demo.add_argument("--queues", type=int, default=1)
     args = ap.parse_args(argv)
-    if args.cmd == "keeper":
-        _keeper_main()
-        return 0
     spec = TopologySpec(("tx", "rx"), (VethSpec("tx", "v0", "rx", "v1", queues=args.queues,
                                                 a_addr="198.18.0.1/24", b_addr="198.18.0.2/24"),))
     # SIGTERM/SIGHUP unwind like Ctrl-C (an orphaned demo must not hold namespaces forever)

@@ -133,7 +133,7 @@ def _netns_holders(inodes):
 def test_killed_run_leaves_no_process_namespace_or_veth(sig, tmp_path):
     import signal
     import time
-    patterns = ("lab.topology keeper", "xskcheck", "xsksend", "lab.agent")
+    patterns = ("nskeeper.py", "xskcheck", "xsksend", "lab.agent")
     proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "run", "generic-rx-race", "--duration", "60s",
                              "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -146,9 +146,9 @@ def test_killed_run_leaves_no_process_namespace_or_veth(sig, tmp_path):
     assert '"load-start"' in events.read_text(), "traffic never started"
     mine = _descendants(proc.pid)
     started = {p: _ours(p) & mine for p in patterns}
-    assert started["xskcheck"] and started["lab.topology keeper"]
+    assert started["xskcheck"] and started["nskeeper.py"]
     netns = set()
-    for pid in started["lab.topology keeper"]:
+    for pid in started["nskeeper.py"]:
         try:
             netns.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
         except OSError:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.root
 
 
 def keeper_pids():
-    out = subprocess.run(["pgrep", "-f", "lab.topology keeper"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-f", "nskeeper.py"], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
 
 
