@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -501,11 +502,12 @@ def _single(kernel_name: str, vcpus: int, memory_mib: int) -> Iterator[Any]:
     preflight_vm()
     (art,) = build_kernels([kernel_name])
     img = imagemod.ensure_image()
-    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"racelab-vm-{os.getpid()}"
     log.info("booting 1 guest on %s...", kernel_name)
-    with vmmod.VM(art, img, name=f"racelab-{os.getpid()}-single-0", vcpus=vcpus,
-                  memory_mib=memory_mib, cmdline="", pin=None, results_dir=out) as m:
-        log.info("guest up in %.1fs (accelerator: %s); console: %s", m.boot_seconds,
+    # the console log lives as long as the guest: nothing is left in /tmp afterwards
+    with tempfile.TemporaryDirectory(prefix="racelab-vm-") as out, \
+            vmmod.VM(art, img, name=f"racelab-{os.getpid()}-single-0", vcpus=vcpus,
+                     memory_mib=memory_mib, cmdline="", pin=None, results_dir=Path(out)) as m:
+        log.info("guest up in %.1fs (accelerator: %s); console while it runs: %s", m.boot_seconds,
                  accel_text(m.accel, m.accel_reason), m.console_path)
         yield m
 
