@@ -480,7 +480,9 @@ def run_agent(spec: AgentSpec) -> int:
             emit({"type": "agent-error", "what": "checker",
                   "returncode": checker.proc.returncode, "stderr": checker.stderr[-20:]})
         if tracer is not None:
-            emit({"type": "evidence", **tracer.collect()})
+            # with the data plane's trace scanner, a trace the host need not see stays here
+            scanner = Path(bin_dir) / evidence.SCANNER if bin_dir else None
+            emit({"type": "evidence", **tracer.collect(scanner=scanner)})
         emit({"type": "agent-done", "t": time.monotonic() - t0, "load_seconds": load_seconds,
               "reason": reason, "checker_returncode": checker.proc.returncode,
               "checker_stderr": checker.stderr[-10:]})

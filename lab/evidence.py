@@ -29,6 +29,15 @@ another CPU is inside a receive into the same socket; receives made by
 xsk_generic_rcv() are flushed by it before it returns (under the pool lock on
 a fixed kernel), so they never stay unflushed.
 
+In a guest, collect() also runs csrc/xsktrace (the same counts in C, one pass
+over the file) on the streamed trace.  A trace with nothing the host must see
+(no violation marker or other checker mark, no window hit, no lost or dropped
+events, its tail record written) then stays in the guest: its evidence event
+carries the scanner's summary (guest_analysis, trace_needed false) and the host
+builds the Analysis from it (analysis_from_summary).  Anything else, or a
+scanner that is missing or fails (said in guest_analysis_note), is fetched and
+analysed here as before.
+
 `python -m lab.evidence analyze FILE` prints the analysis as JSON;
 `python -m lab.evidence dump FILE [--around TS] [--count N]` prints a raw
 trace as text (the flight recorder's last events before a violation).
@@ -65,6 +74,8 @@ SELF_FLUSHING_CALLERS = ("xsk_generic_rcv",)
 GROUP = "racelab"
 TRACE_OUT = "/tmp/racelab-trace.txt"
 RAW_MAGIC = b"RACELAB-FTRACE-RAW 1\n"
+SCANNER = "xsktrace"                   # csrc/xsktrace.c: the raw trace's counts, where the trace is
+SCAN_TIMEOUT_S = 120.0                 # generous: it runs under TCG emulation in the guest
 CLOCK_MARK = "racelab-clock"
 _REC = struct.Struct("<4sII")             # tag, cpu, length
 _RB_MISSED_EVENTS = 1 << 31
@@ -500,8 +511,10 @@ class Tracer:
                 pass
         return tail
 
-    def collect(self) -> dict[str, Any]:
-        """Stop tracing, save the trace to a file, and describe it."""
+    def collect(self, scanner: str | Path | None = None) -> dict[str, Any]:
+        """Stop tracing, save the trace to a file, and describe it.  scanner: the xsktrace binary;
+        given, a streamed trace is counted here and, when the host need not see it, described by
+        the scanner's summary instead of moved (see guest_scan)."""
         if self.root is None or not self.probes:
             return {"available": False, "note": self.note or "tracing unavailable", "missing": self.missing}
         measure = window_measure(str(self.opts.get("scenario", "")), str(self.opts.get("window", "")))
@@ -532,6 +545,8 @@ class Tracer:
                 for line in src:
                     dst.write(line)
             info = {"format": "text"}
+        if scanner is not None and info.get("format") == "raw":
+            info.update(guest_scan(Path(TRACE_OUT), Path(scanner)))
         prof = self._profile()
         return {"available": True, "trace_path": TRACE_OUT, "probes": self.probes,
                 "measure": measure, "missing": self.missing, "note": self.note,
@@ -1158,6 +1173,82 @@ def analyze_file(path: Path) -> Analysis:
         return analyze_raw(path)
     with _open_text(path) as f:
         return analyze(f)
+
+
+# --- the trace counted where it was written (csrc/xsktrace.c) ------------------------
+
+def scan(path: Path, binary: Path, timeout: float = SCAN_TIMEOUT_S) -> dict[str, Any]:
+    """xsktrace's summary of a raw trace (one JSON object); OSError/ValueError when it cannot give one."""
+    import subprocess
+    try:
+        p = subprocess.run([str(binary), str(path)], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise OSError(f"{binary.name} took over {timeout:g} s") from e
+    if p.returncode != 0:
+        raise OSError(f"{binary.name} exit {p.returncode}: {(p.stderr or '').strip()[-300:]}")
+    out = json.loads(p.stdout)
+    if not isinstance(out, dict) or out.get("scanner") != SCANNER:
+        raise ValueError(f"{binary.name} printed no summary: {p.stdout[:200]!r}")
+    return out
+
+
+def transfer_reasons(s: dict[str, Any]) -> list[str]:
+    """Why the host must have the trace itself, given its scanner summary (empty: it need not).
+    The host reads what the summary does not hold: the interleaving and examples of a hit, the
+    flight recorder before a violation, marks' texts, the withdrawals after a gap."""
+    why: list[str] = []
+    if s.get("violation") or s.get("marks"):
+        why.append("checker marks (a violation)")
+    if s.get("overlap_hits") or s.get("unflushed_hits") or s.get("hits_upper_bound"):
+        why.append("window hits")
+    if s.get("lost") or s.get("gaps") or s.get("retracted"):
+        why.append("lost events")
+    if s.get("dropped"):
+        why.append("dropped events")
+    if not s.get("tail"):
+        why.append("no tail record")
+    return why
+
+
+def guest_scan(path: Path, binary: Path) -> dict[str, Any]:
+    """Count the trace where it is (the agent's side): the evidence fields to add.  The trace
+    stays here (trace_needed false) only when the summary is all the host would learn from it."""
+    t = time.monotonic()
+    if not os.access(binary, os.X_OK):
+        return {"guest_analysis_note": f"no {binary}: the trace goes to the host for its analysis"}
+    try:
+        s = scan(path, binary)
+    except (OSError, ValueError) as e:
+        return {"guest_analysis_note": f"{SCANNER} failed ({e}): the trace goes to the host for its analysis"}
+    s["wall_seconds"] = round(time.monotonic() - t, 3)
+    why = transfer_reasons(s)
+    return {"guest_analysis": s, "trace_needed": bool(why), "trace_needed_why": why}
+
+
+def analysis_from_summary(s: dict[str, Any]) -> Analysis:
+    """The Analysis analyze_raw() gives of the trace a scanner summary describes.  Exact for what
+    the summary holds (the counts); a trace with examples, marks or an interleaving to show is
+    never left in the guest (transfer_reasons), so those stay empty as its own analysis has them."""
+    def opt(k: str) -> Any:
+        return s.get(k)
+    a = Analysis(receives=int(s["receives"]), failed=int(s["failed_receives"]), flushes=int(s["flushes"]),
+                 window_hits=int(s["unflushed_hits"]), overlap_hits=int(s["overlap_hits"]),
+                 sockets=int(s["sockets"]), cpus={int(c) for c in s["cpus"]},
+                 first_hit_ts=opt("first_hit_ts"), first_overlap_ts=opt("first_overlap_ts"),
+                 first_hit_s=opt("first_hit_s"), first_overlap_s=opt("first_overlap_s"),
+                 span_s=opt("span_s"), first_ts=opt("first_ts"), last_ts=opt("last_ts"),
+                 lost=int(s["lost"]), gaps=int(s["gaps"]), retracted=int(s["retracted"]),
+                 outcomes=bool(s["outcomes_traced"]), kprobe_missed=int(s["kprobe_missed"]),
+                 dropped=int(s["dropped"]), clock=str(s["trace_clock"]), format="raw",
+                 violation_ts=opt("violation_ts"), hits_before_violation=opt("hits_before_violation"),
+                 overlaps_before_violation=opt("overlaps_before_violation"),
+                 recorder_s={int(c): float(v) for c, v in (s.get("recorder_s") or {}).items()})
+    if not s.get("tail"):
+        a.notes.append("trace ends without its tail record (tracer did not finish)")
+    if a.gaps:
+        a.notes.append(f"{a.gaps} gap(s) where a CPU lost events ({a.lost} known lost); "
+                       f"{a.retracted} hit(s) that relied on them withdrawn")
+    return a
 
 
 def merge(ev: dict[str, Any], a: Analysis) -> None:

@@ -402,23 +402,43 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def fetch_evidence(host: Host, res: TargetResult, out: Path) -> None:
-    """Bring the trace home and run the interleaving analysis on it (host side)."""
+    """Bring the trace home and run the interleaving analysis on it (host side).  A trace the
+    guest's scanner counted and found nothing in for the host (trace_needed false) is not moved:
+    its Analysis is built from the scanner's summary and merged the same way."""
     from lab import evidence
 
     ev = res.evidence
     if not ev.get("available") or not ev.get("trace_path"):
         return
-    dest = out / "evidence" / f"{res.label.replace('/', '_')}.trace"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        host.get(str(ev["trace_path"]), dest)
-    except (OSError, InfraError) as e:
-        ev["note"] = f"trace not fetched: {e}"
-        ev["available"] = False
-        return
-    # the window count is evidence only from a complete trace (merge says why not)
-    evidence.merge(ev, evidence.analyze_file(dest))
-    ev["trace_file"] = str(dest)
+    a = None
+    ga = ev.get("guest_analysis")
+    if ev.get("trace_needed") is False and isinstance(ga, dict):
+        try:
+            a = evidence.analysis_from_summary(ga)
+        except (KeyError, TypeError, ValueError) as e:
+            ev["guest_analysis_note"] = f"guest summary not usable ({type(e).__name__}: {e}): fetched"
+    if a is not None:
+        evidence.merge(ev, a)
+        # the trace stays in the guest: no host file to point at
+        ev["guest_trace_path"] = ev.pop("trace_path")
+        ev["trace_file"] = None
+        ev["analysed_in"] = "guest"
+        ev["analysis_seconds"] = ga.get("seconds") if isinstance(ga, dict) else None
+    else:
+        dest = out / "evidence" / f"{res.label.replace('/', '_')}.trace"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            host.get(str(ev["trace_path"]), dest)
+        except (OSError, InfraError) as e:
+            ev["note"] = f"trace not fetched: {e}"
+            ev["available"] = False
+            return
+        # the window count is evidence only from a complete trace (merge says why not)
+        t = time.monotonic()
+        evidence.merge(ev, evidence.analyze_file(dest))
+        ev["trace_file"] = str(dest)
+        ev["analysed_in"] = "host"
+        ev["analysis_seconds"] = round(time.monotonic() - t, 3)
     # a splat is no checker violation: only the checker writes a marker
     checker_saw = any(n for k, n in res.by_kind.items() if k != "kernel-splat")
     res.notes.extend(f"flight recorder: {p}" for p in evidence.recorder_check(ev, checker_saw))

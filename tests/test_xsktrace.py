@@ -266,3 +266,89 @@ def test_tail_counts_and_clock(xsktrace, tmp_path):
     head = {k: v for k, v in HEAD.items() if k != "clock"}
     c, _ = assert_same(xsktrace, write_trace(tmp_path / "noclock.trace", [], head=head, tail={}))
     assert c["trace_clock"] == "counter" and c["first_ts"] is None and c["cpus"] == []
+
+
+# ------------------------------------------------------------------ the guest summary, on the host
+
+def _agent_ev(trace: Path, **extra) -> dict:
+    """The evidence event's fields the merge reads (what Tracer.collect() says), for a raw trace."""
+    return {"available": True, "trace_path": str(trace), "measure": "overlap_hits", "note": "",
+            "kprobe_missed": 0, "format": "raw", "recorder_wanted_s": evidence.RECORDER_MIN_S, **extra}
+
+
+@pytest.mark.parametrize("gz", RAW_FIXTURES, ids=[p.name for p in RAW_FIXTURES])
+def test_a_summary_merges_like_the_trace_it_describes(xsktrace, gz, tmp_path):
+    """For every trace the guest would keep, the merged evidence (what summary.json, the verdicts and
+    the report read) is the same from the scanner's summary as from the host's analysis."""
+    trace = unpack(gz, tmp_path)
+    g = evidence.guest_scan(trace, xsktrace)
+    s = g["guest_analysis"]
+    assert g["trace_needed"] == bool(evidence.transfer_reasons(s))
+    host, guest = _agent_ev(trace), _agent_ev(trace)
+    evidence.merge(host, evidence.analyze_file(trace))
+    if g["trace_needed"]:     # and the host has something to show from it that no summary holds
+        assert host["interleaving"] and host["examples"] + host["overlap_examples"], gz.name
+        return
+    host, guest = _agent_ev(trace), _agent_ev(trace)
+    evidence.merge(host, evidence.analyze_file(trace))
+    evidence.merge(guest, evidence.analysis_from_summary(s))
+    assert guest == host
+    assert evidence.recorder_check(guest, False) == evidence.recorder_check(host, False) == []
+
+
+def test_what_the_guest_keeps_and_what_it_sends(xsktrace, tmp_path):
+    clean = evidence.guest_scan(unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", tmp_path), xsktrace)
+    assert clean["trace_needed"] is False and clean["trace_needed_why"] == []
+    assert clean["guest_analysis"]["wall_seconds"] >= clean["guest_analysis"]["seconds"] >= 0
+    bad = evidence.guest_scan(unpack(FIXTURES / "generic-reverted-6.1-vm-violation-raw.trace.gz", tmp_path),
+                              xsktrace)
+    assert bad["trace_needed"] and "window hits" in bad["trace_needed_why"]
+    assert "checker marks (a violation)" in bad["trace_needed_why"]
+    lost = write_trace(tmp_path / "lost.trace", [(0, page(1, [(2, ev("rcv", S1))], missed=3))])
+    assert evidence.guest_scan(lost, xsktrace)["trace_needed_why"] == ["lost events"]
+
+
+def test_a_missing_or_failing_scanner_sends_the_trace(xsktrace, tmp_path):
+    trace = unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", tmp_path)
+    g = evidence.guest_scan(trace, tmp_path / "nowhere" / "xsktrace")
+    assert "trace_needed" not in g and "goes to the host" in g["guest_analysis_note"]
+    text = tmp_path / "text.trace"
+    text.write_text("# tracer: nop\n")
+    g = evidence.guest_scan(text, xsktrace)
+    assert "trace_needed" not in g and "xsktrace failed (xsktrace exit 2" in g["guest_analysis_note"]
+
+
+def _result(trace: Path, g: dict):
+    from lab.workload import TargetResult
+    return TargetResult(label="vm-0", kernel="6.1.192", evidence=_agent_ev(trace, **g))
+
+
+def test_fetch_evidence_keeps_a_clean_trace_in_the_guest(xsktrace, tmp_path):
+    from lab.host import LocalHost
+    from lab.workload import fetch_evidence
+
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    trace = unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", guest)
+    res = _result(trace, evidence.guest_scan(trace, xsktrace))
+    trace.unlink()          # the host never reads it: fetching it would fail now
+    fetch_evidence(LocalHost(), res, tmp_path / "out")
+    e = res.evidence
+    assert e["analysed_in"] == "guest" and e["trace_file"] is None and "trace_path" not in e
+    assert e["guest_trace_path"] == str(trace) and not (tmp_path / "out" / "evidence").exists()
+    assert e["available"] and e["window_hits"] == 0 and e["receives"] == 6531 and e["span_s"] == 0.9925
+    assert e["analysis_seconds"] == e["guest_analysis"]["seconds"] and res.notes == []
+
+
+def test_fetch_evidence_moves_a_trace_with_hits(xsktrace, tmp_path):
+    from lab.host import LocalHost
+    from lab.workload import fetch_evidence
+
+    trace = unpack(FIXTURES / "generic-reverted-6.1-vm-violation-raw.trace.gz", tmp_path)
+    res = _result(trace, evidence.guest_scan(trace, xsktrace))
+    res.by_kind = {"order": 1}
+    fetch_evidence(LocalHost(), res, tmp_path / "out")
+    e = res.evidence
+    assert e["analysed_in"] == "host" and Path(e["trace_file"]).is_file()
+    assert e["window_hits"] == e["guest_analysis"]["overlap_hits"] == 316
+    assert e["interleaving_focus"] == "violation" and e["violation_mark"].startswith("racelab violation")
