@@ -210,6 +210,9 @@ def resolve(spec: str, *, fragments: Sequence[str | Path] = (), patches: Sequenc
     """A spec string (+ extra --fragment/--patch) -> KernelSpec.  Unknown names list close matches."""
     cat = catalog or load_catalog()
     spec = spec.strip()
+    typed = spec
+    spec, files_p, files_f = _split_files(spec, cat)
+    patches, fragments = (*files_p, *patches), (*files_f, *fragments)
     base = _resolve_base(spec, cat)
     if not fragments and not patches:
         return base
@@ -227,9 +230,41 @@ def resolve(spec: str, *, fragments: Sequence[str | Path] = (), patches: Sequenc
             else:
                 affected = None          # an outside patch may change anything
                 break
-    label = spec + "".join(f" +{Path(str(x)).name}" for x in (*patches, *fragments))
+    label = typed if files_p or files_f else spec
+    label += "".join(f" +{Path(str(x)).name}" for x in (*patches[len(files_p):], *fragments[len(files_f):]))
     return KernelSpec(label, base.source, base.patches + tuple(map(str, extra_p)),
                       base.fragments + tuple(map(str, extra_f)), affected, base.note)
+
+
+def _split_files(spec: str, cat: Catalog) -> tuple[str, list[str], list[str]]:
+    """NAME+x+y where some x are files: (NAME+the catalog patches, patch files, fragments).
+
+    A `+` part that is not a catalog patch is a file: a config fragment if it ends in
+    .config (or names one in kernels/config), else a patch.  `6.1.192+~/fix.patch`
+    then means the same as `6.1.192 --patch ~/fix.patch`, wherever --kernel is taken."""
+    head, *tail = spec.split("+")
+    if not tail or head not in cat.kernels and head.partition(":")[0] != "debsrc":
+        return spec, [], []
+    names = [t for t in tail if t in cat.patches]
+    others = [t for t in tail if t not in cat.patches]
+    if not others:
+        return spec, [], []
+    patches: list[str] = []
+    frags: list[str] = []
+    if not any("/" in t or t.endswith((".patch", ".diff", ".config")) or _input_file(t, cat)
+               or (cat.root / "config" / f"{t}.config").is_file() for t in others):
+        return spec, [], []   # a misspelt catalog name: _resolve_base suggests close matches
+    for t in others:
+        if t.endswith(".config") or (_input_file(t, cat) is None and "/" not in t
+                                     and any((cat.root / "config" / n).is_file() for n in (t, f"{t}.config"))):
+            frags.append(t)
+        elif _input_file(t, cat) is not None:
+            patches.append(t)
+        else:
+            raise BadInput(f"{spec}: {t!r} is neither a catalog patch nor a file",
+                           hint=f"catalog patches: {', '.join(cat.patches)}; or a path to a .patch file "
+                                f"or a .config fragment (relative to . or {cat.root.parent})")
+    return "+".join([head, *names]), patches, frags
 
 
 def _resolve_base(spec: str, cat: Catalog) -> KernelSpec:

@@ -1154,3 +1154,23 @@ def test_bzimage_in_a_build_tree_takes_config_and_system_map_from_the_top(tmp_pa
     other = fake_bzimage(boot / "bzImage", "6.1.99-tree2")
     art2 = kernel.ensure(kernel.resolve(f"bzimage:{other}"), progress=False)
     assert "beside" in art2.system_map.read_text()
+
+
+def test_files_in_a_kernel_name_are_patches_and_fragments(tmp_path, monkeypatch):
+    """`NAME+path.patch+frag.config` wherever --kernel is taken: the same as --patch/--fragment."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.patch").write_text("")
+    (tmp_path / "extra.config").write_text("CONFIG_KCSAN=y\n")
+    s = kernel.resolve("6.1.192+revert-veth-napi+mine.patch+extra.config")
+    assert s.name == "6.1.192+revert-veth-napi+mine.patch+extra.config"
+    assert [Path(p).name for p in s.patches] == ["revert-veth-napi.patch", "mine.patch"]
+    assert s.patches[-1] == str(tmp_path / "mine.patch")
+    assert s.fragments[-1] == str(tmp_path / "extra.config")
+    assert s.affected is None                   # an outside patch: no expectation
+    s = kernel.resolve("6.1.192+kcsan")         # a fragment of kernels/config by name
+    assert s.fragments[-1].endswith("kcsan.config") and s.patches == ()
+    explicit = kernel.resolve("6.1.192", fragments=["kcsan"])
+    assert (s.source, s.patches, s.fragments) == (explicit.source, explicit.patches, explicit.fragments)
+    with pytest.raises(BadInput, match="neither a catalog patch nor a file") as e:
+        kernel.resolve("6.1.192+./nosuch.patch")
+    assert "revert-veth-napi" in e.value.hint

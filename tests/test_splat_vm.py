@@ -18,7 +18,7 @@ import pytest
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 BOOT_WARN = ROOT / "tests" / "fixtures" / "kernel" / "boot-warn.patch"
-KERNEL = f"debsrc:linux-source-6.1+{BOOT_WARN}"
+KERNEL = f"6.1.192+{BOOT_WARN}"   # a catalog name + a patch file, as a user writes it
 MESSAGE = "racelab: boot-time warning for the test"
 
 
