@@ -53,6 +53,8 @@ class Host(Protocol):
     name: str          # for logs and results: "local", "vm-3"
     python: str        # interpreter to run lab code with
     lab_root: str      # directory holding the `lab` package (PYTHONPATH)
+    agent_python: tuple[str, ...]   # how the agent's interpreter starts (argv before -m)
+    agent_path: str    # the agent's PYTHONPATH: the lab and what it imports
     bin_dir: str       # directory holding xskcheck and xsksend
 
     def cmd(self, argv: Sequence[str], *, check: bool = True, timeout: float | None = None,
@@ -106,6 +108,8 @@ class LocalHost:
     def __init__(self, bin_dir: str | None = None) -> None:
         self.python = sys.executable
         self.lab_root = str(runmod.project_root())
+        self.agent_python = (self.python,)     # the venv's site-packages hold pyroute2
+        self.agent_path = self.lab_root
         self.bin_dir = bin_dir or ""
 
     def cmd(self, argv: Sequence[str], *, check: bool = True, timeout: float | None = None,

@@ -266,8 +266,8 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
     agent is asked to stop and its last lines are read; the result is then
     .interrupted, with what it had counted so far."""
     res = TargetResult(label=label, kernel=kernel)
-    env = {"PYTHONPATH": host.lab_root}
-    argv = [host.python, "-m", "lab.agent", spec.to_json()]
+    env = {"PYTHONPATH": host.agent_path}
+    argv = [*host.agent_python, "-m", "lab.agent", spec.to_json()]
     load_at: float | None = None
     ready_at: float | None = None   # agent clock of the senders' ready line
     done = False

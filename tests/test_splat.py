@@ -189,6 +189,7 @@ class _Proc:
 
 class _Host:
     python, lab_root, bin_dir = "python3", "/opt/racelab", "/opt/racelab/bin"
+    agent_python, agent_path = ("python3", "-S"), "/opt/racelab:/opt/racelab/site"
 
     def __init__(self, steps, console):
         self.steps, self.console = steps, console

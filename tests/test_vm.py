@@ -298,6 +298,10 @@ def test_host_protocol_over_ssh(deb_kernel, image, tmp_path):
         # the lab and pyroute2 import in the guest (PYTHONPATH and the .pth file)
         r = h.cmd([h.python, "-c", "import lab.run, pyroute2; print(lab.run.__file__)"])
         assert r.stdout.strip() == "/opt/racelab/lab/run.py"
+        # ... and with the agent's own interpreter (no site module: PYTHONPATH only)
+        r = h.cmd(["env", f"PYTHONPATH={h.agent_path}", *h.agent_python, "-c",
+                   "import sys, lab.topology; lab.topology._iproute_class(); print(sys.flags.no_site)"])
+        assert r.stdout.strip() == "1"
         # put/get keep bytes and mode
         src = tmp_path / "payload"
         src.write_bytes(os.urandom(300_000))

@@ -32,6 +32,8 @@ class FakeHost:
     python = "python3"
     lab_root = "/opt/racelab"
     bin_dir = "/opt/racelab/bin"
+    agent_python = ("python3", "-S")
+    agent_path = "/opt/racelab:/opt/racelab/site"
 
     def __init__(self, events):
         self.lines = [json.dumps(e) if isinstance(e, dict) else e for e in events]
@@ -73,7 +75,7 @@ def test_stream_is_aggregated():
     assert r.packets == 5000 and r.load_seconds == 5.0
     assert r.by_kind == {"order": 6, "poison": 1}
     assert abs(r.first_violation_s - 0.25) < 1e-9
-    assert "violation" in seen and host.argv[:3] == ["python3", "-m", "lab.agent"]
+    assert "violation" in seen and host.argv[:4] == ["python3", "-S", "-m", "lab.agent"]
 
 
 def test_stream_without_agent_done_is_infrastructure_loss():
