@@ -104,6 +104,7 @@ class AgentSpec:
     duration: float
     stop_on_first: bool = False
     stop_grace: float = 0.0      # with stop_on_first: keep the load on this long after the first violation
+                                 # (< 0: hold it until the orchestrator says stop, SIGUSR1, or the duration)
     seed: int = 0
     bin_dir: str = ""
     trace: dict[str, Any] = field(default_factory=dict)   # evidence options (lab.evidence)
@@ -403,7 +404,7 @@ def run_agent(spec: AgentSpec) -> int:
         # the checker itself stops at the first violation only when no grace period follows it
         checker = Child("checker", topo.nsenter(c.ns, checker_argv(
             bin_dir, c, spec.duration + 30, spec.seed,
-            spec.stop_on_first and spec.stop_grace <= 0)), events)
+            spec.stop_on_first and spec.stop_grace == 0)), events)
         stack.callback(checker.stop)
         _wait_ready(checker, events, t0)
         for note in topo.apply_late():
@@ -429,9 +430,10 @@ def run_agent(spec: AgentSpec) -> int:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 break
-            if _STOP.is_set() and reason == "duration":
-                # the orchestrator has seen enough: end the load as if its duration had elapsed
-                reason = "stopped"
+            if _STOP.is_set() and reason in ("duration", "first-violation"):
+                # the orchestrator has seen enough: end the load as if its duration (or the
+                # grace after the first violation) had elapsed
+                reason = "stopped" if reason == "duration" else reason
                 break
             try:
                 src, line = events.get(timeout=min(timeout, 0.2))
@@ -448,8 +450,9 @@ def run_agent(spec: AgentSpec) -> int:
             emit(ev)
             if ev.get("type") == "violation" and spec.stop_on_first and reason != "first-violation":
                 reason = "first-violation"
-                deadline = min(deadline, time.monotonic() + spec.stop_grace)
-                if spec.stop_grace <= 0:
+                if spec.stop_grace >= 0:
+                    deadline = min(deadline, time.monotonic() + spec.stop_grace)
+                if spec.stop_grace == 0:
                     break
         load_seconds = time.monotonic() - load_start
         for ch in children:

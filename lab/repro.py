@@ -24,6 +24,7 @@ from lab.workload import TargetResult
 
 
 AFFECTED_GRACE_S = 5.0
+HOLD = -1.0    # AgentSpec.stop_grace: after the first violation, load on until SIGUSR1 or the budget
 
 
 def expectations(s: Scenario, names: list[str], artifacts_affected: list[tuple[str, ...] | None],
@@ -73,6 +74,10 @@ def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True,
         for k in names))
     title = f"racelab repro {s.name}" + (f" with mitigation {cfg.mitigation}" if cfg.mitigation else "")
     control = None if fixed_duration else ControlStop.for_repro(s, expected, cfg.vms)
+    if control is not None and cfg.stop_grace > 0:
+        # each guest holds its load after its first violation until ControlStop releases it:
+        # the control's rate keeps being measured while the control needs it
+        cfg = dataclasses.replace(cfg, stop_grace=HOLD)
     if control is not None:
         log.info("a clean control stops once an affected-like kernel would have shown an onset with "
                  "probability >= %g (run.control_miss = %g), within the %s budget",
@@ -82,7 +87,7 @@ def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True,
 
 @dataclass
 class _Watched:
-    """One control target, as its agent's events tell it."""
+    """One target (a control's or an affected kernel's), as its agent's events tell it."""
 
     host: Any = None
     pid: int | None = None
@@ -91,6 +96,9 @@ class _Watched:
     prev_rx: int = 0
     clean_s: float = 0.0           # seconds packets flowed, as lab.workload counts exposure
     violated: bool = False
+    onsets: int = 0                # violations that start a fault (the checker's "onset")
+    first_violation_t: float | None = None   # s since load start
+    ended: bool = False            # its agent is done (agent-done, or the fleet says so)
     stop_sent: bool = False
     reason: str = ""               # the agent's own reason for ending ("stopped": ours)
 
@@ -100,13 +108,21 @@ class ControlStop:
     """Ends a clean control once its evidence suffices.
 
     The affected kernels (expected to reproduce) give a rate: the Garwood lower bound,
-    at the scenario's confidence, of their onsets per second.  A control (expected
-    clean) that stays clean so long that an affected-like kernel would have shown an
-    onset with probability >= 1 - miss is asked to end its load (SIGUSR1 to its agent,
-    which ends as if its duration had elapsed: a normal result over the exposure it
-    had).  Until every affected kernel has reproduced, the controls keep running; the
-    budget caps them either way.  The fleet calls on_event() for every agent event,
-    target_done() when an agent's run ends and annotate() on every row."""
+    at the scenario's confidence, of their onsets per second of traffic, summed over
+    their guests as the control's clean seconds are.  A control (expected clean) that
+    stays clean so long that an affected-like kernel would have shown an onset with
+    probability >= 1 - miss is asked to end its load (SIGUSR1 to its agent, which ends
+    as if its duration had elapsed: a normal result over the exposure it had).  Until
+    every affected kernel has reproduced, the controls keep running; the budget caps
+    them either way.
+
+    The rate is measured while it is needed: repro holds an affected guest's load after
+    its first violation (AgentSpec.stop_grace < 0) and counts its onsets live, so a
+    rare race's bound tightens while the control runs instead of resting on the one
+    onset seen before the load ended.  A held guest is released (SIGUSR1) at least
+    AFFECTED_GRACE_S after its first violation, once no control still needs the rate.
+    The fleet calls on_event() for every agent event, target_done() when an agent's
+    run ends and annotate() on every row."""
 
     affected: tuple[str, ...]
     controls: tuple[str, ...]
@@ -117,6 +133,7 @@ class ControlStop:
     by: dict[str, float] = field(default_factory=dict)   # affected kernel -> its lower rate
     _done: dict[str, list[TargetResult]] = field(default_factory=dict)
     _watched: dict[str, dict[str, _Watched]] = field(default_factory=dict)
+    _said: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -129,7 +146,7 @@ class ControlStop:
         return cls(affected, controls, vms, s["run"]["confidence"], miss)
 
     def on_event(self, kernel: str, label: str, ev: dict[str, Any], host: Any) -> None:
-        if kernel not in self.controls:
+        if kernel not in self.controls and kernel not in self.affected:
             return
         with self._lock:
             w = self._watched.setdefault(kernel, {}).setdefault(label, _Watched())
@@ -139,44 +156,92 @@ class ControlStop:
                 w.pid = int(ev["pid"]) if isinstance(ev.get("pid"), int) else None
             elif typ == "violation":
                 w.violated = True
+                w.onsets += 1 if ev.get("onset", True) else 0
+                if w.first_violation_t is None and w.load_at is not None:
+                    w.first_violation_t = at - w.load_at
             elif typ == "agent-done":
-                w.reason = str(ev.get("reason", ""))
+                w.reason, w.ended = str(ev.get("reason", "")), True
             elif typ in ("stats", "done") and w.load_at is not None:
                 t, rx = at - w.load_at, int(ev.get("rx", 0) or 0)
                 if rx > w.prev_rx:
                     w.clean_s += max(0.0, t - w.prev_t)
                     w.prev_rx = rx
                 w.prev_t = max(w.prev_t, t)
-            todo = self._due(kernel) if typ in ("stats", "done") else []
+            todo = self._decide() if typ in ("stats", "done", "violation", "agent-done") else []
         self._send(todo)
 
     def target_done(self, kernel: str, res: TargetResult) -> None:
         """An agent's run ended (before its evidence is fetched: the rate is known now)."""
-        if kernel not in self.affected:
-            return
         with self._lock:
-            self._done.setdefault(kernel, []).append(res)
-            if len(self._done[kernel]) < self.vms:
-                return
-            row = rows_from_targets(kernel, self._done[kernel], 0.0, self.confidence, vms=self.vms)
-            self.by[kernel] = row.corruption.per_second[0] if row.verdict == v.REPRODUCED else 0.0
-            if set(self.by) != set(self.affected):
-                return
-            self.rate = min(self.by.values())
-            if self.rate > 0:
-                log.info("%s reproduced (>= %.3g onsets/s at %.0f%%): a clean control may stop after "
-                         "%.3g s of traffic", ", ".join(self.affected), self.rate, self.confidence * 100,
-                         v.budget_for(self.rate, self.miss))
-            todo = [t for k in self.controls for t in self._due(k)]
+            # a guest lost before its load has no events: it is done all the same
+            self._watched.setdefault(kernel, {}).setdefault(res.label, _Watched()).ended = True
+            if kernel not in self.affected:
+                todo = self._decide()
+            else:
+                self._done.setdefault(kernel, []).append(res)
+                if len(self._done[kernel]) >= self.vms:
+                    row = rows_from_targets(kernel, self._done[kernel], 0.0, self.confidence, vms=self.vms)
+                    # the final count, unless the live one (same units) says more
+                    final = row.corruption.per_second[0] if row.verdict == v.REPRODUCED else 0.0
+                    self.by[kernel] = max(final, self._live(kernel) or 0.0)
+                todo = self._decide()
         self._send(todo)
 
-    def _due(self, kernel: str) -> list[tuple[str, _Watched]]:
+    def _live(self, kernel: str) -> float | None:
+        """An affected kernel's lower rate from its guests' events so far; None: no onset yet."""
+        ws = self._watched.get(kernel, {}).values()
+        onsets, seconds = sum(w.onsets for w in ws), sum(w.clean_s for w in ws)
+        if onsets == 0 or seconds <= 0:
+            return None
+        return v.poisson_interval(onsets, seconds, self.confidence)[0]
+
+    def _current(self) -> float | None:
+        """The rate a control is tested against now: the lowest affected kernel's; None until
+        every affected kernel has reproduced (0: one ended without reproducing)."""
+        rates = []
+        for k in self.affected:
+            r = self.by.get(k, self._live(k))
+            if r is None:
+                return None
+            rates.append(r)
+        return min(rates)
+
+    def _decide(self) -> list[tuple[str, _Watched]]:
+        """Targets to send SIGUSR1 now (called with the lock held): controls clean long enough,
+        then held guests past their grace once no control still needs the rate."""
+        rate = self._current()
+        if rate is not None and (self.rate is None or not any(
+                w.stop_sent for k in self.controls for w in self._watched.get(k, {}).values())):
+            self.rate = rate   # frozen once a control is stopped on it: the rows cite that one
+        if rate and not self._said:
+            self._said = True
+            log.info("%s reproduced (>= %.3g onsets/s at %.0f%% so far): a clean control may stop after "
+                     "%.3g s of traffic", ", ".join(self.affected), rate, self.confidence * 100,
+                     v.budget_for(rate, self.miss))
+        todo = [t for k in self.controls for t in self._due(k, rate)]
+        if any(self._needs_rate(k) for k in self.controls):
+            return todo
+        for k in (*self.affected, *self.controls):
+            for label, w in self._watched.get(k, {}).items():
+                if w.violated and not w.ended and not w.stop_sent and w.pid is not None \
+                        and w.first_violation_t is not None \
+                        and w.prev_t - w.first_violation_t >= AFFECTED_GRACE_S:
+                    w.stop_sent = True
+                    todo.append((label, w))
+        return todo
+
+    def _needs_rate(self, kernel: str) -> bool:
+        """Is a control still running clean, waiting for enough evidence (or still booting)?"""
+        ws = self._watched.get(kernel, {})
+        return len(ws) < self.vms or any(not (w.ended or w.violated or w.stop_sent) for w in ws.values())
+
+    def _due(self, kernel: str, rate: float | None) -> list[tuple[str, _Watched]]:
         """The targets of a control to stop now (called with the lock held)."""
         ws = self._watched.get(kernel, {})
-        if not self.rate or len(ws) < self.vms or any(w.violated or w.pid is None for w in ws.values()):
+        if not rate or len(ws) < self.vms or any(w.violated or w.pid is None for w in ws.values()):
             return []
         if any(w.stop_sent for w in ws.values()) or \
-                not v.clean_enough(self.rate, sum(w.clean_s for w in ws.values()), self.miss):
+                not v.clean_enough(rate, sum(w.clean_s for w in ws.values()), self.miss):
             return []
         for w in ws.values():
             w.stop_sent = True

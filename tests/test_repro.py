@@ -1,8 +1,10 @@
 """repro's early stop of a clean control (lab.repro.ControlStop), its verdict line,
 and the per-phase breakdown of a run; the agent's graceful stop on a real netns load."""
+import dataclasses
 import math
 import signal
 import threading
+import time
 
 import pytest
 
@@ -226,3 +228,104 @@ def test_sigusr1_ends_a_real_load_gracefully(tmp_path):
     assert res.packets > 0 and res.final, "the checker's final counters came through"
     row = rows_from_targets("host", [res], 10.0, 0.95, vms=0)
     assert row.verdict == v.NOT_REPRODUCED and row.seconds > 1.0
+
+
+@pytest.mark.root
+def test_a_held_load_goes_on_after_its_first_violation_until_released(tmp_path):
+    """stop_grace < 0 (repro.HOLD), on this machine's kernel with an injected fault: the load
+    and the checker go on after the first violation, and SIGUSR1 ends them, the row
+    keeping its first violation."""
+    from lab import dataplane
+    from lab.host import LocalHost
+    from lab.workload import agent_spec, run_target
+
+    bin_dir = str(dataplane.build())
+    s = scenario.load("generic-rx-race", {"load.senders": 1, "load.rate": 100000})
+    spec = agent_spec(s, duration=60.0, seed=3, bin_dir=bin_dir, stop_on_first=True, inject="duplicate",
+                      stop_grace=repro.HOLD)
+    host = LocalHost(bin_dir)
+    seen: dict = {"violations": []}
+    timer: list[threading.Timer] = []
+
+    def on_event(label, ev):
+        if ev.get("type") == "load-start":
+            seen["pid"] = ev["pid"]
+        elif ev.get("type") == "violation":
+            seen["violations"].append(time.monotonic())
+            if not timer:   # released 6 s after the first violation, as ControlStop would
+                t = threading.Timer(6.0, lambda: host.cmd(["kill", "-USR1", str(seen["pid"])]))
+                timer.append(t)
+                t.start()
+
+    t0 = time.monotonic()
+    res = run_target(host, spec, label="local/hold", kernel="host", on_event=on_event)
+    for t in timer:
+        t.cancel()
+    assert res.reason == "first-violation" and res.infra_error is None, res
+    first = seen["violations"][0]
+    at_first = max((rx for t, rx in res.rx_points if t <= res.first_violation_from_load_start_s), default=0)
+    assert res.load_seconds > 5.0 and res.packets > at_first + 1000, \
+        "the load and the checker went on after the first violation"
+    assert 5.0 < time.monotonic() - first < 20.0 and time.monotonic() - t0 < 40, \
+        "held past its first violation, ended by the request, not by the 60 s duration"
+    assert res.first_violation_s is not None and res.onsets_by_kind.get("duplicate", 0) >= 1
+
+
+def test_a_held_affected_guest_keeps_measuring_and_is_released_once_the_control_stops():
+    """One onset gives a weak bound (a control would want ~10 min of it); with the affected
+    guest's load held after its first violation, its later onsets tighten the bound while
+    the control runs, the control stops far sooner, and only then is the affected released."""
+    cs, aff, ctl = stop(), FakeHost(), FakeHost()
+    A, C = f"{AFF}/vm-0", f"{CTL}/vm-0"
+    cs.on_event(AFF, A, {"type": "load-start", "at": 0.0, "pid": 100}, aff)
+    cs.on_event(CTL, C, {"type": "load-start", "at": 0.0, "pid": 200}, ctl)
+    one_onset_need = v.budget_for(lower_rate(1, 2.0), 1e-3)
+    assert one_onset_need > 500
+    stopped_at = None
+    t = 0.0
+    while t < 120 and not aff.calls:
+        t += 0.5
+        cs.on_event(AFF, A, {"type": "stats", "at": t, "rx": int(1000 * t)}, aff)
+        if t >= 2 and t % 2 == 0:      # an onset every 2 s from t = 2
+            cs.on_event(AFF, A, {"type": "violation", "at": t, "kind": "poison", "onset": True}, aff)
+            cs.on_event(AFF, A, {"type": "violation", "at": t, "kind": "order", "onset": False}, aff)
+        assert aff.calls == [], "the affected guest is held while the control still runs"
+        cs.on_event(CTL, C, {"type": "stats", "at": t, "rx": int(1000 * t)}, ctl)
+        if ctl.calls and stopped_at is None:
+            stopped_at = t
+    assert ctl.calls == [["kill", "-USR1", "200"]]
+    assert stopped_at is not None and stopped_at < 60 < one_onset_need
+    onsets = int(stopped_at // 2)
+    assert cs.rate == pytest.approx(lower_rate(onsets, stopped_at), rel=0.1), "the live rate, in VM-seconds"
+    assert aff.calls == [["kill", "-USR1", "100"]], "released once no control needs the rate"
+
+
+def test_a_held_guest_is_released_after_its_grace_once_the_control_is_done_by_itself():
+    cs, aff, ctl = stop(), FakeHost(), FakeHost()
+    A, C = f"{AFF}/vm-0", f"{CTL}/vm-0"
+    cs.on_event(AFF, A, {"type": "load-start", "at": 0.0, "pid": 100}, aff)
+    cs.on_event(CTL, C, {"type": "load-start", "at": 0.0, "pid": 200}, ctl)
+    cs.on_event(CTL, C, {"type": "violation", "at": 0.5, "kind": "order"}, ctl)   # the control too
+    cs.on_event(AFF, A, {"type": "violation", "at": 1.0, "kind": "order"}, aff)
+    for i in range(3, 12):
+        cs.on_event(AFF, A, {"type": "stats", "at": i * 0.5, "rx": 1000 * i}, aff)
+    assert aff.calls == [], f"{repro.AFFECTED_GRACE_S} s after the first violation first"
+    for i in range(12, 20):
+        cs.on_event(AFF, A, {"type": "stats", "at": i * 0.5, "rx": 1000 * i}, aff)
+        cs.on_event(CTL, C, {"type": "stats", "at": i * 0.5, "rx": 1000 * i}, ctl)
+    assert aff.calls == [["kill", "-USR1", "100"]] and ctl.calls == [["kill", "-USR1", "200"]], \
+        "no clean control left to need a rate: both held guests go"
+
+
+def test_repro_holds_the_load_only_where_a_control_needs_the_rate(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(fleet, "resolve_kernels", lambda names: [
+        type("K", (), {"affected": ("generic-rx-race",) if "+" in n else ()})() for n in names])
+    monkeypatch.setattr(fleet, "run_vm", lambda cfg, **kw: seen.update(cfg=cfg, control=kw["control"]))
+    from lab.config import RunConfig
+    s = scenario.load("generic-rx-race")
+    base = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(AFF, CTL), duration=60.0)
+    repro.run_repro(base, budget_given=False, progress=False)
+    assert seen["control"] is not None and seen["cfg"].stop_grace == repro.HOLD
+    repro.run_repro(dataclasses.replace(base, kernels=(AFF,)), budget_given=False, progress=False)
+    assert seen["control"] is None and seen["cfg"].stop_grace == repro.AFFECTED_GRACE_S
