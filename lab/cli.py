@@ -235,12 +235,12 @@ def cmd_kernel(a: argparse.Namespace) -> int:
     from lab import kernel
 
     if a.kcmd == "list":
-        kernel.cli_list()
+        kernel.cli_list(as_json=a.json)
     elif a.kcmd == "build":
         path = kernel.cli_build(a.spec, a.fragment, a.patch, a.vmlinux)
         print(path)
     elif a.kcmd == "show":
-        kernel.cli_show(a.name, a.fragment, a.patch)
+        kernel.cli_show(a.name, a.fragment, a.patch, as_json=a.json)
     elif a.kcmd == "gc":
         kernel.cli_gc(a.keep)
     return EXIT_OK
@@ -456,7 +456,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("kernel", help="kernels: list, build, show, gc")
     ks = p.add_subparsers(dest="kcmd", required=True)
-    ks.add_parser("list", help="named kernels in kernels/catalog.toml and what is cached")
+    kl = ks.add_parser("list", help="named kernels in kernels/catalog.toml and what is cached")
+    kl.add_argument("--json", action="store_true", help="one JSON document on stdout")
     b = ks.add_parser("build", help="build or fetch a kernel; prints the artifact path")
     b.add_argument("spec")
     b.add_argument("--fragment", action="append", default=[], help="extra config fragment")
@@ -466,6 +467,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--fragment", action="append", default=[], help="extra config fragment, as for build")
     s.add_argument("--patch", action="append", default=[], help="extra patch, as for build")
+    s.add_argument("--json", action="store_true", help="one JSON document on stdout")
     g = ks.add_parser("gc", help="drop cached kernels, keeping the most recently used")
     g.add_argument("--keep", type=int, default=5)
     p.set_defaults(func=cmd_kernel)
@@ -573,6 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f"; the results so far are in {kept.out} (every row INCONCLUSIVE)" if kept else ""),
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `racelab kernel list --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except OSError as e:
         # a file the user named (--out, a scenario path) or the machine itself (no disk):
         # not a verdict, and not the "verdict contradicts --expect" code 1 either

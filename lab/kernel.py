@@ -796,8 +796,21 @@ def _fmt_affected(a: tuple[str, ...] | None) -> str:
     return ",".join(a) if a else "fixed"
 
 
-def cli_list() -> None:
+def listing_json(r: Listing) -> dict[str, Any]:
+    """One `kernel list --json` entry."""
+    a = r.cached
+    return {"name": r.name, "source": r.source, "affected": None if r.affected is None else list(r.affected),
+            "note": r.note, "cached": a is not None, "key": a.key if a else None,
+            "dir": str(a.dir) if a else None, "version": a.version if a else None,
+            "bzimage": str(a.bzimage) if a else None}
+
+
+def cli_list(as_json: bool = False) -> None:
     rows = list_kernels()
+    if as_json:
+        print(json.dumps({"schema_version": 1, "cache": str(store()),
+                          "kernels": [listing_json(r) for r in rows]}, indent=2))
+        return
     w = max(len(r.name) for r in rows) if rows else 10
     print(f"{'NAME':<{w}}  {'AFFECTED':<16}  {'CACHED':<8}  NOTE")
     for r in rows:
@@ -820,8 +833,12 @@ def cli_build(spec: str, fragments: Sequence[str] = (), patches: Sequence[str] =
     return art.bzimage
 
 
-def cli_show(name: str, fragments: Sequence[str] = (), patches: Sequence[str] = ()) -> dict[str, Any]:
+def cli_show(name: str, fragments: Sequence[str] = (), patches: Sequence[str] = (),
+             as_json: bool = False) -> dict[str, Any]:
     info = show(name, fragments=fragments, patches=patches)
+    if as_json:
+        print(json.dumps({"schema_version": 1, **info}, indent=2))
+        return info
     for k, v in info.items():
         if isinstance(v, list):
             v = "\n    ".join(["", *map(str, v)]) if v else "-"

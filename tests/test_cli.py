@@ -136,6 +136,31 @@ def test_kernel_list_v_runs():
     assert "6.12.117" in p.stdout
 
 
+def test_kernel_list_and_show_json(tmp_path):
+    """Machine-readable catalog and cache: one JSON document each, with a schema version;
+    a reader that stops early (| head) is no error."""
+    import json
+
+    env = {**os.environ, "RACELAB_CACHE": str(tmp_path)}   # an empty cache: nothing is cached
+    run = lambda *args: subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=ROOT, env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)
+    p = run("kernel", "list", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["schema_version"] == 1 and doc["cache"].startswith(str(tmp_path))
+    by = {k["name"]: k for k in doc["kernels"]}
+    assert by["6.1.192+revert-veth-napi"]["affected"] == ["veth-napi-race"]
+    assert by["6.1.192"]["cached"] is False and by["6.1.192"]["bzimage"] is None
+    p = run("kernel", "show", "6.1.192+revert-generic-rx", "--json")
+    assert p.returncode == 0, p.stderr
+    show = json.loads(p.stdout)
+    assert show["schema_version"] == 1 and show["name"] == "6.1.192+revert-generic-rx"
+    assert [Path(x).name for x in show["patches"]] == ["revert-generic-rx.patch"] and len(show["key"]) == 24
+    p = subprocess.run(f"{sys.executable} -m lab.cli kernel list --json | head -1", shell=True, cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.stdout == "{\n" and "error" not in p.stderr, p.stderr
+
+
 def test_version():
     p = subprocess.run([sys.executable, "-m", "lab.cli", "--version"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
