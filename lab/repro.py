@@ -98,6 +98,7 @@ class _Watched:
     violated: bool = False
     onsets: int = 0                # violations that start a fault (the checker's "onset")
     first_violation_t: float | None = None   # s since load start
+    at_grace: tuple[int, float] | None = None  # (onsets, clean_s) AFFECTED_GRACE_S after the first violation
     ended: bool = False            # its agent is done (agent-done, or the fleet says so)
     stop_sent: bool = False
     reason: str = ""               # the agent's own reason for ending ("stopped": ours)
@@ -167,6 +168,9 @@ class ControlStop:
                     w.clean_s += max(0.0, t - w.prev_t)
                     w.prev_rx = rx
                 w.prev_t = max(w.prev_t, t)
+                if w.at_grace is None and w.first_violation_t is not None \
+                        and w.prev_t - w.first_violation_t >= AFFECTED_GRACE_S:
+                    w.at_grace = (w.onsets, w.clean_s)
             todo = self._decide() if typ in ("stats", "done", "violation", "agent-done") else []
         self._send(todo)
 
@@ -188,12 +192,23 @@ class ControlStop:
         self._send(todo)
 
     def _live(self, kernel: str) -> float | None:
-        """An affected kernel's lower rate from its guests' events so far; None: no onset yet."""
-        ws = self._watched.get(kernel, {}).values()
+        """An affected kernel's lower rate from its guests' events; None: no onset yet.
+
+        The better of two looks: at AFFECTED_GRACE_S after each guest's first violation
+        (what a run that ended there would have measured), and now.  Onsets need not
+        come at a steady rate (the generic race's come in a burst, then seldom), so the
+        longer look alone could weaken the bound the shorter one gave; a rare race's
+        bound grows with the longer one."""
+        ws = list(self._watched.get(kernel, {}).values())
         onsets, seconds = sum(w.onsets for w in ws), sum(w.clean_s for w in ws)
         if onsets == 0 or seconds <= 0:
             return None
-        return v.poisson_interval(onsets, seconds, self.confidence)[0]
+        now = v.poisson_interval(onsets, seconds, self.confidence)[0]
+        if len(ws) < self.vms or not all(w.at_grace or w.ended for w in ws):
+            return now
+        k = sum(w.at_grace[0] if w.at_grace else w.onsets for w in ws)
+        s = sum(w.at_grace[1] if w.at_grace else w.clean_s for w in ws)
+        return max(now, v.poisson_interval(k, s, self.confidence)[0] if k and s > 0 else 0.0)
 
     def _current(self) -> float | None:
         """The rate a control is tested against now: the lowest affected kernel's; None until

@@ -329,3 +329,23 @@ def test_repro_holds_the_load_only_where_a_control_needs_the_rate(monkeypatch):
     assert seen["control"] is not None and seen["cfg"].stop_grace == repro.HOLD
     repro.run_repro(dataclasses.replace(base, kernels=(AFF,)), budget_given=False, progress=False)
     assert seen["control"] is None and seen["cfg"].stop_grace == repro.AFFECTED_GRACE_S
+
+
+def test_a_burst_of_onsets_keeps_the_bound_it_gave_though_the_held_load_goes_quiet():
+    """The generic race's onsets come in a burst, then seldom: the rate measured at the grace
+    (what a run ending there would have said) stands; the longer, quieter look cannot weaken it."""
+    cs, aff, ctl = stop(), FakeHost(), FakeHost()
+    A, C = f"{AFF}/vm-0", f"{CTL}/vm-0"
+    cs.on_event(AFF, A, {"type": "load-start", "at": 0.0, "pid": 100}, aff)
+    cs.on_event(CTL, C, {"type": "load-start", "at": 0.0, "pid": 200}, ctl)
+    t = 0.0
+    while not ctl.calls and t < 60:
+        t += 0.5
+        if t <= 1.0:
+            for _ in range(3):
+                cs.on_event(AFF, A, {"type": "violation", "at": t, "kind": "order", "onset": True}, aff)
+        cs.on_event(AFF, A, {"type": "stats", "at": t, "rx": int(1000 * t)}, aff)
+        cs.on_event(CTL, C, {"type": "stats", "at": t, "rx": int(1000 * t)}, ctl)
+    at_grace = lower_rate(6, 0.5 + repro.AFFECTED_GRACE_S)
+    assert ctl.calls and t <= v.budget_for(at_grace, 1e-3) + 1.0, (t, cs.rate)
+    assert cs.rate >= at_grace * 0.99 > lower_rate(6, t)
