@@ -250,7 +250,13 @@ def step_main(state_path: str) -> int:
 # --- the whole bisection ----------------------------------------------------------
 
 def calibrate(st: State, ref_sha: str, attempts: int, max_seconds: float) -> tuple[int, float]:
-    """(events, load seconds) on the reproducing end: runs to the first violation."""
+    """(events, VM-seconds of load) on the reproducing end: runs to the first violation.
+
+    VM-seconds, the unit a step's clean exposure (its row's seconds, summed over its
+    guests) is counted in: up to a fleet's first violation every one of its st.vms
+    guests was loading, so that run exposed first_violation_s x vms.  Counting the
+    fleet's wall seconds instead made a clean step with --vms 2 claim twice the
+    exposure it had against the rate (0.9999 where the design gives 0.99)."""
     events, seconds = 0, 0.0
     cal = dataclasses.replace(st, budget=max_seconds)
     for i in range(attempts):
@@ -260,7 +266,8 @@ def calibrate(st: State, ref_sha: str, attempts: int, max_seconds: float) -> tup
             raise InfraError(f"calibration run failed on {ref_sha[:12]}: {rec.get('reason')}")
         if rec["outcome"] == "reproduced":
             events += 1
-            seconds += float(rec.get("first_violation_s") or rec.get("load_s") or 0.0)
+            fv = rec.get("first_violation_s")
+            seconds += float(fv) * st.vms if fv else float(rec.get("load_s") or 0.0)
         else:
             seconds += float(rec.get("load_s") or max_seconds)
         log.info("calibration %d/%d: %s after %.1fs", i + 1, attempts, rec["outcome"],
@@ -307,11 +314,12 @@ def main(a: argparse.Namespace) -> int:
                    log=str(out / "bisect.jsonl"), out=str(out),
                    seed=random.SystemRandom().randrange(1 << 31), good=shas["good"], bad=shas["bad"])
         events, seconds = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget))
-        rate_low = rate_lower_bound(events, seconds)
-        budget = step_budget(rate_low, floor=parse_duration(a.min_step))
-        print(f"calibrated on {racy_end[:12]}: {events} reproduction(s) in {seconds:.1f}s of load; "
-              f"rate >= {rate_low:.3g}/s (95%); step budget {budget:.1f}s for P(miss) <= {MISS:.0%}",
-              flush=True)
+        rate_low = rate_lower_bound(events, seconds)      # per VM-second
+        # a step's fleet gathers vms VM-seconds per second of load
+        budget = step_budget(rate_low * st.vms, floor=parse_duration(a.min_step))
+        print(f"calibrated on {racy_end[:12]}: {events} reproduction(s) in {seconds:.1f} VM-seconds of "
+              f"load; rate >= {rate_low:.3g}/s per guest (95%); step budget {budget:.1f}s on {st.vms} "
+              f"guest(s) for P(miss) <= {MISS:.0%}", flush=True)
     # `git bisect` runs in a private bare clone that borrows the tree's objects: the user's
     # checkout is never touched, and two bisections of one tree cannot collide on its index
     _sweep_stale_clones()

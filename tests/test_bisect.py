@@ -162,3 +162,20 @@ def test_resume_follows_a_moved_directory(tmp_path):
     st = b.resume_state(new, str(tmp_path / "linux"), "generic-rx-race", "cause",
                         {"good": "a" * 40, "bad": "b" * 40})
     assert st.out == str(new) and st.log == str(new / "bisect.jsonl")
+
+
+def test_calibration_counts_vm_seconds_as_a_clean_step_does(monkeypatch, tmp_path):
+    """--vms 2: a fleet's first violation at 10 s exposed 2 x 10 VM-seconds; a clean step's
+    row counts its seconds summed over its guests.  The same units on both sides give the
+    designed confidence (0.99 per step at the step budget), not an inflated one."""
+    recs = iter([{"outcome": "reproduced", "first_violation_s": 10.0, "load_s": 21.0},
+                 {"outcome": "reproduced", "first_violation_s": 30.0, "load_s": 61.0}])
+    monkeypatch.setattr(b, "test_commit", lambda st, sha, label: {"commit": sha, **next(recs)})
+    st = b.State(tree=str(tmp_path), scenario="generic-rx-race", find="cause", budget=0, rate_low=0,
+                 vms=2, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1)
+    events, seconds = b.calibrate(st, "c" * 40, attempts=2, max_seconds=60)
+    assert (events, seconds) == (2, 80.0)
+    rate = b.rate_lower_bound(events, seconds)               # per guest (VM-second)
+    wall = b.step_budget(rate * st.vms, floor=1.0)          # seconds of load for the 2-guest fleet
+    clean_row_seconds = wall * st.vms                       # what that fleet's clean row counts
+    assert b.step_confidence(False, rate, clean_row_seconds) == pytest.approx(1 - b.MISS, abs=1e-6)
