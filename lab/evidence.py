@@ -1179,11 +1179,11 @@ def analyze_file(path: Path) -> Analysis:
 
 def scan(path: Path, binary: Path, timeout: float = SCAN_TIMEOUT_S) -> dict[str, Any]:
     """xsktrace's summary of a raw trace (one JSON object); OSError/ValueError when it cannot give one."""
-    import subprocess
+    from lab.run import RacelabError, run
     try:
-        p = subprocess.run([str(binary), str(path)], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise OSError(f"{binary.name} took over {timeout:g} s") from e
+        p = run([binary, path], check=False, timeout=timeout)
+    except RacelabError as e:            # missing, or timed out
+        raise OSError(f"{binary.name}: {e}") from e
     if p.returncode != 0:
         raise OSError(f"{binary.name} exit {p.returncode}: {(p.stderr or '').strip()[-300:]}")
     out = json.loads(p.stdout)
