@@ -360,7 +360,7 @@ def main(a: argparse.Namespace) -> int:
     want_c, want_p = ("reproduced", "clean") if a.find == "cause" else ("clean", "reproduced")
     verified = vc.get("outcome") == want_c and vp.get("outcome") == want_p
     conf = overall_confidence(confs + [vc.get("confidence", 0.0), vp.get("confidence", 0.0)])
-    report = {"find": a.find, "culprit": culprit, "subject": subject(tree, culprit),
+    report = {"schema_version": 1, "find": a.find, "culprit": culprit, "subject": subject(tree, culprit),
               "parent": parent, "verified": verified, "confidence": conf,
               "steps": len(confs), "step_budget_s": budget, "rate_low_per_s": rate_low,
               "wall_s": round(time.monotonic() - t0, 1), "log": st.log}

@@ -244,7 +244,7 @@ def main(a: argparse.Namespace) -> int:
     print_grid(cells, kernels, scenarios)
     write_junit(out / "junit.xml", cells)
     write_heatmap(out / "matrix.html", cells, kernels, scenarios)
-    (out / "matrix.json").write_text(json.dumps({"cells": [c.to_dict() for c in cells], "seed": seed,
+    (out / "matrix.json").write_text(json.dumps({"schema_version": 1, "cells": [c.to_dict() for c in cells], "seed": seed,
                                                  "wall_seconds": time.monotonic() - t0}, indent=2, default=str))
     print(f"results: {out}  (matrix.json, junit.xml, matrix.html); wall {time.monotonic() - t0:.0f}s")
     if any(c.outcome == ERROR for c in cells):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import amplifier, report
+from lab import amplifier, report, results
 from lab.config import RunConfig, fmt_duration, to_jsonable
 from lab.host import LocalHost
 from lab.run import BadInput, log, require_root, require_tools
@@ -275,6 +275,7 @@ def finish(cfg: RunConfig, scenario: Scenario, rows: list[Row], targets: list[Ta
     expected = expected or {}
     interrupted = any(r.interrupted for r in rows)
     summary = {
+        "schema_version": results.SUMMARY_VERSION,     # lab/schemas/summary.schema.json
         "scenario": cfg.scenario, "backend": cfg.backend, "bug": scenario.bug,
         "interrupted": interrupted,
         "rows": [report.row_dict(r) for r in rows],

@@ -26,6 +26,8 @@ def test_netns_run_on_a_fixed_host_kernel_is_not_reproduced(name, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "NOT REPRODUCED" in p.stdout and "rate <" in p.stdout
     s = json.loads((tmp_path / "summary.json").read_text())
+    from lab import results
+    assert results.problems(s) == [], "summary.json follows lab/schemas/summary.schema.json"
     (row,) = s["rows"]
     assert row["packets"] > 1000 and row["violations"] == 0
     assert s["config"]["seed"] == 7 and s["provenance"]["host_kernel"]

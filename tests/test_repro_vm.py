@@ -29,6 +29,8 @@ def test_repro_generic_rx_race_affected_vs_fixed(tmp_path):
     p = racelab("repro", "generic-rx-race", "--budget", f"{budget:g}s", "--out", str(tmp_path), "--json")
     assert p.returncode == 0, p.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
+    from lab import results
+    assert results.problems(summary) == [], "summary.json follows lab/schemas/summary.schema.json"
     rows = {r["kernel"]: r for r in summary["rows"]}
     assert set(rows) == {"6.1.192+revert-generic-rx", "6.1.192"}, "both kernels in the same run"
     affected, fixed = rows["6.1.192+revert-generic-rx"], rows["6.1.192"]
