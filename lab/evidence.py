@@ -72,7 +72,10 @@ FLUSH_CANDIDATES = ("xsk_flush", "__xsk_map_flush")
 # Callers of the receive that flush the socket themselves before returning.
 SELF_FLUSHING_CALLERS = ("xsk_generic_rcv",)
 GROUP = "racelab"
-TRACE_OUT = "/tmp/racelab-trace.txt"
+def trace_out() -> str:
+    """Where this agent's trace is saved: one file per process, so two agents on one
+    machine (netns runs side by side) never write into one; fetch_evidence removes it."""
+    return f"/tmp/racelab-trace-{os.getpid()}.txt"
 RAW_MAGIC = b"RACELAB-FTRACE-RAW 1\n"
 SCANNER = "xsktrace"                   # csrc/xsktrace.c: the raw trace's counts, where the trace is
 SCAN_TIMEOUT_S = 120.0                 # generous: it runs under TCG emulation in the guest
@@ -444,7 +447,7 @@ class Tracer:
                   "clock": _current_clock(self._r("trace_clock")),
                   "probes": self.probes, "callers": self._callers, "max_mb": max_mb}
         try:
-            self._streamer = _Streamer(self.root, Path(TRACE_OUT), cpus, header, max_mb << 20, page_size,
+            self._streamer = _Streamer(self.root, Path(trace_out()), cpus, header, max_mb << 20, page_size,
                                        recorder_s=float(self.opts.get("recorder_s", RECORDER_MIN_S)),
                                        buffer_kb=int(self.opts.get("buffer_kb", 4096)))
         except OSError as e:
@@ -538,7 +541,7 @@ class Tracer:
                 self.note = "; ".join(filter(None, [self.note, f"trace stream: {s.error}"]))
         else:
             # the `trace` file names neither its clock nor the probes' misses: say both
-            with open(self.root / "trace") as src, open(TRACE_OUT, "w") as dst:
+            with open(self.root / "trace") as src, open(trace_out(), "w") as dst:
                 dst.write(f"{_TEXT_CLOCK} {_current_clock(self._r('trace_clock'))}\n")
                 for ev, (hits, missed) in self._profile().items():
                     dst.write(f"{_TEXT_PROFILE} {ev} {hits} {missed}\n")
@@ -546,9 +549,9 @@ class Tracer:
                     dst.write(line)
             info = {"format": "text"}
         if scanner is not None and info.get("format") == "raw":
-            info.update(guest_scan(Path(TRACE_OUT), Path(scanner)))
+            info.update(guest_scan(Path(trace_out()), Path(scanner)))
         prof = self._profile()
-        return {"available": True, "trace_path": TRACE_OUT, "probes": self.probes,
+        return {"available": True, "trace_path": trace_out(), "probes": self.probes,
                 "measure": measure, "missing": self.missing, "note": self.note,
                 "kprobe_profile": prof, "kprobe_missed": sum(m for _, m in prof.values()),
                 "cpus": os.cpu_count(), "save_seconds": round(time.monotonic() - t, 3),

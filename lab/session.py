@@ -28,7 +28,7 @@ from lab.host import LocalHost
 from lab.run import BadInput, log, require_root, require_tools
 from lab.scenario import Scenario, from_data
 from lab.verdict import Row, decide
-from lab.workload import TargetResult, agent_spec, run_target, write_json
+from lab.workload import TargetResult, agent_spec, fetch_evidence, run_target, write_json
 
 AF_XDP = 44
 
@@ -246,6 +246,11 @@ def run_netns(cfg: RunConfig, progress: bool = True) -> Outcome:
     finally:
         prog.close()
     splat.host_splats(res, kmsg, scenario["vm"]["stalls"], bool(spec.trace), out)
+    if res.infra_error is None and not res.interrupted:
+        # the window analysis, as for a guest; the agent's trace file is removed either way
+        fetch_evidence(LocalHost(str(bin_dir)), res, out)
+    elif res.evidence.get("trace_path"):
+        Path(str(res.evidence["trace_path"])).unlink(missing_ok=True)
     row = rows_from_targets(kernel, [res], time.monotonic() - t0,
                             scenario["run"]["confidence"], vms=0)
     row.extra["amplifier"] = amplifier.summary(plan, [res])

@@ -404,7 +404,20 @@ def write_json(path: Path, obj: Any) -> None:
 def fetch_evidence(host: Host, res: TargetResult, out: Path) -> None:
     """Bring the trace home and run the interleaving analysis on it (host side).  A trace the
     guest's scanner counted and found nothing in for the host (trace_needed false) is not moved:
-    its Analysis is built from the scanner's summary and merged the same way."""
+    its Analysis is built from the scanner's summary and merged the same way.  On this
+    machine (the netns backend) the agent's trace file is removed afterwards; a guest's
+    goes with the guest."""
+    from lab.host import LocalHost
+
+    src = res.evidence.get("trace_path")
+    try:
+        _fetch_and_analyse(host, res, out)
+    finally:
+        if src and isinstance(host, LocalHost):
+            Path(str(src)).unlink(missing_ok=True)
+
+
+def _fetch_and_analyse(host: Host, res: TargetResult, out: Path) -> None:
     from lab import evidence
 
     ev = res.evidence

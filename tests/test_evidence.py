@@ -363,7 +363,7 @@ def _tracer(tmp_path, monkeypatch, syms, scenario="veth-napi-race", pages=None):
     root = tmp_path / "tracefs"
     root.mkdir()
     _fake_tracefs(root, pages or {})
-    monkeypatch.setattr(evidence, "TRACE_OUT", str(tmp_path / "out.trace"))
+    monkeypatch.setattr(evidence, "trace_out", lambda: str(tmp_path / "out.trace"))
     monkeypatch.setattr(evidence, "_kallsyms", lambda names: ({s: 0x1000 * (i + 1) for i, s in enumerate(syms)},
                                                            [0x1000 * (i + 1) for i in range(len(syms))] + [0x9000]))
     monkeypatch.setattr(evidence.os, "cpu_count", lambda: 2)

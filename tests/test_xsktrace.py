@@ -350,5 +350,6 @@ def test_fetch_evidence_moves_a_trace_with_hits(xsktrace, tmp_path):
     fetch_evidence(LocalHost(), res, tmp_path / "out")
     e = res.evidence
     assert e["analysed_in"] == "host" and Path(e["trace_file"]).is_file()
+    assert not trace.exists(), "on this machine (netns backend) the agent's trace file is removed"
     assert e["window_hits"] == e["guest_analysis"]["overlap_hits"] == 316
     assert e["interleaving_focus"] == "violation" and e["violation_mark"].startswith("racelab violation")
