@@ -525,6 +525,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="")
     p.add_argument("--jobs", "-j", type=int, default=1, help="cells at a time")
     p.add_argument("--uri", action="append", default=[], help="libvirt URI(s) to spread cells over")
+    p.add_argument("--json", action="store_true", help="print matrix.json to stdout (the grid goes to stderr)")
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("bisect", help="flake-aware bisection of kernel commits for a race")

@@ -17,10 +17,12 @@ with --uri (or RACELAB_URIS, comma-separated).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
 import os
 import random
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -241,12 +243,19 @@ def main(a: argparse.Namespace) -> int:
     log.info("results: %s  (each cell's directory appears in it as the cell starts)", out.absolute())
     cells = run_matrix(kernels, scenarios, budget=budget, vms=a.vms, jobs=a.jobs, out=out,
                        uris=uris_from(getattr(a, "uri", None)), seed=seed)
-    print_grid(cells, kernels, scenarios)
+    as_json = bool(getattr(a, "json", False))
+    human = sys.stderr if as_json else sys.stdout   # --json: stdout is the document alone
+    with contextlib.redirect_stdout(human):
+        print_grid(cells, kernels, scenarios)
     write_junit(out / "junit.xml", cells)
     write_heatmap(out / "matrix.html", cells, kernels, scenarios)
-    (out / "matrix.json").write_text(json.dumps({"schema_version": 1, "cells": [c.to_dict() for c in cells], "seed": seed,
-                                                 "wall_seconds": time.monotonic() - t0}, indent=2, default=str))
-    print(f"results: {out}  (matrix.json, junit.xml, matrix.html); wall {time.monotonic() - t0:.0f}s")
+    doc = json.dumps({"schema_version": 1, "cells": [c.to_dict() for c in cells], "seed": seed,
+                      "wall_seconds": time.monotonic() - t0}, indent=2, default=str)
+    (out / "matrix.json").write_text(doc)
+    print(f"results: {out}  (matrix.json, junit.xml, matrix.html); wall {time.monotonic() - t0:.0f}s",
+          file=human)
+    if as_json:
+        print(doc)
     if any(c.outcome == ERROR for c in cells):
         return 3
     return 1 if any(c.outcome == FAIL for c in cells) else 0

@@ -93,3 +93,33 @@ def test_run_junit_names_the_level_a_window_hit_falls_short_of(tmp_path):
         assert (fail is not None) == failed
         if failed:
             assert fail.get("message").startswith(f"expected {exp}, got WINDOW HIT (4 interleavings")
+
+
+def test_matrix_json_puts_the_document_alone_on_stdout(monkeypatch, tmp_path, capsys):
+    """matrix --json: stdout is matrix.json (schema_version 1), the grid and the results
+    line go to stderr.  The cells are judged from rows a fake run_cell gives (no VMs)."""
+    import argparse
+    import json
+
+    from lab import fleet, image
+    from lab import matrix as m
+    from lab import verdict as v
+
+    monkeypatch.setattr(fleet, "preflight_vm", lambda: None)
+    monkeypatch.setattr(fleet, "build_kernels", lambda names, progress=True: [None] * len(names))
+    monkeypatch.setattr(image, "ensure_image", lambda progress=True: None)
+
+    def run_cell(cell, **kw):
+        cell.row = v.decide(cell.kernel, vms=1, packets=1000, seconds=5, wall=6,
+                            by_kind={"order": 1} if "+" in cell.kernel else {}, first_violation_s=0.1)
+        cell.outcome = m.judge(cell.expected, cell.row)
+        return cell
+    monkeypatch.setattr(m, "run_cell", run_cell)
+    a = argparse.Namespace(kernels="6.1.192,6.1.192+revert-generic-rx", scenarios="generic-rx-race",
+                           budget="5s", vms=1, jobs=1, out=str(tmp_path / "m"), uri=[], json=True)
+    assert m.main(a) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["schema_version"] == 1 and len(doc["cells"]) == 2
+    assert doc == json.loads((tmp_path / "m" / "matrix.json").read_text())
+    assert "racelab matrix" in err and "results:" in err
