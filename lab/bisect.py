@@ -150,8 +150,14 @@ def test_commit(st: State, sha: str, label: str) -> dict[str, Any]:
     rec["violations"] = row.by_kind
     rec["packets"] = row.packets
     rec["first_violation_s"] = row.first_violation_s
+    unamplified = _amplifier_missing(s, row)
     if row.verdict == v.INCONCLUSIVE:
         rec.update(outcome="skip", reason=v.verdict_text(row), confidence=1.0)
+    elif row.verdict != v.REPRODUCED and unamplified:
+        # the calibration's rate was measured with the amplifier: a clean run without it is
+        # no evidence against the race at this commit (git bisect skip, never "clean")
+        rec.update(outcome="skip", reason=f"amplifier not on this commit's kernel: {unamplified}",
+                   confidence=1.0)
     else:
         reproduced = row.verdict == v.REPRODUCED
         rec["outcome"] = "reproduced" if reproduced else "clean"
@@ -248,6 +254,17 @@ def step_main(state_path: str) -> int:
 
 
 # --- the whole bisection ----------------------------------------------------------
+
+def _amplifier_missing(s: Any, row: v.Row) -> str:
+    """Why the scenario's run-time amplifier did not work on this step's kernel ("" = it did,
+    or none was asked): its probe site was not found, or the probe never fired."""
+    if s["amplifier"]["method"] == "off":
+        return ""
+    amp = row.extra.get("amplifier") or {}
+    if amp.get("method") == "off":
+        return str(amp.get("why") or "no probe site found")
+    return str(amp.get("warning") or "")
+
 
 def calibrate(st: State, ref_sha: str, attempts: int, max_seconds: float) -> tuple[int, float]:
     """(events, VM-seconds of load) on the reproducing end: runs to the first violation.

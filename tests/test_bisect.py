@@ -1,3 +1,4 @@
+import dataclasses
 import math
 from pathlib import Path
 
@@ -179,3 +180,40 @@ def test_calibration_counts_vm_seconds_as_a_clean_step_does(monkeypatch, tmp_pat
     wall = b.step_budget(rate * st.vms, floor=1.0)          # seconds of load for the 2-guest fleet
     clean_row_seconds = wall * st.vms                       # what that fleet's clean row counts
     assert b.step_confidence(False, rate, clean_row_seconds) == pytest.approx(1 - b.MISS, abs=1e-6)
+
+
+def test_a_step_whose_kernel_lacks_the_amplifier_is_a_skip_not_clean(monkeypatch, tmp_path):
+    """Issue 18: the veth scenario's run-time amplifier must be on a step's kernel; a clean
+    run without it (no probe site, or a probe that never fired) is git bisect's 125."""
+    from lab import fleet, kernel
+    from lab import scenario as scen
+    from lab.session import Outcome
+
+    monkeypatch.setattr(kernel, "resolve", lambda spec: spec)
+    monkeypatch.setattr(kernel, "ensure", lambda spec, progress=False: type("A", (), {"key": "k"})())
+    amp = {}
+
+    def run_vm(cfg, progress=False):
+        row = v.decide(cfg.kernels[0], vms=1, packets=100_000, seconds=30, wall=40, by_kind={},
+                       first_violation_s=None)
+        row.extra["amplifier"] = dict(amp)
+        return Outcome([row], [], tmp_path, {})
+    monkeypatch.setattr(fleet, "run_vm", run_vm)
+    st = b.State(tree=str(tmp_path), scenario="veth-napi-race", find="fix", budget=30, rate_low=0.5,
+                 vms=1, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1)
+    assert scen.load("veth-napi-race")["amplifier"]["method"] != "off"
+    amp.update(method="off", why="no first-descriptor store found in __xsk_rcv_zc")
+    rec = b.test_commit(st, "a" * 40, "step")
+    assert rec["outcome"] == "skip" and "__xsk_rcv_zc" in rec["reason"]
+    amp.update(method="kprobe-delay", why="", hits=0,
+               warning="the probe never fired while packets flowed")
+    rec = b.test_commit(st, "b" * 40, "step")
+    assert rec["outcome"] == "skip" and "never fired" in rec["reason"]
+    amp.clear()
+    amp.update(method="kprobe-delay", why="", hits=4000)
+    rec = b.test_commit(st, "c" * 40, "step")
+    assert rec["outcome"] == "clean" and rec["confidence"] > 0.99
+    st = dataclasses.replace(st, scenario="generic-rx-race")    # amplifier off by design: clean is clean
+    amp.clear()
+    amp.update(method="off", why="asked for")
+    assert b.test_commit(st, "d" * 40, "step")["outcome"] == "clean"
