@@ -268,6 +268,7 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
             fetch_evidence(m.host, res, out)
             dmesg = m.host.cmd(["dmesg"], check=False, timeout=60)
             (ev_dir / f"{_slug(label)}.dmesg").write_text(dmesg.stdout)
+            res.evidence["dmesg"] = str(ev_dir / f"{_slug(label)}.dmesg")
         except InfraError as e:
             res.infra_error = f"evidence lost: {e.message}"
     res.evidence.setdefault("console", str(m.console_path))

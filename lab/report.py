@@ -227,19 +227,93 @@ def write_html(path: Path, title: str, rows: list[Row], targets: list[dict[str, 
     timeline = _svg_timeline(targets)
     rates = _svg_rates(rows)
     interleavings = "".join(_svg_interleaving(t) for t in targets) or "<p>no trace with an interleaving</p>"
+    files = _files_table(path.parent, targets, meta)
+    splats = _splats(targets)
+    rerun = meta.get("rerun") or meta.get("command") or ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #aaa;padding:4px 8px}}th{{background:#eee}}pre{{background:#f6f6f6;padding:1em}}</style>
+td,th{{border:1px solid #aaa;padding:4px 8px}}th{{background:#eee}}pre{{background:#f6f6f6;padding:1em}}
+a.gone{{color:#999}}</style>
 </head><body><h1>{esc(title)}</h1>
 <table><tr><th>kernel</th><th>VMs</th><th>wall</th><th>packets</th><th>violations by kind</th>
 <th>first violation</th><th>corruption rate (95%)</th><th>window hits</th><th>verdict</th></tr>
 {''.join(trs)}</table>
 <h2>Violations over time, per target</h2>{timeline}
 <h2>Violation rate per kernel (95% interval, per million packets)</h2>{rates}
+<h2>Rerun</h2><pre id="rerun">{esc(rerun) or "(not recorded)"}</pre>
+<h2>Kernel splats</h2>{splats}
 <h2>Interleaving before the first violation (or the first window hit), per CPU</h2>{interleavings}
-<h2>Provenance</h2><pre>{esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre>
+<h2>Files</h2>{files}
+<h2>Provenance</h2>{_provenance_table(meta)}
+<details><summary>provenance as JSON</summary><pre>{esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre></details>
 </body></html>"""
     path.write_text(page)
+
+
+def _link(base: Path, p: Any, text: str) -> str:
+    """A link to a result file: relative when it is under the report's directory (the
+    directory can be moved or served as is), else file:// (the cache, a console in /tmp)."""
+    if not p:
+        return "-"
+    path = Path(str(p))
+    try:
+        href = path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        href = path.resolve().as_uri()
+    cls = "" if path.exists() else " class='gone' title='not on this machine any more'"
+    return f"<a href='{html.escape(href, quote=True)}'{cls}>{html.escape(text)}</a>"
+
+
+def _files_table(base: Path, targets: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Per target: its console, dmesg and trace; per kernel: its .config and build log."""
+    rows = []
+    for t in targets:
+        ev = t.get("evidence") or {}
+        label = str(t.get("label", ""))
+        log = _link(base, ev["dmesg"], "dmesg") if ev.get("dmesg") else _link(base, ev.get("kernel_log"), "kernel log")
+        trace = (_link(base, ev["trace_file"], "trace") if ev.get("trace_file")
+                 else "counted in the guest" if ev.get("analysed_in") == "guest" else "-")
+        rows.append(f"<tr><td>{html.escape(label)}</td><td>{_link(base, ev.get('console'), 'console')}</td>"
+                    f"<td>{log}</td><td>{trace}</td></tr>")
+    krows = []
+    for name, k in sorted((meta.get("kernels") or {}).items()):
+        cfg = k.get("config")
+        log = Path(str(cfg)).with_name("build.log") if cfg else None
+        krows.append(f"<tr><td>{html.escape(name)}</td><td>{_link(base, cfg, '.config')}</td>"
+                     f"<td>{_link(base, log, 'build log') if log and log.exists() else '-'}</td>"
+                     f"<td>{html.escape(str(k.get('key', '')))}</td></tr>")
+    out = ("<table><tr><th>target</th><th>console</th><th>kernel log</th><th>trace</th></tr>"
+           + "".join(rows) + "</table>") if rows else "<p>no targets</p>"
+    if krows:
+        out += ("<table style='margin-top:1em'><tr><th>kernel</th><th>config</th><th>build log</th>"
+                "<th>cache key</th></tr>" + "".join(krows) + "</table>")
+    return out
+
+
+def _splats(targets: list[dict[str, Any]]) -> str:
+    """Every splat in full: the ones that counted (kernel-splat violations) and the ones
+    before the load, which decided nothing."""
+    parts = []
+    for t in targets:
+        label = html.escape(str(t.get("label", "")))
+        for v in t.get("violations") or []:
+            if v.get("kind") == "kernel-splat" and v.get("text"):
+                parts.append(f"<h3>{label}: during the load (counted)</h3><pre>{html.escape(v['text'])}</pre>")
+        for text in t.get("pre_load_splats") or []:
+            parts.append(f"<h3>{label}: before the load (not counted)</h3><pre>{html.escape(text)}</pre>")
+    return "".join(parts) or "<p>none</p>"
+
+
+def _provenance_table(meta: dict[str, Any]) -> str:
+    """What produced the run, a row per field; per kernel a row per field of its own."""
+    def cell(v: Any) -> str:
+        return html.escape(v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str))
+    rows = [f"<tr><th>{html.escape(k)}</th><td>{cell(v)}</td></tr>"
+            for k, v in sorted(meta.items()) if k != "kernels"]
+    for name, k in sorted((meta.get("kernels") or {}).items()):
+        rows.append(f"<tr><th colspan=2>kernel {html.escape(name)}</th></tr>")
+        rows += [f"<tr><th>{html.escape(f)}</th><td>{cell(v)}</td></tr>" for f, v in sorted(k.items())]
+    return "<table id='provenance'>" + "".join(rows) + "</table>"
 
 
 def _svg_timeline(targets: list[dict[str, Any]]) -> str:
