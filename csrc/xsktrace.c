@@ -82,35 +82,20 @@ static inline bool in_file(size_t off, size_t n)
 	return off <= DN && n <= DN - off;
 }
 
-static inline uint16_t rd16(size_t off)
+/* n (<= 8) little-endian bytes at off; the traces are written on x86 hosts and guests */
+static inline uint64_t rdn(size_t off, size_t n)
 {
-	uint16_t v;
+	uint64_t v = 0;
 
-	if (!in_file(off, 2))
+	if (!in_file(off, n))
 		die(3, "an event reads past the end of the file (offset %zu)", off);
-	memcpy(&v, D + off, 2);
+	memcpy(&v, D + off, n);
 	return v;
 }
 
-static inline uint32_t rd32(size_t off)
-{
-	uint32_t v;
-
-	if (!in_file(off, 4))
-		die(3, "an event reads past the end of the file (offset %zu)", off);
-	memcpy(&v, D + off, 4);
-	return v;
-}
-
-static inline uint64_t rd64(size_t off)
-{
-	uint64_t v;
-
-	if (!in_file(off, 8))
-		die(3, "an event reads past the end of the file (offset %zu)", off);
-	memcpy(&v, D + off, 8);
-	return v;
-}
+static inline uint16_t rd16(size_t off) { return (uint16_t)rdn(off, 2); }
+static inline uint32_t rd32(size_t off) { return (uint32_t)rdn(off, 4); }
+static inline uint64_t rd64(size_t off) { return rdn(off, 8); }
 
 /* ---------------------------------------------------------------- JSON (HEAD, TAIL) */
 
