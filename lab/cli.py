@@ -7,6 +7,7 @@ verdict contradicts --expect; 2 bad input; 3 infrastructure failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -22,8 +23,14 @@ from lab.run import (EXIT_BAD_INPUT, EXIT_INFRA, EXIT_MISMATCH, EXIT_OK, BadInpu
                      setup_logging)
 
 
-def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False) -> None:
-    p.add_argument("scenario", help="scenario name (scenarios/NAME.toml) or a .toml path")
+def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun: bool = False) -> None:
+    if rerun:
+        p.add_argument("scenario", nargs="?", help="scenario name (scenarios/NAME.toml) or a .toml path")
+        p.add_argument("--from", dest="from_dir", metavar="DIR", default=None,
+                       help="run again exactly what results directory DIR ran (its config.json: scenario "
+                            "as it was, kernels, seed, duration); only --out and --json may go with it")
+    else:
+        p.add_argument("scenario", help="scenario name (scenarios/NAME.toml) or a .toml path")
     p.add_argument("--backend", choices=("netns", "vm"), default=None,
                    help="netns: this machine's kernel in namespaces; vm: guests on chosen kernels")
     p.add_argument("--kernel", action="append", default=[], metavar="K",
@@ -107,10 +114,41 @@ def _exit_for(outcome, expect: str | None) -> int:  # noqa: ANN001
     return EXIT_OK
 
 
+def config_from_results(a: argparse.Namespace) -> RunConfig:
+    """`run --from DIR`: DIR's config.json, with a new results directory.  The scenario is
+    the one recorded there (its data, not today's file), and so are kernels and seed."""
+    given = [f"--{n.replace('_', '-')}" for n in ("backend", "duration", "vms", "seed", "expect", "variant",
+                                                   "mitigation", "inject") if getattr(a, n, None) is not None]
+    given += [f"--{n}" for n in ("kernel", "set", "evidence", "uri") if getattr(a, n, None)]
+    given += ["--stop-on-first"] * bool(a.stop_on_first) + ["SCENARIO"] * bool(a.scenario)
+    if given:
+        raise BadInput(f"--from takes the whole configuration from {a.from_dir}, not {', '.join(given)}",
+                       hint="give only --out or --json with --from, or start a new run without --from")
+    path = Path(a.from_dir) / "config.json"
+    try:
+        cfg = RunConfig.from_json(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"{path} does not exist", hint="--from wants a results directory that racelab run "
+                                                     "or repro wrote (it holds config.json)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"{path} is not a racelab run configuration: {e}") from None
+    if cfg.stop_grace < 0:
+        # a repro's guests held their load for its control (lab.repro.ControlStop), which a
+        # plain run does not have: they stop a few seconds after the first violation instead
+        from lab.repro import AFFECTED_GRACE_S
+        cfg = dataclasses.replace(cfg, stop_grace=AFFECTED_GRACE_S)
+    return dataclasses.replace(cfg, out=a.out or default_out(cfg.scenario))
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from lab import report, session
 
-    cfg = build_config(a, default_backend="netns")
+    if a.from_dir:
+        cfg = config_from_results(a)
+    elif not a.scenario:
+        raise BadInput("racelab run needs a scenario (or --from DIR)", hint="racelab scenario list shows them")
+    else:
+        cfg = build_config(a, default_backend="netns")
     if cfg.inject:
         from lab import dataplane
         if cfg.inject not in dataplane.INJECT_KINDS:
@@ -434,7 +472,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="run a scenario (netns: this kernel; vm: guests on chosen kernels)")
-    _common_run_args(p)
+    _common_run_args(p, rerun=True)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("repro", help="one-command repro of a named bug: affected vs fixed kernels")

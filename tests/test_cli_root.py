@@ -226,3 +226,19 @@ def test_iperf3_tcp_through_forward_mode_is_reported(tmp_path):
     assert "error" not in iperf and iperf["bytes"] > 1_000_000, iperf
     done = [e for e in events if e.get("type") == "done"][-1]
     assert done["rx"] > 1000
+
+
+@pytest.mark.root
+def test_run_from_a_results_directory_runs_the_same_again(tmp_path):
+    """racelab run --from DIR: DIR's recorded configuration (scenario data, seed, duration,
+    knobs) run again into a new directory, with its own verdict."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    p = racelab("run", "generic-rx-race", "--backend", "netns", "--duration", "3s", "--seed", "11",
+                "--set", "load.senders=1", "--out", str(first))
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = racelab("run", "--from", str(first), "--out", str(again))
+    assert p.returncode == 0, p.stdout + p.stderr
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (first, again))
+    assert {**a["config"], "out": ""} == {**b["config"], "out": ""}, "the same configuration"
+    assert b["config"]["seed"] == 11 and b["config"]["scenario_data"]["load"]["senders"] == 1
+    assert b["rows"][0]["verdict"] == "NOT REPRODUCED" and b["rows"][0]["packets"] > 1000
