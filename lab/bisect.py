@@ -27,16 +27,19 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lab import verdict as v
-from lab.config import RunConfig, parse_duration
+from lab.config import RunConfig, fmt_duration, parse_duration
 from lab.run import BadInput, InfraError, log, run
 
 EXIT_GOOD_OLD, EXIT_NEW, EXIT_SKIP = 0, 1, 125
@@ -255,6 +258,61 @@ def step_main(state_path: str) -> int:
 
 # --- the whole bisection ----------------------------------------------------------
 
+@dataclass
+class RunOutput:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+_LEFT = re.compile(r"Bisecting: (\d+) revisions? left to test after this \(roughly (\d+) steps?\)")
+
+
+def bisect_run(argv: list[str], env: dict[str, str], out: Any = None, started: str = "") -> RunOutput:
+    """`git bisect run` with each step's line shown as it comes (on out, default stderr),
+    followed by how many steps git expects to be left and, from the steps so far, about
+    how long they take.  Everything is also kept for git-bisect-run.log."""
+    out = out or sys.stderr
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env}, bufsize=1)
+    kept: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    # git's "roughly N steps" after the current one (git bisect start says it first)
+    left: list[int] = [int(m.group(2)) for m in _LEFT.finditer(started or "")]
+    took: list[float] = []
+    lock = threading.Lock()
+    t_step = [time.monotonic()]
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            kept["stdout"].append(line)
+            m = _LEFT.search(line)
+            if m:
+                with lock:
+                    left.append(int(m.group(2)))
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        kept["stderr"].append(line)
+        if not line.startswith("racelab bisect-step "):
+            continue
+        now = time.monotonic()
+        took.append(now - t_step[0])
+        t_step[0] = now
+        with lock:
+            remaining = left[-1] if left else None
+        tail = ""
+        if remaining is not None:
+            each = sum(took) / len(took)
+            tail = f"  [step {len(took)}; ~{remaining} more, ~{fmt_duration(remaining * each)} left]"
+        print(line.rstrip("\n") + tail, file=out, flush=True)
+    proc.wait()
+    reader.join(10)
+    return RunOutput(proc.returncode, "".join(kept["stdout"]), "".join(kept["stderr"]))
+
+
 def _amplifier_missing(s: Any, row: v.Row) -> str:
     """Why the scenario's run-time amplifier did not work on this step's kernel ("" = it did,
     or none was asked): its probe site was not found, or the probe never fired."""
@@ -347,11 +405,12 @@ def main(a: argparse.Namespace) -> int:
         state_path = out / "state.json"
         st.save(state_path)
         terms = [] if a.find == "cause" else ["--term-old=racy", "--term-new=fixed"]
-        run(["git", "-C", str(priv), "bisect", "start", "--no-checkout", *terms, shas["bad"], shas["good"]])
+        started = run(["git", "-C", str(priv), "bisect", "start", "--no-checkout", *terms, shas["bad"],
+                       shas["good"]])
         step = [sys.executable, "-m", "lab.cli", "bisect-step", "--state", str(state_path)]
         env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         try:
-            p = run(["git", "-C", str(priv), "bisect", "run", *step], check=False, capture=True, env=env)
+            p = bisect_run(["git", "-C", str(priv), "bisect", "run", *step], env, started=started.stdout)
         except KeyboardInterrupt:
             print(f"\ninterrupted; the steps so far are in {st.log}. Continue with the same command "
                   f"and --resume --out {out}", file=sys.stderr, flush=True)

@@ -217,3 +217,43 @@ def test_a_step_whose_kernel_lacks_the_amplifier_is_a_skip_not_clean(monkeypatch
     amp.clear()
     amp.update(method="off", why="asked for")
     assert b.test_commit(st, "d" * 40, "step")["outcome"] == "clean"
+
+
+def test_bisect_run_shows_each_step_as_it_comes_with_the_time_left(tmp_path):
+    """The steps' lines reach the user while `git bisect run` goes on, not after it: a
+    stand-in for git prints a step line, waits, prints the next; the first is read (and
+    shown with git's step estimate) before the second is written."""
+    import io
+    import sys
+    import threading
+    import time
+
+    script = tmp_path / "fake-git"
+    script.write_text(
+        "import sys, time\n"
+        "for i, left in ((1, 2), (2, 1), (3, 0)):\n"
+        "    print(f'racelab bisect-step {i:012d}: clean (confidence 0.990) -> exit 0', file=sys.stderr, flush=True)\n"
+        "    print(f'Bisecting: {left * 2} revisions left to test after this (roughly {left} steps)', flush=True)\n"
+        "    time.sleep(0.6)\n"
+        "print('abc is the first fixed commit', flush=True)\n")
+    shown = io.StringIO()
+    seen_at = []
+
+    class Out:
+        def write(self, s):
+            shown.write(s)
+            if s.startswith("racelab bisect-step"):
+                seen_at.append(time.monotonic())
+
+        def flush(self):
+            pass
+
+    t0 = time.monotonic()
+    p = b.bisect_run([sys.executable, str(script)], {}, out=Out(),
+                     started="Bisecting: 6 revisions left to test after this (roughly 3 steps)\n")
+    end = time.monotonic()
+    assert p.returncode == 0 and "first fixed commit" in p.stdout and p.stderr.count("bisect-step") == 3
+    assert len(seen_at) == 3 and seen_at[0] - t0 < end - t0 - 1.0, "the first line came before the end"
+    lines = shown.getvalue().splitlines()
+    assert lines[0].endswith("[step 1; ~3 more, ~0s left]") or "[step 1; ~3 more" in lines[0], lines
+    assert "[step 2; ~2 more" in lines[1] and "[step 3; ~1 more" in lines[2], lines

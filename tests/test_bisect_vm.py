@@ -94,12 +94,33 @@ def synthetic_history(branch: str = "cause") -> Path:
 
 
 def bisect(repo, good, bad, find, out):
-    p = subprocess.run([sys.executable, "-m", "lab.cli", "bisect", "--tree", str(repo), "--good", good,
-                        "--bad", bad, "--scenario", "generic-rx-race", "--find", find, "--out", str(out),
-                        "--calibrate-runs", "2", "--calibrate-budget", "60s", "--min-step", "6s"],
-                       cwd=project_root(), capture_output=True, text=True, timeout=3000,
-                       env={**os.environ, "PYTHONPATH": str(project_root())})
-    return p
+    """racelab bisect, its stderr read as it comes: when each step's line arrived."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "bisect", "--tree", str(repo), "--good", good,
+                             "--bad", bad, "--scenario", "generic-rx-race", "--find", find, "--out", str(out),
+                             "--calibrate-runs", "2", "--calibrate-budget", "60s", "--min-step", "6s"],
+                            cwd=project_root(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(project_root())})
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.extend(proc.stdout), daemon=True)
+    reader.start()
+    err, step_at = [], []
+    timer = threading.Timer(3000, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stderr:
+            err.append(line)
+            if line.startswith("racelab bisect-step "):
+                step_at.append(time.monotonic())
+        proc.wait()
+    finally:
+        timer.cancel()
+    reader.join(30)
+    return SimpleNamespace(returncode=proc.returncode, stdout="".join(stdout), stderr="".join(err),
+                           step_at=step_at, ended=time.monotonic())
 
 
 @pytest.mark.parametrize("find", ["cause", "fix"])
@@ -109,6 +130,9 @@ def test_bisect_names_the_commit(find, tmp_path):
     expected = git(repo, "rev-list", "-1", "--grep", "introduces the race" if find == "cause" else "fixes the race", branch)
     p = bisect(repo, f"{branch}~{N}" if find == "cause" else f"{branch}~{N}", branch, find, tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # each step's line reached the user while the bisection went on, with the time left
+    assert len(p.step_at) >= 2 and p.step_at[0] < p.ended - 10, (p.step_at, p.ended)
+    assert "more, ~" in p.stderr and "left]" in p.stderr, p.stderr[-2000:]
     report = json.loads((tmp_path / "bisect.json").read_text())
     assert report["culprit"] == expected, report
     assert report["verified"] and report["confidence"] > 0.9
