@@ -255,5 +255,8 @@ def test_bisect_run_shows_each_step_as_it_comes_with_the_time_left(tmp_path):
     assert p.returncode == 0 and "first fixed commit" in p.stdout and p.stderr.count("bisect-step") == 3
     assert len(seen_at) == 3 and seen_at[0] - t0 < end - t0 - 1.0, "the first line came before the end"
     lines = shown.getvalue().splitlines()
-    assert lines[0].endswith("[step 1; ~3 more, ~0s left]") or "[step 1; ~3 more" in lines[0], lines
-    assert "[step 2; ~2 more" in lines[1] and "[step 3; ~1 more" in lines[2], lines
+    assert "[step 1; ~3 more, ~" in lines[0], lines     # from git bisect start's estimate
+    # git's next estimate may be read just before or just after the step's own line
+    left = [int(line.split("; ~")[1].split(" ")[0]) for line in lines]
+    assert [line.split("[step ")[1].split(";")[0] for line in lines] == ["1", "2", "3"], lines
+    assert left == sorted(left, reverse=True) and left[1] in (1, 2) and left[2] in (0, 1), lines

@@ -113,6 +113,13 @@ def test_generic_overlap_on_reverted_and_none_on_fixed(tmp_path):
     ev, rows = _run("generic-rx-race", [rev, fixed], duration, tmp_path / "0", stop_grace=0.5)
     f = ev[fixed]
     assert not f["crashed"]
+    if f.get("gaps") or f.get("lost"):
+        # a ring buffer the stream could not drain in time (a loaded host) marks a gap: the
+        # analysis says so and withdraws what relied on it; for this test's completeness,
+        # the fixed kernel runs once more
+        print(f"{fixed}: {f.get('gaps')} gap(s) in its trace; running it again")
+        more, _ = _run("generic-rx-race", [fixed], duration, tmp_path / "fixed-again", stop_grace=0.5)
+        f = more[fixed]
     _complete(f, duration)
     assert f["overlap_hits"] == 0 and f["unflushed_hits"] == 0 and f["receives"] > 50_000, f
     # the oops can still come before user space sees a violation: the guest's
