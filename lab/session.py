@@ -27,7 +27,7 @@ from lab.config import RunConfig, fmt_duration, to_jsonable
 from lab.host import LocalHost
 from lab.run import BadInput, log, require_root, require_tools
 from lab.scenario import Scenario, from_data
-from lab.verdict import Row, decide
+from lab.verdict import INCONCLUSIVE, Row, decide, verdict_text
 from lab.workload import TargetResult, agent_spec, fetch_evidence, run_target, write_json
 
 AF_XDP = 44
@@ -288,6 +288,10 @@ def finish(cfg: RunConfig, scenario: Scenario, rows: list[Row], targets: list[Ta
         "provenance": meta, "config": json.loads(cfg.to_json()), "expected": expected,
     }
     write_json(out / "summary.json", summary)
+    for row in rows:
+        if row.verdict == INCONCLUSIVE and not row.interrupted:
+            # said here too: with --json the table is not on the terminal
+            log.info("%s: %s", row.kernel, verdict_text(row))
     report.write_junit(out / "junit.xml", rows, f"racelab.{cfg.scenario}", expected)
     report.write_html(out / "report.html", title, rows, [to_jsonable(t) for t in targets], meta)
     log.debug("results in %s", out)

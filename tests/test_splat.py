@@ -247,6 +247,22 @@ def test_a_boot_warn_then_a_clean_run_is_not_reproduced(tmp_path):
     assert any(n.startswith("kernel splat before the load") for n in res.notes)
 
 
+def test_a_guest_too_starved_for_dmesg_keeps_its_clean_verdict(tmp_path, monkeypatch):
+    """Before: the checker's clean result was in, then `dmesg` could not open an SSH channel
+    on a stalled guest, and the row became INCONCLUSIVE ("evidence lost")."""
+    from lab.run import LostSSH
+
+    def no_channel(self, argv, check=True, timeout=None):
+        raise LostSSH("guest-0: cannot open an SSH session for dmesg: Timeout opening channel.")
+
+    monkeypatch.setattr(_Host, "cmd", no_channel)
+    res = _run_on_vm(tmp_path, [BOOT, *_clean_run()])
+    assert res.infra_error is None and res.packets == 1_000_000
+    assert "dmesg" not in res.evidence and res.evidence["console"].endswith("console.log")
+    assert any(n.startswith("dmesg not fetched (guest-0: cannot open an SSH session") for n in res.notes), res.notes
+    assert _row([res]).verdict == "NOT REPRODUCED"
+
+
 def test_a_warn_during_the_load_of_a_clean_run_is_reproduced(tmp_path):
     evs = _clean_run()
     res = _run_on_vm(tmp_path, [BOOT, *evs[:5], WARNING, *evs[5:]])
