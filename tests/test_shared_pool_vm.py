@@ -6,7 +6,8 @@ pool.  6.1.192+revert-shared-pool undoes it alone, so:
 - one socket per queue on that kernel: NOT REPRODUCED (bf0bdd1343ef's
   per-socket lock still covers it);
 - two sockets on one queue on 6.1.192 as shipped: NOT REPRODUCED.
-Kept short: the first stops at its first violation, the clean ones run 10 s.
+Kept short: the first stops at its first violation, the clean ones run 10 s (30 s once more
+when a starved host let too few packets through).
 """
 import json
 import os
@@ -34,6 +35,18 @@ def run(out: Path, kernel: str, *args: str, duration: str = "10s"):
     return row, ready, stats[-1] if stats else None
 
 
+def run_clean(out: Path, kernel: str, *args: str):
+    """A run expected clean, with exposure enough for "clean" to mean something (> 50,000
+    packets).  A CI host busy with a kernel build can slow a TCG guest's load twenty-fold
+    (4,363 packets in 10 s once, against ~240,000 with the CPUs merely contended): such a run
+    is said and repeated once for 30 s, and the longer run decides."""
+    row, ready, last = run(out, kernel, *args)
+    if row["verdict"] == "NOT REPRODUCED" and row["packets"] <= 50_000:
+        print(f"{kernel}: {row['packets']:,} packets in {row['seconds']:.1f} s; again for 30 s")
+        row, ready, last = run(out.parent / f"{out.name}-again", kernel, *args, duration="30s")
+    return row, ready, last
+
+
 def test_two_sockets_on_one_queue_reproduce_on_the_revert(tmp_path):
     row, ready, _ = run(tmp_path, AFFECTED, "--stop-on-first", duration="60s")
     assert (ready["sockets"], ready["sockets_per_queue"], ready["pick"]) == (2, 2, "cpu"), ready
@@ -44,14 +57,14 @@ def test_two_sockets_on_one_queue_reproduce_on_the_revert(tmp_path):
 
 
 def test_one_socket_per_queue_stays_clean_on_the_revert(tmp_path):
-    row, ready, last = run(tmp_path, AFFECTED, "--variant", "one-socket")
+    row, ready, last = run_clean(tmp_path / "one-socket", AFFECTED, "--variant", "one-socket")
     assert (ready["sockets"], ready["sockets_per_queue"]) == (1, 1), ready
     assert row["verdict"] == "NOT REPRODUCED", row
     assert row["violations"] == 0 and row["packets"] > 50_000, row
 
 
 def test_two_sockets_on_one_queue_stay_clean_on_the_fixed_kernel(tmp_path):
-    row, ready, last = run(tmp_path, "6.1.192")
+    row, ready, last = run_clean(tmp_path / "fixed", "6.1.192")
     assert (ready["sockets"], ready["sockets_per_queue"]) == (2, 2), ready
     assert row["verdict"] == "NOT REPRODUCED", row
     assert row["violations"] == 0 and row["packets"] > 50_000, row

@@ -57,15 +57,28 @@ def _rows(tmp_path):
 
 def _affected_again(aff, a, tmp_path, why):
     """The race is a rate, not a certainty: under a loaded CI host the reverted kernel may
-    miss a 2-minute budget (it then shows the window, WINDOW HIT).  Once, it runs again alone
-    with the same budget; the repro's own exit code then says "mismatch" and is not checked."""
+    miss a 2-minute budget (it then shows the window, WINDOW HIT), or its guest may be lost
+    (INCONCLUSIVE).  Once, it runs again alone with the same budget; the repro's own exit
+    code then says "mismatch" and is not checked.  Returns the affected row, the note, whether
+    it ran again, and the results directory that row came from (its events hold its knobs)."""
     if a["verdict"] == "REPRODUCED":
-        return a, why, False
+        return a, why, False, tmp_path
     again = tmp_path / "again"
     racelab("run", "veth-napi-race", "--backend", "vm", "--kernel", aff, "--duration", "2m",
             "--stop-on-first", "--out", str(again), "--json")
     rows, _ = _rows(again)
-    return rows[aff], f"{why}; the affected kernel missed its first budget ({a['verdict']}), again: {again}", True
+    why = f"{why}; the affected kernel missed its first budget ({a['verdict']}: {a['verdict_text']}), again: {again}"
+    return rows[aff], why, True, again
+
+
+def _knob_notes(out):
+    """kernel -> (applied, text) of the widen_rx_ns note its agent sent."""
+    notes = {}
+    for line in (out / "events.jsonl").read_text().splitlines():
+        ev = json.loads(line)
+        if ev.get("type") == "note" and str(ev.get("text", "")).startswith(KNOB):
+            notes[ev["target"].split("/")[0]] = (ev.get("applied", True), ev["text"])
+    return notes
 
 
 def _corrupted_and_clean(a, f, s, why):
@@ -88,15 +101,14 @@ def test_run_time_amplified_repro_corrupts_reverted_and_fixed_stays_clean(tmp_pa
     p = racelab("repro", "veth-napi-race", "--budget", "2m", "--out", str(tmp_path), "--json")
     rows, _ = _rows(tmp_path)
     assert set(rows) == {aff, fixed}, "both kernels in the same run"
-    a, f = rows[aff], rows[fixed]
-    why = f"results: {tmp_path}"
+    f = rows[fixed]
+    a, why, retried, _ = _affected_again(aff, rows[aff], tmp_path, f"results: {tmp_path}")
     # the same amplifier, found in each kernel's own code, ran in both and fired in both
-    amps = {k: rows[k]["extra"]["amplifier"] for k in (aff, fixed)}
+    amps = {aff: a["extra"]["amplifier"], fixed: f["extra"]["amplifier"]}
     for k, amp in amps.items():
         assert amp["method"] == "kprobe-delay" and amp["gate"] == "veth_poll", (k, amp, why)
         assert amp["probes"] and amp["hits"] > 0 and "warning" not in amp, (k, amp, why)
     assert amps[aff]["probes"] == amps[fixed]["probes"] and amps[aff]["delay_ns"] == amps[fixed]["delay_ns"]
-    a, why, retried = _affected_again(aff, a, tmp_path, why)
     _corrupted_and_clean(a, f, s, why)
     assert retried or p.returncode == 0, p.stderr[-4000:]
 
@@ -111,17 +123,12 @@ def test_patch_amplified_repro_corrupts_reverted_and_fixed_stays_clean(tmp_path)
                 "--out", str(tmp_path), "--json")
     rows, _ = _rows(tmp_path)
     assert set(rows) == {aff, fixed}, "both kernels in the same run"
-    why = f"results: {tmp_path}"
+    a, why, retried, a_dir = _affected_again(aff, rows[aff], tmp_path, f"results: {tmp_path}")
     # auto took the patch's knob on both, and the agent set the same value in both guests
-    notes = {}
-    for line in (tmp_path / "events.jsonl").read_text().splitlines():
-        ev = json.loads(line)
-        if ev.get("type") == "note" and str(ev.get("text", "")).startswith(KNOB):
-            notes[ev["target"].split("/")[0]] = (ev.get("applied", True), ev["text"])
-    for k in (aff, fixed):
-        assert rows[k]["extra"]["amplifier"]["method"] == "patch", (rows[k]["extra"], why)
+    for k, row, out in ((aff, a, a_dir), (fixed, rows[fixed], tmp_path)):
+        assert row["extra"]["amplifier"]["method"] == "patch", (row["extra"], why)
+        notes = _knob_notes(out)
         applied, text = notes.get(k, (False, ""))
         assert applied and text.startswith(f"{KNOB} = {widen} "), (k, notes, why)
-    a, why, retried = _affected_again(aff, rows[aff], tmp_path, why)
     _corrupted_and_clean(a, rows[fixed], s, why)
     assert retried or p.returncode == 0, p.stderr[-4000:]
