@@ -15,6 +15,18 @@ A race that shows in 1 of N runs makes plain `git bisect` lie: one lucky
 4. report a confidence (the product of the per-step confidences) and verify
    the answer by testing the culprit and its parent again.
 
+The signal a step is judged on (--signal):
+- corruption: the checker's violations (what a user sees), stopping at the first;
+- window: the race's interleaving in the kernel's own trace (the scenario's
+  evidence.window: a receive on one CPU while another's NAPI has not flushed, for
+  the veth race).  It comes hundreds of times a second on a racy kernel and never on
+  a fixed one, where corruption may take minutes, so a step needs seconds of load;
+- auto (the default): calibration measures both on the same runs, and the signal
+  whose rate gives the shorter step is used.
+Whatever the steps used, the racy end of the answer is verified with corruption
+(the scenario's amplifier, the run-time one on a kernel without a source
+amplifier): the race must be seen to corrupt a ring before the culprit is named.
+
 --good is the older end and --bad the newer one.  --find cause: the newer end
 reproduces.  --find fix: the older end reproduces and the newer one is fixed.
 """
@@ -44,6 +56,8 @@ from lab.run import BadInput, InfraError, log, run
 
 EXIT_GOOD_OLD, EXIT_NEW, EXIT_SKIP = 0, 1, 125
 MISS = 0.01                 # per-step P(miss | race present)
+SIGNALS = ("corruption", "window", "auto")
+WINDOW_CALIBRATE_S = 30.0   # --signal window: a calibration run needs its first hit only
 
 
 # --- statistics ----------------------------------------------------------------
@@ -100,6 +114,7 @@ class State:
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)
     bisect_repo: str = ""   # the private bare clone `git bisect` runs in (set before the steps)
+    signal: str = "corruption"   # what a step is judged on: corruption | window (auto resolved)
     good: str = ""          # the range, as full SHAs (to check a --resume against)
     bad: str = ""
 
@@ -111,8 +126,45 @@ class State:
         return cls(**json.loads(path.read_text()))
 
 
-def test_commit(st: State, sha: str, label: str) -> dict[str, Any]:
-    """Build, boot, run one commit.  Returns the step record (never raises for infra)."""
+def first_window_s(outcome: Any) -> float | None:
+    """Seconds from the first traced receive to the first window hit, the earliest over the
+    fleet's guests (None: no hit, or no trace)."""
+    times = []
+    for t in outcome.targets:
+        ev = t.evidence or {}
+        key = "first_overlap_s" if ev.get("measure") == "overlap_hits" else "first_hit_s"
+        if ev.get("available") and int(ev.get("window_hits") or 0) > 0 and ev.get(key) is not None:
+            times.append(float(ev[key]))
+    return min(times) if times else None
+
+
+def judge(signal: str, row: v.Row, unamplified: str) -> tuple[str, str]:
+    """A step's outcome on its signal: (reproduced | clean | skip, why for a skip).
+
+    Corruption is proof on either signal.  On the window signal a window hit is too; a
+    clean window counts only where the trace could count it (its window level is
+    available), else the step is a skip.  A clean run on a kernel where the scenario's
+    amplifier did not work is a skip on both: calibration measured with it."""
+    if row.verdict == v.INCONCLUSIVE:
+        return "skip", v.verdict_text(row)
+    if row.verdict == v.REPRODUCED:
+        return "reproduced", ""
+    if signal == "window":
+        if not row.window.available:
+            return "skip", f"window not measurable on this commit's kernel: {row.window.note or 'no trace'}"
+        if row.window.count > 0:
+            return "reproduced", ""
+    if unamplified:
+        return "skip", f"amplifier not on this commit's kernel: {unamplified}"
+    return "clean", ""
+
+
+def test_commit(st: State, sha: str, label: str, signal: str | None = None,
+                budget: float | None = None) -> dict[str, Any]:
+    """Build, boot, run one commit on `signal` (default the bisection's) for `budget` seconds
+    of load at most (default the step budget).  Returns the step record (never raises for
+    infra).  Every run traces when the window is the signal or may become it (calibration
+    of auto), and stops at its first corruption either way."""
     from lab import fleet, kernel
     from lab import scenario as scen
 
@@ -135,9 +187,12 @@ def test_commit(st: State, sha: str, label: str) -> dict[str, Any]:
         while step_out.with_name(f"{step_out.name}.cut{n}").exists():
             n += 1
         step_out.rename(step_out.with_name(f"{step_out.name}.cut{n}"))
+    signal = signal or st.signal
     cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(kname,),
-                    duration=st.budget, vms=st.vms, seed=st.seed, stop_on_first=True,
-                    out=str(step_out))
+                    duration=st.budget if budget is None else budget, vms=st.vms, seed=st.seed,
+                    stop_on_first=True, out=str(step_out),
+                    evidence=("trace",) if signal in ("window", "auto") else ())
+    rec["signal"] = signal
     t1 = time.monotonic()
     try:
         outcome = fleet.run_vm(cfg, progress=False)
@@ -153,18 +208,18 @@ def test_commit(st: State, sha: str, label: str) -> dict[str, Any]:
     rec["violations"] = row.by_kind
     rec["packets"] = row.packets
     rec["first_violation_s"] = row.first_violation_s
-    unamplified = _amplifier_missing(s, row)
-    if row.verdict == v.INCONCLUSIVE:
-        rec.update(outcome="skip", reason=v.verdict_text(row), confidence=1.0)
-    elif row.verdict != v.REPRODUCED and unamplified:
-        # the calibration's rate was measured with the amplifier: a clean run without it is
-        # no evidence against the race at this commit (git bisect skip, never "clean")
-        rec.update(outcome="skip", reason=f"amplifier not on this commit's kernel: {unamplified}",
-                   confidence=1.0)
+    rec["verdict"] = row.verdict
+    if cfg.evidence:
+        rec["window_hits"] = row.window.count if row.window.available else None
+        rec["first_window_s"] = first_window_s(outcome)
+    # the calibration's rate was measured with the amplifier: a clean run without it is
+    # no evidence against the race at this commit (git bisect skip, never "clean")
+    judged, why = judge("window" if signal == "window" else "corruption", row, _amplifier_missing(s, row))
+    if judged == "skip":
+        rec.update(outcome="skip", reason=why, confidence=1.0)
     else:
-        reproduced = row.verdict == v.REPRODUCED
-        rec["outcome"] = "reproduced" if reproduced else "clean"
-        rec["confidence"] = step_confidence(reproduced, st.rate_low, row.seconds)
+        rec["outcome"] = judged
+        rec["confidence"] = step_confidence(judged == "reproduced", st.rate_low, row.seconds)
     return rec
 
 
@@ -324,34 +379,83 @@ def _amplifier_missing(s: Any, row: v.Row) -> str:
     return str(amp.get("warning") or "")
 
 
-def calibrate(st: State, ref_sha: str, attempts: int, max_seconds: float) -> tuple[int, float]:
-    """(events, VM-seconds of load) on the reproducing end: runs to the first violation.
+@dataclass
+class Calibration:
+    """What the runs on the reproducing end measured, per signal: (events, VM-seconds).
 
     VM-seconds, the unit a step's clean exposure (its row's seconds, summed over its
     guests) is counted in: up to a fleet's first violation every one of its st.vms
     guests was loading, so that run exposed first_violation_s x vms.  Counting the
     fleet's wall seconds instead made a clean step with --vms 2 claim twice the
-    exposure it had against the rate (0.9999 where the design gives 0.99)."""
-    events, seconds = 0, 0.0
+    exposure it had against the rate (0.9999 where the design gives 0.99).  The window
+    is counted the same way, to the first window hit."""
+
+    corruption: tuple[int, float] = (0, 0.0)
+    window: tuple[int, float] | None = None    # None: not measured (--signal corruption)
+
+    def rate_low(self, signal: str) -> float:
+        """The signal's one-sided 95% lower rate bound, per VM-second (0: never seen)."""
+        got = self.corruption if signal == "corruption" else (self.window or (0, 0.0))
+        return rate_lower_bound(*got)
+
+
+def calibrate(st: State, ref_sha: str, attempts: int, max_seconds: float, signal: str) -> Calibration:
+    """Runs on the reproducing end, each to its first violation (at most max_seconds of
+    load; --signal window: its first window hit is all it needs, so WINDOW_CALIBRATE_S)."""
+    c_events, c_seconds, w_events, w_seconds = 0, 0.0, 0, 0.0
+    if signal == "window":
+        max_seconds = min(max_seconds, WINDOW_CALIBRATE_S)
     cal = dataclasses.replace(st, budget=max_seconds)
     for i in range(attempts):
-        rec = test_commit(cal, ref_sha, f"calibrate{i}")
+        rec = test_commit(cal, ref_sha, f"calibrate{i}", signal=signal)
         _append(st.log, {**rec, "phase": "calibrate"})
         if rec["outcome"] == "skip":
             raise InfraError(f"calibration run failed on {ref_sha[:12]}: {rec.get('reason')}")
-        if rec["outcome"] == "reproduced":
-            events += 1
-            fv = rec.get("first_violation_s")
-            seconds += float(fv) * st.vms if fv else float(rec.get("load_s") or 0.0)
+        load = float(rec.get("load_s") or max_seconds)
+        fv = rec.get("first_violation_s")
+        if rec.get("verdict") == v.REPRODUCED:
+            c_events += 1
+            c_seconds += float(fv) * st.vms if fv else load
         else:
-            seconds += float(rec.get("load_s") or max_seconds)
-        log.info("calibration %d/%d: %s after %.1fs", i + 1, attempts, rec["outcome"],
-                 rec.get("first_violation_s") or rec.get("load_s") or 0)
-    if events == 0:
-        raise BadInput(f"the race did not reproduce on the known-reproducing end {ref_sha[:12]} "
-                       f"in {attempts} x {max_seconds:.0f}s",
+            c_seconds += load
+        fw = rec.get("first_window_s")
+        if fw is not None:
+            w_events += 1
+            w_seconds += float(fw) * st.vms
+        else:
+            w_seconds += load
+        window = "" if signal == "corruption" else (
+            f"; first window hit after {fw:.2f}s" if fw is not None else "; no window hit")
+        log.info("calibration %d/%d: %s after %.1fs%s", i + 1, attempts,
+                 "reproduced" if rec.get("verdict") == v.REPRODUCED else "clean",
+                 fv or rec.get("load_s") or 0, window)
+    cal_out = Calibration((c_events, c_seconds), None if signal == "corruption" else (w_events, w_seconds))
+    seen = c_events if signal == "corruption" else w_events if signal == "window" else c_events + w_events
+    if seen == 0:
+        what = {"corruption": "the race did not reproduce", "window": "no window hit came",
+                "auto": "neither corruption nor a window hit came"}[signal]
+        raise BadInput(f"{what} on the known-reproducing end {ref_sha[:12]} in {attempts} x {max_seconds:.0f}s",
                        hint="check --good/--bad and --find, or raise --calibrate-budget")
-    return events, seconds
+    return cal_out
+
+
+def choose_signal(asked: str, cal: Calibration, vms: int, floor: float) -> tuple[str, dict[str, float]]:
+    """The signal steps are judged on, and each measured signal's step budget.  auto: the
+    shorter budget (corruption on a tie, the signal a user sees)."""
+    budgets = {sig: step_budget(cal.rate_low(sig) * vms, floor=floor)
+               for sig in ("corruption", "window") if sig == "corruption" or cal.window is not None}
+    if asked != "auto":
+        return asked, budgets
+    if cal.window is None or cal.rate_low("window") <= 0:
+        return "corruption", budgets
+    if cal.rate_low("corruption") <= 0:
+        return "window", budgets
+    return min(("corruption", "window"), key=lambda sig: (budgets[sig], sig != "corruption")), budgets
+
+
+def _window_kind(s: Any) -> str:
+    """The scenario's race window measure ("" when it names none)."""
+    return str((s.data.get("evidence") or {}).get("window") or "")
 
 
 def subject(tree: str, sha: str) -> str:
@@ -388,13 +492,25 @@ def main(a: argparse.Namespace) -> int:
         st = State(tree=tree, scenario=s.name, find=a.find, budget=0.0, rate_low=0.0, vms=a.vms,
                    log=str(out / "bisect.jsonl"), out=str(out),
                    seed=random.SystemRandom().randrange(1 << 31), good=shas["good"], bad=shas["bad"])
-        events, seconds = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget))
-        rate_low = rate_lower_bound(events, seconds)      # per VM-second
+        asked = getattr(a, "signal", "auto") or "auto"
+        if asked != "corruption" and not _window_kind(s):
+            if asked == "window":
+                raise BadInput(f"--signal window: scenario {s.name} names no race window (evidence.window)",
+                               hint="use --signal corruption (or auto)")
+            asked = "corruption"
+        cal = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget), asked)
         # a step's fleet gathers vms VM-seconds per second of load
-        budget = step_budget(rate_low * st.vms, floor=parse_duration(a.min_step))
-        print(f"calibrated on {racy_end[:12]}: {events} reproduction(s) in {seconds:.1f} VM-seconds of "
-              f"load; rate >= {rate_low:.3g}/s per guest (95%); step budget {budget:.1f}s on {st.vms} "
-              f"guest(s) for P(miss) <= {MISS:.0%}", flush=True)
+        signal, budgets = choose_signal(asked, cal, st.vms, parse_duration(a.min_step))
+        rate_low, budget = cal.rate_low(signal), budgets[signal]
+        st = dataclasses.replace(st, signal=signal)
+        for sig in budgets:
+            n, secs = cal.corruption if sig == "corruption" else cal.window or (0, 0.0)
+            what = "reproduction(s)" if sig == "corruption" else "first window hit(s)"
+            print(f"calibrated {sig} on {racy_end[:12]}: {n} {what} in {secs:.1f} VM-seconds of load; "
+                  f"rate >= {cal.rate_low(sig):.3g}/s per guest (95%); step budget {budgets[sig]:.1f}s",
+                  flush=True)
+        print(f"steps judged on {signal}{' (auto: the shorter step)' if asked == 'auto' else ''}: "
+              f"{budget:.1f}s of load on {st.vms} guest(s) for P(miss) <= {MISS:.0%}", flush=True)
     # `git bisect` runs in a private bare clone that borrows the tree's objects: the user's
     # checkout is never touched, and two bisections of one tree cannot collide on its index
     _sweep_stale_clones()
@@ -427,18 +543,25 @@ def main(a: argparse.Namespace) -> int:
                          hint=f"see {out / 'git-bisect-run.log'}")
     steps = [json.loads(l) for l in Path(st.log).read_text().splitlines() if l.strip()]
     confs = [r.get("confidence", 1.0) for r in steps if r.get("label") == "step" and r["outcome"] != "skip"]
-    # verify: the culprit and its parent again
+    # verify: the culprit and its parent again.  The racy one of the pair must corrupt a ring
+    # (up to the calibration budget, whatever the steps' signal); the other must stay clean on
+    # the steps' signal and budget.
     parent = run(["git", "-C", tree, "rev-parse", f"{culprit}^"]).stdout.strip()
-    vc = test_commit(st, culprit, "verify-culprit")
-    vp = test_commit(st, parent, "verify-parent")
-    _append(st.log, {**vc, "phase": "verify"})
-    _append(st.log, {**vp, "phase": "verify"})
-    want_c, want_p = ("reproduced", "clean") if a.find == "cause" else ("clean", "reproduced")
-    verified = vc.get("outcome") == want_c and vp.get("outcome") == want_p
+    racy, fixed = (culprit, parent) if a.find == "cause" else (parent, culprit)
+    vr = test_commit(st, racy, "verify-culprit" if racy == culprit else "verify-parent",
+                     signal="corruption", budget=max(budget, parse_duration(a.calibrate_budget)))
+    _append(st.log, {**vr, "phase": "verify"})
+    vf = test_commit(st, fixed, "verify-culprit" if fixed == culprit else "verify-parent")
+    _append(st.log, {**vf, "phase": "verify"})
+    vc, vp = (vr, vf) if racy == culprit else (vf, vr)
+    verified = vr.get("outcome") == "reproduced" and vf.get("outcome") == "clean"
     conf = overall_confidence(confs + [vc.get("confidence", 0.0), vp.get("confidence", 0.0)])
     report = {"schema_version": 1, "find": a.find, "culprit": culprit, "subject": subject(tree, culprit),
               "parent": parent, "verified": verified, "confidence": conf,
-              "steps": len(confs), "step_budget_s": budget, "rate_low_per_s": rate_low,
+              "steps": len(confs), "signal": st.signal, "step_budget_s": budget, "rate_low_per_s": rate_low,
+              "verify": {"racy": racy, "racy_signal": "corruption", "racy_outcome": vr.get("outcome"),
+                         "racy_first_violation_s": vr.get("first_violation_s"),
+                         "fixed": fixed, "fixed_signal": st.signal, "fixed_outcome": vf.get("outcome")},
               "wall_s": round(time.monotonic() - t0, 1), "log": st.log}
     (out / "bisect.json").write_text(json.dumps(report, indent=2))
     what = "introduced" if a.find == "cause" else "fixed"

@@ -578,6 +578,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-runs", type=int, default=3, help="runs on the reproducing end")
     p.add_argument("--calibrate-budget", default="2m", help="max load per calibration run")
     p.add_argument("--min-step", default="5s", help="minimum load per step")
+    p.add_argument("--signal", choices=("corruption", "window", "auto"), default="auto",
+                   help="what a step is judged on: corruption (the checker's violations), window (the "
+                        "race's interleaving in the kernel trace: seconds per step where corruption is "
+                        "rare), or auto (calibrate both, take the shorter step); the answer's racy end "
+                        "is verified with corruption either way")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted bisection in --out (its calibration and steps are reused)")
     p.set_defaults(func=cmd_bisect)

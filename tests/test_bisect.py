@@ -169,13 +169,14 @@ def test_calibration_counts_vm_seconds_as_a_clean_step_does(monkeypatch, tmp_pat
     """--vms 2: a fleet's first violation at 10 s exposed 2 x 10 VM-seconds; a clean step's
     row counts its seconds summed over its guests.  The same units on both sides give the
     designed confidence (0.99 per step at the step budget), not an inflated one."""
-    recs = iter([{"outcome": "reproduced", "first_violation_s": 10.0, "load_s": 21.0},
-                 {"outcome": "reproduced", "first_violation_s": 30.0, "load_s": 61.0}])
-    monkeypatch.setattr(b, "test_commit", lambda st, sha, label: {"commit": sha, **next(recs)})
+    recs = iter([{"outcome": "reproduced", "verdict": "REPRODUCED", "first_violation_s": 10.0, "load_s": 21.0},
+                 {"outcome": "reproduced", "verdict": "REPRODUCED", "first_violation_s": 30.0, "load_s": 61.0}])
+    monkeypatch.setattr(b, "test_commit", lambda st, sha, label, signal=None: {"commit": sha, **next(recs)})
     st = b.State(tree=str(tmp_path), scenario="generic-rx-race", find="cause", budget=0, rate_low=0,
                  vms=2, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1)
-    events, seconds = b.calibrate(st, "c" * 40, attempts=2, max_seconds=60)
-    assert (events, seconds) == (2, 80.0)
+    cal = b.calibrate(st, "c" * 40, attempts=2, max_seconds=60, signal="corruption")
+    assert cal.corruption == (2, 80.0) and cal.window is None
+    events, seconds = cal.corruption
     rate = b.rate_lower_bound(events, seconds)               # per guest (VM-second)
     wall = b.step_budget(rate * st.vms, floor=1.0)          # seconds of load for the 2-guest fleet
     clean_row_seconds = wall * st.vms                       # what that fleet's clean row counts
@@ -260,3 +261,92 @@ def test_bisect_run_shows_each_step_as_it_comes_with_the_time_left(tmp_path):
     left = [int(line.split("; ~")[1].split(" ")[0]) for line in lines]
     assert [line.split("[step ")[1].split(";")[0] for line in lines] == ["1", "2", "3"], lines
     assert left == sorted(left, reverse=True) and left[1] in (1, 2) and left[2] in (0, 1), lines
+
+
+# --- the signal a step is judged on (issue 18: --signal corruption|window|auto) -------------
+
+def _row(verdict_kind, packets=100_000, hits=0, available=True):
+    by_kind = {"order": 3} if verdict_kind == "corrupt" else {}
+    return v.decide("k", vms=1, packets=packets, seconds=10, wall=20, by_kind=by_kind,
+                    first_violation_s=0.5 if by_kind else None, window_hits=hits,
+                    window_available=available, window_note="" if available else "no kprobes")
+
+
+def test_the_window_signal_judges_hits_and_refuses_an_unmeasured_window():
+    assert b.judge("window", _row("clean", hits=12), "") == ("reproduced", "")
+    assert b.judge("window", _row("clean", hits=0), "") == ("clean", "")
+    assert b.judge("window", _row("corrupt"), "") == ("reproduced", ""), "corruption is proof on any signal"
+    out, why = b.judge("window", _row("clean", available=False), "")
+    assert out == "skip" and "window not measurable" in why and "no kprobes" in why
+    # on the corruption signal the same hits decide nothing: clean
+    assert b.judge("corruption", _row("clean", hits=12), "") == ("clean", "")
+    assert b.judge("corruption", _row("clean"), "no probe site")[0] == "skip"
+    assert b.judge("window", _row("clean", packets=0), "")[0] == "skip", "INCONCLUSIVE is a skip"
+
+
+def test_calibration_measures_both_signals_on_the_same_runs(monkeypatch, tmp_path):
+    """auto: each run counts to its first violation for corruption and to its first window hit
+    for the window; a run without either counts its whole load against that signal."""
+    recs = iter([{"outcome": "clean", "verdict": "WINDOW HIT", "first_violation_s": None, "load_s": 60.0,
+                  "first_window_s": 0.2},
+                 {"outcome": "reproduced", "verdict": "REPRODUCED", "first_violation_s": 40.0, "load_s": 41.0,
+                  "first_window_s": 0.6}])
+    asked = []
+    monkeypatch.setattr(b, "test_commit",
+                        lambda st, sha, label, signal=None: asked.append(signal) or {"commit": sha, **next(recs)})
+    st = b.State(tree=str(tmp_path), scenario="veth-napi-race", find="fix", budget=0, rate_low=0,
+                 vms=2, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1)
+    cal = b.calibrate(st, "c" * 40, attempts=2, max_seconds=60, signal="auto")
+    assert asked == ["auto", "auto"]
+    assert cal.corruption == (1, 60.0 + 80.0) and cal.window == (2, pytest.approx(1.6))
+    signal, budgets = b.choose_signal("auto", cal, vms=2, floor=5.0)
+    assert signal == "window" and budgets["window"] < 15 and budgets["corruption"] > 300
+    assert b.choose_signal("corruption", cal, vms=2, floor=5.0)[0] == "corruption"
+
+
+def test_auto_keeps_corruption_when_it_is_as_fast_or_the_window_never_came():
+    fast = b.Calibration(corruption=(3, 0.3), window=(3, 0.3))
+    assert b.choose_signal("auto", fast, vms=1, floor=5.0)[0] == "corruption", "a tie: the signal users see"
+    none = b.Calibration(corruption=(2, 100.0), window=(0, 120.0))
+    assert b.choose_signal("auto", none, vms=1, floor=5.0)[0] == "corruption"
+    only = b.Calibration(corruption=(0, 240.0), window=(2, 1.0))
+    assert b.choose_signal("auto", only, vms=1, floor=5.0)[0] == "window"
+
+
+def test_window_calibration_is_short_and_needs_a_hit(monkeypatch, tmp_path):
+    budgets = []
+
+    def tc(st, sha, label, signal=None):
+        budgets.append(st.budget)
+        return {"commit": sha, "outcome": "clean", "verdict": "NOT REPRODUCED", "first_violation_s": None,
+                "load_s": st.budget, "first_window_s": None}
+    monkeypatch.setattr(b, "test_commit", tc)
+    st = b.State(tree=str(tmp_path), scenario="veth-napi-race", find="fix", budget=0, rate_low=0,
+                 vms=1, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1)
+    from lab.run import BadInput
+    with pytest.raises(BadInput, match="no window hit came"):
+        b.calibrate(st, "c" * 40, attempts=2, max_seconds=120, signal="window")
+    assert budgets == [b.WINDOW_CALIBRATE_S] * 2
+
+
+def test_a_window_step_traces_and_a_corruption_step_does_not(monkeypatch, tmp_path):
+    from lab import fleet, kernel
+    from lab.session import Outcome
+
+    monkeypatch.setattr(kernel, "resolve", lambda spec: spec)
+    monkeypatch.setattr(kernel, "ensure", lambda spec, progress=False: type("A", (), {"key": "k"})())
+    seen = []
+
+    def run_vm(cfg, progress=False):
+        seen.append((cfg.evidence, cfg.duration, cfg.stop_on_first))
+        row = _row("clean", hits=7)
+        row.extra["amplifier"] = {"method": "off", "why": "asked for"}
+        return Outcome([row], [], tmp_path, {})
+    monkeypatch.setattr(fleet, "run_vm", run_vm)
+    st = b.State(tree=str(tmp_path), scenario="generic-rx-race", find="cause", budget=8, rate_low=2.0,
+                 vms=1, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1, signal="window")
+    rec = b.test_commit(st, "a" * 40, "step")
+    assert rec["outcome"] == "reproduced" and rec["signal"] == "window" and rec["window_hits"] == 7
+    rec = b.test_commit(st, "b" * 40, "verify", signal="corruption", budget=120)
+    assert rec["outcome"] == "clean" and "window_hits" not in rec
+    assert seen == [(("trace",), 8, True), ((), 120, True)]

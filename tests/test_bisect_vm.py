@@ -64,7 +64,7 @@ def _branch(root: Path, branch: str, start: list[tuple[Path, str]], special: int
 
 
 def synthetic_history(branch: str = "cause") -> Path:
-    """The fixture repository, with `branch` (cause | fix | veth-fix) in it."""
+    """The fixture repository, with `branch` (cause | fix | veth-fix | veth-fix-rt) in it."""
     root = cache_dir() / "fixtures" / "linux-6.1-synth"
     done = root / ".racelab-fixture-complete"
     if not done.exists():
@@ -83,6 +83,13 @@ def synthetic_history(branch: str = "cause") -> Path:
         _branch(root, "fix", [(PATCH, "start with the generic-rx race (revert bf0bdd1343ef, a1356ac7749c)")],
                 FIX_AT, ["-R"], PATCH, "synth: restore the generic-rx fix (fixes the race)")
         done.write_text("ok\n")
+    if branch == "veth-fix-rt" and not (root / ".racelab-fixture-veth-fix-rt").exists():
+        # the veth NAPI race from the start and no source amplifier anywhere: what a user's
+        # own tree looks like.  The scenario's run-time amplifier finds its probe site in each
+        # step's kernel; commit FIX_AT restores fa349e396e48
+        _branch(root, "veth-fix-rt", [(VETH, "start with the veth NAPI race (revert fa349e396e48)")],
+                FIX_AT, ["-R"], VETH, "synth: restore the veth NAPI fix (fixes the race)")
+        (root / ".racelab-fixture-veth-fix-rt").write_text("ok\n")
     if branch == "veth-fix" and not (root / ".racelab-fixture-veth-fix").exists():
         # the veth NAPI race from the start, with the widen-rx amplifier throughout (the
         # scenario's defaults turn it on); commit FIX_AT restores fa349e396e48
@@ -93,15 +100,16 @@ def synthetic_history(branch: str = "cause") -> Path:
     return root
 
 
-def bisect(repo, good, bad, find, out):
+def bisect(repo, good, bad, find, out, scenario="generic-rx-race", calibrate_budget="60s", *extra):
     """racelab bisect, its stderr read as it comes: when each step's line arrived."""
     import threading
     import time
     from types import SimpleNamespace
 
     proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "bisect", "--tree", str(repo), "--good", good,
-                             "--bad", bad, "--scenario", "generic-rx-race", "--find", find, "--out", str(out),
-                             "--calibrate-runs", "2", "--calibrate-budget", "60s", "--min-step", "6s"],
+                             "--bad", bad, "--scenario", scenario, "--find", find, "--out", str(out),
+                             "--calibrate-runs", "2", "--calibrate-budget", calibrate_budget, "--min-step", "6s",
+                             *extra],
                             cwd=project_root(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(project_root())})
     stdout: list[str] = []
@@ -139,3 +147,30 @@ def test_bisect_names_the_commit(find, tmp_path):
     assert ("introduces" if find == "cause" else "fixes") in report["subject"]
     steps = [json.loads(l) for l in (tmp_path / "bisect.jsonl").read_text().splitlines()]
     assert all("build_s" in s and "outcome" in s for s in steps)
+
+
+def test_veth_bisect_on_the_window_names_the_fix_and_verifies_it_with_corruption(tmp_path):
+    """Issue 18: the veth race on a tree without a source amplifier.  Calibration measures
+    both signals; the window's first hit comes in about a second where corruption takes a
+    minute or more, so auto judges the steps on the window, each a few seconds of load.  The
+    racy end of the answer is then verified with corruption through the run-time amplifier."""
+    branch = "veth-fix-rt"
+    repo = synthetic_history(branch)
+    expected = git(repo, "rev-list", "-1", "--grep", "fixes the race", branch)
+    p = bisect(repo, f"{branch}~{N}", branch, "fix", tmp_path, "veth-napi-race", "3m")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "steps judged on window (auto: the shorter step)" in p.stdout, p.stdout[-3000:]
+    report = json.loads((tmp_path / "bisect.json").read_text())
+    assert report["culprit"] == expected and report["signal"] == "window", report
+    assert report["verified"] and report["confidence"] > 0.9, report
+    verify = report["verify"]
+    assert verify["racy_signal"] == "corruption" and verify["racy_outcome"] == "reproduced", verify
+    assert verify["fixed"] == expected and verify["fixed_outcome"] == "clean", verify
+    steps = [json.loads(l) for l in (tmp_path / "bisect.jsonl").read_text().splitlines()]
+    judged = [s for s in steps if s.get("label") == "step" and s["outcome"] != "skip"]
+    assert judged and all(s["signal"] == "window" for s in judged), judged
+    # a clean step saw no window at all; a racy one saw it (or corruption)
+    for s in judged:
+        assert (s["outcome"] == "clean") == (s["window_hits"] == 0 and not s["violations"]), s
+    racy = next(s for s in steps if s.get("phase") == "verify" and s["signal"] == "corruption")
+    assert racy["verdict"] == "REPRODUCED" and racy["violations"], racy
