@@ -560,6 +560,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenarios", required=True)
     p.add_argument("--budget", default="5m")
     p.add_argument("--vms", type=int, default=1)
+    # the choices and default are lab.matrix's MISSED_POLICIES and DEFAULT_MISSED (a test keeps
+    # them equal): importing lab.matrix here would slow every racelab start
+    p.add_argument("--missed", choices=("fail", "skip"), default="fail",
+                   help="an affected kernel that did not reach its level within the budget: fail its cell "
+                        "(default: the catalog says it is affected, so that is news) or skip it "
+                        "(JUnit <skipped>, exit code unchanged); as pytest --racelab-missed")
     p.add_argument("--out", default="")
     p.add_argument("--jobs", "-j", type=int, default=1, help="cells at a time")
     p.add_argument("--uri", action="append", default=[], help="libvirt URI(s) to spread cells over")
