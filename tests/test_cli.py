@@ -216,3 +216,53 @@ def test_run_from_checks_its_directory_and_refuses_other_options(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(BadInput, match="not a racelab run configuration"):
         cli.config_from_results(parse(["run", "--from", str(tmp_path)]))
+
+
+# ---------------------------------------------------------------- help and examples
+
+def undocumented(parser, hidden=()):
+    """Every option and positional of every (sub)command has help; every visible command has
+    an examples epilog, kept as written (RawDescriptionHelpFormatter).  hidden: prog names of
+    internal commands, exempt from examples (their options still need help)."""
+    import argparse
+    problems = []
+
+    def walk(p, visible):
+        if visible and not p.epilog:
+            problems.append(f"{p.prog}: no examples (epilog)")
+        elif visible and not issubclass(p.formatter_class, argparse.RawDescriptionHelpFormatter):
+            problems.append(f"{p.prog}: its examples would be re-wrapped (formatter_class)")
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    walk(sp, visible and sp.prog not in hidden)
+            elif not a.help:
+                problems.append(f"{p.prog} {'/'.join(a.option_strings) or a.dest}: no help")
+    walk(parser, True)
+    return problems
+
+
+def test_every_option_has_help_and_every_command_examples():
+    ap = cli.make_parser()
+    assert undocumented(ap, hidden={f"racelab {c}" for c in cli.HIDDEN_COMMANDS}) == []
+
+
+def test_the_help_check_finds_what_is_missing():
+    import argparse
+    ap = argparse.ArgumentParser(prog="t", epilog="examples:\n  t x",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bare")
+    ap.add_argument("--fine", help="has help")
+    sub = ap.add_subparsers(dest="cmd")
+    s = sub.add_parser("x", help="a command without examples")
+    s.add_argument("thing")
+    sub.add_parser("y", help="examples, rewrapped", epilog="examples:\n  t y")
+    sub.add_parser("z", epilog=None)
+    assert undocumented(ap, hidden={"t z"}) == [
+        "t --bare: no help", "t x: no examples (epilog)", "t x thing: no help",
+        "t y: its examples would be re-wrapped (formatter_class)"]
+
+
+def test_examples_keep_their_lines():
+    text = cli.make_parser()._subparsers._group_actions[0].choices["matrix"].format_help()
+    assert "\n  racelab matrix --kernels 6.1.192,6.1.192+revert-generic-rx --scenarios generic-rx-race\n" in text
