@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK   (argcomplete's global completion looks for this marker)
 """racelab: does this race reproduce on this kernel?
 
 Exit codes: 0 the run completed (and matched --expect if given); 1 the
@@ -14,7 +15,7 @@ import random
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lab import scenario as scen
@@ -25,18 +26,20 @@ from lab.run import (EXIT_BAD_INPUT, EXIT_INFRA, EXIT_MISMATCH, EXIT_OK, BadInpu
 
 def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun: bool = False) -> None:
     if rerun:
-        p.add_argument("scenario", nargs="?", help="scenario name (scenarios/NAME.toml) or a .toml path")
-        p.add_argument("--from", dest="from_dir", metavar="DIR", default=None,
-                       help="run again exactly what results directory DIR ran (its config.json: "
-                            "scenario as it was, kernels, seed, duration); only --out and --json may "
-                            "go with it")
+        _complete(p.add_argument("scenario", nargs="?", help="scenario name (scenarios/NAME.toml) or a .toml path"),
+                  _complete_scenario)
+        _complete(p.add_argument("--from", dest="from_dir", metavar="DIR", default=None,
+                                 help="run again exactly what results directory DIR ran (its config.json: "
+                                      "scenario as it was, kernels, seed, duration); only --out and --json may "
+                                      "go with it"), _complete_dirs)
     else:
-        p.add_argument("scenario", help="scenario name (scenarios/NAME.toml) or a .toml path")
+        _complete(p.add_argument("scenario", help="scenario name (scenarios/NAME.toml) or a .toml path"),
+                  _complete_scenario)
     p.add_argument("--backend", choices=("netns", "vm"), default=None,
                    help="netns: this machine's kernel in namespaces; vm: guests on chosen kernels")
-    p.add_argument("--kernel", action="append", default=[], metavar="K",
-                   help="kernel to test (repeatable): catalog name, NAME+patch+fragment, deb:, git:, "
-                        "tarball:, bzimage:")
+    _complete(p.add_argument("--kernel", action="append", default=[], metavar="K",
+                             help="kernel to test (repeatable): catalog name, NAME+patch+fragment, deb:, git:, "
+                                  "tarball:, bzimage:"), _complete_kernel)
     p.add_argument("--vms", type=int, default=None, help="guests per kernel (vm backend)")
     if budget:
         p.add_argument("--budget", default=None, help="time budget per kernel, e.g. 60s, 10m")
@@ -46,19 +49,23 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun:
     p.add_argument("--expect", choices=("reproduced", "window", "clean"),
                    help="the level to judge, exit 1 if the verdict falls short: reproduced (corruption), "
                         "window (at least the race window traced), clean (neither)")
-    p.add_argument("--out", default="", help="results directory (default: results/SCENARIO-TIME-PID)")
+    _complete(p.add_argument("--out", default="", help="results directory (default: results/SCENARIO-TIME-PID)"),
+              _complete_dirs)
     p.add_argument("--json", action="store_true", help="print summary.json to stdout")
     p.add_argument("--seed", type=int, default=None, help="seed for names and payloads (default: random)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a scenario knob (repeatable), e.g. --set load.senders=4")
-    p.add_argument("--variant", default=None, metavar="NAME",
-                   help="a named variant of the scenario ([variants.NAME] in its file), e.g. iperf3")
+    _complete(p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a scenario knob (repeatable), e.g. --set load.senders=4"),
+              _complete_set)
+    _complete(p.add_argument("--variant", default=None, metavar="NAME",
+                             help="a named variant of the scenario ([variants.NAME] in its file), e.g. iperf3"),
+              _complete_variant)
     p.add_argument("--mitigation", choices=scen.MITIGATIONS, help="apply a workaround to the scenario")
     p.add_argument("--evidence", action="append", default=[], choices=("trace", "none"),
                    help="collect kernel-side evidence (ftrace kprobes); the default for a scenario whose "
                         "corruption is rare (evidence.corruption_rare); none: not even then")
-    p.add_argument("--inject", default=None, metavar="KIND",
-                   help="fault class the checker commits on purpose (see racelab selftest)")
+    _complete(p.add_argument("--inject", default=None, metavar="KIND",
+                             help="fault class the checker commits on purpose (see racelab selftest)"),
+              _complete_inject)
     p.add_argument("--uri", action="append", default=[], help="libvirt URI(s) hosting the fleet (repeatable)")
 
 
@@ -465,6 +472,64 @@ def validate_args(a: argparse.Namespace) -> None:
                        hint="fix the options named above; `racelab " + a.cmd + " --help` lists them")
 
 
+# ---------------------------------------------------------------- shell completion
+# argcomplete calls these on every TAB, in a process that exits right after: they read
+# the catalog and scenarios/ (files of this checkout), never the cache, a network or a build.
+# An option without one completes file names (argcomplete's default).
+
+def _complete(action: argparse.Action, completer: object) -> argparse.Action:
+    action.completer = completer  # type: ignore[attr-defined]  # argcomplete's hook
+    return action
+
+
+def _complete_kernel(prefix: str, **_: object) -> list[str]:
+    from lab import kernel
+    return kernel.spec_completions(prefix)
+
+
+def _complete_scenario(prefix: str, **_: object) -> list[str]:
+    if "/" in prefix or prefix.startswith((".", "~")):     # a path to a .toml
+        return _complete_toml(prefix)
+    return [n for n in scen.available() if n.startswith(prefix)]
+
+
+def _comma_list(one: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    """--kernels A,B,C<TAB>: complete the last name, keeping the ones before it."""
+    def complete(prefix: str, **kw: object) -> list[str]:
+        done, comma, last = prefix.rpartition(",")
+        return [done + comma + c for c in one(last, **kw)]
+    return complete
+
+
+def _complete_variant(prefix: str, parsed_args: argparse.Namespace, **_: object) -> list[str]:
+    import tomllib
+    try:
+        raw = tomllib.loads(scen.find(getattr(parsed_args, "scenario", None) or getattr(parsed_args, "name", ""))
+                            .read_text())
+    except (BadInput, OSError, tomllib.TOMLDecodeError):
+        return []
+    return [v for v in sorted(raw.get("variants") or {}) if v.startswith(prefix)]
+
+
+def _complete_set(prefix: str, **_: object) -> list[str]:
+    return [f"{sec}.{f}=" for sec, fields in scen.SCHEMA.items() for f in fields if f"{sec}.{f}=".startswith(prefix)]
+
+
+def _complete_inject(prefix: str, **_: object) -> list[str]:
+    from lab import dataplane
+    return [k for k in dataplane.INJECT_KINDS if k.startswith(prefix)]
+
+
+def _complete_dirs(prefix: str, **_: object) -> list[str]:
+    import argcomplete
+    return list(argcomplete.DirectoriesCompleter()(prefix))
+
+
+def _complete_toml(prefix: str, **_: object) -> list[str]:
+    import argcomplete
+    return list(argcomplete.FilesCompleter(("toml",))(prefix))
+
+
 # ---------------------------------------------------------------- the parser
 
 def _examples(*lines: str) -> str:
@@ -473,7 +538,7 @@ def _examples(*lines: str) -> str:
 
 
 _RAW = argparse.RawDescriptionHelpFormatter
-HIDDEN_COMMANDS = ("bisect-step",)     # internal: not in --help
+HIDDEN_COMMANDS = ("bisect-step",)     # internal: neither in --help nor offered on TAB
 
 # what `racelab --help` ends with
 _ROOT_EPILOG = _examples(
@@ -482,7 +547,7 @@ _ROOT_EPILOG = _examples(
     "racelab kernel list",
     "racelab matrix --kernels 6.1.192,6.1.192+revert-generic-rx --scenarios generic-rx-race",
     "racelab COMMAND --help                         # each command's options and examples",
-)
+) + '\n\nshell completion (bash, zsh): eval "$(register-python-argcomplete racelab)"'
 
 _RUN_EPILOG = _examples(
     "racelab run generic-rx-race --backend netns --duration 30s      # this machine's kernel",
@@ -535,8 +600,8 @@ def _kernel_commands(ks: argparse._SubParsersAction) -> None:
                           "racelab kernel build 6.1.192 --fragment kasan --patch ~/fix.patch",
                           "racelab kernel build deb:6.1.0-47-amd64            # Debian's binary kernel",
                           "racelab kernel build git:/path/to/linux@v6.1 --vmlinux"))
-    b.add_argument("spec", help="catalog name, NAME+patch+fragment, debsrc:, deb:, git:/repo@REF, "
-                                "tarball:, bzimage:")
+    _complete(b.add_argument("spec", help="catalog name, NAME+patch+fragment, debsrc:, deb:, git:/repo@REF, "
+                                          "tarball:, bzimage:"), _complete_kernel)
     b.add_argument("--fragment", action="append", default=[], metavar="FRAGMENT",
                    help="extra config fragment (repeatable): a path, or a name in kernels/config")
     b.add_argument("--patch", action="append", default=[], metavar="PATCH",
@@ -546,7 +611,7 @@ def _kernel_commands(ks: argparse._SubParsersAction) -> None:
                       epilog=_examples(
                           "racelab kernel show 6.1.192+revert-generic-rx",
                           "racelab kernel show 6.1.192 --fragment kcsan --json"))
-    s.add_argument("name", help="a kernel spec, as for build")
+    _complete(s.add_argument("name", help="a kernel spec, as for build"), _complete_kernel)
     s.add_argument("--fragment", action="append", default=[], metavar="FRAGMENT",
                    help="extra config fragment, as for build")
     s.add_argument("--patch", action="append", default=[], metavar="PATCH", help="extra patch, as for build")
@@ -582,8 +647,9 @@ def make_parser() -> argparse.ArgumentParser:
                        formatter_class=_RAW, epilog=_SELFTEST_EPILOG)
     p.add_argument("--xdp", action="append", choices=("generic", "native"), default=None,
                    help="XDP mode to test (repeatable; default: both)")
-    p.add_argument("--kind", action="append", default=None,
-                   help="only these detector kinds (repeatable; default: all), e.g. order, poison")
+    _complete(p.add_argument("--kind", action="append", default=None,
+                             help="only these detector kinds (repeatable; default: all), e.g. order, poison"),
+              _complete_inject)
     p.add_argument("--duration", default="3s",
                    help="traffic of each clean control (an injection case ends at its violation, "
                         "within this long)")
@@ -625,14 +691,15 @@ def make_parser() -> argparse.ArgumentParser:
                       formatter_class=_RAW, epilog=_examples(
                           "racelab scenario show generic-rx-race",
                           "racelab scenario show veth-napi-race --variant iperf3 --set load.senders=4"))
-    s.add_argument("name", help="scenario name or .toml path")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field (repeatable), e.g. --set load.senders=4")
-    s.add_argument("--variant", default=None, metavar="NAME", help="apply a named variant")
+    _complete(s.add_argument("name", help="scenario name or .toml path"), _complete_scenario)
+    _complete(s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a field (repeatable), e.g. --set load.senders=4"), _complete_set)
+    _complete(s.add_argument("--variant", default=None, metavar="NAME", help="apply a named variant"),
+              _complete_variant)
     s = ss.add_parser("validate", help="check scenario files; every problem named (exit 2 if any)",
                       formatter_class=_RAW, epilog=_examples("racelab scenario validate scenarios/*.toml",
                                                              "racelab scenario validate ~/my-race.toml"))
-    s.add_argument("files", nargs="+", metavar="FILE", help="scenario .toml files")
+    _complete(s.add_argument("files", nargs="+", metavar="FILE", help="scenario .toml files"), _complete_toml)
     s = ss.add_parser("new", help="write a commented starting file (scenarios/NAME.toml)", formatter_class=_RAW,
                       epilog=_examples("racelab scenario new my-race && $EDITOR scenarios/my-race.toml",
                                        "racelab scenario new my-race --out /tmp/my-race.toml"))
@@ -659,7 +726,8 @@ def make_parser() -> argparse.ArgumentParser:
             ("shell", "boot a guest and open a shell in it; torn down when the shell ends",
              ("racelab vm shell 6.12.117 --memory 2048",))):
         v = vs.add_parser(name, help=what, formatter_class=_RAW, epilog=_examples(*examples))
-        v.add_argument("kernel", help="kernel to boot: catalog name, deb:, git:, tarball:, bzimage:")
+        _complete(v.add_argument("kernel", help="kernel to boot: catalog name, deb:, git:, tarball:, bzimage:"),
+                  _complete_kernel)
         v.add_argument("--vcpus", type=int, default=2, help="guest vCPUs (default 2)")
         v.add_argument("--memory", type=int, default=1024, help="guest memory in MiB (default 1024)")
         if name == "run":
@@ -671,21 +739,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("matrix", help="kernel x scenario grid", formatter_class=_RAW, epilog=_MATRIX_EPILOG)
-    p.add_argument("--kernels", required=True, metavar="K1,K2,...",
-                   help="comma-separated kernels (as for --kernel); each cell's expectation "
-                        "comes from the catalog")
-    p.add_argument("--scenarios", required=True, metavar="S1,S2,...",
-                   help="comma-separated scenarios")
+    _complete(p.add_argument("--kernels", required=True, metavar="K1,K2,...",
+                             help="comma-separated kernels (as for --kernel); each cell's expectation "
+                                  "comes from the catalog"), _comma_list(_complete_kernel))
+    _complete(p.add_argument("--scenarios", required=True, metavar="S1,S2,...",
+                             help="comma-separated scenarios"), _comma_list(_complete_scenario))
     p.add_argument("--budget", default="5m", help="load time per cell, at most (default 5m); a cell stops at "
                                                   "its first violation")
     p.add_argument("--vms", type=int, default=1, help="guests per cell (default 1)")
     # the choices and default are lab.matrix's MISSED_POLICIES and DEFAULT_MISSED (a test keeps
-    # them equal): importing lab.matrix here would slow every racelab start
+    # them equal): importing lab.matrix here would slow every racelab start, TAB included
     p.add_argument("--missed", choices=("fail", "skip"), default="fail",
                    help="an affected kernel that did not reach its level within the budget: fail its cell "
                         "(default: the catalog says it is affected, so that is news) or skip it "
                         "(JUnit <skipped>, exit code unchanged); as pytest --racelab-missed")
-    p.add_argument("--out", default="", help="results directory (default: results/matrix-TIME-PID)")
+    _complete(p.add_argument("--out", default="", help="results directory (default: results/matrix-TIME-PID)"),
+              _complete_dirs)
     p.add_argument("--jobs", "-j", type=int, default=1, help="cells at a time (default 1)")
     p.add_argument("--uri", action="append", default=[],
                    help="libvirt URI(s) to spread cells over (repeatable; default: RACELAB_URIS, "
@@ -695,15 +764,16 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bisect", help="flake-aware bisection of kernel commits for a race", formatter_class=_RAW,
                        epilog=_BISECT_EPILOG)
-    p.add_argument("--tree", required=True, help="a kernel git checkout (never modified: the "
-                                               "bisection runs in a private clone)")
+    _complete(p.add_argument("--tree", required=True, help="a kernel git checkout (never modified: the "
+                                                         "bisection runs in a private clone)"), _complete_dirs)
     p.add_argument("--good", required=True, help="the older end: a commit, tag or branch")
     p.add_argument("--bad", required=True, help="the newer end: a commit, tag or branch")
-    p.add_argument("--scenario", required=True, help="scenario name or .toml path")
+    _complete(p.add_argument("--scenario", required=True, help="scenario name or .toml path"),
+              _complete_scenario)
     p.add_argument("--find", choices=("cause", "fix"), default="cause",
                    help="cause: --bad (newer) reproduces; fix: --good (older) reproduces")
     p.add_argument("--vms", type=int, default=1, help="guests per step")
-    p.add_argument("--out", default="", help="results directory")
+    _complete(p.add_argument("--out", default="", help="results directory"), _complete_dirs)
     p.add_argument("--calibrate-runs", type=int, default=3, help="runs on the reproducing end")
     p.add_argument("--calibrate-budget", default="2m", help="max load per calibration run")
     p.add_argument("--min-step", default="5s", help="minimum load per step")
@@ -711,8 +781,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted bisection in --out (its calibration and steps are reused)")
     p.set_defaults(func=cmd_bisect)
 
-    # internal (HIDDEN_COMMANDS), so without help= (that would list it) and left out of the
-    # metavar below
+    # internal (HIDDEN_COMMANDS), so without help= (that would list it), left out of the metavar
+    # below and out of shell completion
     p = sub.add_parser("bisect-step", description="internal: one `git bisect run` step (exit 0/1/125)")
     p.add_argument("--state", required=True, help="the bisection's state file")
     p.set_defaults(func=cmd_bisect_step)
@@ -727,6 +797,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = make_parser()
+    if "_ARGCOMPLETE" in os.environ:
+        # a TAB in a shell with `eval "$(register-python-argcomplete racelab)"`: answer on fd 8
+        # and exit, before anything heavier than the parser is imported
+        import argcomplete
+        argcomplete.autocomplete(ap, exclude=list(HIDDEN_COMMANDS))
     a = ap.parse_args(_glue_negative_values(ap, list(sys.argv[1:] if argv is None else argv)))
     setup_logging(a.verbose, quiet=a.quiet)
     # SIGTERM and SIGHUP unwind like Ctrl-C: guests, namespaces and files are removed

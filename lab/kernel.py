@@ -804,6 +804,25 @@ def listing_json(r: Listing) -> dict[str, Any]:
             "bzimage": str(a.bzimage) if a else None}
 
 
+SOURCE_PREFIXES = ("debsrc:", "deb:", "git:", "tarball:", "bzimage:")
+
+
+def spec_completions(prefix: str) -> list[str]:
+    """What `--kernel PREFIX<TAB>` offers: catalog names, `NAME+` catalog patches and config
+    fragments, and the source prefixes.  Shell completion calls it on every TAB, so it reads
+    the catalog and kernels/config and nothing else (no cache, no network, no build)."""
+    cat = load_catalog()
+    head, plus, _ = prefix.rpartition("+")
+    if plus:
+        fragments = sorted(p.stem for p in (kernels_root() / "config").glob("*.config")
+                           if p.name != Path(DEFAULT_FRAGMENT).name)      # always applied
+        extras = [*cat.patches, *fragments]
+        out = [f"{head}+{x}" for x in extras]
+    else:
+        out = [*SOURCE_PREFIXES]
+    return [c for c in dict.fromkeys([*cat.kernels, *out]) if c.startswith(prefix)]
+
+
 def cli_list(as_json: bool = False) -> None:
     rows = list_kernels()
     if as_json:
@@ -865,7 +884,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = ["KernelSpec", "KernelArtifact", "Catalog", "load_catalog", "resolve", "ensure", "plan",
            "cache_key", "list_kernels", "show", "gc", "cached", "cli_list", "cli_build", "cli_show",
-           "cli_gc", "main"]
+           "cli_gc", "spec_completions", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())
