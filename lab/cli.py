@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK   (argcomplete's global completion looks for this marker)
 """racelab: does this race reproduce on this kernel?
 
 Exit codes: 0 the run completed (and matched --expect if given); 1 the
@@ -14,7 +15,7 @@ import random
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lab import scenario as scen
@@ -25,16 +26,20 @@ from lab.run import (EXIT_BAD_INPUT, EXIT_INFRA, EXIT_MISMATCH, EXIT_OK, BadInpu
 
 def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun: bool = False) -> None:
     if rerun:
-        p.add_argument("scenario", nargs="?", help="scenario name (scenarios/NAME.toml) or a .toml path")
-        p.add_argument("--from", dest="from_dir", metavar="DIR", default=None,
-                       help="run again exactly what results directory DIR ran (its config.json: scenario "
-                            "as it was, kernels, seed, duration); only --out and --json may go with it")
+        _complete(p.add_argument("scenario", nargs="?", help="scenario name (scenarios/NAME.toml) or a .toml path"),
+                  _complete_scenario)
+        _complete(p.add_argument("--from", dest="from_dir", metavar="DIR", default=None,
+                                 help="run again exactly what results directory DIR ran (its config.json: "
+                                      "scenario as it was, kernels, seed, duration); only --out and --json may "
+                                      "go with it"), _complete_dirs)
     else:
-        p.add_argument("scenario", help="scenario name (scenarios/NAME.toml) or a .toml path")
+        _complete(p.add_argument("scenario", help="scenario name (scenarios/NAME.toml) or a .toml path"),
+                  _complete_scenario)
     p.add_argument("--backend", choices=("netns", "vm"), default=None,
                    help="netns: this machine's kernel in namespaces; vm: guests on chosen kernels")
-    p.add_argument("--kernel", action="append", default=[], metavar="K",
-                   help="kernel to test (repeatable): catalog name, deb:, git:, tarball:, bzimage:")
+    _complete(p.add_argument("--kernel", action="append", default=[], metavar="K",
+                             help="kernel to test (repeatable): catalog name, NAME+patch+fragment, deb:, git:, "
+                                  "tarball:, bzimage:"), _complete_kernel)
     p.add_argument("--vms", type=int, default=None, help="guests per kernel (vm backend)")
     if budget:
         p.add_argument("--budget", default=None, help="time budget per kernel, e.g. 60s, 10m")
@@ -44,19 +49,24 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun:
     p.add_argument("--expect", choices=("reproduced", "window", "clean"),
                    help="the level to judge, exit 1 if the verdict falls short: reproduced (corruption), "
                         "window (at least the race window traced), clean (neither)")
-    p.add_argument("--out", default="", help="results directory (default: results/SCENARIO-TIME-PID)")
+    _complete(p.add_argument("--out", default="", help="results directory (default: results/SCENARIO-TIME-PID)"),
+              _complete_dirs)
     p.add_argument("--json", action="store_true", help="print summary.json to stdout")
     p.add_argument("--seed", type=int, default=None, help="seed for names and payloads (default: random)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a scenario knob, e.g. --set load.senders=4")
-    p.add_argument("--variant", default=None, metavar="NAME",
-                   help="a named variant of the scenario ([variants.NAME] in its file), e.g. iperf3")
+    _complete(p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a scenario knob (repeatable), e.g. --set load.senders=4"),
+              _complete_set)
+    _complete(p.add_argument("--variant", default=None, metavar="NAME",
+                             help="a named variant of the scenario ([variants.NAME] in its file), e.g. iperf3"),
+              _complete_variant)
     p.add_argument("--mitigation", choices=scen.MITIGATIONS, help="apply a workaround to the scenario")
     p.add_argument("--evidence", action="append", default=[], choices=("trace", "none"),
                    help="collect kernel-side evidence (ftrace kprobes); the default for a scenario whose "
                         "corruption is rare (evidence.corruption_rare); none: not even then")
-    p.add_argument("--inject", default=None, help="fault class the checker commits on purpose")
-    p.add_argument("--uri", action="append", default=[], help="libvirt URI(s) hosting the fleet")
+    _complete(p.add_argument("--inject", default=None, metavar="KIND",
+                             help="fault class the checker commits on purpose (see racelab selftest)"),
+              _complete_inject)
+    p.add_argument("--uri", action="append", default=[], help="libvirt URI(s) hosting the fleet (repeatable)")
 
 
 def build_config(a: argparse.Namespace, *, default_backend: str, duration: float | None = None
@@ -462,119 +472,308 @@ def validate_args(a: argparse.Namespace) -> None:
                        hint="fix the options named above; `racelab " + a.cmd + " --help` lists them")
 
 
+# ---------------------------------------------------------------- shell completion
+# argcomplete calls these on every TAB, in a process that exits right after: they read
+# the catalog and scenarios/ (files of this checkout), never the cache, a network or a build.
+# An option without one completes file names (argcomplete's default).
+
+def _complete(action: argparse.Action, completer: object) -> argparse.Action:
+    action.completer = completer  # type: ignore[attr-defined]  # argcomplete's hook
+    return action
+
+
+def _complete_kernel(prefix: str, **_: object) -> list[str]:
+    from lab import kernel
+    return kernel.spec_completions(prefix)
+
+
+def _complete_scenario(prefix: str, **_: object) -> list[str]:
+    if "/" in prefix or prefix.startswith((".", "~")):     # a path to a .toml
+        return _complete_toml(prefix)
+    return [n for n in scen.available() if n.startswith(prefix)]
+
+
+def _comma_list(one: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    """--kernels A,B,C<TAB>: complete the last name, keeping the ones before it."""
+    def complete(prefix: str, **kw: object) -> list[str]:
+        done, comma, last = prefix.rpartition(",")
+        return [done + comma + c for c in one(last, **kw)]
+    return complete
+
+
+def _complete_variant(prefix: str, parsed_args: argparse.Namespace, **_: object) -> list[str]:
+    import tomllib
+    try:
+        raw = tomllib.loads(scen.find(getattr(parsed_args, "scenario", None) or getattr(parsed_args, "name", ""))
+                            .read_text())
+    except (BadInput, OSError, tomllib.TOMLDecodeError):
+        return []
+    return [v for v in sorted(raw.get("variants") or {}) if v.startswith(prefix)]
+
+
+def _complete_set(prefix: str, **_: object) -> list[str]:
+    return [f"{sec}.{f}=" for sec, fields in scen.SCHEMA.items() for f in fields if f"{sec}.{f}=".startswith(prefix)]
+
+
+def _complete_inject(prefix: str, **_: object) -> list[str]:
+    from lab import dataplane
+    return [k for k in dataplane.INJECT_KINDS if k.startswith(prefix)]
+
+
+def _complete_dirs(prefix: str, **_: object) -> list[str]:
+    import argcomplete
+    return list(argcomplete.DirectoriesCompleter()(prefix))
+
+
+def _complete_toml(prefix: str, **_: object) -> list[str]:
+    import argcomplete
+    return list(argcomplete.FilesCompleter(("toml",))(prefix))
+
+
+# ---------------------------------------------------------------- the parser
+
+def _examples(*lines: str) -> str:
+    """An epilog: real command lines, kept as written (RawDescriptionHelpFormatter)."""
+    return "examples:\n" + "\n".join(f"  {x}" for x in lines)
+
+
+_RAW = argparse.RawDescriptionHelpFormatter
+HIDDEN_COMMANDS = ("bisect-step",)     # internal: neither in --help nor offered on TAB
+
+# what `racelab --help` ends with
+_ROOT_EPILOG = _examples(
+    "racelab repro generic-rx-race                  # affected vs fixed kernel, one verdict table",
+    "racelab run veth-napi-race --backend netns --duration 30s",
+    "racelab kernel list",
+    "racelab matrix --kernels 6.1.192,6.1.192+revert-generic-rx --scenarios generic-rx-race",
+    "racelab COMMAND --help                         # each command's options and examples",
+) + '\n\nshell completion (bash, zsh): eval "$(register-python-argcomplete racelab)"'
+
+_RUN_EPILOG = _examples(
+    "racelab run generic-rx-race --backend netns --duration 30s      # this machine's kernel",
+    "racelab run generic-rx-race --backend vm --kernel 6.1.192+revert-generic-rx --vms 2 --duration 2m",
+    "racelab run veth-napi-race --backend vm --kernel 6.1.192 --variant iperf3 --expect clean",
+    "racelab run generic-rx-race --set load.senders=4 --set xdp.mode=native --json > summary.json",
+    "racelab run --from results/generic-rx-race-20250101-120000-4242   # the same run again",
+)
+
+_REPRO_EPILOG = _examples(
+    "racelab repro generic-rx-race                  # the catalog's affected and fixed kernels",
+    "racelab repro veth-napi-race --budget 10m --mitigation threaded-napi",
+    "racelab repro veth-napi-race --kernel 6.1.192+revert-veth-napi --kernel 6.1.192",
+    "racelab repro generic-rx-race --kernel 6.1.192+revert-generic-rx+~/fix.patch --expect clean",
+)
+
+_SELFTEST_EPILOG = _examples(
+    "racelab selftest                               # every detector, generic and native XDP",
+    "racelab selftest --xdp native --kind order --kind duplicate --duration 5s",
+    "racelab selftest --jobs 1 --json > selftest.json",
+)
+
+_MATRIX_EPILOG = _examples(
+    "racelab matrix --kernels 6.1.192,6.1.192+revert-generic-rx --scenarios generic-rx-race",
+    "racelab matrix --kernels 6.1.192,6.1.192+revert-generic-rx,6.1.192+revert-veth-napi,deb:6.1.0-47-amd64 \\",
+    "               --scenarios generic-rx-race,veth-napi-race --budget 5m -j 2",
+    "racelab matrix --kernels 6.12.117,6.12.117+revert-veth-napi --scenarios veth-napi-race --missed skip",
+    "racelab matrix --kernels 6.1.192,6.1.192+revert-shared-pool --scenarios shared-pool-rx-race --json > m.json",
+)
+
+_BISECT_EPILOG = _examples(
+    "racelab bisect --tree ~/src/linux --good v6.1 --bad v6.2 --scenario veth-napi-race --find fix",
+    "racelab bisect --tree ~/src/linux --good v6.1 --bad HEAD --scenario generic-rx-race --vms 2 "
+    "--out results/bisect-gen",
+    "racelab bisect --tree ~/src/linux --good v6.1 --bad HEAD --scenario generic-rx-race --resume "
+    "--out results/bisect-gen",
+)
+
+
+def _kernel_commands(ks: argparse._SubParsersAction) -> None:
+    """`racelab kernel ...` (and `python -m lab.kernel ...`, which is the same)."""
+    kl = ks.add_parser("list", help="named kernels in kernels/catalog.toml and what is cached",
+                       formatter_class=_RAW, epilog=_examples(
+                           "racelab kernel list",
+                           "racelab kernel list --json | jq -r '.kernels[] | select(.cached) | .name'"))
+    kl.add_argument("--json", action="store_true", help="one JSON document on stdout (schema_version 1)")
+    b = ks.add_parser("build", help="build or fetch a kernel; prints the bzImage path", formatter_class=_RAW,
+                      epilog=_examples(
+                          "racelab kernel build 6.1.192+revert-generic-rx",
+                          "racelab kernel build 6.1.192 --fragment kasan --patch ~/fix.patch",
+                          "racelab kernel build deb:6.1.0-47-amd64            # Debian's binary kernel",
+                          "racelab kernel build git:/path/to/linux@v6.1 --vmlinux"))
+    _complete(b.add_argument("spec", help="catalog name, NAME+patch+fragment, debsrc:, deb:, git:/repo@REF, "
+                                          "tarball:, bzimage:"), _complete_kernel)
+    b.add_argument("--fragment", action="append", default=[], metavar="FRAGMENT",
+                   help="extra config fragment (repeatable): a path, or a name in kernels/config")
+    b.add_argument("--patch", action="append", default=[], metavar="PATCH",
+                   help="extra patch (repeatable): a path, or a catalog patch name")
+    b.add_argument("--vmlinux", action="store_true", help="keep vmlinux too (for gdb, objdump, crash)")
+    s = ks.add_parser("show", help="source, patches, config hash, cache key, build log", formatter_class=_RAW,
+                      epilog=_examples(
+                          "racelab kernel show 6.1.192+revert-generic-rx",
+                          "racelab kernel show 6.1.192 --fragment kcsan --json"))
+    _complete(s.add_argument("name", help="a kernel spec, as for build"), _complete_kernel)
+    s.add_argument("--fragment", action="append", default=[], metavar="FRAGMENT",
+                   help="extra config fragment, as for build")
+    s.add_argument("--patch", action="append", default=[], metavar="PATCH", help="extra patch, as for build")
+    s.add_argument("--json", action="store_true", help="one JSON document on stdout (schema_version 1)")
+    g = ks.add_parser("gc", help="drop cached kernels, keeping the most recently used", formatter_class=_RAW,
+                      epilog=_examples("racelab kernel gc --keep 3",
+                                       "racelab cache gc --dry-run        # the whole cache, not only kernels"))
+    g.add_argument("--keep", type=int, default=5, help="kernels kept, most recently used first (default 5)")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="racelab", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="racelab", description=__doc__, formatter_class=_RAW, epilog=_ROOT_EPILOG)
     ap.add_argument("-v", "--verbose", action="count", default=0,
                     help="debug logging (every external command); -vv adds paramiko's")
     ap.add_argument("-q", "--quiet", action="store_true", default=False, help="warnings and errors only")
     ap.add_argument("--version", action=_Version)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("run", help="run a scenario (netns: this kernel; vm: guests on chosen kernels)")
+    p = sub.add_parser("run", help="run a scenario (netns: this kernel; vm: guests on chosen kernels)",
+                       formatter_class=_RAW, epilog=_RUN_EPILOG)
     _common_run_args(p, rerun=True)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("repro", help="one-command repro of a named bug: affected vs fixed kernels")
+    p = sub.add_parser("repro", help="one-command repro of a named bug: affected vs fixed kernels",
+                       formatter_class=_RAW, epilog=_REPRO_EPILOG)
     _common_run_args(p, budget=True)
     p.add_argument("--duration", default=None,
                    help="load time of a clean control, run in full (default: it stops once its evidence "
                         "suffices, see run.control_miss, within the budget)")
     p.set_defaults(func=cmd_repro)
 
-    p = sub.add_parser("selftest", help="prove every detector fires (fault injection) on this kernel")
-    p.add_argument("--xdp", action="append", choices=("generic", "native"), default=None)
-    p.add_argument("--kind", action="append", default=None, help="only these detector kinds")
+    p = sub.add_parser("selftest", help="prove every detector fires (fault injection) on this kernel",
+                       formatter_class=_RAW, epilog=_SELFTEST_EPILOG)
+    p.add_argument("--xdp", action="append", choices=("generic", "native"), default=None,
+                   help="XDP mode to test (repeatable; default: both)")
+    _complete(p.add_argument("--kind", action="append", default=None,
+                             help="only these detector kinds (repeatable; default: all), e.g. order, poison"),
+              _complete_inject)
     p.add_argument("--duration", default="3s",
                    help="traffic of each clean control (an injection case ends at its violation, "
                         "within this long)")
     p.add_argument("--jobs", type=int, default=4, help="cases run side by side (default 4)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON document on stdout")
     p.set_defaults(func=cmd_selftest)
 
-    p = sub.add_parser("kernel", help="kernels: list, build, show, gc")
-    ks = p.add_subparsers(dest="kcmd", required=True)
-    kl = ks.add_parser("list", help="named kernels in kernels/catalog.toml and what is cached")
-    kl.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    b = ks.add_parser("build", help="build or fetch a kernel; prints the artifact path")
-    b.add_argument("spec")
-    b.add_argument("--fragment", action="append", default=[], help="extra config fragment")
-    b.add_argument("--patch", action="append", default=[], help="extra patch")
-    b.add_argument("--vmlinux", action="store_true", help="keep vmlinux too")
-    s = ks.add_parser("show", help="source, patches, config hash, cache key, build log")
-    s.add_argument("name")
-    s.add_argument("--fragment", action="append", default=[], help="extra config fragment, as for build")
-    s.add_argument("--patch", action="append", default=[], help="extra patch, as for build")
-    s.add_argument("--json", action="store_true", help="one JSON document on stdout")
-    g = ks.add_parser("gc", help="drop cached kernels, keeping the most recently used")
-    g.add_argument("--keep", type=int, default=5)
+    p = sub.add_parser("kernel", help="kernels: list, build, show, gc", formatter_class=_RAW,
+                       epilog=_examples("racelab kernel list",
+                                        "racelab kernel build 6.1.192+revert-veth-napi",
+                                        "racelab kernel show 6.12.117 --json",
+                                        "racelab kernel gc --keep 3"))
+    _kernel_commands(p.add_subparsers(dest="kcmd", required=True))
     p.set_defaults(func=cmd_kernel)
 
     p = sub.add_parser("cache", help="the cache: what takes the space (du), and its clean-up (gc)",
-                       description=_cache_doc(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=_cache_doc(), formatter_class=_RAW,
+                       epilog=_examples("racelab cache du", "racelab cache gc --older-than 14d --dry-run"))
     cs = p.add_subparsers(dest="ccmd", required=True)
-    cs.add_parser("du", help="size of each area: kernels, build trees, ccache, downloads, images, ...")
-    g = cs.add_parser("gc", help="remove what is old or dead in every area (see racelab cache --help)")
+    cs.add_parser("du", help="size of each area: kernels, build trees, ccache, downloads, images, ...",
+                  formatter_class=_RAW, epilog=_examples("racelab cache du"))
+    g = cs.add_parser("gc", help="remove what is old or dead in every area (see racelab cache --help)",
+                      formatter_class=_RAW, epilog=_examples(
+                          "racelab cache gc --dry-run                     # say first",
+                          "racelab cache gc --keep 2 --older-than 3d"))
     g.add_argument("--keep", type=int, default=5, help="kernels kept, most recently used first (default 5)")
     g.add_argument("--older-than", default="14d", help="age of last use beyond which an entry goes (default 14d)")
     g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("scenario", help="scenarios: list, show, validate, new, schema")
+    p = sub.add_parser("scenario", help="scenarios: list, show, validate, new, schema", formatter_class=_RAW,
+                       epilog=_examples("racelab scenario list",
+                                        "racelab scenario show veth-napi-race --variant iperf3",
+                                        "racelab scenario validate scenarios/*.toml"))
     ss = p.add_subparsers(dest="scmd", required=True)
-    ss.add_parser("list", help="the scenarios under scenarios/")
-    s = ss.add_parser("show", help="the fully resolved scenario: defaults, variant and --set applied")
-    s.add_argument("name", help="scenario name or .toml path")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
-    s.add_argument("--variant", default=None, metavar="NAME", help="apply a named variant")
-    s = ss.add_parser("validate", help="check scenario files; every problem named (exit 2 if any)")
-    s.add_argument("files", nargs="+", metavar="FILE")
-    s = ss.add_parser("new", help="write a commented starting file (scenarios/NAME.toml)")
-    s.add_argument("name")
+    ss.add_parser("list", help="the scenarios under scenarios/", formatter_class=_RAW,
+                  epilog=_examples("racelab scenario list"))
+    s = ss.add_parser("show", help="the fully resolved scenario: defaults, variant and --set applied",
+                      formatter_class=_RAW, epilog=_examples(
+                          "racelab scenario show generic-rx-race",
+                          "racelab scenario show veth-napi-race --variant iperf3 --set load.senders=4"))
+    _complete(s.add_argument("name", help="scenario name or .toml path"), _complete_scenario)
+    _complete(s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a field (repeatable), e.g. --set load.senders=4"), _complete_set)
+    _complete(s.add_argument("--variant", default=None, metavar="NAME", help="apply a named variant"),
+              _complete_variant)
+    s = ss.add_parser("validate", help="check scenario files; every problem named (exit 2 if any)",
+                      formatter_class=_RAW, epilog=_examples("racelab scenario validate scenarios/*.toml",
+                                                             "racelab scenario validate ~/my-race.toml"))
+    _complete(s.add_argument("files", nargs="+", metavar="FILE", help="scenario .toml files"), _complete_toml)
+    s = ss.add_parser("new", help="write a commented starting file (scenarios/NAME.toml)", formatter_class=_RAW,
+                      epilog=_examples("racelab scenario new my-race && $EDITOR scenarios/my-race.toml",
+                                       "racelab scenario new my-race --out /tmp/my-race.toml"))
+    s.add_argument("name", help="the new scenario's name (lower-case words joined by '-')")
     s.add_argument("--out", default=None, help="where to write it (default: scenarios/NAME.toml)")
-    s = ss.add_parser("schema", help="write scenarios/schema.json (JSON Schema for editors) from the validator")
+    s = ss.add_parser("schema", help="write scenarios/schema.json (JSON Schema for editors) from the validator",
+                      formatter_class=_RAW, epilog=_examples("racelab scenario schema",
+                                                             "racelab scenario schema --check   # in CI"))
     s.add_argument("--check", action="store_true", help="only say whether it is up to date (exit 1 if not)")
     p.set_defaults(func=cmd_scenario)
 
-    p = sub.add_parser("image", help="guest image")
-    p.add_argument("icmd", choices=("build",))
+    p = sub.add_parser("image", help="guest image", formatter_class=_RAW,
+                       epilog=_examples("racelab image build            # build or find it; prints its path"))
+    p.add_argument("icmd", choices=("build",), help="build: build the guest image (or find it cached)")
     p.set_defaults(func=cmd_image)
 
-    p = sub.add_parser("vm", help="boot one guest: run a command, or a shell")
+    p = sub.add_parser("vm", help="boot one guest: run a command, or a shell", formatter_class=_RAW,
+                       epilog=_examples("racelab vm run 6.1.192 -- uname -r", "racelab vm shell 6.12.117"))
     vs = p.add_subparsers(dest="vcmd", required=True)
-    for name in ("run", "shell"):
-        v = vs.add_parser(name)
-        v.add_argument("kernel")
-        v.add_argument("--vcpus", type=int, default=2)
-        v.add_argument("--memory", type=int, default=1024, help="MiB")
+    for name, what, examples in (
+            ("run", "boot a guest, run COMMAND in it over SSH, tear it down",
+             ("racelab vm run 6.1.192 -- uname -r",
+              "racelab vm run 6.1.192+revert-generic-rx --vcpus 4 -- cat /proc/interrupts")),
+            ("shell", "boot a guest and open a shell in it; torn down when the shell ends",
+             ("racelab vm shell 6.12.117 --memory 2048",))):
+        v = vs.add_parser(name, help=what, formatter_class=_RAW, epilog=_examples(*examples))
+        _complete(v.add_argument("kernel", help="kernel to boot: catalog name, deb:, git:, tarball:, bzimage:"),
+                  _complete_kernel)
+        v.add_argument("--vcpus", type=int, default=2, help="guest vCPUs (default 2)")
+        v.add_argument("--memory", type=int, default=1024, help="guest memory in MiB (default 1024)")
         if name == "run":
-            v.add_argument("command", nargs=argparse.REMAINDER)
+            v.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     p.set_defaults(func=cmd_vm)
 
-    p = sub.add_parser("cleanup", help="remove guests and namespaces left by killed runs")
+    p = sub.add_parser("cleanup", help="remove guests and namespaces left by killed runs", formatter_class=_RAW,
+                       epilog=_examples("racelab cleanup                # after a kill -9 or a crash"))
     p.set_defaults(func=cmd_cleanup)
 
-    p = sub.add_parser("matrix", help="kernel x scenario grid")
-    p.add_argument("--kernels", required=True)
-    p.add_argument("--scenarios", required=True)
-    p.add_argument("--budget", default="5m")
-    p.add_argument("--vms", type=int, default=1)
-    p.add_argument("--out", default="")
-    p.add_argument("--jobs", "-j", type=int, default=1, help="cells at a time")
-    p.add_argument("--uri", action="append", default=[], help="libvirt URI(s) to spread cells over")
+    p = sub.add_parser("matrix", help="kernel x scenario grid", formatter_class=_RAW, epilog=_MATRIX_EPILOG)
+    _complete(p.add_argument("--kernels", required=True, metavar="K1,K2,...",
+                             help="comma-separated kernels (as for --kernel); each cell's expectation "
+                                  "comes from the catalog"), _comma_list(_complete_kernel))
+    _complete(p.add_argument("--scenarios", required=True, metavar="S1,S2,...",
+                             help="comma-separated scenarios"), _comma_list(_complete_scenario))
+    p.add_argument("--budget", default="5m", help="load time per cell, at most (default 5m); a cell stops at "
+                                                  "its first violation")
+    p.add_argument("--vms", type=int, default=1, help="guests per cell (default 1)")
+    # the choices and default are lab.matrix's MISSED_POLICIES and DEFAULT_MISSED (a test keeps
+    # them equal): importing lab.matrix here would slow every racelab start, TAB included
+    p.add_argument("--missed", choices=("fail", "skip"), default="fail",
+                   help="an affected kernel that did not reach its level within the budget: fail its cell "
+                        "(default: the catalog says it is affected, so that is news) or skip it "
+                        "(JUnit <skipped>, exit code unchanged); as pytest --racelab-missed")
+    _complete(p.add_argument("--out", default="", help="results directory (default: results/matrix-TIME-PID)"),
+              _complete_dirs)
+    p.add_argument("--jobs", "-j", type=int, default=1, help="cells at a time (default 1)")
+    p.add_argument("--uri", action="append", default=[],
+                   help="libvirt URI(s) to spread cells over (repeatable; default: RACELAB_URIS, "
+                        "else qemu:///system)")
     p.add_argument("--json", action="store_true", help="print matrix.json to stdout (the grid goes to stderr)")
     p.set_defaults(func=cmd_matrix)
 
-    p = sub.add_parser("bisect", help="flake-aware bisection of kernel commits for a race")
-    p.add_argument("--tree", required=True)
-    p.add_argument("--good", required=True)
-    p.add_argument("--bad", required=True)
-    p.add_argument("--scenario", required=True)
+    p = sub.add_parser("bisect", help="flake-aware bisection of kernel commits for a race", formatter_class=_RAW,
+                       epilog=_BISECT_EPILOG)
+    _complete(p.add_argument("--tree", required=True, help="a kernel git checkout (never modified: the "
+                                                         "bisection runs in a private clone)"), _complete_dirs)
+    p.add_argument("--good", required=True, help="the older end: a commit, tag or branch")
+    p.add_argument("--bad", required=True, help="the newer end: a commit, tag or branch")
+    _complete(p.add_argument("--scenario", required=True, help="scenario name or .toml path"),
+              _complete_scenario)
     p.add_argument("--find", choices=("cause", "fix"), default="cause",
                    help="cause: --bad (newer) reproduces; fix: --good (older) reproduces")
     p.add_argument("--vms", type=int, default=1, help="guests per step")
-    p.add_argument("--out", default="", help="results directory")
+    _complete(p.add_argument("--out", default="", help="results directory"), _complete_dirs)
     p.add_argument("--calibrate-runs", type=int, default=3, help="runs on the reproducing end")
     p.add_argument("--calibrate-budget", default="2m", help="max load per calibration run")
     p.add_argument("--min-step", default="5s", help="minimum load per step")
@@ -587,11 +786,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted bisection in --out (its calibration and steps are reused)")
     p.set_defaults(func=cmd_bisect)
 
-    # internal, so without help= (that would list it) and left out of the metavar below
+    # internal (HIDDEN_COMMANDS), so without help= (that would list it), left out of the metavar
+    # below and out of shell completion
     p = sub.add_parser("bisect-step", description="internal: one `git bisect run` step (exit 0/1/125)")
-    p.add_argument("--state", required=True)
+    p.add_argument("--state", required=True, help="the bisection's state file")
     p.set_defaults(func=cmd_bisect_step)
-    sub.metavar = "{" + ",".join(c for c in sub.choices if c != "bisect-step") + "}"
+    sub.metavar = "{" + ",".join(c for c in sub.choices if c not in HIDDEN_COMMANDS) + "}"
     _verbosity_everywhere(ap)
     return ap
 
@@ -602,6 +802,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = make_parser()
+    if "_ARGCOMPLETE" in os.environ:
+        # a TAB in a shell with `eval "$(register-python-argcomplete racelab)"`: answer on fd 8
+        # and exit, before anything heavier than the parser is imported
+        import argcomplete
+        argcomplete.autocomplete(ap, exclude=list(HIDDEN_COMMANDS))
     a = ap.parse_args(_glue_negative_values(ap, list(sys.argv[1:] if argv is None else argv)))
     setup_logging(a.verbose, quiet=a.quiet)
     # SIGTERM and SIGHUP unwind like Ctrl-C: guests, namespaces and files are removed

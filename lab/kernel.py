@@ -18,7 +18,6 @@ the config and make steps in lab.kbuild.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import hashlib
@@ -37,7 +36,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from lab import kbuild, sources
-from lab.run import BadInput, BuildFailed, RacelabError, cache_dir, log, project_root, setup_logging
+from lab.run import BadInput, BuildFailed, cache_dir, log, project_root
 
 KEY_SCHEME = 1          # bump when the build procedure changes what a key produces
 DEFAULT_FRAGMENT = "config/lab.config"
@@ -805,6 +804,25 @@ def listing_json(r: Listing) -> dict[str, Any]:
             "bzimage": str(a.bzimage) if a else None}
 
 
+SOURCE_PREFIXES = ("debsrc:", "deb:", "git:", "tarball:", "bzimage:")
+
+
+def spec_completions(prefix: str) -> list[str]:
+    """What `--kernel PREFIX<TAB>` offers: catalog names, `NAME+` catalog patches and config
+    fragments, and the source prefixes.  Shell completion calls it on every TAB, so it reads
+    the catalog and kernels/config and nothing else (no cache, no network, no build)."""
+    cat = load_catalog()
+    head, plus, _ = prefix.rpartition("+")
+    if plus:
+        fragments = sorted(p.stem for p in (kernels_root() / "config").glob("*.config")
+                           if p.name != Path(DEFAULT_FRAGMENT).name)      # always applied
+        extras = [*cat.patches, *fragments]
+        out = [f"{head}+{x}" for x in extras]
+    else:
+        out = [*SOURCE_PREFIXES]
+    return [c for c in dict.fromkeys([*cat.kernels, *out]) if c.startswith(prefix)]
+
+
 def cli_list(as_json: bool = False) -> None:
     rows = list_kernels()
     if as_json:
@@ -858,44 +876,15 @@ def cli_gc(keep: int) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.kernel", description="racelab kernels: build, list, show, gc")
-    ap.add_argument("-v", "--verbose", action="count", default=0)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build or fetch a kernel; prints its bzImage path")
-    b.add_argument("spec", help="catalog name, NAME+patch, debsrc:, deb:, git:/repo@REF, tarball:, bzimage:")
-    b.add_argument("--fragment", action="append", default=[], help="extra config fragment (path or kernels/config name)")
-    b.add_argument("--patch", action="append", default=[], help="extra patch (path or catalog patch name)")
-    b.add_argument("--vmlinux", action="store_true", help="keep vmlinux too")
-    sub.add_parser("list", help="catalog kernels and what is cached")
-    s = sub.add_parser("show", help="source, patches, config hash, cache key, build log of one kernel")
-    s.add_argument("name")
-    s.add_argument("--fragment", action="append", default=[], help="extra config fragment, as for build")
-    s.add_argument("--patch", action="append", default=[], help="extra patch, as for build")
-    g = sub.add_parser("gc", help="remove all but the most recently used cache entries")
-    g.add_argument("--keep", type=int, default=5)
-    args = ap.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        if args.cmd == "build":
-            print(cli_build(args.spec, args.fragment, args.patch, args.vmlinux))
-        elif args.cmd == "list":
-            cli_list()
-        elif args.cmd == "show":
-            cli_show(args.name, args.fragment, args.patch)
-        elif args.cmd == "gc":
-            cli_gc(args.keep)
-    except RacelabError as e:
-        print(f"racelab: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("racelab: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    """`python -m lab.kernel ...` is `racelab kernel ...`: one declaration of these commands
+    (lab.cli), with its help, examples and exit codes."""
+    from lab import cli
+    return cli.main(["kernel", *(sys.argv[1:] if argv is None else argv)])
 
 
 __all__ = ["KernelSpec", "KernelArtifact", "Catalog", "load_catalog", "resolve", "ensure", "plan",
            "cache_key", "list_kernels", "show", "gc", "cached", "cli_list", "cli_build", "cli_show",
-           "cli_gc", "main"]
+           "cli_gc", "spec_completions", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,9 +6,12 @@ the scenario should reproduce; any other kernel must stay clean.  Each cell
 names the level it judges: "reproduced" (corruption seen), "window" (at least
 the race window traced; for scenarios whose corruption is rare,
 evidence.corruption_rare) or "clean" (neither corruption nor window hits).
-A fixed kernel with any violation or window hit fails its cell; an affected
-kernel that does not reach its level within the budget is reported as such,
-with its rate bound.
+A fixed kernel with any violation or window hit fails its cell.  An affected
+kernel that does not reach its level within the budget ("missed", with its
+rate bound) fails its cell too by default: a kernel the catalog calls affected
+that does not reproduce is news (a lost regression test, a budget too short).
+`--missed skip` reports such a cell as skipped instead.  decide() is that one
+policy, and the pytest grid (lab.racelab_grid, --racelab-missed) uses it too.
 
 Cells run `--jobs` at a time, spread round-robin over the libvirt URIs given
 with --uri (or RACELAB_URIS, comma-separated).
@@ -37,7 +40,12 @@ from lab.run import BadInput, InfraError, log
 from lab.verdict import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, WINDOW_HIT, Row, level_text, matches,
                          verdict_text)
 
+# what a cell showed
 PASS, FAIL, MISSED, ERROR = "pass", "fail", "not-reproduced-within-budget", "error"
+# how it counts (JUnit, exit code, pytest): the outcome under the --missed policy
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"     # and ERROR
+MISSED_POLICIES = ("fail", "skip")       # what a MISSED cell counts as
+DEFAULT_MISSED = "fail"
 
 
 @dataclass
@@ -49,12 +57,14 @@ class Cell:
     outcome: str = ERROR           # pass | fail | not-reproduced-within-budget | error
     out: str = ""
     error: str = ""
+    status: str = ERROR            # passed | failed | skipped | error (decide())
+    message: str = ""              # why, for a cell that did not pass
 
     def to_dict(self) -> dict[str, Any]:
         from lab.report import row_dict
         return {"kernel": self.kernel, "scenario": self.scenario, "expected": self.expected,
-                "outcome": self.outcome, "out": self.out, "error": self.error,
-                "row": row_dict(self.row) if self.row else None}
+                "outcome": self.outcome, "status": self.status, "message": self.message,
+                "out": self.out, "error": self.error, "row": row_dict(self.row) if self.row else None}
 
 
 def judge(expected: str, row: Row) -> str:
@@ -64,6 +74,34 @@ def judge(expected: str, row: Row) -> str:
     if expected == "clean":
         return PASS if matches(row, "clean") else FAIL
     return PASS if matches(row, expected) else MISSED
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: str       # what the cell showed: PASS, FAIL, MISSED or ERROR (judge())
+    status: str        # how it counts: PASSED, FAILED, SKIPPED or ERROR
+    message: str       # why, for any status but PASSED
+
+
+def decide(kernel: str, scenario: str, expected: str, row: Row, *, budget: float,
+           missed: str = DEFAULT_MISSED) -> Decision:
+    """A cell's outcome and how it counts, for `racelab matrix` and the pytest grid alike.
+
+    missed: what an affected kernel that did not reach its level within the budget counts
+    as, "fail" (the default: the catalog says it is affected, so that is news) or "skip"."""
+    if missed not in MISSED_POLICIES:
+        raise ValueError(f"unknown missed policy {missed!r}: one of {', '.join(MISSED_POLICIES)}")
+    outcome = judge(expected, row)
+    if outcome == PASS:
+        return Decision(PASS, PASSED, "")
+    if outcome == ERROR:
+        return Decision(ERROR, ERROR, f"infrastructure: {verdict_text(row)}")
+    if outcome == FAIL:
+        return Decision(FAIL, FAILED, f"{kernel} is expected to be fixed for {scenario} but showed "
+                                      f"{verdict_text(row)}: violations {row.by_kind}")
+    why = (f"{kernel} is affected by {scenario} but did not reach the {expected} level within "
+           f"{budget:.0f}s: {verdict_text(row)}; {level_text(row.corruption, row.packets, row.confidence)}")
+    return Decision(MISSED, FAILED if missed == "fail" else SKIPPED, why)
 
 
 def expected_for(kernel_spec: Any, scenario: str) -> str:
@@ -76,7 +114,7 @@ def expected_for(kernel_spec: Any, scenario: str) -> str:
 
 
 def run_cell(cell: Cell, *, budget: float, vms: int, seed: int, out: Path, uri: str,
-             progress: bool) -> Cell:
+             progress: bool, missed: str = DEFAULT_MISSED) -> Cell:
     from lab import fleet
 
     s = scen.load(cell.scenario)
@@ -86,9 +124,11 @@ def run_cell(cell: Cell, *, budget: float, vms: int, seed: int, out: Path, uri: 
     try:
         outcome = fleet.run_vm(cfg, progress=progress, expected={cell.kernel: cell.expected})
         cell.row = outcome.rows[0]
-        cell.outcome = judge(cell.expected, cell.row)
+        d = decide(cell.kernel, cell.scenario, cell.expected, cell.row, budget=budget, missed=missed)
+        cell.outcome, cell.status, cell.message = d.outcome, d.status, d.message
     except InfraError as e:
-        cell.outcome, cell.error = ERROR, str(e)
+        cell.outcome, cell.status, cell.error = ERROR, ERROR, str(e)
+        cell.message = f"infrastructure: {e}"
     cell.out = str(out)
     return cell
 
@@ -99,7 +139,8 @@ def uris_from(args: list[str] | None) -> list[str]:
 
 
 def run_matrix(kernels: list[str], scenarios: list[str], *, budget: float, vms: int, jobs: int,
-               out: Path, uris: list[str], seed: int, progress: bool = True) -> list[Cell]:
+               out: Path, uris: list[str], seed: int, progress: bool = True,
+               missed: str = DEFAULT_MISSED) -> list[Cell]:
     from lab import fleet, image
 
     for s in scenarios:
@@ -129,7 +170,7 @@ def run_matrix(kernels: list[str], scenarios: list[str], *, budget: float, vms: 
     with ThreadPoolExecutor(max(1, jobs)) as ex:
         futs = [ex.submit(one, c, i, budget=budget, vms=vms, seed=seed + i,
                           out=out / f"{c.scenario}__{c.kernel.replace('/', '_').replace(':', '_')}",
-                          uri=uris[i % len(uris)], progress=progress and jobs == 1)
+                          uri=uris[i % len(uris)], progress=progress and jobs == 1, missed=missed)
                 for i, c in enumerate(cells)]
         cells = [f.result() for f in futs]
     return cells
@@ -174,22 +215,22 @@ def write_junit(path: Path, cells: list[Cell]) -> None:
                            time=f"{c.row.wall:.1f}" if c.row else "0")
         props = ET.SubElement(tc, "properties")
         r = c.row
-        for k, v in (("expected", c.expected), ("outcome", c.outcome),
+        for k, v in (("expected", c.expected), ("outcome", c.outcome), ("status", c.status),
                      ("verdict", r.verdict if r else "error"), ("packets", r.packets if r else 0),
                      ("rate", level_text(r.corruption, r.packets, r.confidence) if r else ""),
                      ("first_violation_s", r.first_violation_s if r else None),
                      ("window_hits", (r.window.count if r.window.available else "n/a") if r else "n/a"),
                      ("window_rate", level_text(r.window, r.packets, r.confidence) if r else "")):
             ET.SubElement(props, "property", name=k, value=str(v))
-        if c.outcome == FAIL:
-            ET.SubElement(tc, "failure", message=f"expected {c.expected}: {cell_text(c)}")
+        # how a cell counts is decide()'s (the --missed policy), never this writer's
+        if c.status == FAILED:
+            ET.SubElement(tc, "failure", message=c.message)
             nfail += 1
-        elif c.outcome == MISSED:
-            ET.SubElement(tc, "skipped", message=f"affected kernel did not reach {c.expected} within budget: "
-                                                 f"{cell_text(c)}")
+        elif c.status == SKIPPED:
+            ET.SubElement(tc, "skipped", message=c.message)
             nskip += 1
-        elif c.outcome == ERROR:
-            ET.SubElement(tc, "error", message=c.error or (verdict_text(r) if r else "error"))
+        elif c.status == ERROR:
+            ET.SubElement(tc, "error", message=c.error or c.message or (verdict_text(r) if r else "error"))
             nerr += 1
     ts.set("failures", str(nfail))
     ts.set("skipped", str(nskip))
@@ -220,14 +261,15 @@ def write_heatmap(path: Path, cells: list[Cell], kernels: list[str], scenarios: 
             rel = os.path.relpath(Path(c.out) / "report.html", path.parent) if c.out else "#"
             tds.append(f"<td style='background:{colours[c.outcome]};color:#fff'>"
                        f"<a style='color:#fff' href='{html.escape(rel)}'>{html.escape(cell_text(c))}</a>"
-                       f"<br><small>expected {c.expected}</small></td>")
+                       f"<br><small>expected {c.expected}; {c.status}</small></td>")
         rows.append(f"<tr><th>{html.escape(k)}</th>{''.join(tds)}</tr>")
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>racelab matrix</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #999;padding:8px}}
 table{{border-collapse:collapse}}</style></head><body><h1>racelab matrix</h1>
 <p>green: as expected; red: a fixed kernel showed violations or window hits; yellow: an affected
 kernel did not reach the level its cell judges (reproduced: corruption; window: at least the race
-window traced) within budget; purple: infrastructure error</p>
+window traced) within budget (failed, or skipped under --missed skip: each cell says which);
+purple: infrastructure error</p>
 <table><tr><th>kernel</th>{head}</tr>{''.join(rows)}</table></body></html>""")
 
 
@@ -237,28 +279,38 @@ def main(a: argparse.Namespace) -> int:
     if not kernels or not scenarios:
         raise BadInput("--kernels and --scenarios need at least one name each")
     budget = parse_duration(a.budget, "--budget")
+    missed = a.missed
+    if missed not in MISSED_POLICIES:
+        raise BadInput(f"unknown --missed {missed!r}", hint=f"one of {', '.join(MISSED_POLICIES)}")
     out = Path(a.out or f"results/matrix-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     seed = random.SystemRandom().randrange(1 << 31)
     t0 = time.monotonic()
     log.info("results: %s  (each cell's directory appears in it as the cell starts)", out.absolute())
     cells = run_matrix(kernels, scenarios, budget=budget, vms=a.vms, jobs=a.jobs, out=out,
-                       uris=uris_from(getattr(a, "uri", None)), seed=seed)
+                       uris=uris_from(getattr(a, "uri", None)), seed=seed, missed=missed)
     as_json = bool(getattr(a, "json", False))
     human = sys.stderr if as_json else sys.stdout   # --json: stdout is the document alone
     with contextlib.redirect_stdout(human):
         print_grid(cells, kernels, scenarios)
+    n_missed = sum(c.outcome == MISSED for c in cells)
+    if n_missed:
+        print(f"{n_missed} affected cell(s) did not reach their level within the budget: "
+              + ("failed (--missed fail: a kernel the catalog calls affected that does not reproduce is news; "
+                 "--missed skip reports them as skipped)" if missed == "fail" else
+                 "skipped (--missed skip; they do not change the exit code)"), file=human)
     write_junit(out / "junit.xml", cells)
     write_heatmap(out / "matrix.html", cells, kernels, scenarios)
-    doc = json.dumps({"schema_version": 1, "cells": [c.to_dict() for c in cells], "seed": seed,
+    doc = json.dumps({"schema_version": 1, "cells": [c.to_dict() for c in cells], "seed": seed, "missed": missed,
                       "wall_seconds": time.monotonic() - t0}, indent=2, default=str)
     (out / "matrix.json").write_text(doc)
     print(f"results: {out}  (matrix.json, junit.xml, matrix.html); wall {time.monotonic() - t0:.0f}s",
           file=human)
     if as_json:
         print(doc)
-    if any(c.outcome == ERROR for c in cells):
+    if any(c.status == ERROR for c in cells):
         return 3
-    return 1 if any(c.outcome == FAIL for c in cells) else 0
+    return 1 if any(c.status == FAILED for c in cells) else 0
 
 
-__all__ = ["Cell", "judge", "expected_for", "run_matrix", "parse_junit", "main"]
+__all__ = ["Cell", "Decision", "decide", "judge", "expected_for", "MISSED_POLICIES", "run_matrix",
+           "parse_junit", "main"]

@@ -7,6 +7,8 @@ Options:
   --racelab-vms=1             guests per cell
   --racelab-expect=K:S=LEVEL  override the level a cell judges (repeatable):
                               reproduced, window or clean
+  --racelab-missed=fail|skip  an affected kernel that misses its level within the
+                              budget: fails its cell (default) or is skipped
 
 With --racelab-kernels and --racelab-scenarios, the plugin adds its own test,
 `racelab_grid::test_cell[SCENARIO-KERNEL]`, one per cell.  A cell passes or
@@ -15,7 +17,10 @@ list, i.e. its source and patches; lab.matrix.expected_for): a fixed kernel
 with any violation or window hit fails ("clean"); an affected kernel must
 reproduce ("reproduced"), or, for a scenario whose corruption is rare, at
 least hit the race window ("window"); one that falls short within the budget
-fails with its rate bound in the message.  Cells judging the window level
+fails with its rate bound in the message (a kernel the catalog calls affected
+that does not reproduce is news), or is skipped with that message under
+--racelab-missed=skip.  `racelab matrix --missed` is the same policy: both
+decide a cell with lab.matrix.decide().  Cells judging the window level
 collect trace evidence.  Rate, time to first violation, packets, verdict and
 the level judged go into JUnit as properties.
 
@@ -52,6 +57,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="KERNEL:SCENARIO=reproduced|window|clean overrides the level the catalog gives the cell")
     g.addoption("--racelab-backend", default="vm", choices=("vm", "netns"),
                 help="vm (default) or netns (the host kernel; --racelab-kernels=host)")
+    # the default is lab.matrix.DEFAULT_MISSED (a test keeps them equal); not imported here,
+    # since this hook runs for every pytest session in the environment
+    g.addoption("--racelab-missed", default="fail",
+                help="an affected kernel that did not reach its level within the budget: fail its cell "
+                     "(default: the catalog says it is affected, so that is news) or skip it; "
+                     "as racelab matrix --missed")
 
 
 def validate_options(config: pytest.Config) -> None:
@@ -65,6 +76,7 @@ def validate_options(config: pytest.Config) -> None:
     scenarios = _split(config.getoption("--racelab-scenarios"))
     expects = config.getoption("--racelab-expect")
     backend = config.getoption("--racelab-backend")
+    missed = config.getoption("--racelab-missed")
     problems = []
     if bool(kernels) != bool(scenarios):
         problems.append("--racelab-kernels and --racelab-scenarios go together: the grid is their product")
@@ -72,6 +84,10 @@ def validate_options(config: pytest.Config) -> None:
         parse_duration(config.getoption("--racelab-budget"), "--racelab-budget")
     except BadInput as e:
         problems.append(str(e).replace("\n  hint:", ";"))
+    from lab.matrix import MISSED_POLICIES
+    if missed not in MISSED_POLICIES:
+        problems.append(f"--racelab-missed {missed!r}: one of {', '.join(MISSED_POLICIES)} (what an affected "
+                        "kernel that misses its level within the budget counts as)")
     if config.getoption("--racelab-vms") < 1:
         problems.append(f"--racelab-vms must be >= 1, got {config.getoption('--racelab-vms')}")
     for k in kernels:
@@ -149,13 +165,14 @@ def expectation(config: pytest.Config, kernel: str, scenario: str) -> str:
 
 @pytest.fixture
 def racelab_cell(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """One grid cell: {"scenario", "kernel", "expected", "budget", "vms", "backend"}."""
+    """One grid cell: {"scenario", "kernel", "expected", "budget", "vms", "backend", "missed"}."""
     scenario, kernel = request.param
     cfg = request.config
     from lab.config import parse_duration
     return {"scenario": scenario, "kernel": kernel, "expected": expectation(cfg, kernel, scenario),
             "budget": parse_duration(cfg.getoption("--racelab-budget")),
-            "vms": cfg.getoption("--racelab-vms"), "backend": cfg.getoption("--racelab-backend")}
+            "vms": cfg.getoption("--racelab-vms"), "backend": cfg.getoption("--racelab-backend"),
+            "missed": cfg.getoption("--racelab-missed")}
 
 
 @pytest.fixture(scope="session")

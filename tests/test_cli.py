@@ -216,3 +216,120 @@ def test_run_from_checks_its_directory_and_refuses_other_options(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(BadInput, match="not a racelab run configuration"):
         cli.config_from_results(parse(["run", "--from", str(tmp_path)]))
+
+
+# ---------------------------------------------------------------- help and examples
+
+def undocumented(parser, hidden=()):
+    """Every option and positional of every (sub)command has help; every visible command has
+    an examples epilog, kept as written (RawDescriptionHelpFormatter).  hidden: prog names of
+    internal commands, exempt from examples (their options still need help)."""
+    import argparse
+    problems = []
+
+    def walk(p, visible):
+        if visible and not p.epilog:
+            problems.append(f"{p.prog}: no examples (epilog)")
+        elif visible and not issubclass(p.formatter_class, argparse.RawDescriptionHelpFormatter):
+            problems.append(f"{p.prog}: its examples would be re-wrapped (formatter_class)")
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    walk(sp, visible and sp.prog not in hidden)
+            elif not a.help:
+                problems.append(f"{p.prog} {'/'.join(a.option_strings) or a.dest}: no help")
+    walk(parser, True)
+    return problems
+
+
+def test_every_option_has_help_and_every_command_examples():
+    ap = cli.make_parser()
+    assert undocumented(ap, hidden={f"racelab {c}" for c in cli.HIDDEN_COMMANDS}) == []
+
+
+def test_the_help_check_finds_what_is_missing():
+    import argparse
+    ap = argparse.ArgumentParser(prog="t", epilog="examples:\n  t x",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bare")
+    ap.add_argument("--fine", help="has help")
+    sub = ap.add_subparsers(dest="cmd")
+    s = sub.add_parser("x", help="a command without examples")
+    s.add_argument("thing")
+    sub.add_parser("y", help="examples, rewrapped", epilog="examples:\n  t y")
+    sub.add_parser("z", epilog=None)
+    assert undocumented(ap, hidden={"t z"}) == [
+        "t --bare: no help", "t x: no examples (epilog)", "t x thing: no help",
+        "t y: its examples would be re-wrapped (formatter_class)"]
+
+
+def test_examples_keep_their_lines():
+    text = cli.make_parser()._subparsers._group_actions[0].choices["matrix"].format_help()
+    assert "\n  racelab matrix --kernels 6.1.192,6.1.192+revert-generic-rx --scenarios generic-rx-race\n" in text
+    assert 'eval "$(register-python-argcomplete racelab)"' in cli.make_parser().format_help()
+
+
+# ---------------------------------------------------------------- shell completion
+
+def complete(line):
+    """What a TAB at the end of `line` offers, through argcomplete's own protocol: the shell hook
+    runs the program with _ARGCOMPLETE, COMP_LINE and COMP_POINT set and reads the answer,
+    separated by _ARGCOMPLETE_IFS, from fd 8 (the hook's `8>&1 9>&2 1>/dev/null`)."""
+    env = {**os.environ, "_ARGCOMPLETE": "1", "COMP_LINE": line, "COMP_POINT": str(len(line)),
+           "_ARGCOMPLETE_IFS": "\v", "_ARGCOMPLETE_SUPPRESS_SPACE": "1"}
+    p = subprocess.run(["bash", "-c", 'exec "$@" 8>&1 9>&2 1>/dev/null', "hook", sys.executable, "-m", "lab.cli"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return [c for c in p.stdout.split("\v") if c]
+
+
+def test_tab_completes_scenario_names():
+    assert complete("racelab repro gen") == ["generic-rx-race"]
+    assert set(complete("racelab run ")) >= {"generic-rx-race", "veth-napi-race", "shared-pool-rx-race"}
+    assert complete("racelab matrix --kernels 6.1.192 --scenarios generic-rx-race,vet") == [
+        "generic-rx-race,veth-napi-race"]
+    assert complete("racelab run veth-napi-race --variant ") == ["iperf3"]
+
+
+def test_tab_completes_catalog_kernels():
+    from lab import kernel
+    catalog = kernel.catalog_names()
+    got = complete("racelab run generic-rx-race --backend vm --kernel 6.1.1")
+    assert "6.1.192" in got and "6.1.192+revert-generic-rx" in got
+    assert set(got) == {k for k in catalog if k.startswith("6.1.1")}
+    assert complete("racelab kernel build 6.12.117+revert-v") == [
+        k for k in catalog if k.startswith("6.12.117+revert-v")]
+    assert "6.1.192+kasan" in complete("racelab kernel show 6.1.192+ka")        # a config fragment
+    assert complete("racelab matrix --kernels 6.1.192,6.1.192+revert-sh") == ["6.1.192,6.1.192+revert-shared-pool"]
+
+
+def test_tab_completes_commands_but_not_the_internal_one():
+    assert complete("racelab bis") == ["bisect"]
+    assert {"-v", "--verbose", "--json"} <= set(complete("racelab kernel list -"))
+
+
+def test_the_completion_marker_is_where_argcomplete_looks():
+    """argcomplete's global hook runs a console script's module only if its first 1024 bytes
+    say PYTHON_ARGCOMPLETE_OK."""
+    assert "PYTHON_ARGCOMPLETE_OK" in (ROOT / "lab" / "cli.py").read_text()[:1024]
+
+
+def test_the_readme_line_enables_completion_in_bash():
+    """The README's `eval "$(register-python-argcomplete racelab)"`, in a real bash: the function
+    it registers for racelab fills COMPREPLY (bash itself splits `deb:` off at the colon)."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "racelab").exists() or not (bin_dir / "register-python-argcomplete").exists():
+        pytest.skip(f"no racelab or register-python-argcomplete in {bin_dir}: ./bootstrap install")
+    script = '''
+        eval "$(register-python-argcomplete racelab)"
+        fn=$(complete -p racelab | sed -E 's/.* -F ([^ ]+) .*/\\1/')
+        COMP_LINE="racelab repro gen"; COMP_POINT=${#COMP_LINE}; COMP_WORDS=(racelab repro gen); COMP_CWORD=2
+        "$fn" racelab gen repro; echo "${COMPREPLY[*]}"
+        COMP_LINE="racelab kernel build deb:6.1.0-47-c"; COMP_POINT=${#COMP_LINE}
+        COMP_WORDS=(racelab kernel build deb : 6.1.0-47-c); COMP_CWORD=5
+        "$fn" racelab 6.1.0-47-c :; echo "${COMPREPLY[*]}"
+    '''
+    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"})
+    assert p.returncode == 0, p.stderr
+    assert [line.strip() for line in p.stdout.splitlines()] == ["generic-rx-race", "6.1.0-47-cloud-amd64"], p.stderr

@@ -23,10 +23,11 @@ def test_expected_from_catalog_affected():
 
 def test_junit_round_trip_and_heatmap(tmp_path):
     cells = [
-        m.Cell("6.1.192", "generic-rx-race", "clean", row({}), m.PASS, str(tmp_path / "a")),
-        m.Cell("6.1.192+revert-generic-rx", "generic-rx-race", "reproduced", row({"order": 5}), m.PASS),
-        m.Cell("6.1.192+revert-veth-napi", "veth-napi-race", "reproduced", row({}), m.MISSED),
-        m.Cell("deb:6.1.0-47-amd64", "veth-napi-race", "clean", row({"poison": 1}), m.FAIL),
+        m.Cell("6.1.192", "generic-rx-race", "clean", row({}), m.PASS, str(tmp_path / "a"), status=m.PASSED),
+        m.Cell("6.1.192+revert-generic-rx", "generic-rx-race", "reproduced", row({"order": 5}), m.PASS,
+               status=m.PASSED),
+        m.Cell("6.1.192+revert-veth-napi", "veth-napi-race", "reproduced", row({}), m.MISSED, status=m.SKIPPED),
+        m.Cell("deb:6.1.0-47-amd64", "veth-napi-race", "clean", row({"poison": 1}), m.FAIL, status=m.FAILED),
         m.Cell("bad", "veth-napi-race", "clean", None, m.ERROR, error="LostVM: guest died"),
     ]
     m.write_junit(tmp_path / "j.xml", cells)
@@ -38,7 +39,7 @@ def test_junit_round_trip_and_heatmap(tmp_path):
     assert parsed[("veth-napi-race", "bad")]["verdict"] == "error"
     text = (tmp_path / "j.xml").read_text()
     assert 'failures="1"' in text and 'skipped="1"' in text and 'errors="1"' in text
-    grid = [cells[0], m.Cell("6.1.192", "veth-napi-race", "clean", row({"poison": 2}), m.FAIL)]
+    grid = [cells[0], m.Cell("6.1.192", "veth-napi-race", "clean", row({"poison": 2}), m.FAIL, status=m.FAILED)]
     m.write_heatmap(tmp_path / "h.html", grid, ["6.1.192"], ["generic-rx-race", "veth-napi-race"])
     page = (tmp_path / "h.html").read_text()
     assert "#27ae60" in page and "#c0392b" in page and "REPRODUCED (2 viol)" in page
@@ -100,6 +101,8 @@ def test_matrix_json_puts_the_document_alone_on_stdout(monkeypatch, tmp_path, ca
     line go to stderr.  The cells are judged from rows a fake run_cell gives (no VMs)."""
     import argparse
     import json
+    import types
+    from pathlib import Path
 
     from lab import fleet, image
     from lab import matrix as m
@@ -109,17 +112,62 @@ def test_matrix_json_puts_the_document_alone_on_stdout(monkeypatch, tmp_path, ca
     monkeypatch.setattr(fleet, "build_kernels", lambda names, progress=True: [None] * len(names))
     monkeypatch.setattr(image, "ensure_image", lambda progress=True: None)
 
-    def run_cell(cell, **kw):
-        cell.row = v.decide(cell.kernel, vms=1, packets=1000, seconds=5, wall=6,
-                            by_kind={"order": 1} if "+" in cell.kernel else {}, first_violation_s=0.1)
-        cell.outcome = m.judge(cell.expected, cell.row)
-        return cell
-    monkeypatch.setattr(m, "run_cell", run_cell)
+    def run_vm(cfg, **kw):
+        k = cfg.kernels[0]
+        return types.SimpleNamespace(out=Path(cfg.out), rows=[v.decide(
+            k, vms=1, packets=1000, seconds=5, wall=6, by_kind={"order": 1} if "+" in k else {},
+            first_violation_s=0.1)])
+    monkeypatch.setattr(fleet, "run_vm", run_vm)
     a = argparse.Namespace(kernels="6.1.192,6.1.192+revert-generic-rx", scenarios="generic-rx-race",
-                           budget="5s", vms=1, jobs=1, out=str(tmp_path / "m"), uri=[], json=True)
+                           budget="5s", vms=1, jobs=1, out=str(tmp_path / "m"), uri=[], json=True, missed="fail")
     assert m.main(a) == 0
     out, err = capsys.readouterr()
     doc = json.loads(out)
-    assert doc["schema_version"] == 1 and len(doc["cells"]) == 2
+    assert doc["schema_version"] == 1 and len(doc["cells"]) == 2 and doc["missed"] == "fail"
+    assert [c["status"] for c in doc["cells"]] == ["passed", "passed"]
     assert doc == json.loads((tmp_path / "m" / "matrix.json").read_text())
     assert "racelab matrix" in err and "results:" in err
+
+
+# ---------------------------------------------------------------- the missed policy: one decision
+
+def test_decide_counts_a_missed_affected_cell_as_the_policy_says():
+    clean, hit = row({}), row({"order": 3})
+    for missed in ("fail", "skip"):
+        # what the cell showed does not depend on the policy; only a missed cell's count does
+        assert m.decide("6.1.192", "generic-rx-race", "clean", clean, budget=60, missed=missed).status == m.PASSED
+        assert m.decide("6.1.192", "generic-rx-race", "clean", hit, budget=60, missed=missed).status == m.FAILED
+        assert m.decide("k", "generic-rx-race", "reproduced", hit, budget=60, missed=missed).status == m.PASSED
+        assert m.decide("k", "generic-rx-race", "clean", row({}, packets=0), budget=60,
+                        missed=missed).status == m.ERROR
+    d = m.decide("6.1.192+revert-generic-rx", "generic-rx-race", "reproduced", clean, budget=300)
+    assert (d.outcome, d.status) == (m.MISSED, m.FAILED), "the default: an affected kernel that misses is news"
+    assert "did not reach the reproduced level within 300s" in d.message and "rate <" in d.message
+    assert m.decide("6.1.192+revert-generic-rx", "generic-rx-race", "reproduced", clean, budget=300,
+                    missed="fail") == d
+    skip = m.decide("6.1.192+revert-generic-rx", "generic-rx-race", "reproduced", clean, budget=300, missed="skip")
+    assert (skip.outcome, skip.status, skip.message) == (m.MISSED, m.SKIPPED, d.message)
+    fixed = m.decide("6.1.192", "generic-rx-race", "clean", hit, budget=300)
+    assert "expected to be fixed for generic-rx-race but showed REPRODUCED" in fixed.message
+    import pytest
+    with pytest.raises(ValueError, match="unknown missed policy 'maybe'"):
+        m.decide("k", "s", "clean", clean, budget=1, missed="maybe")
+
+
+def test_every_surface_has_the_same_default_and_choices():
+    """racelab matrix --missed and pytest --racelab-missed declare the policy's default without
+    importing lab.matrix (startup, TAB): this keeps them lab.matrix's."""
+    from lab import cli
+    from lab import pytest_plugin as plugin
+    a = cli.make_parser().parse_args(["matrix", "--kernels", "k", "--scenarios", "s"])
+    assert a.missed == m.DEFAULT_MISSED == "fail"
+    sub = next(x for x in cli.make_parser()._actions if x.dest == "cmd")
+    missed = next(x for x in sub.choices["matrix"]._actions if x.dest == "missed")
+    assert tuple(missed.choices) == m.MISSED_POLICIES
+
+    class Group:
+        def addoption(self, name, **kw):
+            opts[name] = kw
+    opts = {}
+    plugin.pytest_addoption(type("P", (), {"getgroup": lambda self, *a: Group()})())
+    assert opts["--racelab-missed"]["default"] == m.DEFAULT_MISSED

@@ -27,6 +27,7 @@ GRID = ("--racelab-kernels=6.1.192", "--racelab-scenarios=generic-rx-race")
     ((*GRID, "--racelab-expect=6.1.192=clean"), "expected KERNEL:SCENARIO=LEVEL"),
     ((*GRID, "--racelab-expect=6.12.117:generic-rx-race=clean"), "no such cell in the grid"),
     ((*GRID, "--racelab-vms=0"), "--racelab-vms must be >= 1"),
+    ((*GRID, "--racelab-missed=maybe"), "--racelab-missed 'maybe': one of fail, skip"),
     (("--racelab-kernels=6.1.192",), "go together"),
     (("--racelab-kernels=host", "--racelab-scenarios=generic-rx-race"), "'host' (this machine's kernel) goes"),
 ])
@@ -39,14 +40,16 @@ def test_bad_grid_options_are_a_usage_error(opts, says):
 
 def test_every_bad_option_at_once():
     p = pytest_run("--racelab-kernels=nope", "--racelab-scenarios=nada", "--racelab-budget=soon",
-                   "--racelab-expect=nope:nada=cleen")
+                   "--racelab-expect=nope:nada=cleen", "--racelab-missed=Skip")
     assert p.returncode == 4
-    for says in ("--racelab-kernels nope", "--racelab-scenarios nada", "--racelab-budget", "'cleen'"):
+    for says in ("--racelab-kernels nope", "--racelab-scenarios nada", "--racelab-budget", "'cleen'",
+                 "--racelab-missed 'Skip'"):
         assert says in p.stderr
 
 
 def test_a_good_grid_is_collected():
-    p = pytest_run(*GRID, "--racelab-budget=30s", "--racelab-expect=6.1.192:generic-rx-race=window")
+    p = pytest_run(*GRID, "--racelab-budget=30s", "--racelab-expect=6.1.192:generic-rx-race=window",
+                   "--racelab-missed=skip")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "test_cell[generic-rx-race-6.1.192]" in p.stdout
     p = pytest_run("--racelab-kernels=host", "--racelab-scenarios=generic-rx-race", "--racelab-backend=netns")
