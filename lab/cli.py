@@ -580,6 +580,8 @@ _MATRIX_EPILOG = _examples(
 
 _BISECT_EPILOG = _examples(
     "racelab bisect --tree ~/src/linux --good v6.1 --bad v6.2 --scenario veth-napi-race --find fix",
+    "racelab bisect --tree ~/src/linux --good v6.1 --bad v6.2 --scenario veth-napi-race --find fix "
+    "--signal corruption",
     "racelab bisect --tree ~/src/linux --good v6.1 --bad HEAD --scenario generic-rx-race --vms 2 "
     "--out results/bisect-gen",
     "racelab bisect --tree ~/src/linux --good v6.1 --bad HEAD --scenario generic-rx-race --resume "
