@@ -20,9 +20,14 @@ The signal a step is judged on (--signal):
 - window: the race's interleaving in the kernel's own trace (the scenario's
   evidence.window: a receive on one CPU while another's NAPI has not flushed, for
   the veth race).  It comes hundreds of times a second on a racy kernel and never on
-  a fixed one, where corruption may take minutes, so a step needs seconds of load;
-- auto (the default): calibration measures both on the same runs, and the signal
-  whose rate gives the shorter step is used.
+  a fixed one, where corruption may take minutes, so a step needs seconds of load.
+  Window runs trace and run without the amplifier: its delay inside the receive
+  hides the interleaving from the measure (measured on the veth race: the first hit
+  after 17.8 s with the run-time amplifier, after 0.03 s without);
+- auto (the default): the window is calibrated first (where the scenario names
+  one), then corruption, each corruption run given as long as a window step would
+  take: a race that does not corrupt within that cannot make the shorter step.
+  The signal whose rate gives the shorter step is used, corruption on a tie.
 Whatever the steps used, the racy end of the answer is verified with corruption
 (the scenario's amplifier, the run-time one on a kernel without a source
 amplifier): the race must be seen to corrupt a ring before the culprit is named.
@@ -163,8 +168,8 @@ def test_commit(st: State, sha: str, label: str, signal: str | None = None,
                 budget: float | None = None) -> dict[str, Any]:
     """Build, boot, run one commit on `signal` (default the bisection's) for `budget` seconds
     of load at most (default the step budget).  Returns the step record (never raises for
-    infra).  Every run traces when the window is the signal or may become it (calibration
-    of auto), and stops at its first corruption either way."""
+    infra).  A window run traces, with the amplifier off; every run stops at its first
+    corruption."""
     from lab import fleet, kernel
     from lab import scenario as scen
 
@@ -179,7 +184,11 @@ def test_commit(st: State, sha: str, label: str, signal: str | None = None,
         rec.update(outcome="skip", reason=f"build failed: {str(e)[:300]}",
                    build_s=round(time.monotonic() - t0, 1), confidence=1.0)
         return rec
-    s = scen.load(st.scenario, st.overrides)
+    signal = signal or st.signal
+    overrides = dict(st.overrides)
+    if signal == "window":
+        overrides["amplifier.method"] = "off"
+    s = scen.load(st.scenario, overrides)
     kname = f"git:{st.tree}@{sha}"
     step_out = Path(st.out) / f"step-{sha[:12]}-{label}"
     if step_out.exists():      # a step cut short by an interruption (--resume): keep what it saw, apart
@@ -187,11 +196,9 @@ def test_commit(st: State, sha: str, label: str, signal: str | None = None,
         while step_out.with_name(f"{step_out.name}.cut{n}").exists():
             n += 1
         step_out.rename(step_out.with_name(f"{step_out.name}.cut{n}"))
-    signal = signal or st.signal
     cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(kname,),
                     duration=st.budget if budget is None else budget, vms=st.vms, seed=st.seed,
-                    stop_on_first=True, out=str(step_out),
-                    evidence=("trace",) if signal in ("window", "auto") else ())
+                    stop_on_first=True, out=str(step_out), evidence=("trace",) if signal == "window" else ())
     rec["signal"] = signal
     t1 = time.monotonic()
     try:
@@ -214,7 +221,7 @@ def test_commit(st: State, sha: str, label: str, signal: str | None = None,
         rec["first_window_s"] = first_window_s(outcome)
     # the calibration's rate was measured with the amplifier: a clean run without it is
     # no evidence against the race at this commit (git bisect skip, never "clean")
-    judged, why = judge("window" if signal == "window" else "corruption", row, _amplifier_missing(s, row))
+    judged, why = judge(signal, row, _amplifier_missing(s, row))
     if judged == "skip":
         rec.update(outcome="skip", reason=why, confidence=1.0)
     else:
@@ -381,7 +388,8 @@ def _amplifier_missing(s: Any, row: v.Row) -> str:
 
 @dataclass
 class Calibration:
-    """What the runs on the reproducing end measured, per signal: (events, VM-seconds).
+    """What the runs on the reproducing end measured, per signal: (events, VM-seconds);
+    None for a signal not measured.
 
     VM-seconds, the unit a step's clean exposure (its row's seconds, summed over its
     guests) is counted in: up to a fleet's first violation every one of its st.vms
@@ -390,67 +398,84 @@ class Calibration:
     exposure it had against the rate (0.9999 where the design gives 0.99).  The window
     is counted the same way, to the first window hit."""
 
-    corruption: tuple[int, float] = (0, 0.0)
-    window: tuple[int, float] | None = None    # None: not measured (--signal corruption)
+    corruption: tuple[int, float] | None = None
+    window: tuple[int, float] | None = None
 
     def rate_low(self, signal: str) -> float:
         """The signal's one-sided 95% lower rate bound, per VM-second (0: never seen)."""
-        got = self.corruption if signal == "corruption" else (self.window or (0, 0.0))
-        return rate_lower_bound(*got)
+        return rate_lower_bound(*(getattr(self, signal) or (0, 0.0)))
 
 
-def calibrate(st: State, ref_sha: str, attempts: int, max_seconds: float, signal: str) -> Calibration:
-    """Runs on the reproducing end, each to its first violation (at most max_seconds of
-    load; --signal window: its first window hit is all it needs, so WINDOW_CALIBRATE_S)."""
-    c_events, c_seconds, w_events, w_seconds = 0, 0.0, 0, 0.0
-    if signal == "window":
-        max_seconds = min(max_seconds, WINDOW_CALIBRATE_S)
+def _first_event_s(rec: dict[str, Any], signal: str) -> float | None:
+    """When a calibration run first showed its signal (s of load), None if it never did.
+    Corruption on a window run counts as the window's (corruption needs the window)."""
+    fv = None
+    if rec.get("verdict") == v.REPRODUCED:
+        got = rec.get("first_violation_s")
+        fv = float(got if got is not None else rec.get("load_s") or 0.0)
+    if signal == "corruption":
+        return fv
+    times = [float(t) for t in (rec.get("first_window_s"), fv) if t is not None]
+    return min(times) if times else None
+
+
+def _calibration_runs(st: State, ref_sha: str, attempts: int, max_seconds: float,
+                      signal: str) -> tuple[int, float]:
+    """attempts runs of one signal on the reproducing end, each to its first event (at most
+    max_seconds of load): (events, VM-seconds)."""
+    events, seconds = 0, 0.0
     cal = dataclasses.replace(st, budget=max_seconds)
     for i in range(attempts):
-        rec = test_commit(cal, ref_sha, f"calibrate{i}", signal=signal)
+        rec = test_commit(cal, ref_sha, f"calibrate-{signal}{i}", signal=signal)
         _append(st.log, {**rec, "phase": "calibrate"})
         if rec["outcome"] == "skip":
             raise InfraError(f"calibration run failed on {ref_sha[:12]}: {rec.get('reason')}")
-        load = float(rec.get("load_s") or max_seconds)
-        fv = rec.get("first_violation_s")
-        if rec.get("verdict") == v.REPRODUCED:
-            c_events += 1
-            c_seconds += float(fv) * st.vms if fv else load
+        t = _first_event_s(rec, signal)
+        if t is not None:
+            events += 1
+            seconds += t * st.vms
         else:
-            c_seconds += load
-        fw = rec.get("first_window_s")
-        if fw is not None:
-            w_events += 1
-            w_seconds += float(fw) * st.vms
-        else:
-            w_seconds += load
-        window = "" if signal == "corruption" else (
-            f"; first window hit after {fw:.2f}s" if fw is not None else "; no window hit")
-        log.info("calibration %d/%d: %s after %.1fs%s", i + 1, attempts,
-                 "reproduced" if rec.get("verdict") == v.REPRODUCED else "clean",
-                 fv or rec.get("load_s") or 0, window)
-    cal_out = Calibration((c_events, c_seconds), None if signal == "corruption" else (w_events, w_seconds))
-    seen = c_events if signal == "corruption" else w_events if signal == "window" else c_events + w_events
-    if seen == 0:
+            seconds += float(rec.get("load_s") or max_seconds)
+        log.info("calibration %s %d/%d: %s", signal, i + 1, attempts,
+                 f"first {'violation' if signal == 'corruption' else 'window hit'} after {t:.2f}s"
+                 if t is not None else f"none in {float(rec.get('load_s') or 0):.1f}s of load")
+    return events, seconds
+
+
+def calibrate(st: State, ref_sha: str, attempts: int, max_seconds: float, signal: str,
+              floor: float = 5.0) -> Calibration:
+    """The rates on the reproducing end that the steps are budgeted on.
+
+    corruption: attempts runs to the first violation, each up to max_seconds.  window: to the
+    first window hit, each up to WINDOW_CALIBRATE_S.  auto: the window first; then corruption,
+    each run up to the window's step budget (a race that does not corrupt within one window
+    step cannot give the shorter step), or up to max_seconds if no window hit came."""
+    cal = Calibration()
+    if signal in ("window", "auto"):
+        cal.window = _calibration_runs(st, ref_sha, attempts, min(max_seconds, WINDOW_CALIBRATE_S), "window")
+    if signal in ("corruption", "auto"):
+        w_rate = cal.rate_low("window")
+        cap = min(max_seconds, step_budget(w_rate * st.vms, floor=floor)) if w_rate > 0 else max_seconds
+        cal.corruption = _calibration_runs(st, ref_sha, attempts, cap, "corruption")
+    seen = {sig: got[0] for sig, got in (("corruption", cal.corruption), ("window", cal.window)) if got}
+    if not any(seen.values()) or (signal != "auto" and not seen.get(signal)):
         what = {"corruption": "the race did not reproduce", "window": "no window hit came",
                 "auto": "neither corruption nor a window hit came"}[signal]
-        raise BadInput(f"{what} on the known-reproducing end {ref_sha[:12]} in {attempts} x {max_seconds:.0f}s",
+        raise BadInput(f"{what} on the known-reproducing end {ref_sha[:12]} in {attempts} run(s) "
+                       f"of up to {max_seconds:.0f}s",
                        hint="check --good/--bad and --find, or raise --calibrate-budget")
-    return cal_out
+    return cal
 
 
 def choose_signal(asked: str, cal: Calibration, vms: int, floor: float) -> tuple[str, dict[str, float]]:
     """The signal steps are judged on, and each measured signal's step budget.  auto: the
     shorter budget (corruption on a tie, the signal a user sees)."""
     budgets = {sig: step_budget(cal.rate_low(sig) * vms, floor=floor)
-               for sig in ("corruption", "window") if sig == "corruption" or cal.window is not None}
+               for sig in ("corruption", "window") if getattr(cal, sig) is not None}
     if asked != "auto":
         return asked, budgets
-    if cal.window is None or cal.rate_low("window") <= 0:
-        return "corruption", budgets
-    if cal.rate_low("corruption") <= 0:
-        return "window", budgets
-    return min(("corruption", "window"), key=lambda sig: (budgets[sig], sig != "corruption")), budgets
+    seen = [sig for sig in budgets if cal.rate_low(sig) > 0]
+    return min(seen, key=lambda sig: (budgets[sig], sig != "corruption")), budgets
 
 
 def _window_kind(s: Any) -> str:
@@ -498,13 +523,14 @@ def main(a: argparse.Namespace) -> int:
                 raise BadInput(f"--signal window: scenario {s.name} names no race window (evidence.window)",
                                hint="use --signal corruption (or auto)")
             asked = "corruption"
-        cal = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget), asked)
+        cal = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget), asked,
+                        floor=parse_duration(a.min_step))
         # a step's fleet gathers vms VM-seconds per second of load
         signal, budgets = choose_signal(asked, cal, st.vms, parse_duration(a.min_step))
         rate_low, budget = cal.rate_low(signal), budgets[signal]
         st = dataclasses.replace(st, signal=signal)
         for sig in budgets:
-            n, secs = cal.corruption if sig == "corruption" else cal.window or (0, 0.0)
+            n, secs = getattr(cal, sig) or (0, 0.0)
             what = "reproduction(s)" if sig == "corruption" else "first window hit(s)"
             print(f"calibrated {sig} on {racy_end[:12]}: {n} {what} in {secs:.1f} VM-seconds of load; "
                   f"rate >= {cal.rate_low(sig):.3g}/s per guest (95%); step budget {budgets[sig]:.1f}s",

@@ -284,30 +284,36 @@ def test_the_window_signal_judges_hits_and_refuses_an_unmeasured_window():
     assert b.judge("window", _row("clean", packets=0), "")[0] == "skip", "INCONCLUSIVE is a skip"
 
 
-def test_calibration_measures_both_signals_on_the_same_runs(monkeypatch, tmp_path):
-    """auto: each run counts to its first violation for corruption and to its first window hit
-    for the window; a run without either counts its whole load against that signal."""
-    recs = iter([{"outcome": "clean", "verdict": "WINDOW HIT", "first_violation_s": None, "load_s": 60.0,
-                  "first_window_s": 0.2},
-                 {"outcome": "reproduced", "verdict": "REPRODUCED", "first_violation_s": 40.0, "load_s": 41.0,
-                  "first_window_s": 0.6}])
-    asked = []
-    monkeypatch.setattr(b, "test_commit",
-                        lambda st, sha, label, signal=None: asked.append(signal) or {"commit": sha, **next(recs)})
+def test_auto_calibrates_the_window_then_corruption_within_a_window_step(monkeypatch, tmp_path):
+    """auto: the window first (short, amplifier off); then corruption, each run cut at the
+    window's step budget: a race that does not corrupt within it cannot give the shorter step."""
+    window_runs = iter([{"verdict": "WINDOW HIT", "first_violation_s": None, "first_window_s": 0.2, "load_s": 30},
+                        {"verdict": "REPRODUCED", "first_violation_s": 2.0, "first_window_s": 0.6, "load_s": 2.1}])
+    calls = []
+
+    def tc(st, sha, label, signal=None):
+        calls.append((signal, st.budget))
+        if signal == "window":
+            return {"commit": sha, "outcome": "reproduced", **next(window_runs)}
+        return {"commit": sha, "outcome": "clean", "verdict": "NOT REPRODUCED", "first_violation_s": None,
+                "load_s": st.budget}
+    monkeypatch.setattr(b, "test_commit", tc)
     st = b.State(tree=str(tmp_path), scenario="veth-napi-race", find="fix", budget=0, rate_low=0,
                  vms=2, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1)
-    cal = b.calibrate(st, "c" * 40, attempts=2, max_seconds=60, signal="auto")
-    assert asked == ["auto", "auto"]
-    assert cal.corruption == (1, 60.0 + 80.0) and cal.window == (2, pytest.approx(1.6))
+    cal = b.calibrate(st, "c" * 40, attempts=2, max_seconds=120, signal="auto", floor=5.0)
+    w_budget = b.step_budget(cal.rate_low("window") * 2, floor=5.0)
+    assert cal.window == (2, pytest.approx(1.6)) and w_budget < 15
+    assert calls == [("window", b.WINDOW_CALIBRATE_S)] * 2 + [("corruption", w_budget)] * 2
+    assert cal.corruption == (0, pytest.approx(2 * w_budget))
     signal, budgets = b.choose_signal("auto", cal, vms=2, floor=5.0)
-    assert signal == "window" and budgets["window"] < 15 and budgets["corruption"] > 300
+    assert signal == "window" and budgets["window"] == w_budget and budgets["corruption"] == 3600
     assert b.choose_signal("corruption", cal, vms=2, floor=5.0)[0] == "corruption"
 
 
 def test_auto_keeps_corruption_when_it_is_as_fast_or_the_window_never_came():
     fast = b.Calibration(corruption=(3, 0.3), window=(3, 0.3))
     assert b.choose_signal("auto", fast, vms=1, floor=5.0)[0] == "corruption", "a tie: the signal users see"
-    none = b.Calibration(corruption=(2, 100.0), window=(0, 120.0))
+    none = b.Calibration(corruption=(2, 100.0), window=(0, 60.0))
     assert b.choose_signal("auto", none, vms=1, floor=5.0)[0] == "corruption"
     only = b.Calibration(corruption=(0, 240.0), window=(2, 1.0))
     assert b.choose_signal("auto", only, vms=1, floor=5.0)[0] == "window"
@@ -327,6 +333,10 @@ def test_window_calibration_is_short_and_needs_a_hit(monkeypatch, tmp_path):
     with pytest.raises(BadInput, match="no window hit came"):
         b.calibrate(st, "c" * 40, attempts=2, max_seconds=120, signal="window")
     assert budgets == [b.WINDOW_CALIBRATE_S] * 2
+    budgets.clear()
+    with pytest.raises(BadInput, match="neither corruption nor a window hit came"):
+        b.calibrate(st, "c" * 40, attempts=1, max_seconds=120, signal="auto")
+    assert budgets == [b.WINDOW_CALIBRATE_S, 120], "no window hit: corruption gets the whole budget"
 
 
 def test_a_window_step_traces_and_a_corruption_step_does_not(monkeypatch, tmp_path):
@@ -338,15 +348,16 @@ def test_a_window_step_traces_and_a_corruption_step_does_not(monkeypatch, tmp_pa
     seen = []
 
     def run_vm(cfg, progress=False):
-        seen.append((cfg.evidence, cfg.duration, cfg.stop_on_first))
+        seen.append((cfg.evidence, cfg.duration, cfg.stop_on_first, cfg.scenario_data["amplifier"]["method"]))
         row = _row("clean", hits=7)
         row.extra["amplifier"] = {"method": "off", "why": "asked for"}
         return Outcome([row], [], tmp_path, {})
     monkeypatch.setattr(fleet, "run_vm", run_vm)
-    st = b.State(tree=str(tmp_path), scenario="generic-rx-race", find="cause", budget=8, rate_low=2.0,
+    st = b.State(tree=str(tmp_path), scenario="veth-napi-race", find="fix", budget=8, rate_low=2.0,
                  vms=1, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1, signal="window")
     rec = b.test_commit(st, "a" * 40, "step")
     assert rec["outcome"] == "reproduced" and rec["signal"] == "window" and rec["window_hits"] == 7
     rec = b.test_commit(st, "b" * 40, "verify", signal="corruption", budget=120)
-    assert rec["outcome"] == "clean" and "window_hits" not in rec
-    assert seen == [(("trace",), 8, True), ((), 120, True)]
+    assert "window_hits" not in rec
+    # the window runs without the amplifier (its delay hides the interleaving), corruption with it
+    assert seen == [(("trace",), 8, True, "off"), ((), 120, True, "auto")]
