@@ -24,10 +24,11 @@ The signal a step is judged on (--signal):
   Window runs trace and run without the amplifier: its delay inside the receive
   hides the interleaving from the measure (measured on the veth race: the first hit
   after 17.8 s with the run-time amplifier, after 0.03 s without);
-- auto (the default): the window is calibrated first (where the scenario names
-  one), then corruption, each corruption run given as long as a window step would
-  take: a race that does not corrupt within that cannot make the shorter step.
-  The signal whose rate gives the shorter step is used, corruption on a tie.
+- auto (the default): first the signal the scenario expects to be faster (the
+  window where its corruption is rare, evidence.corruption_rare; else corruption),
+  then the other only if the first one's step is longer than --min-step, each run
+  given as long as that step: a signal that does not show within one step of the
+  other cannot make the shorter step.  The shorter step wins, the first on a tie.
 Whatever the steps used, the racy end of the answer is verified with corruption
 (the scenario's amplifier, the run-time one on a kernel without a source
 amplifier): the race must be seen to corrupt a ring before the culprit is named.
@@ -443,20 +444,30 @@ def _calibration_runs(st: State, ref_sha: str, attempts: int, max_seconds: float
 
 
 def calibrate(st: State, ref_sha: str, attempts: int, max_seconds: float, signal: str,
-              floor: float = 5.0) -> Calibration:
+              floor: float = 5.0, window_first: bool = False) -> Calibration:
     """The rates on the reproducing end that the steps are budgeted on.
 
     corruption: attempts runs to the first violation, each up to max_seconds.  window: to the
-    first window hit, each up to WINDOW_CALIBRATE_S.  auto: the window first; then corruption,
-    each run up to the window's step budget (a race that does not corrupt within one window
-    step cannot give the shorter step), or up to max_seconds if no window hit came."""
+    first window hit, each up to WINDOW_CALIBRATE_S.  auto: first the signal expected to be
+    faster (window_first: the scenario's corruption is rare), then the other only if the
+    first one's step is longer than the floor, each of its runs up to that step (a signal
+    that does not show within one step of the other cannot give the shorter step)."""
+    caps = {"corruption": max_seconds, "window": min(max_seconds, WINDOW_CALIBRATE_S)}
+    order = [signal] if signal != "auto" else \
+        (["window", "corruption"] if window_first else ["corruption", "window"])
     cal = Calibration()
-    if signal in ("window", "auto"):
-        cal.window = _calibration_runs(st, ref_sha, attempts, min(max_seconds, WINDOW_CALIBRATE_S), "window")
-    if signal in ("corruption", "auto"):
-        w_rate = cal.rate_low("window")
-        cap = min(max_seconds, step_budget(w_rate * st.vms, floor=floor)) if w_rate > 0 else max_seconds
-        cal.corruption = _calibration_runs(st, ref_sha, attempts, cap, "corruption")
+    for i, sig in enumerate(order):
+        cap = caps[sig]
+        if i:
+            first = order[0]
+            rate = cal.rate_low(first)
+            if rate > 0:
+                step = step_budget(rate * st.vms, floor=floor)
+                if step <= floor:
+                    log.info("calibration: %s gives the shortest step (%.1fs); %s not measured", first, step, sig)
+                    break
+                cap = min(cap, step)
+        setattr(cal, sig, _calibration_runs(st, ref_sha, attempts, cap, sig))
     seen = {sig: got[0] for sig, got in (("corruption", cal.corruption), ("window", cal.window)) if got}
     if not any(seen.values()) or (signal != "auto" and not seen.get(signal)):
         what = {"corruption": "the race did not reproduce", "window": "no window hit came",
@@ -467,15 +478,17 @@ def calibrate(st: State, ref_sha: str, attempts: int, max_seconds: float, signal
     return cal
 
 
-def choose_signal(asked: str, cal: Calibration, vms: int, floor: float) -> tuple[str, dict[str, float]]:
+def choose_signal(asked: str, cal: Calibration, vms: int, floor: float,
+                  first: str = "corruption") -> tuple[str, dict[str, float]]:
     """The signal steps are judged on, and each measured signal's step budget.  auto: the
-    shorter budget (corruption on a tie, the signal a user sees)."""
+    shorter budget; on a tie `first`, the one calibrated first."""
     budgets = {sig: step_budget(cal.rate_low(sig) * vms, floor=floor)
                for sig in ("corruption", "window") if getattr(cal, sig) is not None}
     if asked != "auto":
         return asked, budgets
     seen = [sig for sig in budgets if cal.rate_low(sig) > 0]
-    return min(seen, key=lambda sig: (budgets[sig], sig != "corruption")), budgets
+    # a tie: the signal calibrated first (the one the scenario expects to be faster)
+    return min(seen, key=lambda sig: (budgets[sig], sig != first)), budgets
 
 
 def _window_kind(s: Any) -> str:
@@ -523,10 +536,12 @@ def main(a: argparse.Namespace) -> int:
                 raise BadInput(f"--signal window: scenario {s.name} names no race window (evidence.window)",
                                hint="use --signal corruption (or auto)")
             asked = "corruption"
+        rare = bool(s["evidence"].get("corruption_rare"))
         cal = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget), asked,
-                        floor=parse_duration(a.min_step))
+                        floor=parse_duration(a.min_step), window_first=rare)
         # a step's fleet gathers vms VM-seconds per second of load
-        signal, budgets = choose_signal(asked, cal, st.vms, parse_duration(a.min_step))
+        signal, budgets = choose_signal(asked, cal, st.vms, parse_duration(a.min_step),
+                                        first="window" if rare else "corruption")
         rate_low, budget = cal.rate_low(signal), budgets[signal]
         st = dataclasses.replace(st, signal=signal)
         for sig in budgets:

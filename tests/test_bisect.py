@@ -300,12 +300,12 @@ def test_auto_calibrates_the_window_then_corruption_within_a_window_step(monkeyp
     monkeypatch.setattr(b, "test_commit", tc)
     st = b.State(tree=str(tmp_path), scenario="veth-napi-race", find="fix", budget=0, rate_low=0,
                  vms=2, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1)
-    cal = b.calibrate(st, "c" * 40, attempts=2, max_seconds=120, signal="auto", floor=5.0)
+    cal = b.calibrate(st, "c" * 40, attempts=2, max_seconds=120, signal="auto", floor=5.0, window_first=True)
     w_budget = b.step_budget(cal.rate_low("window") * 2, floor=5.0)
     assert cal.window == (2, pytest.approx(1.6)) and w_budget < 15
     assert calls == [("window", b.WINDOW_CALIBRATE_S)] * 2 + [("corruption", w_budget)] * 2
     assert cal.corruption == (0, pytest.approx(2 * w_budget))
-    signal, budgets = b.choose_signal("auto", cal, vms=2, floor=5.0)
+    signal, budgets = b.choose_signal("auto", cal, vms=2, floor=5.0, first="window")
     assert signal == "window" and budgets["window"] == w_budget and budgets["corruption"] == 3600
     assert b.choose_signal("corruption", cal, vms=2, floor=5.0)[0] == "corruption"
 
@@ -335,8 +335,28 @@ def test_window_calibration_is_short_and_needs_a_hit(monkeypatch, tmp_path):
     assert budgets == [b.WINDOW_CALIBRATE_S] * 2
     budgets.clear()
     with pytest.raises(BadInput, match="neither corruption nor a window hit came"):
-        b.calibrate(st, "c" * 40, attempts=1, max_seconds=120, signal="auto")
+        b.calibrate(st, "c" * 40, attempts=1, max_seconds=120, signal="auto", window_first=True)
     assert budgets == [b.WINDOW_CALIBRATE_S, 120], "no window hit: corruption gets the whole budget"
+
+
+def test_auto_on_a_scenario_whose_corruption_is_quick_measures_corruption_alone(monkeypatch, tmp_path):
+    """generic-rx: corruption comes in milliseconds, so its step is the floor already and the
+    window (a traced run more per calibration) cannot be shorter: it is not measured."""
+    calls = []
+
+    def tc(st, sha, label, signal=None):
+        calls.append(signal)
+        return {"commit": sha, "outcome": "reproduced", "verdict": "REPRODUCED", "first_violation_s": 0.05,
+                "load_s": 0.3}
+    monkeypatch.setattr(b, "test_commit", tc)
+    st = b.State(tree=str(tmp_path), scenario="generic-rx-race", find="cause", budget=0, rate_low=0,
+                 vms=1, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1)
+    cal = b.calibrate(st, "c" * 40, attempts=3, max_seconds=60, signal="auto", floor=6.0)
+    assert calls == ["corruption"] * 3 and cal.window is None
+    assert b.choose_signal("auto", cal, vms=1, floor=6.0) == ("corruption", {"corruption": 6.0})
+    # a tie goes to the signal calibrated first
+    tie = b.Calibration(corruption=(3, 0.3), window=(3, 0.3))
+    assert b.choose_signal("auto", tie, vms=1, floor=5.0, first="window")[0] == "window"
 
 
 def test_a_window_step_traces_and_a_corruption_step_does_not(monkeypatch, tmp_path):
