@@ -63,7 +63,7 @@ from lab.run import BadInput, InfraError, log, run
 EXIT_GOOD_OLD, EXIT_NEW, EXIT_SKIP = 0, 1, 125
 MISS = 0.01                 # per-step P(miss | race present)
 SIGNALS = ("corruption", "window", "auto")
-WINDOW_CALIBRATE_S = 30.0   # --signal window: a calibration run needs its first hit only
+WINDOW_CALIBRATE_S = 10.0   # a window calibration run needs its first hit only (veth: 0.1-0.6 s)
 
 
 # --- statistics ----------------------------------------------------------------
