@@ -18,6 +18,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -164,6 +165,31 @@ def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch
     with pytest.raises(libvirt.libvirtError):
         vmmod._remote_accel(vmmod.BareKernel(kernel), "qemu+ssh://lab2/system")
     assert Dom.destroyed
+
+
+def test_the_tunnel_reaches_a_host_as_libvirt_does_with_the_uris_ssh_settings(tmp_path):
+    argv = vmmod.tunnel_argv("qemu+ssh://lab2/system", 5000, 2222)
+    assert argv == ["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
+                    "-L", "127.0.0.1:5000:127.0.0.1:2222", "--", "lab2"]
+    key = tmp_path / "a key"
+    key.write_text("")   # ssh drops an -i file that does not exist
+    uri = f"qemu+ssh://root@lab2:2200/system?keyfile={quote(str(key))}&no_verify=1&command=/opt/ssh"
+    argv = vmmod.tunnel_argv(uri, 5000, 2222)
+    assert argv[0] == "/opt/ssh" and argv[-2:] == ["--", "root@lab2"]
+    assert argv[argv.index("-i") + 1] == str(key) and argv[argv.index("-p") + 1] == "2200"
+    assert "StrictHostKeyChecking=no" in argv
+    assert "StrictHostKeyChecking=no" not in vmmod.tunnel_argv(uri.replace("no_verify=1", "no_verify=0"), 1, 2)
+    with pytest.raises(Exception, match="no_verify"):
+        vmmod.tunnel_argv(uri.replace("no_verify=1", "no_verify=yes"), 1, 2)
+    if shutil.which("ssh"):
+        # what OpenSSH itself makes of that command line (-G: print the settings, connect nowhere)
+        out = subprocess.run(["ssh", "-G", *argv[1:]], capture_output=True, text=True, check=True).stdout
+        lines = out.splitlines()
+        conf = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in lines if " " in line}
+        assert conf["user"] == "root" and conf["hostname"] == "lab2" and conf["port"] == "2200"
+        assert f"identityfile {key}" in lines and conf["stricthostkeychecking"] == "false"
+        assert conf["localforward"] == "[127.0.0.1]:5000 [127.0.0.1]:2222"
+        assert conf["batchmode"] == "yes" and conf["exitonforwardfailure"] == "yes"
 
 
 def _fleet_that_raises(monkeypatch, tmp_path, exc):
