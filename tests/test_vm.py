@@ -192,7 +192,7 @@ def test_the_tunnel_reaches_a_host_as_libvirt_does_with_the_uris_ssh_settings(tm
         assert conf["batchmode"] == "yes" and conf["exitonforwardfailure"] == "yes"
 
 
-def _fleet_that_raises(monkeypatch, tmp_path, exc):
+def _fleet_that_raises(monkeypatch, tmp_path, exc, uris=("qemu:///system",)):
     from contextlib import contextmanager
 
     from lab import fleet, scenario
@@ -207,7 +207,8 @@ def _fleet_that_raises(monkeypatch, tmp_path, exc):
     monkeypatch.setattr(fleet, "booted", booted)
     monkeypatch.setattr(fleet, "host_cpus", lambda uri: 2)
     s = scenario.load("generic-rx-race")
-    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=("a", "b"), vms=1)
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=("a", "b"), vms=1,
+                    uris=uris)
     return fleet.run_fleets(cfg, s, ["a", "b"], [object(), object()], None, tmp_path, Progress(False))
 
 
@@ -222,6 +223,10 @@ def test_a_bad_input_in_a_fleet_thread_aborts_the_run_with_its_message(monkeypat
         ["LostVM: guest died while booting"] * 2
     # two 2-vCPU guests on 2 host CPUs: every target says so
     assert all(any("4 vCPUs on 2 host CPUs" in n for n in t.notes) for kr in runs for t in kr.targets)
+    # where each guest was to run is kept even when it never booted: guests take the URIs in turn
+    assert [kr.uris for kr in runs] == [{"a/vm-0": "qemu:///system"}, {"b/vm-0": "qemu:///system"}]
+    runs = _fleet_that_raises(monkeypatch, tmp_path, LostVM("gone"), uris=("qemu:///system", "qemu+ssh://h/system"))
+    assert [kr.uris for kr in runs] == [{"a/vm-0": "qemu:///system"}, {"b/vm-0": "qemu+ssh://h/system"}]
 
 
 # --- vm tier ---------------------------------------------------------------------------
