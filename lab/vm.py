@@ -178,7 +178,7 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
             conn.getDomainCapabilities(None, "x86_64", "q35", "kvm")
         except libvirt.libvirtError:
             return "tcg", f"{uri} offers no KVM"
-        key = f"{uri}|{kernel_key(kernel)}|libvirt-qemu-{conn.getVersion()}"
+        key = f"{_host_identity(conn, uri)}|{kernel_key(kernel)}|libvirt-qemu-{conn.getVersion()}"
         cached = _accel_cache_get(key)
         if cached:
             return cached[0], f"{cached[1]} (cached probe)"
@@ -244,6 +244,17 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
         return result
     finally:
         conn.close()
+
+
+def _host_identity(conn: libvirt.virConnect, uri: str) -> str:
+    """What names a libvirt host in the probe cache: its host UUID (libvirt's
+    capabilities), so two URIs to one host (another user, port, keyfile=) share
+    one probe; the URI without its query when the UUID cannot be had."""
+    try:
+        uuid = ET.fromstring(conn.getCapabilities()).findtext("host/uuid")
+    except (libvirt.libvirtError, ET.ParseError):
+        uuid = None
+    return f"host-uuid:{uuid}" if uuid else uri.split("?", 1)[0]
 
 
 def _accel_cache_get(key: str) -> list[str] | None:

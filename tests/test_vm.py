@@ -142,6 +142,9 @@ def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch
         def getDomainCapabilities(self, *a):
             return ""
 
+        def getCapabilities(self):
+            return "<capabilities><host><uuid>0-0</uuid></host></capabilities>"
+
         def getVersion(self):
             return 9000000
 
@@ -165,6 +168,43 @@ def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch
     with pytest.raises(libvirt.libvirtError):
         vmmod._remote_accel(vmmod.BareKernel(kernel), "qemu+ssh://lab2/system")
     assert Dom.destroyed
+
+
+def test_the_remote_kvm_probe_is_cached_per_host_not_per_uri(monkeypatch, tmp_path):
+    import libvirt
+
+    started = []
+
+    class Conn:
+        def getDomainCapabilities(self, *a):
+            return ""
+
+        def getCapabilities(self):
+            return "<capabilities><host><uuid>5a1e-host</uuid></host></capabilities>"
+
+        def getVersion(self):
+            return 9000000
+
+        def createXML(self, xml, flags):
+            started.append(xml)
+            raise libvirt.libvirtError("no KVM for you")
+
+        def close(self):
+            pass
+
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"k")
+    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(vmmod, "connect", lambda uri: Conn())
+    monkeypatch.setattr(vmmod, "upload", lambda conn, path, name: f"/pool/{name}")
+    monkeypatch.setattr(imagemod, "kernel_for_boot", lambda k: kernel)
+    monkeypatch.setattr(imagemod, "probe_initrd", lambda: kernel)
+    k = vmmod.BareKernel(kernel)
+    accel, why = vmmod._remote_accel(k, "qemu+ssh://root@lab2:2201/system?keyfile=/a")
+    assert accel == "tcg" and "did not start" in why and len(started) == 1
+    # the same host through another port and key: its libvirt host UUID finds the probe
+    accel, why = vmmod._remote_accel(k, "qemu+ssh://lab@lab2:2202/system?keyfile=/b")
+    assert accel == "tcg" and why.endswith("(cached probe)") and len(started) == 1
 
 
 def test_the_tunnel_reaches_a_host_as_libvirt_does_with_the_uris_ssh_settings(tmp_path):
