@@ -46,6 +46,7 @@ class KernelRun:
     accel_reason: str = ""
     boot_seconds: list[float] = field(default_factory=list)
     pinning: dict[str, list[int]] = field(default_factory=dict)   # target -> host CPU per vCPU
+    uris: dict[str, str] = field(default_factory=dict)      # target -> the libvirt URI it ran on
     phases: dict[str, float] = field(default_factory=dict)   # boot, setup, load, evidence, teardown (s)
     plan: Any = None          # lab.amplifier.Plan for this kernel
 
@@ -103,7 +104,7 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
         def boot(i: int) -> None:
             name = f"racelab-{run_id}-{_slug(label)}-{i}"
             g = first + i
-            uri = uris[g % len(uris)]
+            uri = guest_uri(uris, g)
             try:
                 pin = (pin_map(g // len(uris), vmcfg["vcpus"], cpus[uri])
                        if vmcfg["pin"] and cpus else None)
@@ -131,6 +132,11 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
                 raise e
             raise LostVM(f"{label}: guest failed to boot: {e}") from e
         yield vms
+
+
+def guest_uri(uris: tuple[str, ...], guest: int) -> str:
+    """The libvirt URI of the fleet-wide guest-th guest: guests take the URIs in turn."""
+    return uris[guest % len(uris)]
 
 
 def pin_map(guest: int, vcpus: int, host_cpus: int) -> list[int]:
@@ -331,6 +337,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
 
         def one_kernel(k: int, kr: KernelRun) -> None:
             t0 = time.monotonic()
+            kr.uris = {f"{kr.name}/vm-{i}": guest_uri(cfg.uris, k * cfg.vms + i) for i in range(cfg.vms)}
             try:
                 with booted(kr.artifact, image, cfg.vms, label=kr.name, s=s, out=out,
                             uris=cfg.uris, first=k * cfg.vms, cpus=cpus) as vms:
@@ -358,7 +365,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                                       stop_on_first=cfg.stop_on_first, inject=cfg.inject or "",
                                       trace=trace, stop_grace=cfg.stop_grace, amplifier=kr.plan)
                     policies = [stall_policy(vmcfg["stalls"], kr.accel,
-                                             cfg.uris[(k * cfg.vms + i) % len(cfg.uris)] in crowded)
+                                             guest_uri(cfg.uris, k * cfg.vms + i) in crowded)
                                 for i in range(len(vms))]
                     each: dict[str, dict[str, float]] = {}
 
@@ -449,7 +456,7 @@ def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
                           "affected": list(getattr(a, "affected", []) or []),
                           "accelerator": kr.accel, "accelerator_reason": kr.accel_reason,
                           "boot_seconds": kr.boot_seconds, "vcpus": s["vm"]["vcpus"],
-                          "pinning": kr.pinning,
+                          "pinning": kr.pinning, "uris": kr.uris,
                           "amplifier": kr.plan.to_dict() if kr.plan is not None else None}
     meta = report.provenance(cfg, {"kernels": kmeta, "image": {"key": img.key, "path": str(img.path)},
                                    "expected": expected or {}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import platform
 import shlex
 import shutil
@@ -232,7 +233,8 @@ def write_html(path: Path, title: str, rows: list[Row], targets: list[dict[str, 
     rerun = meta.get("rerun") or meta.get("command") or ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #aaa;padding:4px 8px}}th{{background:#eee}}pre{{background:#f6f6f6;padding:1em}}
+td,th{{border:1px solid #aaa;padding:4px 8px}}th{{background:#eee}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto}}
+#rerun{{white-space:pre-wrap;overflow-wrap:anywhere}}
 a.gone{{color:#999}}</style>
 </head><body><h1>{esc(title)}</h1>
 <table><tr><th>kernel</th><th>VMs</th><th>wall</th><th>packets</th><th>violations by kind</th>
@@ -316,35 +318,57 @@ def _provenance_table(meta: dict[str, Any]) -> str:
     return "<table id='provenance'>" + "".join(rows) + "</table>"
 
 
+def axis_ticks(tmax: float, most: int = 8) -> list[float]:
+    """Round ticks from 0 up to tmax, at most most+1 of them, 1, 2 or 5 times a power of
+    ten apart: an axis a reader can read values off, not just its two ends."""
+    if tmax <= 0:
+        return [0.0]
+    raw = tmax / most
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    return [round(i * step, 9) for i in range(int(tmax / step + 1e-9) + 1)]
+
+
 def _svg_timeline(targets: list[dict[str, Any]]) -> str:
+    """One lane per target, its label on a line of its own above it (a label as long as
+    "6.1.192+revert-generic-rx/vm-0 (6.1.192+revert-generic-rx)" never runs into the lane),
+    violations as dots, the first violation as a bar; a time axis with round ticks."""
     if not targets:
         return "<p>no targets</p>"
-    w, lane = 900, 28
+    esc = html.escape
+    w, lane, left, top = 900, 44, 20, 4
     tmax = max([t.get("load_seconds", 0) or 0 for t in targets] + [1.0])
-    h = lane * len(targets) + 30
-    parts = [f"<svg width='{w + 220}' height='{h}' xmlns='http://www.w3.org/2000/svg'>"]
+    axis_y = top + lane * len(targets) + 4
+    h = axis_y + 26
+
+    def x_at(ts: float) -> float:
+        return left + w * min(max(ts, 0.0), tmax) / tmax
+
+    parts = [f"<svg id='timeline' width='{w + 2 * left}' height='{h}' xmlns='http://www.w3.org/2000/svg'>"]
     for i, t in enumerate(targets):
-        y = 10 + i * lane
-        parts.append(f"<text x='0' y='{y + 14}' font-size='12'>{html.escape(t['label'])} "
-                     f"({html.escape(t['kernel'])})</text>")
-        parts.append(f"<line x1='210' y1='{y + 10}' x2='{210 + w}' y2='{y + 10}' stroke='#ccc'/>")
-        for ts, _, n in t.get("timeline", []):
-            pass
+        y0 = top + i * lane
+        infra = (f"<tspan fill='#d68910'> infrastructure: {esc(str(t['infra_error'])[:120])}</tspan>"
+                 if t.get("infra_error") else "")
+        parts.append(f"<text class='lane-label' x='0' y='{y0 + 14}' font-size='12'>{esc(t['label'])} "
+                     f"({esc(t['kernel'])}){infra}</text>")
+        parts.append(f"<line x1='{left}' y1='{y0 + 30}' x2='{left + w}' y2='{y0 + 30}' stroke='#ccc'/>")
         prev = 0
         for ts, _, n in t.get("timeline", []):
             if n > prev:
-                x = 210 + w * min(ts, tmax) / tmax
-                parts.append(f"<circle cx='{x:.1f}' cy='{y + 10}' r='4' fill='#c0392b'>"
+                parts.append(f"<circle cx='{x_at(ts):.1f}' cy='{y0 + 30}' r='4' fill='#c0392b'>"
                              f"<title>{n} violations by {ts:.2f}s</title></circle>")
             prev = n
         if t.get("first_violation_s") is not None:
-            x = 210 + w * min(t["first_violation_s"], tmax) / tmax
-            parts.append(f"<line x1='{x:.1f}' y1='{y}' x2='{x:.1f}' y2='{y + 20}' stroke='#c0392b' stroke-width='2'/>")
-        if t.get("infra_error"):
-            parts.append(f"<text x='{220}' y='{y + 24}' font-size='10' fill='#d68910'>"
-                         f"infrastructure: {html.escape(str(t['infra_error'])[:120])}</text>")
-    parts.append(f"<text x='210' y='{h - 2}' font-size='11'>0 s</text>"
-                 f"<text x='{210 + w - 40}' y='{h - 2}' font-size='11'>{tmax:.1f} s</text></svg>")
+            x = x_at(t["first_violation_s"])
+            parts.append(f"<line x1='{x:.1f}' y1='{y0 + 22}' x2='{x:.1f}' y2='{y0 + 38}' stroke='#c0392b' "
+                         "stroke-width='2'/>")
+    parts.append(f"<line x1='{left}' y1='{axis_y}' x2='{left + w}' y2='{axis_y}' stroke='#888'/>")
+    for tick in axis_ticks(tmax):
+        x = x_at(tick)
+        parts.append(f"<line x1='{x:.1f}' y1='{axis_y}' x2='{x:.1f}' y2='{axis_y + 5}' stroke='#888'/>"
+                     f"<text class='tick' x='{x:.1f}' y='{axis_y + 18}' font-size='11' "
+                     f"text-anchor='middle'>{tick:g} s</text>")
+    parts.append("</svg>")
     return "".join(parts)
 
 
@@ -382,20 +406,24 @@ def _svg_interleaving(t: dict[str, Any]) -> str:
 
 
 def _svg_rates(rows: list[Row]) -> str:
+    """Per kernel its name on a line of its own, under it the 95% interval of its rate as
+    a bar, the interval's text after the bar (room for it is kept at the right)."""
     if not rows:
         return ""
     vals = [r.corruption.per_packet[1] * 1e6 for r in rows if r.packets]
     vmax = max(vals + [1e-9])
-    w, bar = 700, 26
-    parts = [f"<svg width='{w + 320}' height='{bar * len(rows) + 20}' xmlns='http://www.w3.org/2000/svg'>"]
+    w, bar, left, room = 700, 40, 20, 220
+    parts = [f"<svg id='rates' width='{left + w + room}' height='{bar * len(rows) + 8}' "
+             "xmlns='http://www.w3.org/2000/svg'>"]
     for i, r in enumerate(rows):
-        y = 5 + i * bar
+        y0 = 4 + i * bar
         lo, hi = (x * 1e6 for x in r.corruption.per_packet)
         color = {REPRODUCED: "#c0392b", WINDOW_HIT: "#e67e22"}.get(r.verdict, "#27ae60")
-        x0, x1 = 200 + w * lo / vmax, 200 + w * hi / vmax
-        parts.append(f"<text x='0' y='{y + 15}' font-size='12'>{html.escape(r.kernel)}</text>")
-        parts.append(f"<rect x='{x0:.1f}' y='{y + 4}' width='{max(2, x1 - x0):.1f}' height='14' fill='{color}' opacity='0.7'/>")
+        x0, x1 = left + w * lo / vmax, left + w * hi / vmax
+        parts.append(f"<text x='0' y='{y0 + 12}' font-size='12'>{html.escape(r.kernel)}</text>")
+        parts.append(f"<rect x='{x0:.1f}' y='{y0 + 18}' width='{max(2, x1 - x0):.1f}' height='14' "
+                     f"fill='{color}' opacity='0.7'/>")
         label = f"{lo:.3g}..{hi:.3g} /Mpkt" if r.violations else f"< {hi:.3g} /Mpkt"
-        parts.append(f"<text x='{x1 + 5:.1f}' y='{y + 15}' font-size='11'>{label}</text>")
+        parts.append(f"<text x='{max(x1, x0 + 2) + 5:.1f}' y='{y0 + 29}' font-size='11'>{label}</text>")
     parts.append("</svg>")
     return "".join(parts)

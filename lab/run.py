@@ -191,7 +191,8 @@ TOOL_PACKAGES: dict[str, str] = {
     "virsh": "libvirt-clients", "mmdebstrap": "mmdebstrap", "mke2fs": "e2fsprogs",
     "ccache": "ccache", "bison": "bison", "flex": "flex", "bc": "bc", "cpio": "cpio",
     "zstd": "zstd", "xz": "xz-utils", "git": "git", "apt-get": "apt",
-    "dpkg-deb": "dpkg", "ssh-keygen": "openssh-client", "busybox": "busybox-static",
+    "dpkg-deb": "dpkg", "ssh-keygen": "openssh-client", "ssh": "openssh-client",
+    "busybox": "busybox-static",
 }
 
 

@@ -23,10 +23,12 @@ That host cannot see our files, so the boot kernel, initrd and image are
 uploaded once into its "racelab" storage pool (volume names carry content
 hashes), the overlay is a pool volume, the console (a pty there) is streamed
 back into the local console file, and the guest's SSH forward (on that host's
-127.0.0.1) is reached through `ssh -L` with the user's own SSH setup, as
-libvirt's qemu+ssh itself is.  The KVM probe runs there through libvirt.
-Tested here through qemu+unix:///system (the same API path without the
-tunnel); what is not done on remote hosts: libvirt's per-domain QEMU log is
+127.0.0.1) is reached through `ssh -L` with the user's own SSH setup and the
+URI's command=, keyfile= and no_verify=, as libvirt's qemu+ssh itself is
+(tunnel_argv()).  The KVM probe runs there through libvirt.  Tested through
+qemu+unix:///system (the same API path without the tunnel) and through
+qemu+ssh:// to a throwaway sshd on 127.0.0.1 (tests/test_remote_vm.py); what
+is not done on remote hosts: libvirt's per-domain QEMU log is
 not collected, and overlays of guests whose racelab died are reaped only
 when that host's libvirtd still has their domain.
 
@@ -55,7 +57,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
@@ -176,7 +178,7 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
             conn.getDomainCapabilities(None, "x86_64", "q35", "kvm")
         except libvirt.libvirtError:
             return "tcg", f"{uri} offers no KVM"
-        key = f"{uri}|{kernel_key(kernel)}|libvirt-qemu-{conn.getVersion()}"
+        key = f"{_host_identity(conn, uri)}|{kernel_key(kernel)}|libvirt-qemu-{conn.getVersion()}"
         cached = _accel_cache_get(key)
         if cached:
             return cached[0], f"{cached[1]} (cached probe)"
@@ -242,6 +244,17 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
         return result
     finally:
         conn.close()
+
+
+def _host_identity(conn: libvirt.virConnect, uri: str) -> str:
+    """What names a libvirt host in the probe cache: its host UUID (libvirt's
+    capabilities), so two URIs to one host (another user, port, keyfile=) share
+    one probe; the URI without its query when the UUID cannot be had."""
+    try:
+        uuid = ET.fromstring(conn.getCapabilities()).findtext("host/uuid")
+    except (libvirt.libvirtError, ET.ParseError):
+        uuid = None
+    return f"host-uuid:{uuid}" if uuid else uri.split("?", 1)[0]
 
 
 def _accel_cache_get(key: str) -> list[str] | None:
@@ -589,17 +602,14 @@ class VM:
 
     def _tunnel(self) -> int:
         """For a libvirt host reached over SSH, forward a local port to its
-        127.0.0.1:<guest port> with the user's own ssh (their keys and config,
-        as libvirt's qemu+ssh itself does).  Returns the port to connect to."""
+        127.0.0.1:<guest port> the way libvirt reached that host (tunnel_argv()).
+        Returns the port to connect to."""
         u = urlparse(self.uri)
         if not u.hostname:
             return self.port  # qemu+unix:// and friends: the forward is on this machine
         local = _free_port()
-        argv = ["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
-                "-L", f"127.0.0.1:{local}:127.0.0.1:{self.port}"]
-        if u.port:
-            argv += ["-p", str(u.port)]
-        argv.append(f"{u.username}@{u.hostname}" if u.username else u.hostname)
+        argv = tunnel_argv(self.uri, local, self.port)
+        require_tools(argv[0])
         proc = self._stack.enter_context(spawn(argv, stdout=subprocess.DEVNULL))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -607,7 +617,8 @@ class VM:
                 err = proc.stderr.read() if proc.stderr else ""
                 raise InfraError(f"{self.name}: SSH tunnel to {u.hostname} failed: {err.strip()}",
                                  hint="racelab forwards the guest's SSH port with `ssh -L`; "
-                                      "it needs the same passwordless SSH as qemu+ssh://")
+                                      "it needs the same passwordless SSH as qemu+ssh:// (with the "
+                                      "URI's command=, keyfile= and no_verify=)")
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", local)) == 0:
                     return local
@@ -764,6 +775,31 @@ class VM:
             except OSError:
                 pass
         return sorted(n for n in names if "CPU" in n)
+
+
+def tunnel_argv(uri: str, local: int, guest_port: int) -> list[str]:
+    """The `ssh -L` that forwards 127.0.0.1:local here to 127.0.0.1:guest_port on the
+    host of a qemu+ssh:// URI, with the user's own ssh (their keys and config) and the
+    URI's own ssh settings, read as libvirt's ssh transport reads them: command= is the
+    ssh binary, keyfile= its -i, no_verify=1 its StrictHostKeyChecking=no.  So a host
+    that libvirt reaches with `?keyfile=...` is tunnelled to with that key too."""
+    u = urlparse(uri)
+    if not u.hostname:
+        raise BadInput(f"{uri!r} names no host to tunnel to")
+    params = {k: v[-1] for k, v in parse_qs(u.query, keep_blank_values=True).items()}
+    flag = params.get("no_verify", "0")
+    if flag not in ("0", "1"):
+        raise BadInput(f"bad libvirt URI {uri!r}: no_verify={flag!r}", hint="use no_verify=0 or no_verify=1")
+    argv = [params.get("command") or "ssh", "-N", "-o", "ExitOnForwardFailure=yes",
+            "-o", "BatchMode=yes", "-L", f"127.0.0.1:{local}:127.0.0.1:{guest_port}"]
+    if u.port:
+        argv += ["-p", str(u.port)]
+    if params.get("keyfile"):
+        argv += ["-i", params["keyfile"]]
+    if flag == "1":
+        argv += ["-o", "StrictHostKeyChecking=no"]
+    argv += ["--", f"{u.username}@{u.hostname}" if u.username else u.hostname]
+    return argv
 
 
 def _file_sha(path: Path) -> str:

@@ -18,6 +18,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -141,6 +142,9 @@ def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch
         def getDomainCapabilities(self, *a):
             return ""
 
+        def getCapabilities(self):
+            return "<capabilities><host><uuid>0-0</uuid></host></capabilities>"
+
         def getVersion(self):
             return 9000000
 
@@ -166,7 +170,69 @@ def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch
     assert Dom.destroyed
 
 
-def _fleet_that_raises(monkeypatch, tmp_path, exc):
+def test_the_remote_kvm_probe_is_cached_per_host_not_per_uri(monkeypatch, tmp_path):
+    import libvirt
+
+    started = []
+
+    class Conn:
+        def getDomainCapabilities(self, *a):
+            return ""
+
+        def getCapabilities(self):
+            return "<capabilities><host><uuid>5a1e-host</uuid></host></capabilities>"
+
+        def getVersion(self):
+            return 9000000
+
+        def createXML(self, xml, flags):
+            started.append(xml)
+            raise libvirt.libvirtError("no KVM for you")
+
+        def close(self):
+            pass
+
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"k")
+    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(vmmod, "connect", lambda uri: Conn())
+    monkeypatch.setattr(vmmod, "upload", lambda conn, path, name: f"/pool/{name}")
+    monkeypatch.setattr(imagemod, "kernel_for_boot", lambda k: kernel)
+    monkeypatch.setattr(imagemod, "probe_initrd", lambda: kernel)
+    k = vmmod.BareKernel(kernel)
+    accel, why = vmmod._remote_accel(k, "qemu+ssh://root@lab2:2201/system?keyfile=/a")
+    assert accel == "tcg" and "did not start" in why and len(started) == 1
+    # the same host through another port and key: its libvirt host UUID finds the probe
+    accel, why = vmmod._remote_accel(k, "qemu+ssh://lab@lab2:2202/system?keyfile=/b")
+    assert accel == "tcg" and why.endswith("(cached probe)") and len(started) == 1
+
+
+def test_the_tunnel_reaches_a_host_as_libvirt_does_with_the_uris_ssh_settings(tmp_path):
+    argv = vmmod.tunnel_argv("qemu+ssh://lab2/system", 5000, 2222)
+    assert argv == ["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
+                    "-L", "127.0.0.1:5000:127.0.0.1:2222", "--", "lab2"]
+    key = tmp_path / "a key"
+    key.write_text("")   # ssh drops an -i file that does not exist
+    uri = f"qemu+ssh://root@lab2:2200/system?keyfile={quote(str(key))}&no_verify=1&command=/opt/ssh"
+    argv = vmmod.tunnel_argv(uri, 5000, 2222)
+    assert argv[0] == "/opt/ssh" and argv[-2:] == ["--", "root@lab2"]
+    assert argv[argv.index("-i") + 1] == str(key) and argv[argv.index("-p") + 1] == "2200"
+    assert "StrictHostKeyChecking=no" in argv
+    assert "StrictHostKeyChecking=no" not in vmmod.tunnel_argv(uri.replace("no_verify=1", "no_verify=0"), 1, 2)
+    with pytest.raises(Exception, match="no_verify"):
+        vmmod.tunnel_argv(uri.replace("no_verify=1", "no_verify=yes"), 1, 2)
+    if shutil.which("ssh"):
+        # what OpenSSH itself makes of that command line (-G: print the settings, connect nowhere)
+        out = subprocess.run(["ssh", "-G", *argv[1:]], capture_output=True, text=True, check=True).stdout
+        lines = out.splitlines()
+        conf = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in lines if " " in line}
+        assert conf["user"] == "root" and conf["hostname"] == "lab2" and conf["port"] == "2200"
+        assert f"identityfile {key}" in lines and conf["stricthostkeychecking"] == "false"
+        assert conf["localforward"] == "[127.0.0.1]:5000 [127.0.0.1]:2222"
+        assert conf["batchmode"] == "yes" and conf["exitonforwardfailure"] == "yes"
+
+
+def _fleet_that_raises(monkeypatch, tmp_path, exc, uris=("qemu:///system",)):
     from contextlib import contextmanager
 
     from lab import fleet, scenario
@@ -181,7 +247,8 @@ def _fleet_that_raises(monkeypatch, tmp_path, exc):
     monkeypatch.setattr(fleet, "booted", booted)
     monkeypatch.setattr(fleet, "host_cpus", lambda uri: 2)
     s = scenario.load("generic-rx-race")
-    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=("a", "b"), vms=1)
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=("a", "b"), vms=1,
+                    uris=uris)
     return fleet.run_fleets(cfg, s, ["a", "b"], [object(), object()], None, tmp_path, Progress(False))
 
 
@@ -196,6 +263,10 @@ def test_a_bad_input_in_a_fleet_thread_aborts_the_run_with_its_message(monkeypat
         ["LostVM: guest died while booting"] * 2
     # two 2-vCPU guests on 2 host CPUs: every target says so
     assert all(any("4 vCPUs on 2 host CPUs" in n for n in t.notes) for kr in runs for t in kr.targets)
+    # where each guest was to run is kept even when it never booted: guests take the URIs in turn
+    assert [kr.uris for kr in runs] == [{"a/vm-0": "qemu:///system"}, {"b/vm-0": "qemu:///system"}]
+    runs = _fleet_that_raises(monkeypatch, tmp_path, LostVM("gone"), uris=("qemu:///system", "qemu+ssh://h/system"))
+    assert [kr.uris for kr in runs] == [{"a/vm-0": "qemu:///system"}, {"b/vm-0": "qemu+ssh://h/system"}]
 
 
 # --- vm tier ---------------------------------------------------------------------------
