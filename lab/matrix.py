@@ -22,12 +22,13 @@ import html
 import json
 import os
 import random
+import shlex
 import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,26 @@ class Cell:
     outcome: str = ERROR           # pass | fail | not-reproduced-within-budget | error
     out: str = ""
     error: str = ""
+    uri: str = ""                  # the libvirt URI it ran on
+    started: str = ""              # UTC, ISO 8601
+    build: dict[str, Any] = field(default_factory=dict)         # the kernel: build_info()
+    environment: dict[str, Any] = field(default_factory=dict)   # host kernel, QEMU, accelerator
 
     def to_dict(self) -> dict[str, Any]:
         from lab.report import row_dict
         return {"kernel": self.kernel, "scenario": self.scenario, "expected": self.expected,
                 "outcome": self.outcome, "out": self.out, "error": self.error,
-                "row": row_dict(self.row) if self.row else None}
+                "row": row_dict(self.row) if self.row else None, "uri": self.uri, "started": self.started,
+                "build": self.build, "environment": self.environment}
+
+
+def build_info(artifact: Any) -> dict[str, Any]:
+    """What identifies a cell's kernel build (for matrix.json and its KCIDB builds)."""
+    if artifact is None:
+        return {}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k in (
+        "key", "version", "source", "source_identity", "patches", "fragments", "config_hash", "compiler",
+        "build_seconds", "created") if (v := getattr(artifact, k, None)) is not None}
 
 
 def judge(expected: str, row: Row) -> str:
@@ -83,10 +98,14 @@ def run_cell(cell: Cell, *, budget: float, vms: int, seed: int, out: Path, uri: 
     cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(cell.kernel,),
                     duration=budget, vms=vms, seed=seed, stop_on_first=True, stop_grace=1.0,
                     out=str(out), uris=(uri,), evidence=("trace",))
+    cell.uri, cell.started = uri, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         outcome = fleet.run_vm(cfg, progress=progress, expected={cell.kernel: cell.expected})
         cell.row = outcome.rows[0]
         cell.outcome = judge(cell.expected, cell.row)
+        k = outcome.meta.get("kernels", {}).get(cell.kernel, {})
+        cell.environment = {"host_kernel": outcome.meta.get("host_kernel", ""), "qemu": outcome.meta.get("qemu", ""),
+                            **{f: k[f] for f in ("accelerator", "accelerator_reason", "vcpus") if f in k}}
     except InfraError as e:
         cell.outcome, cell.error = ERROR, str(e)
     cell.out = str(out)
@@ -106,9 +125,10 @@ def run_matrix(kernels: list[str], scenarios: list[str], *, budget: float, vms: 
         scen.load(s)                           # every bad scenario before anything boots
     specs = fleet.resolve_kernels(kernels)     # every bad kernel, too
     fleet.preflight_vm()
-    fleet.build_kernels(kernels, progress=progress)
+    arts = fleet.build_kernels(kernels, progress=progress)
     image.ensure_image(progress=progress)
-    cells = [Cell(k, s, expected_for(sp, s)) for k, sp in zip(kernels, specs) for s in scenarios]
+    cells = [Cell(k, s, expected_for(sp, s), build=build_info(a))
+             for k, sp, a in zip(kernels, specs, arts) for s in scenarios]
     out.mkdir(parents=True, exist_ok=True)
     # several cells at once have no live line of their own (their progress would interleave):
     # each says when it starts and ends, with the tally so far
@@ -239,6 +259,7 @@ def main(a: argparse.Namespace) -> int:
     budget = parse_duration(a.budget, "--budget")
     out = Path(a.out or f"results/matrix-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     seed = random.SystemRandom().randrange(1 << 31)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.monotonic()
     log.info("results: %s  (each cell's directory appears in it as the cell starts)", out.absolute())
     cells = run_matrix(kernels, scenarios, budget=budget, vms=a.vms, jobs=a.jobs, out=out,
@@ -249,11 +270,18 @@ def main(a: argparse.Namespace) -> int:
         print_grid(cells, kernels, scenarios)
     write_junit(out / "junit.xml", cells)
     write_heatmap(out / "matrix.html", cells, kernels, scenarios)
-    doc = json.dumps({"schema_version": 1, "cells": [c.to_dict() for c in cells], "seed": seed,
-                      "wall_seconds": time.monotonic() - t0}, indent=2, default=str)
+    from lab import export, results
+    data = {"schema_version": results.MATRIX_VERSION, "cells": [c.to_dict() for c in cells], "seed": seed,
+            "wall_seconds": time.monotonic() - t0, "started": started,
+            "command": " ".join(shlex.quote(x) for x in ["racelab", *sys.argv[1:]])}
+    doc = json.dumps(data, indent=2, default=str)
     (out / "matrix.json").write_text(doc)
     print(f"results: {out}  (matrix.json, junit.xml, matrix.html); wall {time.monotonic() - t0:.0f}s",
           file=human)
+    if getattr(a, "tap", None):
+        print(f"TAP: {export.write_tap(Path(a.tap), export.cell_points(cells))}", file=human)
+    if getattr(a, "kcidb", None):
+        print(f"KCIDB: {export.write_kcidb(Path(a.kcidb), json.loads(doc))}", file=human)
     if as_json:
         print(doc)
     if any(c.outcome == ERROR for c in cells):
