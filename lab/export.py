@@ -59,7 +59,8 @@ def file_problem(path: Path) -> str | None:
         except OSError as e:
             return f"cannot write it ({e.strerror or e})"
         return None
-    return writable_dir_problem(p.parent)
+    why = writable_dir_problem(p.parent)
+    return f"{p.parent}: {why}" if why else None
 
 
 def _write(path: Path, text: str) -> Path:
