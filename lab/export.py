@@ -8,8 +8,9 @@ an INCONCLUSIVE row is `not ok`.  A matrix cell is `ok` unless it failed or erre
 an affected kernel that did not reach its level within the budget is `ok ... # SKIP`,
 as junit.xml's <skipped> and the exit code (0) have it.  Each point carries a YAML
 diagnostic block: the verdict, packets, seconds, violations by kind, and for a point
-that is not ok (or skipped) a `message` saying why.  The YAML values are JSON, which
-YAML reads as flow scalars, lists and mappings.
+that is not ok (or skipped) a `message` saying why.  The YAML is block style with
+double-quoted strings, the subset that TAP's own consumers (Perl's TAP::Parser YAMLish)
+read as well as full YAML parsers (mappings nest; nothing is a list).
 
 KCIDB (kernelci/kcidb-io, schema v4.0), from `racelab matrix --kcidb FILE`: the
 matrix.json document as checkouts (kernel source + patches), builds (one per kernel:
@@ -95,9 +96,38 @@ def tap(points: list[Point]) -> str:
         lines.append(line)
         if p.diagnostics:
             lines.append("  ---")
-            lines += [f"  {k}: {json.dumps(v, default=str)}" for k, v in p.diagnostics.items()]
+            for k, v in p.diagnostics.items():
+                lines += _yaml(k, v, 2)
             lines.append("  ...")
     return "\n".join(lines) + "\n"
+
+
+def _yaml(key: str, value: Any, indent: int) -> list[str]:
+    pad, key = " " * indent, _yaml_key(key)
+    if isinstance(value, dict) and value:
+        return [f"{pad}{key}:"] + [line for k, v in value.items() for line in _yaml(str(k), v, indent + 2)]
+    return [f"{pad}{key}: {_yaml_scalar(value)}"]
+
+
+def _yaml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key) else json.dumps(key, ensure_ascii=False)
+
+
+def _yaml_scalar(v: Any) -> str:
+    if v is None:
+        return "~"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        # never an exponent: YAML 1.1 reads 1e-05 as a string
+        text = f"{v:.6f}".rstrip("0")
+        return text + "0" if text.endswith(".") else text
+    if isinstance(v, dict):
+        return "{}"
+    # no block lists: TAP::Parser's YAMLish takes a list item with ": " in it for a mapping
+    return json.dumps(v if isinstance(v, str) else json.dumps(v), ensure_ascii=False)
 
 
 def write_tap(path: Path, points: list[Point]) -> Path:
@@ -117,8 +147,7 @@ def _row_diagnostics(row: Row) -> dict[str, Any]:
             "onsets": dict(sorted(row.onsets_by_kind.items())),
             "first_violation_s": row.first_violation_s,
             "window_hits": row.window.count if row.window.available else None,
-            "rate": level_text(row.corruption, row.packets, row.confidence),
-            **({"infra_errors": list(row.infra_errors)} if row.infra_errors else {})}
+            "rate": level_text(row.corruption, row.packets, row.confidence)}
 
 
 def row_points(rows: list[Row], scenario: str, levels: dict[str, str | None]) -> list[Point]:
