@@ -116,10 +116,20 @@ def test_matrix_json_puts_the_document_alone_on_stdout(monkeypatch, tmp_path, ca
         return cell
     monkeypatch.setattr(m, "run_cell", run_cell)
     a = argparse.Namespace(kernels="6.1.192,6.1.192+revert-generic-rx", scenarios="generic-rx-race",
-                           budget="5s", vms=1, jobs=1, out=str(tmp_path / "m"), uri=[], json=True)
+                           budget="5s", vms=1, jobs=1, out=str(tmp_path / "m"), uri=[], json=True,
+                           tap=str(tmp_path / "t" / "m.tap"), kcidb=str(tmp_path / "k.json"))
     assert m.main(a) == 0
     out, err = capsys.readouterr()
     doc = json.loads(out)
     assert doc["schema_version"] == 1 and len(doc["cells"]) == 2
     assert doc == json.loads((tmp_path / "m" / "matrix.json").read_text())
     assert "racelab matrix" in err and "results:" in err
+    from lab import results
+    assert results.problems(doc, "matrix") == []
+    # --tap and --kcidb: written beside, said on stderr (stdout stays the document)
+    tap = (tmp_path / "t" / "m.tap").read_text()
+    assert tap.startswith("TAP version 13\n1..2\nok 1 - 6.1.192 generic-rx-race: NOT REPRODUCED\n")
+    assert "ok 2 - 6.1.192+revert-generic-rx generic-rx-race: REPRODUCED\n" in tap
+    kc = json.loads((tmp_path / "k.json").read_text())
+    assert [t["status"] for t in kc["tests"]] == ["PASS", "PASS"] and len(kc["builds"]) == 2
+    assert f"TAP: {tmp_path / 't' / 'm.tap'}" in err and f"KCIDB: {tmp_path / 'k.json'}" in err
