@@ -121,7 +121,7 @@ def _yaml_scalar(v: Any) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        # never an exponent: YAML 1.1 reads 1e-05 as a string
+        # never an exponent (YAML 1.1 reads 1e-05 as a string); to the microsecond, as seconds need
         text = f"{v:.6f}".rstrip("0")
         return text + "0" if text.endswith(".") else text
     if isinstance(v, dict):
