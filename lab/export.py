@@ -195,21 +195,23 @@ def _sha256(path: str) -> str | None:
         return None
 
 
-def patchset_hash(patches: list[str]) -> str | None:
+def patchset_hash(patches: list[str], sums: list[str] | None = None) -> str | None:
     """KCIDB's patchset_hash: sha256 over the newline-terminated sha256 of each patch, in
-    order ("" for none); None when a patch file cannot be read any more."""
+    order ("" for none).  sums: the patches' sha256 as recorded; else the files are read,
+    and None when one cannot be any more."""
     if not patches:
         return ""
-    sums = [_sha256(p) for p in patches]
-    if None in sums:
-        return None
+    if not sums or len(sums) != len(patches):
+        sums = [s for s in (_sha256(p) for p in patches) if s is not None]
+        if len(sums) != len(patches):
+            return None
     return hashlib.sha256("".join(f"{s}\n" for s in sums).encode()).hexdigest()
 
 
 def _checkout(kernel: str, build: dict[str, Any]) -> dict[str, Any]:
     source, ident = build.get("source", ""), build.get("source_identity", "")
     patches = [str(p) for p in build.get("patches", [])]
-    ps = patchset_hash(patches)
+    ps = patchset_hash(patches, build.get("patches_sha256"))
     # the same source and patches are one checkout, whatever config they were built with
     local = hashlib.sha256(json.dumps([ident or source or kernel, ps if ps is not None else patches]).encode())
     names = [Path(p).name for p in patches]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import html
 import json
 import os
@@ -63,13 +64,25 @@ class Cell:
                 "build": self.build, "environment": self.environment}
 
 
-def build_info(artifact: Any) -> dict[str, Any]:
-    """What identifies a cell's kernel build (for matrix.json and its KCIDB builds)."""
+def build_info(artifact: Any, spec: Any = None) -> dict[str, Any]:
+    """What identifies a cell's kernel build (for matrix.json and its KCIDB builds).  The
+    patches are the spec's, as this checkout has them (a cached build names the files it
+    was first built from), with their sha256: the document alone then says what they were."""
     if artifact is None:
         return {}
-    return {k: (list(v) if isinstance(v, tuple) else v) for k in (
+    info = {k: (list(v) if isinstance(v, tuple) else v) for k in (
         "key", "version", "source", "source_identity", "patches", "fragments", "config_hash", "compiler",
         "build_seconds", "created") if (v := getattr(artifact, k, None)) is not None}
+    patches = [str(p) for p in (getattr(spec, "patches", None) or info.get("patches") or ())]
+    try:
+        sums = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in patches]
+    except OSError:
+        sums = []
+    if patches:
+        info["patches"] = patches
+    if sums:
+        info["patches_sha256"] = sums
+    return info
 
 
 def judge(expected: str, row: Row) -> str:
@@ -127,7 +140,7 @@ def run_matrix(kernels: list[str], scenarios: list[str], *, budget: float, vms: 
     fleet.preflight_vm()
     arts = fleet.build_kernels(kernels, progress=progress)
     image.ensure_image(progress=progress)
-    cells = [Cell(k, s, expected_for(sp, s), build=build_info(a))
+    cells = [Cell(k, s, expected_for(sp, s), build=build_info(a, sp))
              for k, sp, a in zip(kernels, specs, arts) for s in scenarios]
     out.mkdir(parents=True, exist_ok=True)
     # several cells at once have no live line of their own (their progress would interleave):
