@@ -40,6 +40,7 @@ reproduces.  --find fix: the older end reproduces and the newer one is fixed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -501,6 +502,17 @@ def subject(tree: str, sha: str) -> str:
 
 
 def main(a: argparse.Namespace) -> int:
+    """--json: bisect.json alone on stdout at the end; everything else (progress, the
+    answer in words) goes to stderr."""
+    as_json = bool(getattr(a, "json", False))
+    with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout):
+        code, report = _bisect(a)
+    if as_json:
+        print(json.dumps(report, indent=2), flush=True)
+    return code
+
+
+def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     tree = str(Path(a.tree).resolve())
     if not (Path(tree) / ".git").exists() and run(["git", "-C", tree, "rev-parse", "--git-dir"],
                                                    check=False).returncode != 0:
@@ -597,7 +609,8 @@ def main(a: argparse.Namespace) -> int:
     vc, vp = (vr, vf) if racy == culprit else (vf, vr)
     verified = vr.get("outcome") == "reproduced" and vf.get("outcome") == "clean"
     conf = overall_confidence(confs + [vc.get("confidence", 0.0), vp.get("confidence", 0.0)])
-    report = {"schema_version": 1, "find": a.find, "culprit": culprit, "subject": subject(tree, culprit),
+    from lab.results import BISECT_VERSION
+    report = {"schema_version": BISECT_VERSION, "find": a.find, "culprit": culprit, "subject": subject(tree, culprit),
               "parent": parent, "verified": verified, "confidence": conf,
               "steps": len(confs), "signal": st.signal, "step_budget_s": budget, "rate_low_per_s": rate_low,
               "verify": {"racy": racy, "racy_signal": "corruption", "racy_outcome": vr.get("outcome"),
@@ -614,4 +627,4 @@ def main(a: argparse.Namespace) -> int:
         print(f"  {r.get('phase', r.get('label')):<10} {r['commit'][:12]} {r['outcome']:<10} "
               f"build {r.get('build_s')}s boot {r.get('boot_s')}s run {r.get('run_s')}s "
               f"conf {r.get('confidence', 0):.3f}")
-    return 0 if verified else 1
+    return (0 if verified else 1), report

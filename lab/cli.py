@@ -30,8 +30,8 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun:
                   _complete_scenario)
         _complete(p.add_argument("--from", dest="from_dir", metavar="DIR", default=None,
                                  help="run again exactly what results directory DIR ran (its config.json: "
-                                      "scenario as it was, kernels, seed, duration); only --out and --json may "
-                                      "go with it"), _complete_dirs)
+                                      "scenario as it was, kernels, seed, duration); only --out, --json and --tap "
+                                      "may go with it"), _complete_dirs)
     else:
         _complete(p.add_argument("scenario", help="scenario name (scenarios/NAME.toml) or a .toml path"),
                   _complete_scenario)
@@ -52,6 +52,9 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun:
     _complete(p.add_argument("--out", default="", help="results directory (default: results/SCENARIO-TIME-PID)"),
               _complete_dirs)
     p.add_argument("--json", action="store_true", help="print summary.json to stdout")
+    p.add_argument("--tap", metavar="FILE", default=None,
+                   help="also write a TAP 13 stream to FILE: a test point per kernel's row, judged as the "
+                        "exit code judges it, with a YAML block (verdict, packets, violations by kind)")
     p.add_argument("--seed", type=int, default=None, help="seed for names and payloads (default: random)")
     _complete(p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                              help="override a scenario knob (repeatable), e.g. --set load.senders=4"),
@@ -174,14 +177,22 @@ def cmd_run(a: argparse.Namespace) -> int:
             outcome = fleet.run_vm(cfg, progress=not a.json)
     except session.Interrupted as e:
         if e.outcome is not None:   # the evidence so far: table and summary.json, then exit 130
-            _report(e.outcome, cfg, a.json)
+            _report(e.outcome, cfg, a.json, a.tap)
         raise
-    return _report(outcome, cfg, a.json)
+    return _report(outcome, cfg, a.json, a.tap)
 
 
-def _report(outcome, cfg: RunConfig, as_json: bool) -> int:  # noqa: ANN001
+def _write_tap(path: str | None, outcome, cfg: RunConfig, levels: dict[str, str | None]) -> None:  # noqa: ANN001
+    if path:
+        from lab import export
+        from lab.run import log
+        log.info("TAP: %s", export.write_tap(Path(path), export.row_points(outcome.rows, cfg.scenario, levels)))
+
+
+def _report(outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:  # noqa: ANN001
     from lab import report
 
+    _write_tap(tap, outcome, cfg, {r.kernel: cfg.expect for r in outcome.rows})
     if as_json:
         print((outcome.out / "summary.json").read_text())
     else:
@@ -233,15 +244,18 @@ def cmd_repro(a: argparse.Namespace) -> int:
                                   fixed_duration=bool(a.duration))
     except Interrupted as e:
         if e.outcome is not None:
-            _report_repro(e.outcome, cfg, a.json)
+            _report_repro(e.outcome, cfg, a.json, a.tap)
         raise
-    return _report_repro(outcome, cfg, a.json)
+    return _report_repro(outcome, cfg, a.json, a.tap)
 
 
-def _report_repro(outcome, cfg: RunConfig, as_json: bool) -> int:  # noqa: ANN001
+def _report_repro(outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:  # noqa: ANN001
     from lab import report
     from lab.verdict import INCONCLUSIVE
 
+    # judged as the exit code below: --expect, else what the catalog expects of each kernel
+    levels = outcome.meta.get("expected", {})
+    _write_tap(tap, outcome, cfg, {r.kernel: cfg.expect or levels.get(r.kernel) for r in outcome.rows})
     if as_json:
         print((outcome.out / "summary.json").read_text())
     else:
@@ -467,6 +481,12 @@ def validate_args(a: argparse.Namespace) -> None:
         why = writable_dir_problem(out)
         if why:
             problems.append(f"--out {out}: {why}" if a.out else f"the results directory {out.absolute()}: {why}")
+        for flag in ("tap", "kcidb"):   # files written at the end: refused now, not after the run
+            if getattr(a, flag, None):
+                from lab.export import file_problem
+                why = file_problem(Path(getattr(a, flag)))
+                if why:
+                    problems.append(f"--{flag} {getattr(a, flag)}: {why}")
     if problems:
         raise BadInput("bad option(s):\n  " + "\n  ".join(problems),
                        hint="fix the options named above; `racelab " + a.cmd + " --help` lists them")
@@ -762,6 +782,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="libvirt URI(s) to spread cells over (repeatable; default: RACELAB_URIS, "
                         "else qemu:///system)")
     p.add_argument("--json", action="store_true", help="print matrix.json to stdout (the grid goes to stderr)")
+    p.add_argument("--tap", metavar="FILE", default=None,
+                   help="also write a TAP 13 stream to FILE: a test point per cell, judged as the exit code "
+                        "judges it (a missed affected kernel is ok # SKIP, as junit.xml's skipped)")
+    p.add_argument("--kcidb", metavar="FILE", default=None,
+                   help="also write the matrix as a KCIDB v4 JSON document to FILE: a build per kernel, "
+                        "a test per cell (path racelab.SCENARIO), ids racelab:...")
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("bisect", help="flake-aware bisection of kernel commits for a race", formatter_class=_RAW,
@@ -786,6 +812,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "is verified with corruption either way")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted bisection in --out (its calibration and steps are reused)")
+    p.add_argument("--json", action="store_true",
+                   help="print bisect.json to stdout at the end (progress and the answer go to stderr)")
     p.set_defaults(func=cmd_bisect)
 
     # internal (HIDDEN_COMMANDS), so without help= (that would list it), left out of the metavar

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import html
 import json
 import os
 import random
+import shlex
 import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +61,39 @@ class Cell:
     error: str = ""
     status: str = ERROR            # passed | failed | skipped | error (decide())
     message: str = ""              # why, for a cell that did not pass
+    uri: str = ""                  # the libvirt URI it ran on
+    started: str = ""              # UTC, ISO 8601
+    build: dict[str, Any] = field(default_factory=dict)         # the kernel: build_info()
+    environment: dict[str, Any] = field(default_factory=dict)   # host kernel, QEMU, accelerator
 
     def to_dict(self) -> dict[str, Any]:
         from lab.report import row_dict
         return {"kernel": self.kernel, "scenario": self.scenario, "expected": self.expected,
                 "outcome": self.outcome, "status": self.status, "message": self.message,
-                "out": self.out, "error": self.error, "row": row_dict(self.row) if self.row else None}
+                "out": self.out, "error": self.error,
+                "row": row_dict(self.row) if self.row else None, "uri": self.uri, "started": self.started,
+                "build": self.build, "environment": self.environment}
+
+
+def build_info(artifact: Any, spec: Any = None) -> dict[str, Any]:
+    """What identifies a cell's kernel build (for matrix.json and its KCIDB builds).  The
+    patches are the spec's, as this checkout has them (a cached build names the files it
+    was first built from), with their sha256: the document alone then says what they were."""
+    if artifact is None:
+        return {}
+    info = {k: (list(v) if isinstance(v, tuple) else v) for k in (
+        "key", "version", "source", "source_identity", "patches", "fragments", "config_hash", "compiler",
+        "build_seconds", "created") if (v := getattr(artifact, k, None)) is not None}
+    patches = [str(p) for p in (getattr(spec, "patches", None) or info.get("patches") or ())]
+    try:
+        sums = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in patches]
+    except OSError:
+        sums = []
+    if patches:
+        info["patches"] = patches
+    if sums:
+        info["patches_sha256"] = sums
+    return info
 
 
 def judge(expected: str, row: Row) -> str:
@@ -121,11 +150,15 @@ def run_cell(cell: Cell, *, budget: float, vms: int, seed: int, out: Path, uri: 
     cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(cell.kernel,),
                     duration=budget, vms=vms, seed=seed, stop_on_first=True, stop_grace=1.0,
                     out=str(out), uris=(uri,), evidence=("trace",))
+    cell.uri, cell.started = uri, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         outcome = fleet.run_vm(cfg, progress=progress, expected={cell.kernel: cell.expected})
         cell.row = outcome.rows[0]
         d = decide(cell.kernel, cell.scenario, cell.expected, cell.row, budget=budget, missed=missed)
         cell.outcome, cell.status, cell.message = d.outcome, d.status, d.message
+        k = outcome.meta.get("kernels", {}).get(cell.kernel, {})
+        cell.environment = {"host_kernel": outcome.meta.get("host_kernel", ""), "qemu": outcome.meta.get("qemu", ""),
+                            **{f: k[f] for f in ("accelerator", "accelerator_reason", "vcpus") if f in k}}
     except InfraError as e:
         cell.outcome, cell.status, cell.error = ERROR, ERROR, str(e)
         cell.message = f"infrastructure: {e}"
@@ -147,9 +180,10 @@ def run_matrix(kernels: list[str], scenarios: list[str], *, budget: float, vms: 
         scen.load(s)                           # every bad scenario before anything boots
     specs = fleet.resolve_kernels(kernels)     # every bad kernel, too
     fleet.preflight_vm()
-    fleet.build_kernels(kernels, progress=progress)
+    arts = fleet.build_kernels(kernels, progress=progress)
     image.ensure_image(progress=progress)
-    cells = [Cell(k, s, expected_for(sp, s)) for k, sp in zip(kernels, specs) for s in scenarios]
+    cells = [Cell(k, s, expected_for(sp, s), build=build_info(a, sp))
+             for k, sp, a in zip(kernels, specs, arts) for s in scenarios]
     out.mkdir(parents=True, exist_ok=True)
     # several cells at once have no live line of their own (their progress would interleave):
     # each says when it starts and ends, with the tally so far
@@ -284,6 +318,7 @@ def main(a: argparse.Namespace) -> int:
         raise BadInput(f"unknown --missed {missed!r}", hint=f"one of {', '.join(MISSED_POLICIES)}")
     out = Path(a.out or f"results/matrix-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     seed = random.SystemRandom().randrange(1 << 31)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.monotonic()
     log.info("results: %s  (each cell's directory appears in it as the cell starts)", out.absolute())
     cells = run_matrix(kernels, scenarios, budget=budget, vms=a.vms, jobs=a.jobs, out=out,
@@ -300,11 +335,18 @@ def main(a: argparse.Namespace) -> int:
                  "skipped (--missed skip; they do not change the exit code)"), file=human)
     write_junit(out / "junit.xml", cells)
     write_heatmap(out / "matrix.html", cells, kernels, scenarios)
-    doc = json.dumps({"schema_version": 1, "cells": [c.to_dict() for c in cells], "seed": seed, "missed": missed,
-                      "wall_seconds": time.monotonic() - t0}, indent=2, default=str)
+    from lab import export, results
+    data = {"schema_version": results.MATRIX_VERSION, "cells": [c.to_dict() for c in cells], "seed": seed,
+            "missed": missed, "wall_seconds": time.monotonic() - t0, "started": started,
+            "command": " ".join(shlex.quote(x) for x in ["racelab", *sys.argv[1:]])}
+    doc = json.dumps(data, indent=2, default=str)
     (out / "matrix.json").write_text(doc)
     print(f"results: {out}  (matrix.json, junit.xml, matrix.html); wall {time.monotonic() - t0:.0f}s",
           file=human)
+    if getattr(a, "tap", None):
+        print(f"TAP: {export.write_tap(Path(a.tap), export.cell_points(cells))}", file=human)
+    if getattr(a, "kcidb", None):
+        print(f"KCIDB: {export.write_kcidb(Path(a.kcidb), json.loads(doc))}", file=human)
     if as_json:
         print(doc)
     if any(c.status == ERROR for c in cells):

@@ -1,12 +1,15 @@
 """Machine-readable results: the JSON Schemas racelab's outputs follow, and a validator.
 
-summary.json (racelab run, repro) is described by lab/schemas/summary.schema.json.
+summary.json (racelab run, repro), matrix.json (racelab matrix) and bisect.json
+(racelab bisect) are described by lab/schemas/KIND.schema.json; a matrix cell's
+row is the same object as a summary row, and its schema refers to summary's.
 Every document carries "schema_version"; within a version fields may be added,
 never removed or changed in meaning.  Validation uses the jsonschema library
 (Draft 2020-12), so other tools can use the same files.
 
-`python -m lab.results validate results/DIR/summary.json` checks a file and
-prints what does not conform (exit 1), or "ok".
+`python -m lab.results validate FILE` checks a file and prints what does not
+conform (exit 1), or "ok".  Which schema applies is told by the file's name
+(summary.json, matrix.json, bisect.json) or else by its content; --kind says it.
 """
 
 from __future__ import annotations
@@ -19,17 +22,41 @@ from typing import Any
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 SUMMARY_VERSION = 1
+MATRIX_VERSION = 1
+BISECT_VERSION = 1
+VERSIONS = {"summary": SUMMARY_VERSION, "matrix": MATRIX_VERSION, "bisect": BISECT_VERSION}
+# a key only that kind of document has at its top: how a renamed file is still told apart
+_MARKS = {"rows": "summary", "cells": "matrix", "culprit": "bisect"}
 
 
 def schema(name: str = "summary") -> dict[str, Any]:
     return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
 
 
+def _registry() -> Any:
+    """Every schema under its $id, so that matrix's reference to summary's row resolves."""
+    from referencing import Registry, Resource
+
+    return Registry().with_resources(
+        (s["$id"], Resource.from_contents(s)) for s in (schema(k) for k in VERSIONS))
+
+
+def kind_of(doc: Any, path: Path | None = None) -> str | None:
+    """summary, matrix or bisect: from the file's name, else from the document's own keys."""
+    if path is not None and path.stem in VERSIONS:
+        return path.stem
+    if isinstance(doc, dict):
+        for key, kind in _MARKS.items():
+            if key in doc:
+                return kind
+    return None
+
+
 def problems(doc: Any, name: str = "summary") -> list[str]:
     """Where doc does not follow the schema: one line each, with its JSON path; [] = valid."""
     from jsonschema import Draft202012Validator
 
-    v = Draft202012Validator(schema(name))
+    v = Draft202012Validator(schema(name), registry=_registry())
     return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
             for e in sorted(v.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
 
@@ -37,19 +64,27 @@ def problems(doc: Any, name: str = "summary") -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab.results", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    val = sub.add_parser("validate", help="check a summary.json against its schema")
+    val = sub.add_parser("validate", help="check a summary.json, matrix.json or bisect.json against its schema")
     val.add_argument("file", type=Path)
+    val.add_argument("--kind", choices=sorted(VERSIONS),
+                     help="which schema to check against (default: from the file's name, else its keys)")
     a = ap.parse_args(argv)
     try:
         doc = json.loads(a.file.read_text())
     except (OSError, ValueError) as e:
         print(f"{a.file}: {e}", file=sys.stderr)
         return 2
-    found = problems(doc)
+    kind = a.kind or kind_of(doc, a.file)
+    if kind is None:
+        print(f"{a.file}: not a summary.json, matrix.json or bisect.json (no rows, cells or culprit at its top)",
+              file=sys.stderr)
+        print("  hint: name the schema with --kind summary|matrix|bisect", file=sys.stderr)
+        return 2
+    found = problems(doc, kind)
     for p in found:
         print(f"{a.file}: {p}")
     if not found:
-        print(f"{a.file}: ok (summary schema version {SUMMARY_VERSION})")
+        print(f"{a.file}: ok ({kind} schema version {VERSIONS[kind]})")
     return 1 if found else 0
 
 

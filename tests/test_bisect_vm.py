@@ -145,6 +145,8 @@ def test_bisect_names_the_commit(find, tmp_path):
     assert report["culprit"] == expected, report
     assert report["verified"] and report["confidence"] > 0.9
     assert ("introduces" if find == "cause" else "fixes") in report["subject"]
+    from lab import results
+    assert results.problems(report, "bisect") == [], "bisect.json follows lab/schemas/bisect.schema.json"
     steps = [json.loads(l) for l in (tmp_path / "bisect.jsonl").read_text().splitlines()]
     assert all("build_s" in s and "outcome" in s for s in steps)
 

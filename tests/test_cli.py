@@ -79,6 +79,21 @@ def test_an_unwritable_out_is_refused_before_the_builds(capsys, nothing_runs, tm
         assert f"--out {out}: " in err and says in err
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the --tap/--kcidb probe runs as root, as --out's does "
+                                                "(sudo ./bootstrap test)")
+def test_an_unwritable_tap_or_kcidb_file_is_refused_before_the_builds(capsys, nothing_runs, tmp_path):
+    (tmp_path / "file").write_text("")
+    for argv in (("run", "generic-rx-race", "--backend", "vm", "--kernel", "6.1.192"),
+                 ("repro", "generic-rx-race"), MATRIX):
+        rc, _, err = racelab(capsys, *argv, "--out", str(tmp_path / "out"), "--tap", str(tmp_path / "file" / "x.tap"))
+        assert rc == 2, err
+        assert f"--tap {tmp_path / 'file' / 'x.tap'}: " in err and "is not a directory" in err
+    rc, _, err = racelab(capsys, *MATRIX, "--kcidb", str(tmp_path), "--tap", "/proc/racelab-x.tap")
+    assert rc == 2 and f"--kcidb {tmp_path}: {tmp_path} is a directory" in err
+    assert "--tap /proc/racelab-x.tap: /proc: cannot write there" in err     # every problem at once
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_write_probe_leaves_nothing_behind(tmp_path):
     assert writable_dir_problem(tmp_path / "a" / "b" / "c") is None
     assert list(tmp_path.iterdir()) == []

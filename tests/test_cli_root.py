@@ -41,17 +41,25 @@ def test_netns_run_on_a_fixed_host_kernel_is_not_reproduced(name, tmp_path):
 
 @pytest.mark.root
 def test_expect_mismatch_exits_1(tmp_path):
-    p = racelab("run", "generic-rx-race", "--duration", "3s", "--out", str(tmp_path), "--expect", "reproduced")
+    p = racelab("run", "generic-rx-race", "--duration", "3s", "--out", str(tmp_path), "--expect", "reproduced",
+                "--tap", str(tmp_path / "run.tap"))
     assert p.returncode == 1, p.stdout + p.stderr
+    # the TAP point says the same as the exit code, and why
+    tap = (tmp_path / "run.tap").read_text().splitlines()
+    assert tap[:2] == ["TAP version 13", "1..1"] and tap[2].startswith("not ok 1 - host:")
+    assert tap[2].endswith(" generic-rx-race: NOT REPRODUCED") and tap[3] == "  ---"
+    assert tap[4].startswith('  message: "expected reproduced, got NOT REPRODUCED (rate <')
 
 
 @pytest.mark.root
 def test_injected_fault_is_reproduced(tmp_path):
     p = racelab("run", "generic-rx-race", "--duration", "3s", "--out", str(tmp_path), "--inject", "duplicate",
-                "--expect", "reproduced", "--json")
+                "--expect", "reproduced", "--json", "--tap", str(tmp_path / "run.tap"))
     assert p.returncode == 0, p.stderr
     row = json.loads(p.stdout)["rows"][0]
     assert row["verdict"] == "REPRODUCED" and row["by_kind"].get("duplicate", 0) > 0
+    tap = (tmp_path / "run.tap").read_text()
+    assert "\nok 1 - host:" in tap and f"    duplicate: {row['by_kind']['duplicate']}\n" in tap
 
 
 @pytest.mark.root

@@ -114,12 +114,13 @@ def test_matrix_json_puts_the_document_alone_on_stdout(monkeypatch, tmp_path, ca
 
     def run_vm(cfg, **kw):
         k = cfg.kernels[0]
-        return types.SimpleNamespace(out=Path(cfg.out), rows=[v.decide(
+        return types.SimpleNamespace(out=Path(cfg.out), meta={}, rows=[v.decide(
             k, vms=1, packets=1000, seconds=5, wall=6, by_kind={"order": 1} if "+" in k else {},
             first_violation_s=0.1)])
     monkeypatch.setattr(fleet, "run_vm", run_vm)
     a = argparse.Namespace(kernels="6.1.192,6.1.192+revert-generic-rx", scenarios="generic-rx-race",
-                           budget="5s", vms=1, jobs=1, out=str(tmp_path / "m"), uri=[], json=True, missed="fail")
+                           budget="5s", vms=1, jobs=1, out=str(tmp_path / "m"), uri=[], json=True, missed="fail",
+                           tap=str(tmp_path / "t" / "m.tap"), kcidb=str(tmp_path / "k.json"))
     assert m.main(a) == 0
     out, err = capsys.readouterr()
     doc = json.loads(out)
@@ -127,6 +128,15 @@ def test_matrix_json_puts_the_document_alone_on_stdout(monkeypatch, tmp_path, ca
     assert [c["status"] for c in doc["cells"]] == ["passed", "passed"]
     assert doc == json.loads((tmp_path / "m" / "matrix.json").read_text())
     assert "racelab matrix" in err and "results:" in err
+    from lab import results
+    assert results.problems(doc, "matrix") == []
+    # --tap and --kcidb: written beside, said on stderr (stdout stays the document)
+    tap = (tmp_path / "t" / "m.tap").read_text()
+    assert tap.startswith("TAP version 13\n1..2\nok 1 - 6.1.192 generic-rx-race: NOT REPRODUCED\n")
+    assert "ok 2 - 6.1.192+revert-generic-rx generic-rx-race: REPRODUCED\n" in tap
+    kc = json.loads((tmp_path / "k.json").read_text())
+    assert [t["status"] for t in kc["tests"]] == ["PASS", "PASS"] and len(kc["builds"]) == 2
+    assert f"TAP: {tmp_path / 't' / 'm.tap'}" in err and f"KCIDB: {tmp_path / 'k.json'}" in err
 
 
 # ---------------------------------------------------------------- the missed policy: one decision

@@ -25,7 +25,7 @@ def no_guests(monkeypatch):
 
     def run_vm(cfg, progress=True, expected=None):
         ran.append(cfg.kernels[0])
-        return types.SimpleNamespace(out=Path(cfg.out), rows=[v.decide(
+        return types.SimpleNamespace(out=Path(cfg.out), meta={}, rows=[v.decide(
             cfg.kernels[0], vms=1, packets=5000, seconds=5, wall=6, by_kind={}, first_violation_s=None)])
     monkeypatch.setattr(fleet, "run_vm", run_vm)
     monkeypatch.setattr(fleet, "preflight_vm", lambda: None)

@@ -1,6 +1,7 @@
-"""summary.json against its JSON Schema (lab/schemas): a real run's output conforms, and
-documents that break the contract are caught.  Real runs are checked too, in test_cli_root
-(netns) and test_repro_vm (VMs)."""
+"""summary.json and matrix.json against their JSON Schemas (lab/schemas): real runs' output
+conforms, and documents that break the contract are caught, named where they break.  Real
+runs are checked too, in test_cli_root (netns) and test_repro_vm (VMs); bisect.json, made
+by a whole bisection over a real git history, in test_bisect."""
 import copy
 import json
 import subprocess
@@ -14,6 +15,9 @@ from lab import results
 ROOT = Path(__file__).resolve().parent.parent
 # a real `racelab repro generic-rx-race` summary (VMs, TCG), its long arrays cut short
 REAL = json.loads((ROOT / "tests/fixtures/results/summary-repro-generic-vm.json").read_text())
+# a real `racelab matrix --kernels 6.1.192,6.1.192+revert-generic-rx --scenarios generic-rx-race
+# --budget 20s` (VMs, TCG)
+MATRIX = json.loads((ROOT / "tests/fixtures/results/matrix-generic-vm.json").read_text())
 
 
 def test_a_real_repro_summary_conforms():
@@ -37,6 +41,38 @@ def test_a_broken_summary_is_named_where_it_breaks(break_it, where):
     assert found and any(where in p for p in found), found
 
 
+def test_a_real_matrix_conforms():
+    assert results.problems(MATRIX, "matrix") == []
+    assert MATRIX["schema_version"] == results.MATRIX_VERSION
+    assert {c["row"]["verdict"] for c in MATRIX["cells"]} == {"REPRODUCED", "NOT REPRODUCED"}
+
+
+@pytest.mark.parametrize("break_it, where", [
+    (lambda d: d.pop("seed"), "'seed' is a required property"),
+    (lambda d: d["cells"][0].update(outcome="passed"), "cells/0/outcome"),
+    (lambda d: d["cells"][0].update(expected="dirty"), "cells/0/expected"),
+    # the row is summary's: its definition is reached through the other file
+    (lambda d: d["cells"][1]["row"].update(verdict="CLEAN"), "cells/1/row/verdict: 'CLEAN' is not one of"),
+    (lambda d: d["cells"][1]["row"].pop("packets"), "cells/1/row: 'packets' is a required property"),
+    (lambda d: d["cells"][1].update(row=[]), "cells/1/row: [] is not of type 'null'"),
+    (lambda d: d["cells"][0]["build"].update(config_hash=7), "cells/0/build/config_hash"),
+    (lambda d: d["cells"][0]["environment"].update(vcpus=0), "cells/0/environment/vcpus"),
+])
+def test_a_broken_matrix_is_named_where_it_breaks(break_it, where):
+    doc = copy.deepcopy(MATRIX)
+    break_it(doc)
+    found = results.problems(doc, "matrix")
+    assert found and any(where in p for p in found), found
+
+
+def test_a_cell_without_a_row_is_allowed_but_not_a_row_of_the_wrong_shape():
+    doc = copy.deepcopy(MATRIX)
+    doc["cells"][0].update(row=None, outcome="error", error="LostVM: guest died")
+    assert results.problems(doc, "matrix") == []
+    doc["cells"][0]["row"] = {"verdict": "REPRODUCED"}
+    assert results.problems(doc, "matrix")
+
+
 def test_validate_command(tmp_path):
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps(REAL))
@@ -51,6 +87,39 @@ def test_validate_command(tmp_path):
     assert p.returncode == 1 and "rows/0/verdict" in p.stdout, p.stdout + p.stderr
 
 
-def test_the_schema_is_a_valid_draft_2020_12_schema():
+def run_validate(*args):
+    return subprocess.run([sys.executable, "-m", "lab.results", "validate", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_validate_tells_the_kinds_apart_by_name_or_content(tmp_path):
+    (tmp_path / "matrix.json").write_text(json.dumps(MATRIX))
+    p = run_validate(tmp_path / "matrix.json")
+    assert p.returncode == 0 and "ok (matrix schema version 1)" in p.stdout, p.stdout + p.stderr
+    renamed = tmp_path / "grid-of-tuesday.json"
+    broken = copy.deepcopy(MATRIX)
+    broken["cells"][0]["outcome"] = "maybe"
+    renamed.write_text(json.dumps(broken))
+    p = run_validate(renamed)                      # no telling name: its "cells" say it
+    assert p.returncode == 1 and "cells/0/outcome" in p.stdout, p.stdout + p.stderr
+    p = run_validate(renamed, "--kind", "summary")  # told otherwise, it is checked as that
+    assert p.returncode == 1 and "'rows' is a required property" in p.stdout, p.stdout + p.stderr
+    other = tmp_path / "other.json"
+    other.write_text('{"schema_version": 1}')
+    p = run_validate(other)
+    assert p.returncode == 2 and "--kind" in p.stderr, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("kind", sorted(results.VERSIONS))
+def test_the_schemas_are_valid_draft_2020_12_schemas(kind):
     from jsonschema import Draft202012Validator
-    Draft202012Validator.check_schema(results.schema())
+    s = results.schema(kind)
+    Draft202012Validator.check_schema(s)
+    assert s["properties"]["schema_version"] == {"const": results.VERSIONS[kind]}
+
+
+def test_the_schemas_ship_with_the_package():
+    import tomllib
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lab"]
+    shipped = {p.name for pattern in data for p in (ROOT / "lab").glob(pattern)}
+    assert {f"{k}.schema.json" for k in results.VERSIONS} <= shipped
