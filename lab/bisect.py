@@ -492,11 +492,6 @@ def choose_signal(asked: str, cal: Calibration, vms: int, floor: float,
     return min(seen, key=lambda sig: (budgets[sig], sig != first)), budgets
 
 
-def _window_kind(s: Any) -> str:
-    """The scenario's race window measure ("" when it names none)."""
-    return str((s.data.get("evidence") or {}).get("window") or "")
-
-
 def subject(tree: str, sha: str) -> str:
     return run(["git", "-C", tree, "log", "-1", "--format=%h (\"%s\")", sha]).stdout.strip()
 
@@ -543,11 +538,6 @@ def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
                    log=str(out / "bisect.jsonl"), out=str(out),
                    seed=random.SystemRandom().randrange(1 << 31), good=shas["good"], bad=shas["bad"])
         asked = getattr(a, "signal", "auto") or "auto"
-        if asked != "corruption" and not _window_kind(s):
-            if asked == "window":
-                raise BadInput(f"--signal window: scenario {s.name} names no race window (evidence.window)",
-                               hint="use --signal corruption (or auto)")
-            asked = "corruption"
         rare = bool(s["evidence"].get("corruption_rare"))
         cal = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget), asked,
                         floor=parse_duration(a.min_step), window_first=rare)
