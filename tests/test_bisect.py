@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -482,3 +483,25 @@ def test_bisect_without_json_keeps_its_lines_on_stdout(monkeypatch, capsys):
     assert b.main(argparse.Namespace(json=False)) == 0
     out, err = capsys.readouterr()
     assert out == "the answer\n" and err == ""
+
+
+def test_the_racy_end_is_verified_over_fresh_boots_until_one_corrupts(monkeypatch, tmp_path):
+    """The run-time amplified veth race corrupts in one boot within a second and in the next
+    not in two minutes: the verification splits its budget over fresh boots."""
+    outcomes = iter(["clean", "reproduced", "reproduced"])
+    budgets = []
+
+    def tc(st, sha, label, signal=None, budget=None):
+        budgets.append((signal, budget))
+        return {"commit": sha, "label": label, "outcome": next(outcomes)}
+    monkeypatch.setattr(b, "test_commit", tc)
+    st = b.State(tree=str(tmp_path), scenario="veth-napi-race", find="fix", budget=9.5, rate_low=0.5,
+                 vms=1, log=str(tmp_path / "log.jsonl"), out=str(tmp_path), seed=1, signal="window")
+    rec, boots = b.verify_racy(st, "a" * 40, "verify-parent", 120.0)
+    assert rec["outcome"] == "reproduced" and boots == 2
+    assert budgets == [("corruption", 40.0), ("corruption", 40.0)]
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["boot"], r["outcome"]) for r in logged] == [("verify", 1, "clean"), ("verify", 2, "reproduced")]
+    outcomes = iter(["clean"] * 3)
+    rec, boots = b.verify_racy(st, "a" * 40, "verify-parent", 20.0)
+    assert rec["outcome"] == "clean" and boots == 3 and budgets[-1] == ("corruption", 9.5), "at least one step"

@@ -174,5 +174,7 @@ def test_veth_bisect_on_the_window_names_the_fix_and_verifies_it_with_corruption
     # a clean step saw no window at all; a racy one saw it (or corruption)
     for s in judged:
         assert (s["outcome"] == "clean") == (s["window_hits"] == 0 and not s["violations"]), s
-    racy = next(s for s in steps if s.get("phase") == "verify" and s["signal"] == "corruption")
-    assert racy["verdict"] == "REPRODUCED" and racy["violations"], racy
+    # the racy end over fresh boots (at most 3), the last of which corrupted a ring
+    racy = [s for s in steps if s.get("phase") == "verify" and s["signal"] == "corruption"]
+    assert len(racy) == verify["racy_boots"] <= 3, racy
+    assert racy[-1]["verdict"] == "REPRODUCED" and racy[-1]["violations"], racy
