@@ -89,6 +89,10 @@ def test_veth_window_hit_on_reverted_and_none_on_fixed(tmp_path):
 # receive may let the other CPU's flush start (its probe is at flush entry, which clears
 # that CPU's hold) before the delayed receive is judged: the measure, not the recorder,
 # is what this usually fails on; not strict: it passed once in CI (a run whose window was caught).
+# Measured again (session 8): a boot of the same reverted kernel with no corruption and no
+# window hit at all, unflushed or overlapping, in 594,689 receives over 45 s, where other
+# boots show hundreds: whether the window opens depends on the boot, which the print below
+# records on every run.
 @pytest.mark.xfail(strict=False, reason="unflushed_hits misses the amplified interleaving (see above)")
 def test_veth_flight_recorder_holds_the_marker_and_the_window_before_it(tmp_path):
     """A corrupting run (the scenario's run-time amplifier): the checker's marker is in the
@@ -96,6 +100,9 @@ def test_veth_flight_recorder_holds_the_marker_and_the_window_before_it(tmp_path
     rev = "6.1.192+revert-veth-napi"
     ev, rows = _run("veth-napi-race", [rev], 45.0, tmp_path, stop_grace=0.5)
     e, row = ev[rev], rows[rev]
+    print(rev, {k: e.get(k) for k in ("hits_before_violation", "overlaps_before_violation", "unflushed_hits",
+                                     "overlap_hits", "receives", "first_hit_s", "first_overlap_s",
+                                     "recorder_min_s")}, row.first_violation_s)
     assert row.verdict == REPRODUCED, f"no corruption in 45 s with the amplifier: {row}"
     assert e.get("available"), e.get("note")
     assert e["violation_ts"] is not None and e["violation_mark"].startswith("racelab violation"), e["marks"]
