@@ -48,6 +48,9 @@ logging.getLogger(_BOOT_LOG).disabled = True   # also drops pytest's capture han
 
 GUEST_PYTHONPATH = "/opt/racelab:/opt/racelab/site"
 _PGID_MARK = "racelab-pgid"
+# A file transfer that makes no progress this long is from a guest that hung (a soft lockup
+# once held a trace fetch for 10 minutes): as long as the agent's own silence limit.
+SFTP_IDLE_S = 60.0
 # `sh -c SCRIPT sh ARGV...`: report the process group, then become the command.
 _WRAPPER = f'echo "{_PGID_MARK} $$" >&2; exec "$@"'
 
@@ -263,6 +266,7 @@ class SshHost:
             self._sftp = paramiko.SFTPClient.from_transport(t)
             if self._sftp is None:
                 raise InfraError(f"{self.name}: cannot open SFTP")
+            self._sftp.get_channel().settimeout(SFTP_IDLE_S)   # a read that waits longer raises
         return self._sftp
 
     def put(self, local: Path, remote: str) -> None:
@@ -279,6 +283,7 @@ class SshHost:
         try:
             self._sftp_client().get(remote, str(local))
         except (OSError, EOFError, paramiko.SSHException) as e:
+            self._sftp = None        # a timed-out channel is not used again
             if not self.connected:
                 raise self.lost(f"during get {remote}") from None
             raise InfraError(f"{self.name}: get {remote} -> {local} failed: {e}") from None
