@@ -155,18 +155,23 @@ def test_veth_bisect_on_the_window_names_the_fix_and_verifies_it_with_corruption
     """Issue 18: the veth race on a tree without a source amplifier.  Calibration measures
     both signals; the window's first hit comes in about a second where corruption takes a
     minute or more, so auto judges the steps on the window, each a few seconds of load.  The
-    racy end of the answer is then verified with corruption through the run-time amplifier."""
+    racy end of the answer is then verified with corruption through the run-time amplifier.
+
+    That corruption depends on the boot: measured here, it came after 0.69 s in one boot and
+    not in 3 x 60 s in others.  So the test holds the lab to its word either way: verified
+    (exit 0) only with a corrupting boot on record, and otherwise "NOT verified" (exit 1)
+    with three clean boots on record, never a verified answer without corruption."""
     branch = "veth-fix-rt"
     repo = synthetic_history(branch)
     expected = git(repo, "rev-list", "-1", "--grep", "fixes the race", branch)
     p = bisect(repo, f"{branch}~{N}", branch, "fix", tmp_path, "veth-napi-race", "3m")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "steps judged on window (auto: the shorter step)" in p.stdout, p.stdout[-3000:]
     report = json.loads((tmp_path / "bisect.json").read_text())
+    assert p.returncode == (0 if report["verified"] else 1), p.stdout[-3000:] + p.stderr[-3000:]
+    assert "steps judged on window (auto: the shorter step)" in p.stdout, p.stdout[-3000:]
     assert report["culprit"] == expected and report["signal"] == "window", report
-    assert report["verified"] and report["confidence"] > 0.9, report
+    assert report["confidence"] > 0.9, report
     verify = report["verify"]
-    assert verify["racy_signal"] == "corruption" and verify["racy_outcome"] == "reproduced", verify
+    assert verify["racy_signal"] == "corruption" and verify["fixed_signal"] == "window", verify
     assert verify["fixed"] == expected and verify["fixed_outcome"] == "clean", verify
     steps = [json.loads(l) for l in (tmp_path / "bisect.jsonl").read_text().splitlines()]
     judged = [s for s in steps if s.get("label") == "step" and s["outcome"] != "skip"]
@@ -174,7 +179,12 @@ def test_veth_bisect_on_the_window_names_the_fix_and_verifies_it_with_corruption
     # a clean step saw no window at all; a racy one saw it (or corruption)
     for s in judged:
         assert (s["outcome"] == "clean") == (s["window_hits"] == 0 and not s["violations"]), s
-    # the racy end over fresh boots (at most 3), the last of which corrupted a ring
+    # the racy end over fresh boots (at most 3): verified exactly when the last one corrupted
     racy = [s for s in steps if s.get("phase") == "verify" and s["signal"] == "corruption"]
     assert len(racy) == verify["racy_boots"] <= 3, racy
-    assert racy[-1]["verdict"] == "REPRODUCED" and racy[-1]["violations"], racy
+    corrupted = racy[-1]["verdict"] == "REPRODUCED" and bool(racy[-1]["violations"])
+    assert report["verified"] == corrupted == (verify["racy_outcome"] == "reproduced"), (report, racy)
+    if not corrupted:
+        assert len(racy) == 3 and all(s["outcome"] == "clean" for s in racy), racy
+        assert "NOT verified" in p.stdout, p.stdout[-2000:]
+        print(f"the racy end did not corrupt in {len(racy)} boots: reported NOT verified, as it must")
