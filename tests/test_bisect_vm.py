@@ -8,6 +8,7 @@ $RACELAB_CACHE/fixtures; the kernel build directory is shared by both
 directions, so every step after the first is an incremental build.
 """
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -153,9 +154,12 @@ def test_bisect_names_the_commit(find, tmp_path):
 
 def test_veth_bisect_on_the_window_names_the_fix_and_verifies_it_with_corruption(tmp_path):
     """Issue 18: the veth race on a tree without a source amplifier.  Calibration measures
-    both signals; the window's first hit comes in about a second where corruption takes a
-    minute or more, so auto judges the steps on the window, each a few seconds of load.  The
-    racy end of the answer is then verified with corruption through the run-time amplifier.
+    both signals and auto judges the steps on the one whose calibrated step is shorter.  Most
+    boots open the window within a second, where corruption through the run-time amplifier
+    takes far longer, so the steps are usually judged on the window; but a boot that corrupts
+    at once makes corruption the shorter step (seen in CI: 2 reproductions in 3.3 VM-seconds),
+    and then auto must say so and judge on corruption.  The racy end of the answer is then
+    verified with corruption through the run-time amplifier.
 
     That corruption depends on the boot: measured here, it came after 0.69 s in one boot and
     not in 3 x 60 s in others.  So the test holds the lab to its word either way: verified
@@ -167,18 +171,26 @@ def test_veth_bisect_on_the_window_names_the_fix_and_verifies_it_with_corruption
     p = bisect(repo, f"{branch}~{N}", branch, "fix", tmp_path, "veth-napi-race", "3m")
     report = json.loads((tmp_path / "bisect.json").read_text())
     assert p.returncode == (0 if report["verified"] else 1), p.stdout[-3000:] + p.stderr[-3000:]
-    assert "steps judged on window (auto: the shorter step)" in p.stdout, p.stdout[-3000:]
-    assert report["culprit"] == expected and report["signal"] == "window", report
+    # the window calibrated first (the scenario's corruption is rare), corruption too unless
+    # the window's step is already the shortest allowed; auto chose the shorter step, a tie
+    # going to the window
+    budgets = {m[1]: float(m[2]) for m in re.finditer(
+        r"calibrated (corruption|window) on \S+: .*; step budget ([0-9.]+)s", p.stdout)}
+    assert "window" in budgets, p.stdout[-3000:]
+    signal = min(budgets, key=lambda sig: (budgets[sig], sig != "window"))
+    assert f"steps judged on {signal} (auto: the shorter step)" in p.stdout, (budgets, p.stdout[-3000:])
+    assert report["culprit"] == expected and report["signal"] == signal, report
     assert report["confidence"] > 0.9, report
     verify = report["verify"]
-    assert verify["racy_signal"] == "corruption" and verify["fixed_signal"] == "window", verify
+    assert verify["racy_signal"] == "corruption" and verify["fixed_signal"] == signal, verify
     assert verify["fixed"] == expected and verify["fixed_outcome"] == "clean", verify
     steps = [json.loads(l) for l in (tmp_path / "bisect.jsonl").read_text().splitlines()]
     judged = [s for s in steps if s.get("label") == "step" and s["outcome"] != "skip"]
-    assert judged and all(s["signal"] == "window" for s in judged), judged
-    # a clean step saw no window at all; a racy one saw it (or corruption)
+    assert judged and all(s["signal"] == signal for s in judged), judged
+    # a clean step saw no corruption, and on the window no window hit either; a racy one saw it
     for s in judged:
-        assert (s["outcome"] == "clean") == (s["window_hits"] == 0 and not s["violations"]), s
+        seen = bool(s["violations"]) or (signal == "window" and s["window_hits"] > 0)
+        assert (s["outcome"] == "clean") == (not seen), s
     # the racy end over fresh boots (at most 3): verified exactly when the last one corrupted
     racy = [s for s in steps if s.get("phase") == "verify" and s["signal"] == "corruption"]
     assert len(racy) == verify["racy_boots"] <= 3, racy
