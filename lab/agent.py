@@ -173,7 +173,9 @@ def _amplifier(bin_dir: str, plan: dict[str, Any]) -> Iterator[None]:
     amp = Child("amplifier", dataplane.amplifier_argv(
         bin_dir, probes=list(plan["probes"]),
         delay_ns=int(plan.get("delay_ns", 0)) if plan["method"] == "kprobe-delay" else 0,
-        gate=str(plan.get("gate") or "") if plan["method"] == "kprobe-delay" else ""), out)
+        gate=str(plan.get("gate") or "") if plan["method"] == "kprobe-delay" else "",
+        holds=list(plan.get("holds") or ()) if plan["method"] == "kprobe-delay" else [],
+        hold_ns=int(plan.get("hold_ns", 0) or 0) if plan["method"] == "kprobe-delay" else 0), out)
     try:
         ready = _wait_line(amp, out, "ready", 30.0)
         if ready is None:

@@ -88,10 +88,12 @@ class Plan:
     probes: tuple[str, ...] = ()         # kprobe, kprobe-delay: SYM+OFF
     gate: str = ""                       # kprobe-delay: wait only while another CPU is in this function
     sites: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    holds: tuple[str, ...] = ()          # kprobe-delay: SYM+OFF where the flushing side waits, every hit
+    hold_ns: int = 0                     # ... that long
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["probes"], d["sites"] = list(self.probes), list(self.sites)
+        d["probes"], d["sites"], d["holds"] = list(self.probes), list(self.sites), list(self.holds)
         return d
 
     def text(self) -> str:
@@ -103,7 +105,8 @@ class Plan:
                                                        else "")
                 if self.method == "kprobe-delay" else "int3 trap only")
         where = ", ".join(self.probes) or "the window (its site is found once the guest is up)"
-        return f"{self.method} at {where}: {what} ({self.why})"
+        hold = f"; {self.hold_ns} ns at {', '.join(self.holds)} on every hit" if self.holds else ""
+        return f"{self.method} at {where}: {what}{hold} ({self.why})"
 
 
 # ---------------------------------------------------------------- finding the site
@@ -334,11 +337,14 @@ def config_has(config: Path | None, *options: str) -> dict[str, bool | None]:
 
 
 def _delay_and_gate(chosen: str, amp: Mapping[str, Any]) -> dict[str, Any]:
-    """A probe plan's wait: only kprobe-delay has one (delay_ns, else widen_rx_ns, else 4 us)."""
+    """A probe plan's waits: only kprobe-delay has them (delay_ns, else widen_rx_ns, else 4 us;
+    the holds' hold_ns, else that delay)."""
     if chosen != "kprobe-delay":
         return {"delay_ns": 0, "gate": ""}
-    return {"delay_ns": int(amp.get("delay_ns", 0)) or int(amp.get("widen_rx_ns", 0)) or 4000,
-            "gate": str(amp.get("gate", ""))}
+    delay = int(amp.get("delay_ns", 0)) or int(amp.get("widen_rx_ns", 0)) or 4000
+    holds = tuple(h.strip() for h in str(amp.get("hold", "") or "").split(",") if h.strip())
+    return {"delay_ns": delay, "gate": str(amp.get("gate", "")), "holds": holds,
+            "hold_ns": (int(amp.get("hold_ns", 0)) or delay) if holds else 0}
 
 
 def needs_guest(p: Plan) -> bool:
@@ -402,6 +408,11 @@ def summary(plan: Plan, targets: Sequence[Any]) -> dict[str, Any]:
         per = {t.label: list(t.amplifier.get("hits") or []) for t in targets if t.amplifier}
         d["hits"] = sum(int(t.amplifier.get("hits_total", 0) or 0) for t in targets)
         d["hits_per_vcpu"] = per
+        if plan.holds:
+            # the window's probes alone decide whether the run was amplified
+            held = sum(int(b.get("hits_total", 0) or 0) for t in targets
+                       for b in t.amplifier.get("by_probe") or [] if b.get("hold"))
+            d["hold_hits"], d["hits"] = held, d["hits"] - held
         waited = [float(t.amplifier["waited_ns_avg"]) for t in targets if t.amplifier.get("waited_ns_avg")]
         if waited:
             d["waited_ns_avg"] = round(sum(waited) / len(waited), 1)

@@ -221,6 +221,9 @@ def _print_amplifiers(rows) -> None:  # noqa: ANN001
             what = (f"{amp['method']} at {', '.join(amp['probes'])}"
                     + (f", {amp['delay_ns']} ns BPF busy-wait" if amp["method"] == "kprobe-delay" else "")
                     + f"; fired {amp.get('hits', 0):,} times")
+            if amp.get("holds"):
+                what += (f"; held {amp.get('hold_ns', 0)} ns at {', '.join(amp['holds'])} "
+                         f"{amp.get('hold_hits', 0):,} times")
             if amp.get("waited_ns_avg"):
                 what += f" (waited {amp['waited_ns_avg']:.0f} ns on average)"
         print(f"{r.kernel}: race window amplified: {what}  (--set amplifier.method=off for the natural rate)")

@@ -198,6 +198,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "gate": Field(lambda v: isinstance(v, str) and (v == "" or PROBE_SYMBOL.fullmatch(v) is not None),
                       '"" (every hit) or a function name, e.g. "veth_poll"', "",
                       "only wait when called from this function", {"type": "string"}),
+        "hold": Field(check_probe_spec, '"" (none) or SYMBOL[+OFFSET][,SYMBOL[+OFFSET]...]', "",
+                      "kprobe-delay: where the other side of the window waits, on every hit (never gated)",
+                      {"type": "string"}),
+        "hold_ns": integer(0, 1_000_000, 0, "the hold's busy-wait (0: delay_ns)",
+                           good="an integer 0..1000000 (ns)"),
     },
     "evidence": {
         # code in lab/evidence.py computes both measures; which one is this race's window is data
