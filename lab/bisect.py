@@ -606,7 +606,7 @@ def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     if not culprit or "first " not in p.stdout:
         raise InfraError("git bisect did not converge (too many skipped commits?)",
                          hint=f"see {out / 'git-bisect-run.log'}")
-    steps = [json.loads(l) for l in Path(st.log).read_text().splitlines() if l.strip()]
+    steps = [json.loads(line) for line in Path(st.log).read_text().splitlines() if line.strip()]
     confs = [r.get("confidence", 1.0) for r in steps if r.get("label") == "step" and r["outcome"] != "skip"]
     # verify: the culprit and its parent again.  The racy one of the pair must corrupt a ring
     # (whatever the steps' signal); the other must stay clean on the steps' signal and budget.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import re
@@ -87,7 +86,8 @@ def build_config(a: argparse.Namespace, *, default_backend: str, duration: float
         scenario=s.name, scenario_data=s.data, backend=a.backend or default_backend,
         kernels=tuple(a.kernel), duration=dur, vms=vms, seed=seed,
         stop_on_first=a.stop_on_first, expect=a.expect, inject=a.inject,
-        mitigation=a.mitigation, variant=getattr(a, "variant", None), evidence=_evidence(a.evidence, s), out=a.out or default_out(s.name),
+        mitigation=a.mitigation, variant=getattr(a, "variant", None), evidence=_evidence(a.evidence, s),
+        out=a.out or default_out(s.name),
         overrides=tuple(a.set), uris=tuple(a.uri) or ("qemu:///system",))
 
 
@@ -154,7 +154,7 @@ def config_from_results(a: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from lab import report, session
+    from lab import session
 
     if a.from_dir:
         cfg = config_from_results(a)

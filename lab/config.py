@@ -105,7 +105,7 @@ def from_jsonable(tp: Any, data: Any) -> Any:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(from_jsonable(args[0], x) for x in data)
-        return tuple(from_jsonable(a, x) for a, x in zip(args, data))
+        return tuple(from_jsonable(a, x) for a, x in zip(args, data, strict=True))
     if origin is list:
         (a,) = typing.get_args(tp)
         return [from_jsonable(a, x) for x in data]

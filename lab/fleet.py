@@ -75,7 +75,7 @@ def build_kernels(names: list[str], progress: bool = True) -> list[Any]:
 
     specs = resolve_kernels(names)
     arts = []
-    for name, spec in zip(names, specs):
+    for name, spec in zip(names, specs, strict=True):
         log.info("kernel %s: building or fetching (cached under %s)", name, "~/.cache/racelab/kernels")
         arts.append(kernel.ensure(spec, progress=progress))
     return arts
@@ -304,7 +304,8 @@ def _phases(t0: float, t_up: float, t_ran: float, t_down: float,
     return {"boot": round(t_up - t0, 3),
             "setup": round(max((t["load_started"] - t_up for t in ts), default=0.0), 3),
             "load": round(max((t["load"] for t in ts), default=0.0), 3),
-            "evidence": round(max((t.get("returned", e) - e for t, e in zip(ts, load_end)), default=0.0), 3),
+            "evidence": round(max((t.get("returned", e) - e for t, e in zip(ts, load_end, strict=True)),
+                                  default=0.0), 3),
             "teardown": round(t_down - t_ran, 3)}
 
 
@@ -323,7 +324,8 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
     trace = _trace_opts(cfg, s)
     from lab import amplifier
 
-    runs = [KernelRun(n, a, plan=p) for n, a, p in zip(kernel_names, artifacts, plans or [None] * len(artifacts))]
+    runs = [KernelRun(n, a, plan=p) for n, a, p in zip(kernel_names, artifacts, plans or [None] * len(artifacts),
+                                                            strict=True)]
     cpus = {u: host_cpus(u) for u in cfg.uris}
     notes = overcommit_notes(len(runs) * cfg.vms, vmcfg["vcpus"], cfg.uris, cpus)
     crowded = overcommitted(len(runs) * cfg.vms, vmcfg["vcpus"], cfg.uris, cpus)
@@ -498,14 +500,14 @@ def amplifier_plans(s: Scenario, names: list[str], artifacts: list[Any]) -> list
     from lab import amplifier
 
     plans, problems = [], []
-    for name, art in zip(names, artifacts):
+    for name, art in zip(names, artifacts, strict=True):
         try:
             plans.append(amplifier.plan(s["amplifier"], art, defer=True))
         except BadInput as e:
             problems.append(f"{name}: {e}")
     if problems:
         raise BadInput("amplifier:\n  " + "\n  ".join(problems))
-    for name, p in zip(names, plans):
+    for name, p in zip(names, plans, strict=True):
         log.info("%s: amplifier %s", name, p.text())
     if len({(p.method, p.delay_ns, p.widen_rx_ns) for p in plans}) > 1:
         log.info("note: the kernels run with different amplifiers, so a clean control is weaker "

@@ -61,7 +61,7 @@ class Host(Protocol):
             input: str | None = None) -> Result: ...
 
     def spawn(self, argv: Sequence[str], *, env: dict[str, str] | None = None
-              ) -> "contextmanager[Process]": ...  # type: ignore[valid-type]
+              ) -> contextmanager[Process]: ...  # type: ignore[valid-type]
 
     def put(self, local: Path, remote: str) -> None: ...
 
@@ -123,9 +123,9 @@ class LocalHost:
         # stderr goes to a temp file so a chatty process can never block on a full pipe
         import tempfile
 
-        with tempfile.TemporaryFile("w+") as errf:
-            with runmod.spawn(argv, stderr=errf.fileno(), env=env, die_with_parent=True,
-                              stdin=subprocess.DEVNULL) as proc:
+        with (tempfile.TemporaryFile("w+") as errf,
+              runmod.spawn(argv, stderr=errf.fileno(), env=env, die_with_parent=True,
+                           stdin=subprocess.DEVNULL) as proc):
                 lp = _FileErrProcess(proc, errf)
                 yield lp
 

@@ -120,7 +120,7 @@ def missing_options(wanted: dict[str, str], final: dict[str, str]) -> list[tuple
     lost = []
     for k, v in wanted.items():
         got = final.get(k, "n")
-        if v.startswith('"') and got.startswith('"'):
+        if v.startswith('"') and got.startswith('"'):  # noqa: SIM108 - a string, or a tristate whose n may be unset
             same = v == got
         else:
             same = v == got or (v == "n" and got in ("", "n"))
@@ -490,6 +490,11 @@ def payload(bzimage: Path) -> bytes | None:
     return None
 
 
+def _first_difference(got: bytes, want: bytes) -> int:
+    """The offset of the first byte where got and want differ (the shorter length if one is a prefix)."""
+    return next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+
+
 def check_payload(tree: Path) -> None:
     """The bzImage must carry the vmlinux this build linked.
 
@@ -505,5 +510,5 @@ def check_payload(tree: Path) -> None:
     if got[:len(want)] != want:
         raise BuildFailed(f"the bzImage built in {tree} does not carry the vmlinux just linked "
                           f"(payload {len(got)} bytes, vmlinux.bin {len(want)} bytes, first difference at "
-                          f"byte {next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))})",
+                          f"byte {_first_difference(got, want)})",
                           hint=f"a stale object (ccache?); remove {tree / 'arch/x86/boot'} and build again")

@@ -497,7 +497,8 @@ def _corruption(entry: Path) -> str:
             return f"{name} is missing"
         got = sources.sha256_file(path)
         if got != digest:
-            return f"{name} does not match its recorded sha256 ({path.stat().st_size} bytes, {got[:12]} != {digest[:12]})"
+            return (f"{name} does not match its recorded sha256 "
+                    f"({path.stat().st_size} bytes, {got[:12]} != {digest[:12]})")
     return ""
 
 
@@ -569,10 +570,7 @@ def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = Fals
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            if p.res.ref.builds:
-                art = _build(p, tmp, progress, want_vmlinux)
-            else:
-                art = _fetch(p, tmp)
+            art = _build(p, tmp, progress, want_vmlinux) if p.res.ref.builds else _fetch(p, tmp)
             art = art.relocated(entry) if art.dir != entry else art
             (tmp / "meta.json").write_text(art.to_json())
             _record_sums(tmp)

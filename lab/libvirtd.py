@@ -296,7 +296,7 @@ class ConsoleStream:
 
     def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, path: Path) -> None:
         self._lock = threading.Lock()
-        self._out = open(path, "wb")
+        self._out = open(path, "wb")  # noqa: SIM115 - the stream's lifetime; closed by close()
         self._stream: libvirt.virStream | None = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
         dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
         self._stream.eventAddCallback(self._EVENTS, self._on_event, None)

@@ -183,7 +183,7 @@ def run_matrix(kernels: list[str], scenarios: list[str], *, budget: float, vms: 
     arts = fleet.build_kernels(kernels, progress=progress)
     image.ensure_image(progress=progress)
     cells = [Cell(k, s, expected_for(sp, s), build=build_info(a, sp))
-             for k, sp, a in zip(kernels, specs, arts) for s in scenarios]
+             for k, sp, a in zip(kernels, specs, arts, strict=True) for s in scenarios]
     out.mkdir(parents=True, exist_ok=True)
     # several cells at once have no live line of their own (their progress would interleave):
     # each says when it starts and ends, with the tally so far

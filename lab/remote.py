@@ -390,7 +390,7 @@ class SshProcess:
                 self._chan.settimeout(left)
             try:
                 data = self._chan.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 self._timeout(timeout, chunks)
             except (OSError, EOFError, paramiko.SSHException):
                 data = b""

@@ -192,7 +192,8 @@ def write_junit(path: Path, rows: list[Row], suite: str, expected: dict[str, str
         props = ET.SubElement(tc, "properties")
         for k, v in (("verdict", r.verdict), ("packets", r.packets), ("violations", r.violations),
                      ("onsets", r.onsets), ("seconds", r.seconds),
-                     ("first_violation_s", r.first_violation_s), ("rate", level_text(r.corruption, r.packets, r.confidence)),
+                     ("first_violation_s", r.first_violation_s),
+                     ("rate", level_text(r.corruption, r.packets, r.confidence)),
                      ("window_hits", r.window.count if r.window.available else "n/a"),
                      ("expected", expected.get(r.kernel, ""))):
             ET.SubElement(props, "property", name=k, value=str(v))
@@ -247,7 +248,8 @@ a.gone{{color:#999}}</style>
 <h2>Interleaving before the first violation (or the first window hit), per CPU</h2>{interleavings}
 <h2>Files</h2>{files}
 <h2>Provenance</h2>{_provenance_table(meta)}
-<details><summary>provenance as JSON</summary><pre>{esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre></details>
+<details><summary>provenance as JSON</summary>
+<pre>{esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre></details>
 </body></html>"""
     path.write_text(page)
 

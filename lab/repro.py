@@ -33,7 +33,7 @@ def expectations(s: Scenario, names: list[str], artifacts_affected: list[tuple[s
     (bzimage:, git:, tarball: without a catalog entry: affected None) gets no expectation:
     its verdict is the answer, never a mismatch."""
     exp = {}
-    for name, affected in zip(names, artifacts_affected):
+    for name, affected in zip(names, artifacts_affected, strict=True):
         if affected is None:
             continue
         hit = s.name in affected

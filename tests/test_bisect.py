@@ -122,7 +122,7 @@ def test_log_lines_stay_whole(tmp_path):
         f.write('{"n": 3, "cut')
     b._append(str(log), {"n": 4})
     lines = log.read_text().splitlines()
-    assert [json.loads(l)["n"] for l in lines if not l.endswith("cut")] == [1, 2, 4] and len(lines) == 4
+    assert [json.loads(line)["n"] for line in lines if not line.endswith("cut")] == [1, 2, 4] and len(lines) == 4
 
 
 def test_a_rerun_step_keeps_the_cut_run_apart(tmp_path, monkeypatch):
@@ -227,7 +227,6 @@ def test_bisect_run_shows_each_step_as_it_comes_with_the_time_left(tmp_path):
     shown with git's step estimate) before the second is written."""
     import io
     import sys
-    import threading
     import time
 
     script = tmp_path / "fake-git"
@@ -501,7 +500,8 @@ def test_the_racy_end_is_verified_over_fresh_boots_until_one_corrupts(monkeypatc
     assert rec["outcome"] == "reproduced" and boots == 2
     assert budgets == [("corruption", 40.0), ("corruption", 40.0)]
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["boot"], r["outcome"]) for r in logged] == [("verify", 1, "clean"), ("verify", 2, "reproduced")]
+    assert [(r["phase"], r["boot"], r["outcome"]) for r in logged] == [("verify", 1, "clean"),
+                                                                       ("verify", 2, "reproduced")]
     outcomes = iter(["clean"] * 3)
     rec, boots = b.verify_racy(st, "a" * 40, "verify-parent", 20.0)
     assert rec["outcome"] == "clean" and boots == 3 and budgets[-1] == ("corruption", 9.5), "at least one step"

@@ -220,8 +220,9 @@ def test_run_from_checks_its_directory_and_refuses_other_options(tmp_path):
     parse = cli.make_parser().parse_args
     with pytest.raises(BadInput, match="config.json does not exist"):
         cli.config_from_results(parse(["run", "--from", str(tmp_path)]))
-    (tmp_path / "config.json").write_text(RunConfig(scenario="generic-rx-race", scenario_data={}, backend="vm", kernels=("6.1.192",),
-                                                    duration=30.0, seed=5, stop_grace=-1.0).to_json())
+    (tmp_path / "config.json").write_text(RunConfig(scenario="generic-rx-race", scenario_data={}, backend="vm",
+                                                    kernels=("6.1.192",), duration=30.0, seed=5,
+                                                    stop_grace=-1.0).to_json())
     cfg = cli.config_from_results(parse(["run", "--from", str(tmp_path), "--out", str(tmp_path / "b")]))
     assert (cfg.scenario, cfg.kernels, cfg.seed, cfg.out) == ("generic-rx-race", ("6.1.192",), 5, str(tmp_path / "b"))
     assert cfg.stop_grace == 5.0, "a repro's hold is repro's: a plain run stops after a grace"

@@ -27,7 +27,8 @@ def test_grid_with_two_workers_passes_and_fails_per_cell(tmp_path):
     assert set(cases) == {"test_cell[generic-rx-race-host]", "test_cell[veth-napi-race-host]"}
     ok, bad = cases["test_cell[generic-rx-race-host]"], cases["test_cell[veth-napi-race-host]"]
     assert ok.find("failure") is None
-    assert bad.find("failure") is not None and "did not reach the reproduced level" in bad.find("failure").get("message")
+    failure = bad.find("failure")
+    assert failure is not None and "did not reach the reproduced level" in failure.get("message")
     props = {pr.get("name"): pr.get("value") for pr in ok.iter("property")}
     assert props["verdict"] == "NOT REPRODUCED" and int(props["packets"]) > 0 and props["expected"] == "clean"
     assert "rate <" in props["rate"]

@@ -70,7 +70,7 @@ def test_stream_is_aggregated():
         {"type": "agent-done", "reason": "duration", "load_seconds": 5.0, "at": 6.1},
     ])
     seen = []
-    r = run_target(host, spec(), label="vm-0", kernel="k", on_event=lambda l, e: seen.append(e["type"]))
+    r = run_target(host, spec(), label="vm-0", kernel="k", on_event=lambda _label, e: seen.append(e["type"]))
     assert r.infra_error is None
     assert r.packets == 5000 and r.load_seconds == 5.0
     assert r.by_kind == {"order": 6, "poison": 1}
@@ -165,7 +165,7 @@ def test_iperf_report_is_kept_and_its_failure_noted_and_heartbeats_are_not_event
                    {"type": "iperf", "bytes": 10**9, "bits_per_second": 1.6e9, "at": 6.0},
                    {"type": "agent-done", "reason": "duration", "load_seconds": 5.0}])
     seen = []
-    r = run_target(ok, spec(), label="vm-0", kernel="k", on_event=lambda l, e: seen.append(e["type"]))
+    r = run_target(ok, spec(), label="vm-0", kernel="k", on_event=lambda _label, e: seen.append(e["type"]))
     assert r.iperf["bytes"] == 10**9 and not r.notes and "heartbeat" not in seen
     bad = FakeHost([{"type": "iperf", "error": "iperf3 moved no data", "bytes": 0},
                     {"type": "agent-done", "reason": "duration", "load_seconds": 5.0}])

@@ -105,6 +105,7 @@ def apply_patch(tree: Path, patch: Path, *, reverse: bool = False, label: str | 
             elif _HUNK_FAIL.match(line):
                 problems.append(f"{current}: {line}" if current else line)
         what = "cannot be reversed in" if reverse else "does not apply to"
-        raise BadInput(f"patch {label or patch} {what} {tree}:\n    " + "\n    ".join(problems or out.splitlines()[-8:]),
+        detail = "\n    ".join(problems or out.splitlines()[-8:])
+        raise BadInput(f"patch {label or patch} {what} {tree}:\n    {detail}",
                        hint="rebase the patch onto this kernel version (patches apply in the order given)")
     run(argv, cwd=tree)
