@@ -55,11 +55,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from lab import verdict as v
 from lab.config import RunConfig, fmt_duration, parse_duration
 from lab.run import BadInput, InfraError, log, run
+
+if TYPE_CHECKING:
+    from lab.scenario import Scenario
+    from lab.session import Outcome
 
 EXIT_GOOD_OLD, EXIT_NEW, EXIT_SKIP = 0, 1, 125
 MISS = 0.01                 # per-step P(miss | race present)
@@ -133,7 +137,7 @@ class State:
         return cls(**json.loads(path.read_text()))
 
 
-def first_window_s(outcome: Any) -> float | None:
+def first_window_s(outcome: Outcome) -> float | None:
     """Seconds from the first traced receive to the first window hit, the earliest over the
     fleet's guests (None: no hit, or no trace)."""
     times = []
@@ -265,7 +269,7 @@ def recorded_step(log_path: str, sha: str) -> dict[str, Any] | None:
         return None
     for line in lines:
         try:
-            r = json.loads(line)
+            r: dict[str, Any] = json.loads(line)
         except json.JSONDecodeError:
             continue       # a line cut short by the interruption
         if r.get("label") == "step" and r.get("commit") == sha and r.get("outcome") in ("reproduced", "clean"):
@@ -317,7 +321,7 @@ def step_main(state_path: str) -> int:
     print(f"racelab bisect-step {sha[:12]}: {rec['outcome']} "
           f"(confidence {rec.get('confidence', 0):.3f}; build {rec.get('build_s')}s, "
           f"run {rec.get('run_s')}s) -> exit {rec['exit']}", file=sys.stderr, flush=True)
-    return rec["exit"]
+    return int(rec["exit"])
 
 
 # --- the whole bisection ----------------------------------------------------------
@@ -332,7 +336,7 @@ class RunOutput:
 _LEFT = re.compile(r"Bisecting: (\d+) revisions? left to test after this \(roughly (\d+) steps?\)")
 
 
-def bisect_run(argv: list[str], env: dict[str, str], out: Any = None, started: str = "") -> RunOutput:
+def bisect_run(argv: list[str], env: dict[str, str], out: IO[str] | None = None, started: str = "") -> RunOutput:
     """`git bisect run` with each step's line shown as it comes (on out, default stderr),
     followed by how many steps git expects to be left and, from the steps so far, about
     how long they take.  Everything is also kept for git-bisect-run.log."""
@@ -377,7 +381,7 @@ def bisect_run(argv: list[str], env: dict[str, str], out: Any = None, started: s
     return RunOutput(proc.returncode, "".join(kept["stdout"]), "".join(kept["stderr"]))
 
 
-def _amplifier_missing(s: Any, row: v.Row) -> str:
+def _amplifier_missing(s: Scenario, row: v.Row) -> str:
     """Why the scenario's run-time amplifier did not work on this step's kernel ("" = it did,
     or none was asked): its probe site was not found, or the probe never fired."""
     if s["amplifier"]["method"] == "off":
@@ -591,19 +595,19 @@ def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         step = [sys.executable, "-m", "lab.cli", "bisect-step", "--state", str(state_path)]
         env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         try:
-            p = bisect_run(["git", "-C", str(priv), "bisect", "run", *step], env, started=started.stdout)
+            bisected = bisect_run(["git", "-C", str(priv), "bisect", "run", *step], env, started=started.stdout)
         except KeyboardInterrupt:
             print(f"\ninterrupted; the steps so far are in {st.log}. Continue with the same command "
                   f"and --resume --out {out}", file=sys.stderr, flush=True)
             raise
-        (out / "git-bisect-run.log").write_text(p.stdout + p.stderr)
+        (out / "git-bisect-run.log").write_text(bisected.stdout + bisected.stderr)
         ref = "refs/bisect/bad" if a.find == "cause" else "refs/bisect/fixed"
         culprit = run(["git", "-C", str(priv), "rev-parse", ref], check=False).stdout.strip()
         blog = run(["git", "-C", str(priv), "bisect", "log"], check=False).stdout
         (out / "git-bisect.log").write_text(blog)
     finally:
         shutil.rmtree(priv.parent, ignore_errors=True)
-    if not culprit or "first " not in p.stdout:
+    if not culprit or "first " not in bisected.stdout:
         raise InfraError("git bisect did not converge (too many skipped commits?)",
                          hint=f"see {out / 'git-bisect-run.log'}")
     steps = [json.loads(line) for line in Path(st.log).read_text().splitlines() if line.strip()]

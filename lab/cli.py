@@ -16,11 +16,16 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lab import scenario as scen
 from lab.config import RunConfig, parse_duration, parse_overrides
 from lab.run import (EXIT_BAD_INPUT, EXIT_INFRA, EXIT_MISMATCH, EXIT_OK, BadInput, RacelabError,
                      setup_logging)
+
+if TYPE_CHECKING:
+    from lab.session import Outcome
+    from lab.verdict import Row
 
 
 def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun: bool = False) -> None:
@@ -117,7 +122,7 @@ def _evidence(asked: list[str], s: scen.Scenario) -> tuple[str, ...]:
     return tuple(asked)
 
 
-def _exit_for(outcome, expect: str | None) -> int:  # noqa: ANN001
+def _exit_for(outcome: Outcome, expect: str | None) -> int:
     from lab.verdict import INCONCLUSIVE, matches
 
     if any(r.verdict == INCONCLUSIVE for r in outcome.rows):
@@ -182,14 +187,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     return _report(outcome, cfg, a.json, a.tap)
 
 
-def _write_tap(path: str | None, outcome, cfg: RunConfig, levels: dict[str, str | None]) -> None:  # noqa: ANN001
+def _write_tap(path: str | None, outcome: Outcome, cfg: RunConfig, levels: dict[str, str | None]) -> None:
     if path:
         from lab import export
         from lab.run import log
         log.info("TAP: %s", export.write_tap(Path(path), export.row_points(outcome.rows, cfg.scenario, levels)))
 
 
-def _report(outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:  # noqa: ANN001
+def _report(outcome: Outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:
     from lab import report
 
     _write_tap(tap, outcome, cfg, {r.kernel: cfg.expect for r in outcome.rows})
@@ -203,7 +208,7 @@ def _report(outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> i
     return _exit_for(outcome, cfg.expect)
 
 
-def _print_amplifiers(rows) -> None:  # noqa: ANN001
+def _print_amplifiers(rows: Sequence[Row]) -> None:
     """Say how each kernel's race window was widened: an amplified rate is not the natural one."""
     for r in rows:
         amp = r.extra.get("amplifier")
@@ -249,7 +254,7 @@ def cmd_repro(a: argparse.Namespace) -> int:
     return _report_repro(outcome, cfg, a.json, a.tap)
 
 
-def _report_repro(outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:  # noqa: ANN001
+def _report_repro(outcome: Outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:
     from lab import report
     from lab.verdict import INCONCLUSIVE
 
@@ -279,7 +284,7 @@ def _report_repro(outcome, cfg: RunConfig, as_json: bool, tap: str | None = None
     return EXIT_OK
 
 
-def report_ok(row, exp: str | None) -> bool:  # noqa: ANN001
+def report_ok(row: Row, exp: str | None) -> bool:
     from lab.verdict import matches
     return exp is None or matches(row, exp)
 
@@ -428,7 +433,7 @@ def _glue_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> l
     """`--duration -5s` -> `--duration=-5s`: argparse takes a value that starts with '-' and is
     not a plain number for an option, and says only "expected one argument"; glued, the value
     reaches its check, which names what is wrong with it."""
-    takes_value = set()
+    takes_value: set[str] = set()
 
     def walk(p: argparse.ArgumentParser) -> None:
         for action in p._actions:
@@ -524,8 +529,8 @@ def _comma_list(one: Callable[..., list[str]]) -> Callable[..., list[str]]:
 def _complete_variant(prefix: str, parsed_args: argparse.Namespace, **_: object) -> list[str]:
     import tomllib
     try:
-        raw = tomllib.loads(scen.find(getattr(parsed_args, "scenario", None) or getattr(parsed_args, "name", ""))
-                            .read_text())
+        name = str(getattr(parsed_args, "scenario", None) or getattr(parsed_args, "name", ""))
+        raw = tomllib.loads(scen.find(name).read_text())
     except (BadInput, OSError, tomllib.TOMLDecodeError):
         return []
     return [v for v in sorted(raw.get("variants") or {}) if v.startswith(prefix)]
@@ -609,7 +614,7 @@ _BISECT_EPILOG = _examples(
 )
 
 
-def _kernel_commands(ks: argparse._SubParsersAction) -> None:
+def _kernel_commands(ks: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`racelab kernel ...` (and `python -m lab.kernel ...`, which is the same)."""
     kl = ks.add_parser("list", help="named kernels in kernels/catalog.toml and what is cached",
                        formatter_class=_RAW, epilog=_examples(

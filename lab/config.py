@@ -71,7 +71,8 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
-        return from_jsonable(cls, json.loads(text))
+        cfg: RunConfig = from_jsonable(cls, json.loads(text))
+        return cfg
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -91,7 +92,7 @@ def from_jsonable(tp: Any, data: Any) -> Any:
     if isinstance(tp, str):
         raise TypeError("unresolved annotation")
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         kwargs = {f.name: from_jsonable(hints[f.name], data[f.name])
                   for f in dataclasses.fields(tp) if f.name in data}
@@ -99,8 +100,8 @@ def from_jsonable(tp: Any, data: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if data is None:
             return None
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return from_jsonable(args[0], data)
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        return from_jsonable(members[0], data)
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:

@@ -34,13 +34,16 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab import scenario as scen
 from lab.config import RunConfig, parse_duration
 from lab.run import BadInput, InfraError, log
 from lab.verdict import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, WINDOW_HIT, Row, level_text, matches,
                          verdict_text)
+
+if TYPE_CHECKING:
+    from lab.kernel import KernelSpec
 
 # what a cell showed
 PASS, FAIL, MISSED, ERROR = "pass", "fail", "not-reproduced-within-budget", "error"
@@ -133,11 +136,11 @@ def decide(kernel: str, scenario: str, expected: str, row: Row, *, budget: float
     return Decision(MISSED, FAILED if missed == "fail" else SKIPPED, why)
 
 
-def expected_for(kernel_spec: Any, scenario: str) -> str:
+def expected_for(kernel_spec: KernelSpec, scenario: str) -> str:
     """The level a cell judges: clean for a kernel the catalog does not list as affected;
     for an affected one, reproduced, or window where the scenario says its corruption
     is rare (a window hit then shows the kernel is vulnerable)."""
-    if scenario not in tuple(getattr(kernel_spec, "affected", ()) or ()):
+    if scenario not in (kernel_spec.affected or ()):
         return "clean"
     return "window" if scen.load(scenario)["evidence"].get("corruption_rare") else "reproduced"
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.racelab_cell
 
 
-def test_cell(racelab_cell, record_property, tmp_path):
+def test_cell(racelab_cell: dict[str, Any], record_property: Callable[[str, object], None], tmp_path: Path) -> None:
     from lab import scenario as scen
     from lab.config import RunConfig
     from lab.matrix import ERROR, FAILED, SKIPPED, decide
@@ -48,7 +50,7 @@ def test_cell(racelab_cell, record_property, tmp_path):
         pytest.skip(d.message)
 
 
-def trace_for(cell: dict, evidence: dict) -> tuple[str, ...]:
+def trace_for(cell: dict[str, Any], evidence: dict[str, Any]) -> tuple[str, ...]:
     """A cell judging the window, or any cell of a rare-corruption scenario (a fixed kernel's
     clean then covers the window too), collects the trace."""
     return ("trace",) if cell["expected"] == "window" or evidence.get("corruption_rare") else ()

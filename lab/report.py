@@ -87,7 +87,7 @@ def rerun_command(cfg: RunConfig) -> str:
 
 
 def row_dict(row: Row) -> dict[str, Any]:
-    d = to_jsonable(row)
+    d: dict[str, Any] = to_jsonable(row)
     d["violations"] = row.violations
     d["onsets"] = row.onsets
     d["kinds_text"] = kinds_text(row)
@@ -282,9 +282,9 @@ def _files_table(base: Path, targets: list[dict[str, Any]], meta: dict[str, Any]
     krows = []
     for name, k in sorted((meta.get("kernels") or {}).items()):
         cfg = k.get("config")
-        log = Path(str(cfg)).with_name("build.log") if cfg else None
+        build_log = Path(str(cfg)).with_name("build.log") if cfg else None
         krows.append(f"<tr><td>{html.escape(name)}</td><td>{_link(base, cfg, '.config')}</td>"
-                     f"<td>{_link(base, log, 'build log') if log and log.exists() else '-'}</td>"
+                     f"<td>{_link(base, build_log, 'build log') if build_log and build_log.exists() else '-'}</td>"
                      f"<td>{html.escape(str(k.get('key', '')))}</td></tr>")
     out = ("<table><tr><th>target</th><th>console</th><th>kernel log</th><th>trace</th></tr>"
            + "".join(rows) + "</table>") if rows else "<p>no targets</p>"

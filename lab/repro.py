@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab import verdict as v
 from lab.config import RunConfig, fmt_duration
@@ -21,6 +21,9 @@ from lab.run import InfraError, log
 from lab.scenario import Scenario, from_data
 from lab.session import Outcome, rows_from_targets
 from lab.workload import TargetResult
+
+if TYPE_CHECKING:
+    from lab.host import Host
 
 
 AFFECTED_GRACE_S = 5.0
@@ -66,8 +69,7 @@ def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True,
         cfg = dataclasses.replace(cfg, kernels=())
         return session.run_netns(cfg, progress=progress)
     specs = fleet.resolve_kernels(names)
-    affected: list[tuple[str, ...] | None] = [
-        None if getattr(sp, "affected", None) is None else tuple(sp.affected) for sp in specs]
+    affected: list[tuple[str, ...] | None] = [sp.affected for sp in specs]
     expected = expectations(s, names, affected, cfg.mitigation)
     log.info("repro %s: %s", s.name, ", ".join(
         f"{k} (expect {expected[k]})" if k in expected else f"{k} (unknown to the catalog: no expectation)"
@@ -89,7 +91,7 @@ def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True,
 class _Watched:
     """One target (a control's or an affected kernel's), as its agent's events tell it."""
 
-    host: Any = None
+    host: Host | None = None
     pid: int | None = None
     load_at: float | None = None   # agent clock
     prev_t: float = 0.0            # s since load start of the last receive-count reading
@@ -146,7 +148,7 @@ class ControlStop:
             return None
         return cls(affected, controls, vms, s["run"]["confidence"], miss)
 
-    def on_event(self, kernel: str, label: str, ev: dict[str, Any], host: Any) -> None:
+    def on_event(self, kernel: str, label: str, ev: dict[str, Any], host: Host) -> None:
         if kernel not in self.controls and kernel not in self.affected:
             return
         with self._lock:
@@ -266,6 +268,8 @@ class ControlStop:
 
     def _send(self, todo: list[tuple[str, _Watched]]) -> None:
         for label, w in todo:
+            if w.host is None or w.pid is None:   # not loading yet: _decide() never picks such a one
+                continue
             try:
                 w.host.cmd(["kill", "-USR1", str(w.pid)], check=False, timeout=15)
             except InfraError as e:   # the guest is gone: its own stream says so

@@ -254,11 +254,13 @@ class Scenario:
     data: dict[str, Any]   # validated sections, overrides applied
 
     def __getitem__(self, section: str) -> dict[str, Any]:
-        return self.data[section]
+        sec: dict[str, Any] = self.data[section]
+        return sec
 
     @property
     def bug(self) -> dict[str, Any]:
-        return self.data["bug"]
+        bug: dict[str, Any] = self.data["bug"]
+        return bug
 
     def duration(self) -> float:
         return parse_duration(self.data["run"]["duration"])
@@ -336,7 +338,7 @@ def validate(data: Mapping[str, Any]) -> list[str]:
     bad: set[str] = set()     # "section.field" that failed on its own: cross-checks skip them
     for section, fields in SCHEMA.items():
         if section not in data and not any(fd.required for fd in fields.values()) and isinstance(data, dict):
-            data[section] = {}   # type: ignore[index]
+            data[section] = {}
         sec = data.get(section)
         if not isinstance(sec, dict):
             problems.append(f"[{section}]: missing section" if sec is None else f"[{section}]: not a table")

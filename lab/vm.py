@@ -82,7 +82,7 @@ _counter_lock = threading.Lock()
 
 # --- accelerator -----------------------------------------------------------------
 
-def kernel_key(kernel: Any) -> str:
+def kernel_key(kernel: imagemod.KernelLike) -> str:
     """A stable identity for a kernel artifact (its cache key, else its bytes)."""
     key = getattr(kernel, "key", None)
     if key:
@@ -106,7 +106,7 @@ def qemu_version() -> str:
     return _qemu_versions[key]
 
 
-def detect_accel(kernel: Any, uri: str = SYSTEM_URI) -> tuple[str, str]:
+def detect_accel(kernel: imagemod.KernelLike, uri: str = SYSTEM_URI) -> tuple[str, str]:
     """("kvm" | "tcg", why).  KVM only if it really boots this kernel."""
     forced = os.environ.get("RACELAB_ACCEL", "").strip().lower()
     if forced:
@@ -139,7 +139,7 @@ def accel_text(accel: str, reason: str) -> str:
     return f"{accel} ({reason})"
 
 
-def _probe_kvm(kernel: Any) -> tuple[str, str]:
+def _probe_kvm(kernel: imagemod.KernelLike) -> tuple[str, str]:
     """Boot the kernel under KVM into a tiny initramfs that prints a marker."""
     import tempfile
 
@@ -166,7 +166,7 @@ def _probe_kvm(kernel: Any) -> tuple[str, str]:
                    "(a nested or paravirtual KVM that hangs stock kernels)")
 
 
-def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
+def _remote_accel(kernel: imagemod.KernelLike, uri: str) -> tuple[str, str]:
     """The KVM probe on another libvirt host, through libvirt itself: upload the
     kernel and the probe initramfs, boot them paused-then-resumed with the
     console streamed back, and look for the marker.  Cached like the local one."""
@@ -259,7 +259,8 @@ def _host_identity(conn: libvirt.virConnect, uri: str) -> str:
 
 def _accel_cache_get(key: str) -> list[str] | None:
     try:
-        return json.loads((cache_dir() / "accel.json").read_text()).get(key)
+        known: dict[str, list[str]] = json.loads((cache_dir() / "accel.json").read_text())
+        return known.get(key)
     except (OSError, ValueError):
         return None
 
@@ -377,7 +378,8 @@ def domain_xml(s: DomainSpec) -> str:
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _proc_start_time(pid: int) -> str:
@@ -438,7 +440,7 @@ def _next_name() -> str:
 class VM:
     """A running guest as a context manager; see the module docstring."""
 
-    def __init__(self, kernel: Any, image: imagemod.Image, *, name: str | None = None,
+    def __init__(self, kernel: imagemod.KernelLike, image: imagemod.Image, *, name: str | None = None,
                  vcpus: int = 2, memory_mib: int = 1024, cmdline: str = "",
                  pin: Sequence[int | str] | None = None, results_dir: Path | None = None,
                  uri: str = SYSTEM_URI, accel: str | None = None,
@@ -887,7 +889,7 @@ class BareKernel:
     module_load_order: tuple[str, ...] = ()
 
 
-def _resolve_kernel(text: str) -> Any:
+def _resolve_kernel(text: str) -> imagemod.KernelLike:
     p = Path(text)
     if p.is_file():
         return BareKernel(p.resolve())

@@ -20,13 +20,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lab.agent import AgentSpec, CheckerOpts, IperfOpts, SenderOpts
 from lab.amplifier import PATCH_KNOB
-from lab.host import Host
+from lab.host import Host, Process
 from lab.run import InfraError, LostVM
 from lab.scenario import MAC_RX, Scenario, to_topology
+
+if TYPE_CHECKING:
+    from lab.amplifier import Plan
 
 MAX_KEPT_VIOLATIONS = 500
 # Traffic that stopped this long before the load ended (and at least this share of the load)
@@ -40,7 +43,7 @@ INTERRUPT_GRACE_S = 15.0   # after Ctrl-C: how long the agent gets to wind down 
 def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on_first: bool,
                inject: str = "", trace: dict[str, Any] | None = None,
                checks: str = "all", stop_grace: float = 0.0,
-               amplifier: Any = None) -> AgentSpec:
+               amplifier: Plan | None = None) -> AgentSpec:
     """The agent's spec for one target.  amplifier: the lab.amplifier.Plan chosen for
     this kernel (None: the scenario's patch knob only, as on a kernel we know nothing of)."""
     c, ld, x = s["checker"], s["load"], s["xdp"]
@@ -174,6 +177,12 @@ class TargetResult:
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
+class TextSink(Protocol):
+    """Where events.jsonl lines go: a file, or a locked writer shared by a fleet's guests."""
+
+    def write(self, s: str, /) -> object: ...
+
+
 class _Watchdog:
     """Stops waiting on a stream whose host is gone (a guest that died mid-run)
     or has gone quiet: the agent prints stats every 0.5 s while it runs, so a
@@ -242,7 +251,7 @@ class _Watchdog:
         self._stop.set()
 
 
-def _give_up(proc: Any) -> None:
+def _give_up(proc: Process) -> None:
     """Stop reading proc: a guest that does not answer cannot be asked to kill
     anything, so an SSH process is abandoned (its channel closed, which wakes
     the reader); a local one is terminated."""
@@ -254,7 +263,7 @@ def _give_up(proc: Any) -> None:
 
 
 def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
-               on_event: EventSink | None = None, events_file: IO[str] | None = None,
+               on_event: EventSink | None = None, events_file: TextSink | None = None,
                alive: Callable[[], bool] | None = None, deadline_slack: float = 120.0,
                silence: float | None = None, cancel: threading.Event | None = None) -> TargetResult:
     """Run the agent on host; infrastructure loss is recorded in .infra_error.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lab import kbuild, kernel, sources
-from lab.run import BadInput, BuildFailed
+from lab.run import BadInput, BuildFailed, cache_dir
 
 FIX = Path(__file__).parent / "fixtures" / "kernel"
 ROOT = Path(__file__).resolve().parent.parent
@@ -496,7 +496,7 @@ def pristine_files(tarball: Path) -> Path:
     import subprocess
     st = tarball.stat()
     top = tarball.name.removesuffix(".tar.xz")
-    dest = kernel.cache_dir() / "test-kernel-files" / f"{top}-{st.st_size}-{int(st.st_mtime)}-{len(PATCHED_FILES)}"
+    dest = cache_dir() / "test-kernel-files" / f"{top}-{st.st_size}-{int(st.st_mtime)}-{len(PATCHED_FILES)}"
     if not (dest / "done").exists():
         tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
