@@ -140,11 +140,6 @@ def _kallsyms(names: Iterable[str]) -> tuple[dict[str, int], list[int]]:
     return found, addrs
 
 
-def kernel_symbols(names: Iterable[str]) -> set[str]:
-    """Which of names the running kernel can kprobe (text symbols in kallsyms)."""
-    return set(_kallsyms(names)[0])
-
-
 def _symbol_ranges(found: dict[str, int], addrs: list[int], names: Iterable[str]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for n in names:

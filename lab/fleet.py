@@ -326,7 +326,6 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
     control: sees every agent's events and may end a load early (lab.repro.ControlStop).
     An error that is not an infrastructure loss (BadInput, a bug) in any
     fleet is raised here once every fleet has torn itself down."""
-    from lab import dataplane  # noqa: F401 - binaries are in the image already
     from lab.vm import accel_text
 
     vmcfg = s["vm"]

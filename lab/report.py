@@ -34,10 +34,7 @@ def provenance(cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[str,
             qemu = out.splitlines()[0] if out else ""
         except (OSError, subprocess.TimeoutExpired):
             pass
-    try:
-        from lab import __version__ as lab_version
-    except ImportError:
-        lab_version = "0"
+    from lab import __version__ as lab_version
     git = ""
     try:
         from lab.run import project_root

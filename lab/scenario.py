@@ -27,18 +27,6 @@ from lab.topology import TopologySpec, VethSpec
 MITIGATIONS = ("single-queue", "threaded-napi", "gro-on", "busy-poll")
 
 
-def _pos(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _nonneg(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _pow2(v: Any) -> bool:
-    return _pos(v) and v & (v - 1) == 0
-
-
 def _dur(v: Any) -> bool:
     try:
         parse_duration(v)

@@ -228,14 +228,6 @@ def test_each_source_kind_is_its_own_module():
         assert f"{kind}:" in e.value.hint
 
 
-def test_ksource_facade_keeps_its_names():
-    from lab import ksource
-    for name in ("SOURCE_KINDS", "SourceRef", "Resolved", "PatchStack", "parse_source", "resolve_source",
-                 "prepare_tree", "apply_patch", "sha256_file", "tarball_url", "bzimage_version", "KERNEL_ORG"):
-        assert hasattr(ksource, name), name
-    assert ksource.parse_source is sources.parse_source
-
-
 def test_spec_json_roundtrip():
     s = kernel.resolve("6.1.192+revert-veth-napi+widen-rx")
     assert kernel.KernelSpec.from_json(s.to_json()) == s
@@ -730,12 +722,19 @@ def test_bench_kernel_build_keeps_its_figures_under_results(tmp_path, cache, mon
 
 
 def test_cli_help_runs_standalone():
+    """`python -m lab.kernel` is `racelab kernel`: the same parser, so the same help, word for word."""
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "lab.kernel", "--help"], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
-    for sub in ("build", "list", "show", "gc"):
-        assert sub in out
+
+    def helptext(*module_and_args: str) -> str:
+        return subprocess.run([sys.executable, "-m", *module_and_args, "--help"], capture_output=True, text=True,
+                              cwd=ROOT, check=True).stdout
+    out = helptext("lab.kernel")
+    assert out == helptext("lab.cli", "kernel")
+    assert out.startswith("usage: racelab kernel ")
+    # each subcommand has its own line under the positional arguments, with its help
+    listed = re.findall(r"^    (\w+)\s+\S", out, flags=re.M)
+    assert listed == ["list", "build", "show", "gc"], out
 
 
 # ---------------------------------------------------------------- the real thing
