@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from lab import verdict as v
-from lab.config import RunConfig, fmt_duration, parse_duration
+from lab.config import Backend, RunConfig, fmt_duration, parse_duration
 from lab.run import BadInput, InfraError, log, run
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def test_commit(st: State, sha: str, label: str, signal: str | None = None,
         while step_out.with_name(f"{step_out.name}.cut{n}").exists():
             n += 1
         step_out.rename(step_out.with_name(f"{step_out.name}.cut{n}"))
-    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(kname,),
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend=Backend.VM, kernels=(kname,),
                     duration=st.budget if budget is None else budget, vms=st.vms, seed=st.seed,
                     stop_on_first=True, out=str(step_out), evidence=("trace",) if signal == "window" else ())
     rec["signal"] = signal

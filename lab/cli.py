@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lab import scenario as scen
-from lab.config import RunConfig, parse_duration, parse_overrides
+from lab.config import Backend, RunConfig, parse_duration, parse_overrides
+from lab.verdict import Expect
 from lab.run import (EXIT_BAD_INPUT, EXIT_INFRA, EXIT_MISMATCH, EXIT_OK, BadInput, RacelabError,
                      setup_logging)
 
@@ -39,7 +40,7 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun:
     else:
         _complete(p.add_argument("scenario", help="scenario name (scenarios/NAME.toml) or a .toml path"),
                   _complete_scenario)
-    p.add_argument("--backend", choices=("netns", "vm"), default=None,
+    p.add_argument("--backend", choices=[b.value for b in Backend], default=None,
                    help="netns: this machine's kernel in namespaces; vm: guests on chosen kernels")
     _complete(p.add_argument("--kernel", action="append", default=[], metavar="K",
                              help="kernel to test (repeatable): catalog name, NAME+patch+fragment, deb:, git:, "
@@ -50,7 +51,7 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun:
     else:
         p.add_argument("--duration", default=None, help="load time, e.g. 30s, 2m (default: scenario's)")
     p.add_argument("--stop-on-first", action="store_true", help="stop a target at its first violation")
-    p.add_argument("--expect", choices=("reproduced", "window", "clean"),
+    p.add_argument("--expect", choices=[e.value for e in Expect],   # values: argparse's messages show repr()
                    help="the level to judge, exit 1 if the verdict falls short: reproduced (corruption), "
                         "window (at least the race window traced), clean (neither)")
     _complete(p.add_argument("--out", default="", help="results directory (default: results/SCENARIO-TIME-PID)"),
@@ -76,7 +77,7 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun:
     p.add_argument("--uri", action="append", default=[], help="libvirt URI(s) hosting the fleet (repeatable)")
 
 
-def build_config(a: argparse.Namespace, *, default_backend: str, duration: float | None = None
+def build_config(a: argparse.Namespace, *, default_backend: Backend, duration: float | None = None
                  ) -> RunConfig:
     overrides = parse_overrides(a.set)
     s = scen.load(a.scenario, overrides, variant=getattr(a, "variant", None))
@@ -88,7 +89,7 @@ def build_config(a: argparse.Namespace, *, default_backend: str, duration: float
         raise BadInput(f"--vms must be >= 1, got {vms}")
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     return RunConfig(
-        scenario=s.name, scenario_data=s.data, backend=a.backend or default_backend,
+        scenario=s.name, scenario_data=s.data, backend=Backend(a.backend or default_backend),
         kernels=tuple(a.kernel), duration=dur, vms=vms, seed=seed,
         stop_on_first=a.stop_on_first, expect=a.expect, inject=a.inject,
         mitigation=a.mitigation, variant=getattr(a, "variant", None), evidence=_evidence(a.evidence, s),
@@ -106,7 +107,7 @@ def _say_results(cfg: RunConfig) -> None:
     """The results directory before anything runs: its files can be followed during the run
     (events.jsonl, the guests' consoles).  On stderr, so that --json keeps stdout clean."""
     from lab.run import log
-    follow = "events.jsonl" + (", vms/*/*.console.log" if cfg.backend == "vm" else "")
+    follow = "events.jsonl" + (", vms/*/*.console.log" if cfg.backend == Backend.VM else "")
     log.info("results: %s  (follow %s while it runs)", Path(cfg.out).absolute(), follow)
 
 
@@ -166,16 +167,16 @@ def cmd_run(a: argparse.Namespace) -> int:
     elif not a.scenario:
         raise BadInput("racelab run needs a scenario (or --from DIR)", hint="racelab scenario list shows them")
     else:
-        cfg = build_config(a, default_backend="netns")
+        cfg = build_config(a, default_backend=Backend.NETNS)
     if cfg.inject:
         from lab import dataplane
         if cfg.inject not in dataplane.INJECT_KINDS:
             raise BadInput(f"unknown --inject {cfg.inject!r}", hint=f"one of: {', '.join(dataplane.INJECT_KINDS)}")
-    if cfg.backend == "netns" and cfg.kernels:
+    if cfg.backend == Backend.NETNS and cfg.kernels:
         raise BadInput("--kernel needs --backend vm", hint="the netns backend tests this machine's kernel")
     _say_results(cfg)
     try:
-        if cfg.backend == "netns":
+        if cfg.backend == Backend.NETNS:
             outcome = session.run_netns(cfg, progress=not a.json)
         else:
             from lab import fleet
@@ -241,7 +242,7 @@ def cmd_repro(a: argparse.Namespace) -> int:
                        hint="--budget caps each kernel's load (a clean control may stop sooner, once its "
                             "evidence suffices); --duration runs a clean control for exactly that long")
     budget = parse_duration(a.budget, "--budget") if a.budget else None
-    cfg = build_config(a, default_backend="vm", duration=budget)
+    cfg = build_config(a, default_backend=Backend.VM, duration=budget)
     _say_results(cfg)
     from lab.session import Interrupted
     try:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lab import scenario as scen
-from lab.config import RunConfig, parse_duration
+from lab.config import Backend, RunConfig, parse_duration
 from lab.run import BadInput, InfraError, log
 from lab.verdict import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, WINDOW_HIT, Row, level_text, matches,
                          verdict_text)
@@ -150,7 +150,7 @@ def run_cell(cell: Cell, *, budget: float, vms: int, seed: int, out: Path, uri: 
     from lab import fleet
 
     s = scen.load(cell.scenario)
-    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(cell.kernel,),
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend=Backend.VM, kernels=(cell.kernel,),
                     duration=budget, vms=vms, seed=seed, stop_on_first=True, stop_grace=1.0,
                     out=str(out), uris=(uri,), evidence=("trace",))
     cell.uri, cell.started = uri, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

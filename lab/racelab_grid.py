@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import random
 from collections.abc import Callable
@@ -42,7 +43,8 @@ def test_cell(racelab_cell: dict[str, Any], record_property: Callable[[str, obje
                  ("window_hits", row.window.count if row.window.available else "n/a"),
                  ("window_rate", level_text(row.window, row.packets, row.confidence)),
                  ("results", str(outcome.out))):
-        record_property(k, v)
+        # xdist sends properties through execnet, which takes builtin types only: a Verdict is sent as its value
+        record_property(k, v.value if isinstance(v, enum.Enum) else v)
     # the same decision as `racelab matrix` (lab.matrix.decide, --racelab-missed as --missed)
     if d.status in (FAILED, ERROR):
         pytest.fail(d.message, pytrace=False)

@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from lab.config import RunConfig, fmt_duration, to_jsonable
+from lab.config import Backend, RunConfig, fmt_duration, to_jsonable
 from lab.verdict import (NOT_REPRODUCED, REPRODUCED, WINDOW_HIT, Row, kinds_text, level_text, matches,
                           verdict_text)
 
@@ -60,7 +60,7 @@ def rerun_command(cfg: RunConfig) -> str:
     argv = ["racelab", "run", cfg.scenario, "--backend", cfg.backend]
     for k in cfg.kernels:
         argv += ["--kernel", k]
-    if cfg.backend == "vm":
+    if cfg.backend == Backend.VM:
         argv += ["--vms", str(cfg.vms)]
     argv += ["--duration", f"{cfg.duration:g}s", "--seed", str(cfg.seed)]
     if cfg.variant:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lab import verdict as v
-from lab.config import RunConfig, fmt_duration
+from lab.config import Backend, RunConfig, fmt_duration
 from lab.run import InfraError, log
 from lab.scenario import Scenario, from_data
 from lab.session import Outcome, rows_from_targets
@@ -63,7 +63,7 @@ def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True,
         # 8 in 6 s 13 s); the control runs meanwhile, so this costs the run no time
         stop_on_first=True, stop_grace=0.0 if cfg.stop_on_first else AFFECTED_GRACE_S,
         evidence=tuple(sorted(set(cfg.evidence) | {"trace"})))
-    if cfg.backend == "netns":
+    if cfg.backend == Backend.NETNS:
         if cfg.kernels and list(cfg.kernels) != [s["kernels"]["affected"], s["kernels"]["fixed"]]:
             log.info("netns backend: testing this machine's kernel; --kernel ignored")
         cfg = dataclasses.replace(cfg, kernels=())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import enum
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,14 @@ from lab.run import BadInput, project_root
 from lab.topology import TopologySpec, VethSpec
 
 MITIGATIONS = ("single-queue", "threaded-napi", "gro-on", "busy-poll")
+
+
+class Stalls(enum.StrEnum):
+    """[vm] stalls: what an RCU stall or soft lockup in a guest counts as (lab.splat.stall_policy)."""
+
+    AUTO = "auto"             # a violation where it says something about the kernel (KVM, no overcommit)
+    NOTE = "note"             # noted, never a violation
+    VIOLATION = "violation"   # a kernel-splat violation
 
 
 def _dur(v: Any) -> bool:
@@ -160,7 +169,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "pin": boolean(False, "pin guest g's vCPU i to host CPU (g*vcpus + i) % host CPUs"),
         "silence": duration(5, "60s", "no agent output for this long: the guest stopped answering",
                             good="a duration >= 5s, like 60s"),
-        "stalls": choice("auto", "note", "violation", default="auto",
+        "stalls": choice(*(s.value for s in Stalls), default=Stalls.AUTO.value,
                          doc="RCU stalls / soft lockups: violations under KVM, notes under TCG (auto)"),
     },
     "run": {

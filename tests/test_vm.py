@@ -78,8 +78,10 @@ def test_domain_xml_escapes_the_cmdline():
 def test_accel_override(monkeypatch):
     monkeypatch.setenv("RACELAB_ACCEL", "tcg")
     assert vmmod.detect_accel(object()) == ("tcg", "forced by RACELAB_ACCEL=tcg")
+    assert vmmod.detect_accel(object())[0] is vmmod.Accel.TCG
+    assert [a.value for a in vmmod.Accel] == ["kvm", "tcg"]    # the words RACELAB_ACCEL and --accel take
     monkeypatch.setenv("RACELAB_ACCEL", "hvf")
-    with pytest.raises(Exception, match="RACELAB_ACCEL"):
+    with pytest.raises(BadInput, match="RACELAB_ACCEL='hvf'"):
         vmmod.detect_accel(object())
 
 
