@@ -39,7 +39,6 @@ reproduces.  --find fix: the older end reproduces and the newer one is fixed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -106,6 +105,25 @@ def exit_code(find: str, outcome: str) -> int:
     if find == "cause":     # terms good(old, clean) / bad(new, racy)
         return EXIT_NEW if reproduced else EXIT_GOOD_OLD
     return EXIT_GOOD_OLD if reproduced else EXIT_NEW   # terms racy(old) / fixed(new)
+
+
+@dataclass(frozen=True)
+class BisectArgs:
+    """What `racelab bisect` was asked; lab.cli builds it from its options (same defaults)."""
+
+    tree: str                      # a kernel git checkout, never modified
+    good: str                      # the older end: a commit, tag or branch
+    bad: str                       # the newer end
+    scenario: str                  # scenario name or .toml path
+    find: str = "cause"            # cause | fix
+    vms: int = 1                   # guests per step
+    out: str = ""                  # results directory ("" = results/bisect-SCENARIO-TIME)
+    calibrate_runs: int = 3        # runs on the reproducing end
+    calibrate_budget: str = "2m"   # max load per calibration run
+    min_step: str = "5s"           # minimum load per step
+    signal: str = "auto"           # corruption | window | auto
+    resume: bool = False           # continue the bisection in --out
+    as_json: bool = False          # bisect.json alone on stdout
 
 
 # --- one step ---------------------------------------------------------------------
@@ -522,27 +540,26 @@ def subject(tree: str, sha: str) -> str:
     return run(["git", "-C", tree, "log", "-1", "--format=%h (\"%s\")", sha]).stdout.strip()
 
 
-def main(a: argparse.Namespace) -> int:
+def main(a: BisectArgs) -> int:
     """--json: bisect.json alone on stdout at the end; everything else (progress, the
     answer in words) goes to stderr."""
-    as_json = bool(getattr(a, "json", False))
-    with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout):
+    with contextlib.redirect_stdout(sys.stderr if a.as_json else sys.stdout):
         code, report = _bisect(a)
-    if as_json:
+    if a.as_json:
         print(json.dumps(report, indent=2), flush=True)
     return code
 
 
-def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+def _bisect(a: BisectArgs) -> tuple[int, dict[str, Any]]:
     tree = str(Path(a.tree).resolve())
     if not (Path(tree) / ".git").exists() and run(["git", "-C", tree, "rev-parse", "--git-dir"],
                                                    check=False).returncode != 0:
         raise BadInput(f"{tree} is not a git tree", hint="--tree must point at a kernel git checkout")
     shas = {}
-    for name in ("good", "bad"):
-        p = run(["git", "-C", tree, "rev-parse", "--verify", f"{getattr(a, name)}^{{commit}}"], check=False)
+    for name, ref in (("good", a.good), ("bad", a.bad)):
+        p = run(["git", "-C", tree, "rev-parse", "--verify", f"{ref}^{{commit}}"], check=False)
         if p.returncode != 0:
-            raise BadInput(f"--{name} {getattr(a, name)!r} is not a commit in {tree}")
+            raise BadInput(f"--{name} {ref!r} is not a commit in {tree}")
         shas[name] = p.stdout.strip()
     from lab import scenario as scen
     s = scen.load(a.scenario)
@@ -550,7 +567,7 @@ def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     print(f"results: {out}  (bisect.jsonl grows by one line per step)", flush=True)
     t0 = time.monotonic()
     racy_end = shas["bad"] if a.find == "cause" else shas["good"]
-    if getattr(a, "resume", False):
+    if a.resume:
         # calibration and every recorded step are reused; the step cut short runs again
         st = resume_state(out, tree, s.name, a.find, shas)
         rate_low, budget = st.rate_low, st.budget
@@ -563,7 +580,7 @@ def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         st = State(tree=tree, scenario=s.name, find=a.find, budget=0.0, rate_low=0.0, vms=a.vms,
                    log=str(out / "bisect.jsonl"), out=str(out),
                    seed=random.SystemRandom().randrange(1 << 31), good=shas["good"], bad=shas["bad"])
-        asked = getattr(a, "signal", "auto") or "auto"
+        asked = a.signal or "auto"
         rare = bool(s["evidence"].get("corruption_rare"))
         cal = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget), asked,
                         floor=parse_duration(a.min_step), window_first=rare)

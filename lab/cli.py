@@ -373,13 +373,18 @@ def cmd_cleanup(a: argparse.Namespace) -> int:
 def cmd_matrix(a: argparse.Namespace) -> int:
     from lab import matrix
 
-    return matrix.main(a)
+    return matrix.main(matrix.MatrixArgs(
+        kernels=a.kernels, scenarios=a.scenarios, budget=a.budget, vms=a.vms, missed=a.missed, out=a.out,
+        jobs=a.jobs, uris=tuple(a.uri), as_json=a.json, tap=a.tap, kcidb=a.kcidb))
 
 
 def cmd_bisect(a: argparse.Namespace) -> int:
     from lab import bisect
 
-    return bisect.main(a)
+    return bisect.main(bisect.BisectArgs(
+        tree=a.tree, good=a.good, bad=a.bad, scenario=a.scenario, find=a.find, vms=a.vms, out=a.out,
+        calibrate_runs=a.calibrate_runs, calibrate_budget=a.calibrate_budget, min_step=a.min_step,
+        signal=a.signal, resume=a.resume, as_json=a.json))
 
 
 def cmd_bisect_step(a: argparse.Namespace) -> int:

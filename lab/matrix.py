@@ -19,7 +19,6 @@ with --uri (or RACELAB_URIS, comma-separated).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import html
@@ -310,7 +309,24 @@ purple: infrastructure error</p>
 <table><tr><th>kernel</th>{head}</tr>{''.join(rows)}</table></body></html>""")
 
 
-def main(a: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class MatrixArgs:
+    """What `racelab matrix` was asked; lab.cli builds it from its options (same defaults)."""
+
+    kernels: str                   # comma-separated kernel specs, as given
+    scenarios: str                 # comma-separated scenario names
+    budget: str = "5m"             # load time per cell, at most
+    vms: int = 1                   # guests per cell
+    missed: str = DEFAULT_MISSED   # an affected cell short of its level: fail | skip
+    out: str = ""                  # results directory ("" = results/matrix-TIME-PID)
+    jobs: int = 1                  # cells at a time
+    uris: tuple[str, ...] = ()     # libvirt hosts (() = $RACELAB_URIS, else qemu:///system)
+    as_json: bool = False          # matrix.json on stdout, the grid on stderr
+    tap: str | None = None         # also write TAP here
+    kcidb: str | None = None       # also write KCIDB JSON here
+
+
+def main(a: MatrixArgs) -> int:
     kernels = [k.strip() for k in a.kernels.split(",") if k.strip()]
     scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     if not kernels or not scenarios:
@@ -325,8 +341,8 @@ def main(a: argparse.Namespace) -> int:
     t0 = time.monotonic()
     log.info("results: %s  (each cell's directory appears in it as the cell starts)", out.absolute())
     cells = run_matrix(kernels, scenarios, budget=budget, vms=a.vms, jobs=a.jobs, out=out,
-                       uris=uris_from(getattr(a, "uri", None)), seed=seed, missed=missed)
-    as_json = bool(getattr(a, "json", False))
+                       uris=uris_from(list(a.uris)), seed=seed, missed=missed)
+    as_json = a.as_json
     human = sys.stderr if as_json else sys.stdout   # --json: stdout is the document alone
     with contextlib.redirect_stdout(human):
         print_grid(cells, kernels, scenarios)
@@ -346,9 +362,9 @@ def main(a: argparse.Namespace) -> int:
     (out / "matrix.json").write_text(doc)
     print(f"results: {out}  (matrix.json, junit.xml, matrix.html); wall {time.monotonic() - t0:.0f}s",
           file=human)
-    if getattr(a, "tap", None):
+    if a.tap:
         print(f"TAP: {export.write_tap(Path(a.tap), export.cell_points(cells))}", file=human)
-    if getattr(a, "kcidb", None):
+    if a.kcidb:
         print(f"KCIDB: {export.write_kcidb(Path(a.kcidb), json.loads(doc))}", file=human)
     if as_json:
         print(doc)

@@ -425,7 +425,6 @@ def test_bisect_json_is_the_document_alone_on_stdout_and_follows_its_schema(tmp_
     """A whole bisection through bisect.main: real git bisect run over a real history, with
     stand-ins only where a kernel would be built and booted (test_commit in this process,
     the bisect-step command in git's).  --json: stdout is bisect.json, the rest is on stderr."""
-    import argparse
     import json
     import subprocess
     import sys
@@ -449,9 +448,9 @@ def test_bisect_json_is_the_document_alone_on_stdout_and_follows_its_schema(tmp_
         return real_run([*argv[:i + 1], sys.executable, str(step), argv[-1]], env, out, started)
     monkeypatch.setattr(b, "bisect_run", bisect_run)
     out = tmp_path / "out"
-    a = argparse.Namespace(tree=str(repo), good=shas[0], bad=shas[-1], scenario="generic-rx-race", find="cause",
-                           vms=1, out=str(out), calibrate_runs=2, calibrate_budget="30s", min_step="5s",
-                           resume=False, json=True, signal="auto")
+    a = b.BisectArgs(tree=str(repo), good=shas[0], bad=shas[-1], scenario="generic-rx-race", find="cause",
+                     vms=1, out=str(out), calibrate_runs=2, calibrate_budget="30s", min_step="5s",
+                     resume=False, as_json=True, signal="auto")
     assert b.main(a) == 0
     stdout, stderr = capsys.readouterr()
     doc = json.loads(stdout)
@@ -473,13 +472,11 @@ def test_bisect_json_is_the_document_alone_on_stdout_and_follows_its_schema(tmp_
 
 
 def test_bisect_without_json_keeps_its_lines_on_stdout(monkeypatch, capsys):
-    import argparse
-
     def bisection(a):
         print("the answer")
         return 0, {"schema_version": 1}
     monkeypatch.setattr(b, "_bisect", bisection)
-    assert b.main(argparse.Namespace(json=False)) == 0
+    assert b.main(b.BisectArgs(tree="t", good="g", bad="b", scenario="s")) == 0
     out, err = capsys.readouterr()
     assert out == "the answer\n" and err == ""
 

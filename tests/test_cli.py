@@ -36,6 +36,21 @@ MATRIX = ("matrix", "--kernels", "6.1.192", "--scenarios", "generic-rx-race")
 BISECT = ("bisect", "--tree", str(ROOT), "--good", "HEAD", "--bad", "HEAD", "--scenario", "generic-rx-race")
 
 
+def test_matrix_and_bisect_get_their_options_as_dataclasses_with_the_clis_defaults(monkeypatch, capsys):
+    from lab import bisect, matrix
+    got = []
+    monkeypatch.setattr(matrix, "main", lambda a: got.append(a) or 0)
+    monkeypatch.setattr(bisect, "main", lambda a: got.append(a) or 0)
+    assert cli.main(list(MATRIX)) == 0 and cli.main(list(BISECT)) == 0
+    assert got == [matrix.MatrixArgs(kernels="6.1.192", scenarios="generic-rx-race"),
+                   bisect.BisectArgs(tree=str(ROOT), good="HEAD", bad="HEAD", scenario="generic-rx-race")]
+    got.clear()
+    assert cli.main([*MATRIX, "--uri", "qemu:///a", "--uri", "qemu:///b", "--json", "-j", "2"]) == 0
+    assert cli.main([*BISECT, "--find", "fix", "--resume", "--json", "--signal", "window"]) == 0
+    assert got[0].uris == ("qemu:///a", "qemu:///b") and got[0].as_json and got[0].jobs == 2
+    assert got[1].find == "fix" and got[1].resume and got[1].as_json and got[1].signal == "window"
+
+
 @pytest.mark.parametrize("argv, says", [
     ((*MATRIX, "--vms", "0"), "--vms must be >= 1, got 0"),
     ((*MATRIX, "--jobs", "0"), "--jobs must be >= 1, got 0"),
