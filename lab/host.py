@@ -126,8 +126,7 @@ class LocalHost:
         with (tempfile.TemporaryFile("w+") as errf,
               runmod.spawn(argv, stderr=errf.fileno(), env=env, die_with_parent=True,
                            stdin=subprocess.DEVNULL) as proc):
-                lp = _FileErrProcess(proc, errf)
-                yield lp
+            yield _FileErrProcess(proc, errf)
 
     def put(self, local: Path, remote: str) -> None:
         if Path(local).resolve() != Path(remote).resolve():
