@@ -552,13 +552,13 @@ def _complete_inject(prefix: str, **_: object) -> list[str]:
 
 
 def _complete_dirs(prefix: str, **_: object) -> list[str]:
-    import argcomplete
-    return list(argcomplete.DirectoriesCompleter()(prefix))
+    from argcomplete.completers import DirectoriesCompleter
+    return list(DirectoriesCompleter()(prefix))
 
 
 def _complete_toml(prefix: str, **_: object) -> list[str]:
-    import argcomplete
-    return list(argcomplete.FilesCompleter(("toml",))(prefix))
+    from argcomplete.completers import FilesCompleter
+    return list(FilesCompleter(("toml",))(prefix))
 
 
 # ---------------------------------------------------------------- the parser
