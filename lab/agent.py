@@ -116,7 +116,8 @@ class AgentSpec:
 
     @classmethod
     def from_json(cls, text: str) -> AgentSpec:
-        return from_jsonable(cls, json.loads(text))
+        spec: AgentSpec = from_jsonable(cls, json.loads(text))
+        return spec
 
 
 def checker_argv(bin_dir: str, c: CheckerOpts, duration: float, seed: int,

@@ -36,9 +36,12 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab.run import BadInput, RacelabError, cache_dir, log, require_tools, run, setup_logging
+
+if TYPE_CHECKING:
+    from lab.kernel import KernelArtifact
 
 METHODS = ("auto", "off", "patch", "kprobe", "kprobe-delay")
 PATCH_KNOB = "/sys/module/xsk/parameters/widen_rx_ns"
@@ -237,7 +240,7 @@ def text_base(elf: bytes) -> int:
     segment, linked at 0, is not text)."""
     phoff, = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    bases = []
+    bases: list[int] = []
     for i in range(phnum):
         p_type, _, _, p_vaddr = struct.unpack_from("<IIQQ", elf, phoff + i * phentsize)
         if p_type == 1 and p_vaddr >= 0xFFFFFFFF80000000:
@@ -297,7 +300,7 @@ def kernel_sites(bzimage: Path, system_map: Path | None, kallsyms: str | None = 
     return sites, looked
 
 
-def sites_for(artifact: Any, kallsyms: str | None = None) -> list[Site]:
+def sites_for(artifact: KernelArtifact, kallsyms: str | None = None) -> list[Site]:
     """kernel_sites() of a kernel artifact, cached by the bzImage's bytes (the offsets
     are a property of the code, whichever symbol table located it)."""
     bz, sm = Path(artifact.bzimage), Path(artifact.system_map)
@@ -352,7 +355,7 @@ def needs_guest(p: Plan) -> bool:
     return p.method in ("kprobe", "kprobe-delay") and not p.probes
 
 
-def plan(amp: Mapping[str, Any], artifact: Any, kallsyms: str | None = None,
+def plan(amp: Mapping[str, Any], artifact: KernelArtifact, kallsyms: str | None = None,
          defer: bool = False) -> Plan:
     """The amplifier for one kernel from the scenario's [amplifier] section.
 

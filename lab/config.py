@@ -7,6 +7,7 @@ every result directory records exactly what produced it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import re
 import types
@@ -44,13 +45,20 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds / 60:.1f}m"
 
 
+class Backend(enum.StrEnum):
+    """Where a run's kernels are: this machine's, or guests'."""
+
+    NETNS = "netns"    # the host kernel, in network namespaces
+    VM = "vm"          # guests on chosen kernels, through libvirtd
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that decides what one `racelab run` / `repro` does."""
 
     scenario: str                       # scenario name (scenarios/NAME.toml)
     scenario_data: dict[str, Any]       # the validated, override-applied scenario as data
-    backend: str = "netns"              # netns | vm
+    backend: Backend = Backend.NETNS
     kernels: tuple[str, ...] = ()       # kernel specs (vm backend); empty = host kernel
     duration: float = 30.0              # seconds of load per target
     vms: int = 1                        # guests per kernel (vm backend)
@@ -66,12 +74,19 @@ class RunConfig:
     overrides: tuple[str, ...] = ()     # the --set KEY=VALUE strings, as given
     uris: tuple[str, ...] = ("qemu:///system",)  # libvirt hosts for the fleet
 
+    def __post_init__(self) -> None:
+        try:   # a plain "vm" becomes Backend.VM; an unknown word is bad input (a hand-edited config.json)
+            object.__setattr__(self, "backend", Backend(self.backend))
+        except ValueError:
+            raise BadInput(f"backend {self.backend!r}: one of {', '.join(Backend)}") from None
+
     def to_json(self) -> str:
         return json.dumps(to_jsonable(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
-        return from_jsonable(cls, json.loads(text))
+        cfg: RunConfig = from_jsonable(cls, json.loads(text))
+        return cfg
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -83,6 +98,8 @@ def to_jsonable(obj: Any) -> Any:
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
     return obj
 
 
@@ -91,7 +108,7 @@ def from_jsonable(tp: Any, data: Any) -> Any:
     if isinstance(tp, str):
         raise TypeError("unresolved annotation")
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         kwargs = {f.name: from_jsonable(hints[f.name], data[f.name])
                   for f in dataclasses.fields(tp) if f.name in data}
@@ -99,13 +116,13 @@ def from_jsonable(tp: Any, data: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if data is None:
             return None
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return from_jsonable(args[0], data)
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        return from_jsonable(members[0], data)
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(from_jsonable(args[0], x) for x in data)
-        return tuple(from_jsonable(a, x) for a, x in zip(args, data))
+        return tuple(from_jsonable(a, x) for a, x in zip(args, data, strict=True))
     if origin is list:
         (a,) = typing.get_args(tp)
         return [from_jsonable(a, x) for x in data]
@@ -114,6 +131,8 @@ def from_jsonable(tp: Any, data: Any) -> Any:
         return {k: from_jsonable(v, x) for k, x in data.items()}
     if tp is float and isinstance(data, int):
         return float(data)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(data)
     return data
 
 

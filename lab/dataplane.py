@@ -361,7 +361,7 @@ def sender_argv(bin_dir: str | os.PathLike[str], *, dev: str, dst_mac: str, src_
     _check(p, bool(_MAC.match(dst_mac or "")), f"dst_mac: like 02:00:00:00:00:01, got {dst_mac!r}")
     for name, ip in (("src_ip", src_ip), ("dst_ip", dst_ip)):
         m = _IPV4.match(ip or "")
-        _check(p, bool(m) and all(int(x) <= 255 for x in m.groups()), f"{name}: an IPv4 address, got {ip!r}")
+        _check(p, m is not None and all(int(x) <= 255 for x in m.groups()), f"{name}: an IPv4 address, got {ip!r}")
     _check(p, 1 <= senders <= 256, f"senders: 1..256, got {senders}")
     _check(p, 1 <= burst <= 1024, f"burst: 1..1024, got {burst}")
     _check(p, gap_ns >= 0, f"gap_ns: >= 0, got {gap_ns}")

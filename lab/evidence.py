@@ -140,11 +140,6 @@ def _kallsyms(names: Iterable[str]) -> tuple[dict[str, int], list[int]]:
     return found, addrs
 
 
-def kernel_symbols(names: Iterable[str]) -> set[str]:
-    """Which of names the running kernel can kprobe (text symbols in kallsyms)."""
-    return set(_kallsyms(names)[0])
-
-
 def _symbol_ranges(found: dict[str, int], addrs: list[int], names: Iterable[str]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for n in names:
@@ -206,7 +201,7 @@ class _Streamer(threading.Thread):
             self.marker: int | None = os.open(root / "trace_marker", os.O_WRONLY)
         except OSError:
             self.marker = None
-        self.f = open(out, "wb")
+        self.f = open(out, "wb")  # noqa: SIM115 - closed by close(), which ends the recording
         self.f.write(RAW_MAGIC)
         self._record(b"HEAD", 0, json.dumps(header).encode())
         self.bytes = 0
@@ -508,7 +503,7 @@ class Tracer:
         tail: dict[str, Any] = {"kprobe_profile": self._profile(), "stats": {}}
         for c in range(os.cpu_count() or 1):
             try:
-                st = dict(l.split(":", 1) for l in self._r(f"per_cpu/cpu{c}/stats").splitlines() if ":" in l)
+                st = dict(line.split(":", 1) for line in self._r(f"per_cpu/cpu{c}/stats").splitlines() if ":" in line)
                 tail["stats"][str(c)] = {k.strip(): v.strip() for k, v in st.items()}
             except OSError:
                 pass
@@ -1023,13 +1018,9 @@ def _decoders(header: dict[str, Any]) -> dict[int, tuple[str, Any]]:
     callers = {k: tuple(v) for k, v in header.get("callers", {}).items()}
     for sid, spec in header.get("events", {}).items():
         name, fields = spec["name"], {k: tuple(v) for k, v in spec["fields"].items()}
-
-        def u64(fname: str) -> Any:
-            o = fields[fname][0]
-            return lambda d, p: struct.unpack_from("<Q", d, p + o)[0]
-
         if name in ("rcv", "flush") and "xs" in fields:
-            out[int(sid)] = (name, u64("xs"))
+            o = fields["xs"][0]
+            out[int(sid)] = (name, lambda d, p, o=o: struct.unpack_from("<Q", d, p + o)[0])
         elif name == "rcvret":
             ro = fields["ret"][0] if "ret" in fields else None
             ipo = fields["__probe_ret_ip"][0] if "__probe_ret_ip" in fields else None

@@ -29,12 +29,15 @@ import shutil
 import stat
 import sys
 import tomllib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lab.run import BadInput, BuildFailed, cache_dir, project_root, require_tools, run
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 log = logging.getLogger("racelab.image")
 
@@ -83,12 +86,18 @@ class Image:
 
 
 class KernelLike(Protocol):
-    """What initrd_for() needs from lab.kernel's KernelArtifact."""
+    """What booting needs from a kernel: lab.kernel's KernelArtifact, or lab.vm's BareKernel.
 
-    bzimage: Path
-    version: str
-    modules_dir: Path | None
-    module_load_order: list[str]
+    Read-only, so frozen dataclasses match."""
+
+    @property
+    def bzimage(self) -> Path: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def modules_dir(self) -> Path | None: ...
+    @property
+    def module_load_order(self) -> Sequence[str]: ...
 
 
 def load_recipe(path: Path = RECIPE_PATH) -> Recipe:
@@ -264,7 +273,7 @@ def dataplane_binaries() -> list[Path]:
     """The C checker/senders from lab.dataplane.build().  A guest without them
     cannot run any scenario, so an image is never built without them."""
     try:
-        from lab import dataplane  # type: ignore[attr-defined]
+        from lab import dataplane
     except ImportError as e:
         raise BuildFailed(f"lab.dataplane cannot be imported ({e}): the guest image needs its "
                           "C checker and senders",
@@ -690,7 +699,7 @@ def _allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
-def _lock(path: Path):  # noqa: ANN202
+def _lock(path: Path) -> FileLock:
     from filelock import FileLock
 
     return FileLock(str(path))

@@ -31,9 +31,10 @@ SOURCE_KINDS: tuple[str, ...] = (*BUILDERS, *BINARIES)
 
 def parse_source(text: str) -> SourceRef:
     kind, sep, arg = text.partition(":")
-    mod = BUILDERS.get(kind) or BINARIES.get(kind)
+    mod: BuildSource | BinarySource | None = BUILDERS.get(kind) or BINARIES.get(kind)
     if not sep or mod is None or not arg:
-        examples = ", ".join(m.EXAMPLE for m in (*BUILDERS.values(), *BINARIES.values()))
+        kinds: list[BuildSource | BinarySource] = [*BUILDERS.values(), *BINARIES.values()]
+        examples = ", ".join(m.EXAMPLE for m in kinds)
         raise BadInput(f"not a kernel source: {text!r}",
                        hint=f"use {examples}, or a catalog name (racelab kernel list)")
     return mod.parse(arg)
