@@ -135,7 +135,7 @@ def test_xskamp_counts_delays_refuses_and_restores_in_a_guest(kernel6, image, tm
 # a process that stays inside clock_nanosleep() (time.sleep) on CPU 1 for 3 s: the gate's
 # "inside" flag is
 # per CPU, set by the entry probe and cleared by the return probe
-SLEEPER = "import os, time; os.sched_setaffinity(0, {1}); time.sleep(3)"
+SLEEPER = "import os, time; os.sched_setaffinity(0, {1}); time.sleep(120)"
 
 
 @pytest.mark.vm
@@ -160,7 +160,10 @@ def test_the_gate_waits_only_while_another_cpu_is_inside_the_gate_function(kerne
                     with h.spawn([h.python, "-c", SLEEPER]) as s:
                         import time
                         time.sleep(1.0)                  # it is inside clock_nanosleep() on CPU 1 now
+                        # (and stays there until stopped: a loaded host once took the 3 s it
+                        # slept to start the guest's python for the calls, which then never waited)
                         h.cmd([h.python, "-c", calls, "2000"], timeout=300)
+                        s.terminate()
                         s.wait(30)
                 else:
                     h.cmd([h.python, "-c", calls, "2000"], timeout=300)

@@ -383,12 +383,17 @@ def test_host_protocol_over_ssh(deb_kernel, image, tmp_path):
         assert h.cmd(["stat", "-c", "%a %s", "/tmp/payload"]).stdout.split() == ["751", "300000"]
         h.get("/tmp/payload", tmp_path / "back")
         assert (tmp_path / "back").read_bytes() == src.read_bytes()
-        # spawn streams stdout live: the first line arrives while the command still runs
-        with h.spawn(["sh", "-c", "echo one; sleep 3; echo two"], env={"RL": "x"}) as p:
-            t0 = time.monotonic()
+        # spawn streams stdout live: the first line arrives while the command still runs.  The
+        # command waits (up to 60 s) for a file made only once "one" was read: had the output
+        # come at the end, it would say "late" instead of "two" (no timing, so no flake on a
+        # loaded host)
+        wait_go = "echo one; i=0; while [ ! -e /tmp/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; " \
+                  "[ -e /tmp/go ] && echo two || echo late"
+        with h.spawn(["sh", "-c", wait_go], env={"RL": "x"}) as p:
             it = p.lines()
-            assert next(it) == "one" and time.monotonic() - t0 < 2.5
+            assert next(it) == "one"
             assert p.poll() is None
+            h.cmd(["touch", "/tmp/go"])
             assert list(it) == ["two"] and p.wait(10) == 0
         # terminate() kills the whole remote process group
         with h.spawn(["sh", "-c", "sleep 4242 & sleep 4243 & wait"]) as p:
