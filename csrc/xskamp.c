@@ -177,6 +177,19 @@ static int write_file(const char *path, const char *val)
 }
 
 /* "SYM", "SYM+123", "SYM+0x7a" -> probe; -1 if malformed. */
+/* A wait in ns, lo..MAX_DELAY_NS; anything else is a usage error saying what. */
+static uint64_t parse_ns(const char *arg, long long lo, const char *what)
+{
+	char *end;
+	long long v;
+
+	errno = 0;
+	v = strtoll(arg, &end, 10);
+	if (errno || *end || end == arg || v < lo || v > MAX_DELAY_NS)
+		die_usage(what, arg);
+	return (uint64_t)v;
+}
+
 static int parse_probe(const char *s, struct probe *p)
 {
 	const char *plus = strchr(s, '+');
@@ -825,26 +838,8 @@ int main(int argc, char **argv)
 				die_usage("bad --hold (SYM+OFF, OFF decimal or 0x hex, e.g. xdp_do_flush)", optarg);
 			opt.probes[opt.nprobes++].hold = true;
 			break;
-		case 'N': {
-			long long v;
-
-			errno = 0;
-			v = strtoll(optarg, &end, 10);
-			if (errno || *end || end == optarg || v < 1 || v > MAX_DELAY_NS)
-				die_usage("bad --hold-ns (1..1000000)", optarg);
-			opt.hold_ns = (uint64_t)v;
-			break;
-		}
-		case 'n': {
-			long long v;
-
-			errno = 0;
-			v = strtoll(optarg, &end, 10);
-			if (errno || *end || end == optarg || v < 0 || v > MAX_DELAY_NS)
-				die_usage("bad --delay-ns (0..1000000)", optarg);
-			opt.delay_ns = (uint64_t)v;
-			break;
-		}
+		case 'N': opt.hold_ns = parse_ns(optarg, 1, "bad --hold-ns (1..1000000)"); break;
+		case 'n': opt.delay_ns = parse_ns(optarg, 0, "bad --delay-ns (0..1000000)"); break;
 		case 's':
 			opt.stats_ms = (int)strtol(optarg, &end, 10);
 			if (*end || end == optarg || opt.stats_ms < 10 || opt.stats_ms > 3600000)
