@@ -163,7 +163,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     else:
         cfg = build_config(a, default_backend="netns")
     if cfg.inject:
-        from lab import dataplane
+        from lab.agent import dataplane
         if cfg.inject not in dataplane.INJECT_KINDS:
             raise BadInput(f"unknown --inject {cfg.inject!r}", hint=f"one of: {', '.join(dataplane.INJECT_KINDS)}")
     if cfg.backend == "netns" and cfg.kernels:
@@ -536,7 +536,7 @@ def _complete_set(prefix: str, **_: object) -> list[str]:
 
 
 def _complete_inject(prefix: str, **_: object) -> list[str]:
-    from lab import dataplane
+    from lab.agent import dataplane
     return [k for k in dataplane.INJECT_KINDS if k.startswith(prefix)]
 
 

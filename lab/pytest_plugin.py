@@ -237,7 +237,7 @@ def racelab_vm(racelab_fleet):
 @pytest.fixture
 def racelab_topology():
     """Factory: TopologySpec -> Topology in fresh anonymous namespaces (gone after the test)."""
-    from lab.topology import build
+    from lab.agent.topology import build
     stack = ExitStack()
 
     def make(spec: Any) -> Any:

@@ -22,7 +22,7 @@ from lab.amplifier import check_probe_spec
 from lab.amplifier import SYMBOL as PROBE_SYMBOL
 from lab.config import parse_duration
 from lab.run import BadInput, project_root
-from lab.topology import TopologySpec, VethSpec
+from lab.agent.topology import TopologySpec, VethSpec
 
 MITIGATIONS = ("single-queue", "threaded-napi", "gro-on", "busy-poll")
 
@@ -437,7 +437,7 @@ def cross_check(data: Mapping[str, Any], bad: set[str]) -> list[str]:
             load["size"] > c["frame_size"] - 256 - c["headroom"] - 64:
         problems.append("load.size: frames do not fit frame_size - 256 - headroom")
     if ok("bug.user_visible"):
-        from lab.dataplane import INJECT_KINDS
+        from lab.agent.dataplane import INJECT_KINDS
         known = set(INJECT_KINDS) | {"kernel-splat"}
         unknown = [k for k in data["bug"]["user_visible"] if k not in known]
         if unknown:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from lab.agent import AgentSpec, CheckerOpts, IperfOpts, SenderOpts
+from lab.agent.agent import AgentSpec, CheckerOpts, IperfOpts, SenderOpts
 from lab.amplifier import PATCH_KNOB
 from lab.host import Host
 from lab.run import InfraError, LostVM

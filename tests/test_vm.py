@@ -367,11 +367,11 @@ def test_host_protocol_over_ssh(deb_kernel, image, tmp_path):
         assert e.value.returncode == 1
         assert h.cmd(["cat"], input="fed to stdin\n").stdout == "fed to stdin\n"
         # the lab and pyroute2 import in the guest (PYTHONPATH and the .pth file)
-        r = h.cmd([h.python, "-c", "import lab.run, pyroute2; print(lab.run.__file__)"])
-        assert r.stdout.strip() == "/opt/racelab/lab/run.py"
+        r = h.cmd([h.python, "-c", "import lab.agent.run, pyroute2; print(lab.agent.run.__file__)"])
+        assert r.stdout.strip() == "/opt/racelab/lab/agent/run.py"
         # ... and with the agent's own interpreter (no site module: PYTHONPATH only)
         r = h.cmd(["env", f"PYTHONPATH={h.agent_path}", *h.agent_python, "-c",
-                   "import sys, lab.topology; lab.topology._iproute_class(); print(sys.flags.no_site)"])
+                   "import sys, lab.agent.topology as t; t._iproute_class(); print(sys.flags.no_site)"])
         assert r.stdout.strip() == "1"
         # put/get keep bytes and mode
         src = tmp_path / "payload"

@@ -3,7 +3,7 @@ import json
 from contextlib import contextmanager
 
 from lab import scenario as scen
-from lab.agent import AgentSpec
+from lab.agent.agent import AgentSpec
 from lab.workload import agent_spec, run_target
 
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from lab import dataplane as dp
+from lab import dataplane as dpbuild
+from lab.agent import dataplane as dp
 from lab import evidence
+from lab.agent import tracer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trace"
 RAW_FIXTURES = sorted(FIXTURES.glob("*raw*.trace.gz"))
@@ -33,7 +35,7 @@ FIELDS = ("receives", "failed_receives", "flushes", "window_hits", "unflushed_hi
 def xsktrace() -> Path:
     if shutil.which("gcc") is None or shutil.which("make") is None:
         pytest.skip("needs gcc and make: apt-get install build-essential")
-    return dp.build() / "xsktrace"
+    return dpbuild.build() / "xsktrace"
 
 
 def scan(binary: Path, path: Path) -> dict:
@@ -68,7 +70,7 @@ def unpack(gz: Path, tmp_path: Path) -> Path:
 
 def test_the_scanner_is_built_and_shipped():
     assert "xsktrace" in dp.BINARIES      # lab.image ships every one of them into the guest
-    assert "$(OUT)/xsktrace" in (dp.source_dir() / "Makefile").read_text()
+    assert "$(OUT)/xsktrace" in (dpbuild.source_dir() / "Makefile").read_text()
 
 
 @pytest.mark.parametrize("gz", RAW_FIXTURES, ids=[p.name for p in RAW_FIXTURES])
@@ -281,9 +283,9 @@ def test_a_summary_merges_like_the_trace_it_describes(xsktrace, gz, tmp_path):
     """For every trace the guest would keep, the merged evidence (what summary.json, the verdicts and
     the report read) is the same from the scanner's summary as from the host's analysis."""
     trace = unpack(gz, tmp_path)
-    g = evidence.guest_scan(trace, xsktrace)
+    g = tracer.guest_scan(trace, xsktrace)
     s = g["guest_analysis"]
-    assert g["trace_needed"] == bool(evidence.transfer_reasons(s))
+    assert g["trace_needed"] == bool(tracer.transfer_reasons(s))
     host, guest = _agent_ev(trace), _agent_ev(trace)
     evidence.merge(host, evidence.analyze_file(trace))
     if g["trace_needed"]:     # and the host has something to show from it that no summary holds
@@ -297,24 +299,24 @@ def test_a_summary_merges_like_the_trace_it_describes(xsktrace, gz, tmp_path):
 
 
 def test_what_the_guest_keeps_and_what_it_sends(xsktrace, tmp_path):
-    clean = evidence.guest_scan(unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", tmp_path), xsktrace)
+    clean = tracer.guest_scan(unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", tmp_path), xsktrace)
     assert clean["trace_needed"] is False and clean["trace_needed_why"] == []
     assert clean["guest_analysis"]["wall_seconds"] >= clean["guest_analysis"]["seconds"] >= 0
-    bad = evidence.guest_scan(unpack(FIXTURES / "generic-reverted-6.1-vm-violation-raw.trace.gz", tmp_path),
+    bad = tracer.guest_scan(unpack(FIXTURES / "generic-reverted-6.1-vm-violation-raw.trace.gz", tmp_path),
                               xsktrace)
     assert bad["trace_needed"] and "window hits" in bad["trace_needed_why"]
     assert "checker marks (a violation)" in bad["trace_needed_why"]
     lost = write_trace(tmp_path / "lost.trace", [(0, page(1, [(2, ev("rcv", S1))], missed=3))])
-    assert evidence.guest_scan(lost, xsktrace)["trace_needed_why"] == ["lost events"]
+    assert tracer.guest_scan(lost, xsktrace)["trace_needed_why"] == ["lost events"]
 
 
 def test_a_missing_or_failing_scanner_sends_the_trace(xsktrace, tmp_path):
     trace = unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", tmp_path)
-    g = evidence.guest_scan(trace, tmp_path / "nowhere" / "xsktrace")
+    g = tracer.guest_scan(trace, tmp_path / "nowhere" / "xsktrace")
     assert "trace_needed" not in g and "goes to the host" in g["guest_analysis_note"]
     text = tmp_path / "text.trace"
     text.write_text("# tracer: nop\n")
-    g = evidence.guest_scan(text, xsktrace)
+    g = tracer.guest_scan(text, xsktrace)
     assert "trace_needed" not in g and "xsktrace failed (xsktrace exit 2" in g["guest_analysis_note"]
 
 
@@ -330,7 +332,7 @@ def test_fetch_evidence_keeps_a_clean_trace_in_the_guest(xsktrace, tmp_path):
     guest = tmp_path / "guest"
     guest.mkdir()
     trace = unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", guest)
-    res = _result(trace, evidence.guest_scan(trace, xsktrace))
+    res = _result(trace, tracer.guest_scan(trace, xsktrace))
     trace.unlink()          # the host never reads it: fetching it would fail now
     fetch_evidence(LocalHost(), res, tmp_path / "out")
     e = res.evidence
@@ -345,7 +347,7 @@ def test_fetch_evidence_moves_a_trace_with_hits(xsktrace, tmp_path):
     from lab.workload import fetch_evidence
 
     trace = unpack(FIXTURES / "generic-reverted-6.1-vm-violation-raw.trace.gz", tmp_path)
-    res = _result(trace, evidence.guest_scan(trace, xsktrace))
+    res = _result(trace, tracer.guest_scan(trace, xsktrace))
     res.by_kind = {"order": 1}
     fetch_evidence(LocalHost(), res, tmp_path / "out")
     e = res.evidence
