@@ -361,7 +361,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                         syms = vms[0].host.cmd(["cat", "/proc/kallsyms"], timeout=120).stdout
                         kr.plan = amplifier.plan(s["amplifier"], kr.artifact, kallsyms=syms)
                         log.info("%s: amplifier %s", kr.name, kr.plan.text())
-                    spec = agent_spec(s, duration=cfg.duration, seed=cfg.seed, bin_dir="/opt/racelab/bin",
+                    spec = agent_spec(s, duration=cfg.duration, seed=cfg.seed, bin_dir=vms[0].host.bin_dir,
                                       stop_on_first=cfg.stop_on_first, inject=cfg.inject or "",
                                       trace=trace, stop_grace=cfg.stop_grace, amplifier=kr.plan)
                     policies = [stall_policy(vmcfg["stalls"], kr.accel,

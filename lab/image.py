@@ -3,7 +3,7 @@
 Two cached layers, each keyed by a hash of what it is made from:
 
 - base-<hash>/rootfs   mmdebstrap of images/recipe.toml (slow: ~30 s, network)
-- racelab-<hash>.img   base + lab layer (lab/ and pyroute2 sources, C binaries,
+- racelab-<hash>.img   base + lab layer (lab/agent/ and pyroute2 sources, C binaries,
                        SSH keys, /sbin/racelab-init), packed with `mke2fs -d`
                        (no loop mounts, so no privileges beyond file ownership)
 
@@ -288,10 +288,13 @@ def dataplane_binaries() -> list[Path]:
     return found
 
 
-def lab_layer(keys: Keys, binaries: list[Path]) -> list[LayerFile]:
-    """Everything the lab adds on top of the Debian base."""
+def lab_layer(keys: Keys, binaries: list[Path], lab_dir: Path | None = None) -> list[LayerFile]:
+    """Everything the lab adds on top of the Debian base.  Of lab/ (lab_dir), only the agent
+    package: it is all the guest runs, so a host-only module never changes the image key.
+    In the guest `lab` is a namespace package (no lab/__init__.py there)."""
     files: list[LayerFile] = []
-    files += _tree(project_root() / "lab", f"{GUEST_LAB_ROOT}/lab")
+    lab_dir = lab_dir or project_root() / "lab"
+    files += _tree(lab_dir / "agent", f"{GUEST_LAB_ROOT}/lab/agent")
     for p in _venv_pyroute2():
         files += _tree(p, f"{GUEST_SITE}/{p.name}")
     files += [LayerFile(f"{GUEST_BIN}/{b.name}", 0o755, source=b) for b in binaries]

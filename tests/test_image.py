@@ -126,7 +126,9 @@ def test_initramfs_init_is_valid_busybox_sh():
 def test_lab_layer_holds_lab_pyroute2_keys_and_init(cache):
     keys = image.ensure_keys()
     files = {f.guest: f for f in image.lab_layer(keys, binaries=[])}
-    assert "/opt/racelab/lab/run.py" in files
+    assert "/opt/racelab/lab/agent/run.py" in files
+    assert not any(g.startswith("/opt/racelab/lab/") and not g.startswith("/opt/racelab/lab/agent/")
+                   for g in files)          # the host's modules stay out of the guest
     assert "/opt/racelab/site/pyroute2/__init__.py" in files
     assert files[image.GUEST_INIT].mode == 0o755
     assert files["/etc/ssh/ssh_host_ed25519_key"].mode == 0o600
