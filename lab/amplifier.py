@@ -264,9 +264,9 @@ def kernel_sites(bzimage: Path, system_map: Path | None, kallsyms: str | None = 
 
     Symbols come from the build's System.map or, where it has none (Debian's
     packages, a bare bzImage), from the booted guest's /proc/kallsyms."""
-    from lab.image import _bzimage_payload
+    from lab.kernels.bzimage import payload
 
-    elf = _bzimage_payload(bzimage.read_bytes())
+    elf = payload(bzimage.read_bytes())
     if elf is None:
         raise NoSite(f"{bzimage}: its payload cannot be decompressed here (gzip, xz, lzma, bzip2 can)",
                      hint="build it with CONFIG_KERNEL_GZIP or _XZ, or --set amplifier.method=off")
@@ -482,9 +482,9 @@ def check_probe_spec(value: object) -> bool:
 
 def _dump(bzimage: Path, system_map: Path, kallsyms: str | None) -> str:
     """objdump text of the first candidate found, headed by a JSON line {symbol, start}."""
-    from lab.image import _bzimage_payload
+    from lab.kernels.bzimage import payload
 
-    elf = _bzimage_payload(bzimage.read_bytes())
+    elf = payload(bzimage.read_bytes())
     assert elf is not None
     syms = (read_system_map(system_map, CANDIDATES) if usable_map(system_map)
             else map_symbols(kallsyms_map(kallsyms or "", elf), CANDIDATES))
@@ -496,7 +496,7 @@ def _dump(bzimage: Path, system_map: Path, kallsyms: str | None) -> str:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    from lab import kernel
+    from lab.kernels import kernel
 
     ap = argparse.ArgumentParser(prog="python -m lab.amplifier", description=__doc__.split("\n")[0])
     ap.add_argument("kernel", help="a kernel name or spec, as for --kernel (built if needed)")

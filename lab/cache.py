@@ -183,7 +183,7 @@ def _dead_tree(tree_dir: Path) -> str | None:
     whose installed version is another one (or none)."""
     import json
 
-    from lab import sources
+    from lab.kernels import sources
 
     try:
         identity = json.loads((tree_dir / "state.json").read_text()).get("identity", "")
@@ -201,7 +201,7 @@ def _dead_tree(tree_dir: Path) -> str | None:
 
 def gc(keep: int = 5, older_than: float = 14 * 86400, dry_run: bool = False) -> list[Removed]:
     """Remove what is old or dead in every area (see the module docstring); dry_run: only say."""
-    from lab import kernel
+    from lab.kernels import kernel
 
     if keep < 0:
         raise BadInput(f"--keep must be >= 0, got {keep}")

@@ -294,7 +294,7 @@ def cmd_selftest(a: argparse.Namespace) -> int:
 
 
 def cmd_kernel(a: argparse.Namespace) -> int:
-    from lab import kernel
+    from lab.kernels import kernel
 
     if a.kcmd == "list":
         kernel.cli_list(as_json=a.json)
@@ -503,7 +503,7 @@ def _complete(action: argparse.Action, completer: object) -> argparse.Action:
 
 
 def _complete_kernel(prefix: str, **_: object) -> list[str]:
-    from lab import kernel
+    from lab.kernels import kernel
     return kernel.spec_completions(prefix)
 
 
@@ -610,7 +610,7 @@ _BISECT_EPILOG = _examples(
 
 
 def _kernel_commands(ks: argparse._SubParsersAction) -> None:
-    """`racelab kernel ...` (and `python -m lab.kernel ...`, which is the same)."""
+    """`racelab kernel ...` (and `python -m lab.kernels.kernel ...`, which is the same)."""
     kl = ks.add_parser("list", help="named kernels in kernels/catalog.toml and what is cached",
                        formatter_class=_RAW, epilog=_examples(
                            "racelab kernel list",

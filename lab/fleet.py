@@ -39,7 +39,7 @@ from lab.workload import TargetResult, agent_spec, fetch_evidence, run_target, w
 @dataclass
 class KernelRun:
     name: str                 # what the user typed
-    artifact: Any             # lab.kernel.KernelArtifact
+    artifact: Any             # lab.kernels.kernel.KernelArtifact
     targets: list[TargetResult] = field(default_factory=list)
     wall: float = 0.0
     accel: str = ""
@@ -57,7 +57,7 @@ def preflight_vm() -> None:
 
 def resolve_kernels(names: list[str]) -> list[Any]:
     """Resolve every kernel name first and report all unknown ones at once."""
-    from lab import kernel
+    from lab.kernels import kernel
 
     specs, problems = [], []
     for n in names:
@@ -71,7 +71,7 @@ def resolve_kernels(names: list[str]) -> list[Any]:
 
 
 def build_kernels(names: list[str], progress: bool = True) -> list[Any]:
-    from lab import kernel
+    from lab.kernels import kernel
 
     specs = resolve_kernels(names)
     arts = []

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from lab.kernels import bzimage
 from lab.run import BadInput, BuildFailed, cache_dir, project_root, require_tools, run
 
 log = logging.getLogger("racelab.image")
@@ -83,7 +84,7 @@ class Image:
 
 
 class KernelLike(Protocol):
-    """What initrd_for() needs from lab.kernel's KernelArtifact."""
+    """What initrd_for() needs from lab.kernels.kernel's KernelArtifact."""
 
     bzimage: Path
     version: str
@@ -503,9 +504,6 @@ def initrd_for(kernel: KernelLike) -> Path | None:
 # --- uncompressed kernels (PVH boot) ----------------------------------------------
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
-_PAYLOADS = {  # bzImage payload magic -> decompressor in Python's standard library
-    b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\x5d\x00\x00": "lzma",
-}
 
 
 def kernel_for_boot(kernel: KernelLike) -> Path:
@@ -525,7 +523,7 @@ def kernel_for_boot(kernel: KernelLike) -> Path:
     marker = out.with_suffix(".no-pvh")
     if marker.exists():
         return bz
-    vmlinux = _bzimage_payload(data)
+    vmlinux = bzimage.payload(data)
     why = "" if vmlinux is not None else "payload compression not supported here"
     if vmlinux is not None and not _has_pvh_note(vmlinux):
         why, vmlinux = "no PVH entry note (CONFIG_PVH=n)", None
@@ -541,34 +539,6 @@ def kernel_for_boot(kernel: KernelLike) -> Path:
     for old in sorted(out_dir.glob("*.vmlinux"), key=lambda p: p.stat().st_mtime, reverse=True)[8:]:
         old.unlink(missing_ok=True)
     return out
-
-
-def _bzimage_payload(data: bytes) -> bytes | None:
-    """Decompress a bzImage's payload (setup header fields payload_offset/length)."""
-    import struct
-
-    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
-        return None
-    if struct.unpack_from("<H", data, 0x206)[0] < 0x208:
-        return None  # boot protocol too old to describe its payload
-    setup_sects = data[0x1F1] or 4
-    offset = (setup_sects + 1) * 512 + struct.unpack_from("<I", data, 0x248)[0]
-    payload = data[offset:]
-    kind = next((k for m, k in _PAYLOADS.items() if payload.startswith(m)), None)
-    try:
-        if kind in ("xz", "lzma"):
-            import lzma
-            # A decompressor object: the payload is followed by its size field.
-            return lzma.LZMADecompressor().decompress(payload)
-        if kind == "gzip":
-            import zlib
-            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
-        if kind == "bzip2":
-            import bz2
-            return bz2.BZ2Decompressor().decompress(payload)
-    except (OSError, EOFError, ValueError) as e:
-        log.debug("cannot decompress the kernel payload (%s): %s", kind, e)
-    return None
 
 
 def _has_pvh_note(elf: bytes) -> bool:

@@ -96,7 +96,7 @@ def validate_options(config: pytest.Config) -> None:
                 problems.append(f"--racelab-kernels {k}: 'host' (this machine's kernel) goes with "
                                 "--racelab-backend=netns, and only it")
             continue
-        from lab import kernel as kmod
+        from lab.kernels import kernel as kmod
         try:
             kmod.resolve(k)
         except BadInput as e:
@@ -158,7 +158,7 @@ def expectation(config: pytest.Config, kernel: str, scenario: str) -> str:
             return value
     if kernel == "host":
         return "clean"
-    from lab import kernel as kmod
+    from lab.kernels import kernel as kmod
     from lab.matrix import expected_for
     return expected_for(kmod.resolve(kernel), scenario)
 
@@ -186,7 +186,7 @@ def racelab_host():
 @pytest.fixture(scope="session")
 def racelab_kernel():
     """Factory: name -> KernelArtifact.  Builds once per key across xdist workers (file lock)."""
-    from lab import kernel as kmod
+    from lab.kernels import kernel as kmod
     cache: dict[str, Any] = {}
 
     def get(name: str) -> Any:

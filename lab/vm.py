@@ -443,7 +443,7 @@ class VM:
                  pin: Sequence[int | str] | None = None, results_dir: Path | None = None,
                  uri: str = SYSTEM_URI, accel: str | None = None,
                  ready_timeout: float | None = None) -> None:
-        """kernel: a lab.kernel.KernelArtifact (bzimage, version, modules_dir,
+        """kernel: a lab.kernels.kernel.KernelArtifact (bzimage, version, modules_dir,
         module_load_order); image: lab.image.ensure_image().
         name: label for logs, hostname and host.name; a name starting with
         "racelab-" is used as the domain name as is (it must carry the pid).
@@ -891,7 +891,7 @@ def _resolve_kernel(text: str) -> Any:
     p = Path(text)
     if p.is_file():
         return BareKernel(p.resolve())
-    from lab import kernel as kmod
+    from lab.kernels import kernel as kmod
 
     return kmod.ensure(kmod.resolve(text))
 
@@ -903,7 +903,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="count", default=0)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="boot KERNEL, run CMD over SSH (a shell if none), tear down")
-    r.add_argument("kernel", help="a bzImage path, or a kernel name lab.kernel knows")
+    r.add_argument("kernel", help="a bzImage path, or a kernel name lab.kernels.kernel knows")
     r.add_argument("command", nargs="*")
     r.add_argument("--vcpus", type=int, default=2)
     r.add_argument("--memory", type=int, default=1024, help="MiB")

@@ -1,4 +1,4 @@
-"""Kernel catalog, specs, config fragments, cache keys, patch stack, cache (lab.kernel & co)."""
+"""Kernel catalog, specs, config fragments, cache keys, patch stack, cache (lab.kernels)."""
 
 import os
 import re
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import kbuild, kernel, sources
+from lab.kernels import kbuild, kernel, sources
 from lab.run import BadInput, BuildFailed
 
 FIX = Path(__file__).parent / "fixtures" / "kernel"
@@ -214,7 +214,7 @@ def test_each_source_kind_is_its_own_module():
     import importlib
     assert sources.SOURCE_KINDS == ("debsrc", "tarball", "git", "deb", "bzimage")
     for kind in sources.SOURCE_KINDS:
-        mod = importlib.import_module(f"lab.sources.{kind}")
+        mod = importlib.import_module(f"lab.kernels.sources.{kind}")
         assert mod.KIND == kind and mod.EXAMPLE.startswith(f"{kind}:")
         want = ("parse", "resolve", "series", "prepare") if kind in sources.BUILDERS else ("parse", "resolve", "fetch")
         for fn in want:
@@ -688,7 +688,7 @@ def test_cli_build_prints_the_bzimage_path(tmp_path, cache, capsys):
 
 
 def test_show_takes_fragments_and_patches(fake_kernel, cache, capsys):
-    """show() (and `python -m lab.kernel show`) names the kernel a build with the same extras makes."""
+    """show() (and `python -m lab.kernels.kernel show`) names the kernel a build with the same extras makes."""
     tb, _ = fake_kernel
     plain = kernel.show(f"tarball:{tb}")
     extra = kernel.show(f"tarball:{tb}", fragments=["kcsan"], patches=["widen-rx"])
@@ -731,7 +731,7 @@ def test_bench_kernel_build_keeps_its_figures_under_results(tmp_path, cache, mon
 def test_cli_help_runs_standalone():
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "lab.kernel", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "lab.kernels.kernel", "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     for sub in ("build", "list", "show", "gc"):
         assert sub in out

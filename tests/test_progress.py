@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lab import kbuild
+from lab.kernels import kbuild
 
 
 def tree(build, name, full_steps=None):

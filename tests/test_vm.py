@@ -292,7 +292,7 @@ def image():
 
 @pytest.fixture(scope="module")
 def deb_kernel(image):
-    from lab import kernel
+    from lab.kernels import kernel
     try:
         return kernel.ensure(kernel.resolve(DEB_KERNEL), progress=False)
     except Exception as e:  # noqa: BLE001 - no mirror, no dpkg-deb: name it and skip
@@ -301,7 +301,7 @@ def deb_kernel(image):
 
 @pytest.fixture(scope="module")
 def source_kernel(image):
-    from lab import kernel
+    from lab.kernels import kernel
     build = os.environ.get("RACELAB_ALL_TESTS") or os.environ.get("RACELAB_TEST_BUILD")
     if not kernel.show(SOURCE_KERNEL)["cached"] and not build:
         pytest.skip(f"catalog kernel {SOURCE_KERNEL} is not built: `racelab kernel build "

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lab.run import BadInput, run
-from lab.sources.common import atomic_write, sha256_file
+from lab.kernels.sources.common import atomic_write, sha256_file
 
 
 class PatchStack:
