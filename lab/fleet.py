@@ -14,7 +14,6 @@ splat on its console: the kernel under test crashed, and that counts.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 from lab import report
 from lab.config import RunConfig, parse_duration
-from lab.run import BadInput, InfraError, LostVM, log, require_root
+from lab.run import BadInput, InfraError, LostVM, log, require_root, slug
 from lab.scenario import Scenario, from_data
 from lab.session import (Interrupted, Outcome, Progress, _trace_opts, finish, results_dir,
                          rows_from_targets)
@@ -102,7 +101,7 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
         lock = threading.Lock()
 
         def boot(i: int) -> None:
-            name = f"racelab-{run_id}-{_slug(label)}-{i}"
+            name = f"racelab-{run_id}-{slug(label, 40)}-{i}"
             g = first + i
             uri = guest_uri(uris, g)
             try:
@@ -110,7 +109,7 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
                        if vmcfg["pin"] and cpus else None)
                 m = vmmod.VM(artifact, image, name=name, vcpus=vmcfg["vcpus"],
                              memory_mib=vmcfg["memory_mib"], cmdline=vmcfg["cmdline"],
-                             pin=pin, results_dir=out / "vms" / f"{_slug(label)}-{i}",
+                             pin=pin, results_dir=out / "vms" / f"{slug(label, 40)}-{i}",
                              uri=uri, accel=accel)
                 entered = m.__enter__()
             except BaseException as e:  # noqa: BLE001 - reported below, after the others boot
@@ -217,10 +216,6 @@ def _join_all(workers: list[Worker], on_interrupt: Callable[[], None] | None = N
         raise KeyboardInterrupt
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40]
-
-
 def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
               events_lock: threading.Lock, events_file: Any,
               cancel: threading.Event | None = None, *, silence: float | None = None,
@@ -291,8 +286,8 @@ def _fetch_after(m: Any, res: TargetResult, out: Path, label: str) -> None:
     except InfraError as e:
         res.notes.append(f"dmesg not fetched ({e.message}); the console log holds the kernel log")
         return
-    (ev_dir / f"{_slug(label)}.dmesg").write_text(dmesg.stdout)
-    res.evidence["dmesg"] = str(ev_dir / f"{_slug(label)}.dmesg")
+    (ev_dir / f"{slug(label, 40)}.dmesg").write_text(dmesg.stdout)
+    res.evidence["dmesg"] = str(ev_dir / f"{slug(label, 40)}.dmesg")
 
 
 def _phases(t0: float, t_up: float, t_ran: float, t_down: float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ __all__ = [
     "EXIT_BAD_INPUT", "EXIT_INFRA", "EXIT_MISMATCH", "EXIT_OK", "TOOL_PACKAGES", "BadInput",
     "BuildFailed", "CommandFailed", "InfraError", "LostSSH", "LostVM", "RacelabError", "die",
     "log", "require_tools", "run", "spawn", "stop", "tool_hint",
-    "require_root", "cache_dir", "project_root", "writable_dir_problem", "setup_logging",
+    "require_root", "cache_dir", "project_root", "writable_dir_problem", "slug", "setup_logging",
 ]
 
 
@@ -74,6 +75,13 @@ def writable_dir_problem(path: Path) -> str | None:
             except OSError:
                 pass
     return None
+
+
+def slug(text: str, limit: int | None = None) -> str:
+    """text as a file or domain name: runs of anything but [A-Za-z0-9_.-] become one "_";
+    limit: at most that many characters (VM names and result directories keep 40)."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+    return s if limit is None else s[:limit]
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:

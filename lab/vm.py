@@ -66,7 +66,7 @@ from lab import image as imagemod
 from lab.libvirtd import (POOL_NAME, SYSTEM_URI, ConsoleStream, check_uri, connect,
                           ensure_libvirtd, is_local, overlay_volume, upload)
 from lab.remote import SshHost, shell_or_command
-from lab.run import BadInput, InfraError, LostVM, cache_dir, require_tools, run, spawn
+from lab.run import BadInput, InfraError, LostVM, cache_dir, require_tools, run, slug, spawn
 
 __all__ = ["VM", "detect_accel", "accel_text", "ensure_libvirtd", "reap_stale", "domain_xml", "DomainSpec"]
 
@@ -490,7 +490,7 @@ class VM:
         self.accel_reason = "requested by the caller" if accel else ""
         self.ready_timeout = ready_timeout
         self.dir = cache_dir() / "vms" / self.domain_name
-        self.console_path = ((self.results_dir or self.dir) / f"{_slug(self.name)}.console.log")
+        self.console_path = ((self.results_dir or self.dir) / f"{slug(self.name)}.console.log")
         self.port = 0
         self.boot_seconds = 0.0
         # host clock since the boot began: "domain" (libvirt and QEMU up), "marker" (init ready)
@@ -535,7 +535,7 @@ class VM:
             console = None  # a pty, streamed back by ConsoleStream
         cmdline = " ".join(filter(None, [
             "console=ttyS0", "root=/dev/vda", "rw", f"init={imagemod.GUEST_INIT}",
-            f"racelab.hostname={_slug(self.name)[:63]}",
+            f"racelab.hostname={slug(self.name)[:63]}",
             "panic=-1",  # a panic reboots, on_reboot destroys: the host sees the loss at once
             # sshd blocks in getrandom() until the crng is seeded: seed it from
             # RDRAND and virtio-rng instead of waiting seconds for jitter entropy
@@ -728,7 +728,7 @@ class VM:
             return
         if self.results_dir is not None:
             try:
-                shutil.copyfile(p, self.results_dir / f"{_slug(self.name)}.qemu.log")
+                shutil.copyfile(p, self.results_dir / f"{slug(self.name)}.qemu.log")
             except OSError:
                 pass
         p.unlink(missing_ok=True)
@@ -819,10 +819,6 @@ def _delete_volume(vol: libvirt.virStorageVol) -> None:
         vol.delete(0)
     except libvirt.libvirtError as e:
         log.debug("cannot delete volume %s: %s", vol.name(), e)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 def _block_sigint() -> Any:

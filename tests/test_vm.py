@@ -669,3 +669,10 @@ def test_bench_boot_interrupted_while_guests_boot_leaves_none(deb_kernel, image)
     assert p.returncode == 130, err[-3000:]
     assert "interrupted" in err
     assert _domains(f"racelab-{p.pid}-") == []
+
+
+def test_one_slug_for_file_and_domain_names():
+    from lab.run import slug
+    assert slug("6.1.192+revert-generic-rx/vm 3") == "6.1.192_revert-generic-rx_vm_3"
+    long = "k" * 60
+    assert slug(long) == long and slug(long, 40) == "k" * 40
