@@ -351,3 +351,22 @@ def test_cancel_asks_the_agent_to_stop_and_keeps_its_counts():
     assert host.proc.how == "terminate"    # asked to stop, not abandoned: it says its last lines
     assert r.interrupted and r.infra_error == "interrupted" and r.reason == "interrupted"
     assert r.packets > 0 and r.exposure_s() > 0 and r.lost_reason() is None
+
+
+def test_the_checker_and_the_load_are_wired_to_devices_the_topology_builds():
+    import copy
+    base = scen.load("generic-rx-race")
+    for mode in ("rxdrop", "forward"):
+        data = copy.deepcopy(base.data)
+        data["checker"]["mode"], data["load"]["iperf3"] = mode, mode == "forward"
+        spec = agent_spec(scen.Scenario(name=base.name, path=base.path, data=data), duration=1, seed=1,
+                          bin_dir="/b", stop_on_first=True)
+        ends = {(v.a_ns, v.a): (v.a_mac, v.a_addr) for v in spec.topology.veths}
+        ends |= {(v.b_ns, v.b): (v.b_mac, v.b_addr) for v in spec.topology.veths}
+        assert (spec.checker.ns, spec.checker.dev) in ends and (spec.sender.ns, spec.sender.dev) in ends
+        target = [addr for mac, addr in ends.values() if mac == spec.sender.dst_mac]
+        assert target and target[0].split("/")[0] == spec.sender.dst_ip, mode
+        assert ends[(spec.sender.ns, spec.sender.dev)][1].split("/")[0] == spec.sender.src_ip
+        if mode == "forward":
+            assert (spec.checker.ns, spec.checker.peer_dev) in ends
+            assert spec.iperf.server_ip == spec.sender.dst_ip and spec.iperf.client_ns == spec.sender.ns
