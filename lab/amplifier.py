@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab.cache import atomic_write
 from lab.run import BadInput, RacelabError, cache_dir, log, require_tools, run, setup_logging
 
 METHODS = ("auto", "off", "patch", "kprobe", "kprobe-delay")
@@ -313,10 +314,7 @@ def sites_for(artifact: Any, kallsyms: str | None = None) -> list[Site]:
                      f"from it, then a 64-bit store, within {LOOKAHEAD} instructions)",
                      hint="give the probe yourself: --set amplifier.probe=SYMBOL+OFFSET (see "
                           "`python -m lab.amplifier KERNEL`), or --set amplifier.method=off")
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_suffix(".tmp")
-    tmp.write_text(json.dumps([asdict(s) for s in sites]))
-    tmp.replace(entry)
+    atomic_write(entry, json.dumps([asdict(s) for s in sites]))
     return sites
 
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from lab import cache
 from lab.agent.dataplane import BINARIES
 from lab.run import BadInput, BuildFailed, RacelabError, cache_dir, project_root, require_tools, run
 
@@ -64,27 +63,15 @@ def build(force: bool = False) -> Path:
         return final
     require_tools("gcc", "make")
     require_static_libc()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=root))
-    try:
+    # a concurrent builder's complete build (another pytest worker) stays: its binaries may be running
+    with cache.building(final, directory=True, replace=force or (final.exists() and not _complete(final))
+                        ) as tmp:
         proc = run(["make", "-C", src, f"OUT={tmp}"], check=False)
         output = ((proc.stdout or "") + (proc.stderr or "")).strip()
         if proc.returncode != 0 or not _complete(tmp):
             hint = "needs gcc, make and static glibc: apt-get install build-essential linux-libc-dev"
             raise BuildFailed(f"building the data plane (csrc/) failed, make exit {proc.returncode}:\n"
                               f"{output[-6000:]}", hint=hint)
-        if force and final.exists():
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _complete(final):  # not another builder winning the race
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

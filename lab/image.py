@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from lab import cache
 from lab.kernels import bzimage
 from lab.run import BadInput, BuildFailed, cache_dir, project_root, require_tools, run
 
@@ -161,7 +162,7 @@ def ensure_keys() -> Keys:
     d = cache_dir() / "keys"
     d.mkdir(mode=0o700, exist_ok=True)
     keys = Keys(client=d / "id_ed25519", host=d / "ssh_host_ed25519_key")
-    with _lock(d / ".lock"):
+    with cache.lock(d / ".lock"):
         for path, comment in ((keys.client, "racelab-client"), (keys.host, "racelab-guest")):
             if path.exists() and Path(f"{path}.pub").exists():
                 continue
@@ -182,7 +183,7 @@ def ensure_base(recipe: Recipe, progress: bool = True) -> Path:
     rootfs = final / "rootfs"
     if (final / "done").exists():
         return rootfs
-    with _lock(images / ".lock"):
+    with cache.lock(images / ".lock"):
         if (final / "done").exists():
             return rootfs
         require_tools("mmdebstrap")
@@ -191,37 +192,31 @@ def ensure_base(recipe: Recipe, progress: bool = True) -> Path:
                            "file ownership inside the image)", hint="run it as root")
         _say(progress, f"building base rootfs {final.name} with mmdebstrap "
                        f"({recipe.suite}, {len(recipe.packages)} packages; ~30 s, downloads)")
-        tmp = images / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        argv: list[str] = ["mmdebstrap", f"--variant={recipe.variant}", "--mode=root",
-                           "--format=directory", "--include=" + ",".join(recipe.packages)]
-        # merged /usr by symlinks, as debootstrap does; the alternative (the
-        # usrmerge package) drags in perl, ~50 MB.
-        if MERGED_USR_HOOKS.is_dir():
-            argv.append(f"--hook-dir={MERGED_USR_HOOKS}")
-        argv += [f"--dpkgopt=path-exclude={p}" for p in recipe.dpkg_excludes]
-        argv += [f"--dpkgopt=path-include={p}" for p in recipe.dpkg_includes]
-        argv += [recipe.suite, str(tmp / "rootfs")]
-        if recipe.mirror:
-            argv.append(recipe.mirror)
-        try:
-            run(argv, timeout=1800, hint="mmdebstrap needs the Debian mirror (deb.debian.org)")
-            _strip(tmp / "rootfs", recipe.remove)
-            (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-            (tmp / "done").write_text("")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with cache.building(final, directory=True) as tmp:
+            _debootstrap(recipe, tmp)
         _say(progress, f"base rootfs ready: {_du(rootfs) / 2**20:.0f} MiB")
         # One older base stays (another checkout may still use it); the rest go.
-        old = sorted((p for p in images.glob("base-*") if p != final and p.is_dir()),
-                     key=lambda p: p.stat().st_mtime, reverse=True)
-        for p in old[1:]:
-            log.debug("removing old base %s", p)
-            shutil.rmtree(p, ignore_errors=True)
+        cache.prune((p for p in images.glob("base-*") if p != final and p.is_dir()), 1)
     return rootfs
+
+
+def _debootstrap(recipe: Recipe, tmp: Path) -> None:
+    """The stripped rootfs into tmp/rootfs, with recipe.json and the done marker beside it."""
+    argv: list[str] = ["mmdebstrap", f"--variant={recipe.variant}", "--mode=root",
+                       "--format=directory", "--include=" + ",".join(recipe.packages)]
+    # merged /usr by symlinks, as debootstrap does; the alternative (the
+    # usrmerge package) drags in perl, ~50 MB.
+    if MERGED_USR_HOOKS.is_dir():
+        argv.append(f"--hook-dir={MERGED_USR_HOOKS}")
+    argv += [f"--dpkgopt=path-exclude={p}" for p in recipe.dpkg_excludes]
+    argv += [f"--dpkgopt=path-include={p}" for p in recipe.dpkg_includes]
+    argv += [recipe.suite, str(tmp / "rootfs")]
+    if recipe.mirror:
+        argv.append(recipe.mirror)
+    run(argv, timeout=1800, hint="mmdebstrap needs the Debian mirror (deb.debian.org)")
+    _strip(tmp / "rootfs", recipe.remove)
+    (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    (tmp / "done").write_text("")
 
 
 def _strip(rootfs: Path, patterns: Iterable[str]) -> None:
@@ -335,7 +330,7 @@ def ensure_image(progress: bool = True) -> Image:
     images = cache_dir() / "images"
     path = images / f"racelab-{key}.img"
     if not path.exists():
-        with _lock(images / ".lock"):
+        with cache.lock(images / ".lock"):
             if not path.exists():
                 _build_image(rootfs, files, recipe, path, progress)
                 _prune(images, keep=path)
@@ -352,7 +347,6 @@ def _build_image(rootfs: Path, files: list[LayerFile], recipe: Recipe, out: Path
                        hint="run it as root")
     _say(progress, f"packing guest image {out.name} (mke2fs -d)")
     stage = out.parent / f".{out.stem}.stage-{os.getpid()}"
-    tmp_img = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     try:
         # Hard links: no copy of the ~120 MB base.  Layer files are always
@@ -368,17 +362,13 @@ def _build_image(rootfs: Path, files: list[LayerFile], recipe: Recipe, out: Path
         need = blocks * BLOCK * 103 // 100 + inodes * 256 + recipe.free_mib * 2**20
         size_mib = -(-need // 2**20)
         check_size(size_mib * 2**20, stage)
-        tmp_img.unlink(missing_ok=True)
-        # No journal: every VM writes to a throw-away overlay, and crashes are
-        # the norm (we destroy guests), so there is nothing to replay.
-        run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-O", "^has_journal", "-m", "0",
-             "-L", "racelab", "-N", str(inodes), "-E", "root_owner=0:0",
-             "-d", stage, tmp_img, f"{size_mib}M"])
-        check_size(tmp_img.stat().st_size, stage)
-        tmp_img.rename(out)
-    except BaseException:
-        tmp_img.unlink(missing_ok=True)
-        raise
+        with cache.building(out) as tmp_img:
+            # No journal: every VM writes to a throw-away overlay, and crashes are
+            # the norm (we destroy guests), so there is nothing to replay.
+            run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-O", "^has_journal", "-m", "0",
+                 "-L", "racelab", "-N", str(inodes), "-E", "root_owner=0:0",
+                 "-d", stage, tmp_img, f"{size_mib}M"])
+            check_size(tmp_img.stat().st_size, stage)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     _say(progress, f"guest image ready: {out} ({out.stat().st_size / 2**20:.0f} MiB, "
@@ -443,11 +433,7 @@ def _usage(root: Path) -> tuple[int, int]:
 def _prune(images: Path, keep: Path, keep_n: int = 3) -> None:
     """Drop old final images (not bases).  A running VM keeps its backing file
     open, so removing one under it is harmless."""
-    old = sorted((p for p in images.glob("racelab-*.img") if p != keep),
-                 key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in old[keep_n - 1:]:
-        log.debug("removing old image %s", p)
-        p.unlink(missing_ok=True)
+    cache.prune((p for p in images.glob("racelab-*.img") if p != keep), keep_n - 1)
 
 
 # --- initramfs for deb: kernels ------------------------------------------------
@@ -493,9 +479,7 @@ def initrd_for(kernel: KernelLike) -> Path | None:
         for i in range(1, len(parts)):
             cpio.dir("lib/modules/racelab/" + "/".join(parts[:i]))
         cpio.file(f"lib/modules/racelab/{m}", data, 0o644)
-    tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_bytes(cpio.gzipped())
-    tmp.rename(out)
+    cache.atomic_write(out, cpio.gzipped())
     log.info("initramfs for %s: %s (%d modules, %d KiB)", kernel.version, out, len(mods),
              out.stat().st_size // 1024)
     return out
@@ -532,12 +516,9 @@ def kernel_for_boot(kernel: KernelLike) -> Path:
         log.info("kernel %s boots as a bzImage (%s): slower under TCG", bz, why)
         marker.write_text(why + "\n")
         return bz
-    tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_bytes(vmlinux)
-    tmp.rename(out)
+    cache.atomic_write(out, vmlinux)
     # ~65 MB each: keep the 8 most recently booted (a running guest has its copy loaded)
-    for old in sorted(out_dir.glob("*.vmlinux"), key=lambda p: p.stat().st_mtime, reverse=True)[8:]:
-        old.unlink(missing_ok=True)
+    cache.prune(out_dir.glob("*.vmlinux"), 8)
     return out
 
 
@@ -578,9 +559,7 @@ def probe_initrd() -> Path:
     cpio.char("dev/console", 0o600, 5, 1)
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.file("init", script, 0o755)
-    tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_bytes(cpio.gzipped())
-    tmp.rename(out)
+    cache.atomic_write(out, cpio.gzipped())
     return out
 
 
@@ -661,12 +640,6 @@ def _du(path: Path) -> int:
 
 def _allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
-
-
-def _lock(path: Path):  # noqa: ANN202
-    from filelock import FileLock
-
-    return FileLock(str(path))
 
 
 def _say(progress: bool, msg: str) -> None:

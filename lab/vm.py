@@ -265,18 +265,16 @@ def _accel_cache_get(key: str) -> list[str] | None:
 
 
 def _accel_cache_put(key: str, value: tuple[str, str]) -> None:
-    from filelock import FileLock
+    from lab import cache
 
     cache_file = cache_dir() / "accel.json"
-    with FileLock(str(cache_file) + ".lock"):
+    with cache.lock(Path(f"{cache_file}.lock")):
         try:
             cached = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cached = {}
         cached[key] = list(value)
-        tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
-        tmp.rename(cache_file)
+        cache.atomic_write(cache_file, json.dumps(cached, indent=1, sort_keys=True))
 
 
 # --- the domain --------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from lab.agent.agent import AgentSpec, CheckerOpts, IperfOpts, SenderOpts
 from lab.amplifier import PATCH_KNOB
+from lab.cache import atomic_write
 from lab.host import Host
 from lab.run import InfraError, LostVM
 from lab.scenario import WIRING, Scenario, to_topology
@@ -391,10 +392,7 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def fetch_evidence(host: Host, res: TargetResult, out: Path) -> None:

@@ -579,7 +579,7 @@ def test_ensure_bzimage_caches_and_hits_fast(tmp_path, cache):
     t0 = time.monotonic()
     assert kernel.ensure(spec, progress=False) == art
     assert time.monotonic() - t0 < 1.0
-    assert not list((cache / "kernels").glob(".tmp-*"))
+    assert not list((cache / "kernels").glob(".*tmp-*"))
 
 
 def test_concurrent_ensure_builds_once(tmp_path, cache, monkeypatch):
@@ -616,7 +616,7 @@ def test_failed_build_leaves_no_entry(tmp_path, cache, monkeypatch):
     with pytest.raises(BuildFailed):
         kernel.ensure(spec, progress=False)
     assert kernel.cached() == []
-    assert not list((cache / "kernels").glob(".tmp-*"))
+    assert not list((cache / "kernels").glob(".*tmp-*"))
 
 
 def test_gc_keeps_recent_and_locked(tmp_path, cache):
@@ -888,7 +888,7 @@ def test_ensure_lost_option_and_build_failure(fake_kernel, cache, tmp_path):
     assert "error: boom" in str(e.value) and "full log:" in str(e.value)
     kept = Path(e.value.hint.split("full log: ")[1])
     assert kept.is_file() and "error: boom" in kept.read_text()
-    assert kernel.cached() == [] and not list((cache / "kernels").glob(".tmp-*"))
+    assert kernel.cached() == [] and not list((cache / "kernels").glob(".*tmp-*"))
 
 
 def fake_toolchain(tmp_path, tools, headers):
@@ -939,7 +939,7 @@ def test_cache_hit_needs_only_gcc(fake_kernel, cache, tmp_path, monkeypatch):
     with pytest.raises(BadInput) as e:
         kernel.ensure(other, progress=False)
     assert "make" in str(e.value) and "build-essential" in e.value.hint and "libelf-dev" in e.value.hint
-    assert not list((cache / "kernels").glob(".tmp-*"))
+    assert not list((cache / "kernels").glob(".*tmp-*"))
     gcc.unlink()
     with pytest.raises(BadInput, match="gcc not found") as e:
         kernel.ensure(spec, progress=False)
@@ -1025,7 +1025,7 @@ def test_truncated_bzimage_of_a_source_build_is_rebuilt(fake_kernel, cache, monk
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and art.key in warned[0] and "bzImage does not match its recorded sha256" in warned[0]
     assert "(10 bytes" in warned[0] and "rebuilding it" in warned[0]
-    assert not list((cache / "kernels").glob(".old-*")) and not list((cache / "kernels").glob(".tmp-*"))
+    assert not list((cache / "kernels").glob(".*old-*")) and not list((cache / "kernels").glob(".*tmp-*"))
     assert kernel.ensure(spec, progress=False).bzimage.read_bytes() == good and builds == [1]
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.cache import atomic_write
 from lab.kernels import bzimage
 from lab.run import BadInput, BuildFailed, cache_dir, log, run, spawn
 
@@ -432,11 +433,7 @@ def cc_wrapper() -> Path:
     """The CC given to make (written once into the cache; its path is part of every command line)."""
     path = cache_dir() / "bin" / "racelab-cc"
     if not path.is_file() or path.read_text() != CC_WRAPPER:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".racelab-cc.{os.getpid()}")
-        tmp.write_text(CC_WRAPPER)
-        tmp.chmod(0o755)
-        tmp.replace(path)
+        atomic_write(path, CC_WRAPPER, mode=0o755)
     return path
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from lab import cache
 from lab.kernels import bzimage, kbuild, sources
 from lab.run import BadInput, BuildFailed, cache_dir, log, project_root
 
@@ -550,10 +551,8 @@ def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = Fals
         if art is not None:
             _touch(entry)
             return art
-        tmp = store() / f".tmp-{p.key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        # an existing entry (one without vmlinux, or a corrupt one) is replaced whole
+        with cache.building(entry, directory=True) as tmp:
             if p.res.ref.builds:
                 art = _build(p, tmp, progress, want_vmlinux)
             else:
@@ -561,16 +560,6 @@ def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = Fals
             art = art.relocated(entry) if art.dir != entry else art
             (tmp / "meta.json").write_text(art.to_json())
             _record_sums(tmp)
-            if entry.exists():                       # an entry without vmlinux, upgraded
-                old = store() / f".old-{p.key}-{os.getpid()}"
-                os.replace(entry, old)
-                os.replace(tmp, entry)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, entry)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         _touch(entry)
         log.info("[kernel] %s ready: %s (%.0fs)", spec.name, entry, art.build_seconds)
         return art
@@ -756,8 +745,10 @@ def gc(keep: int) -> list[Path]:
                 removed.append(art.dir)
         finally:
             lock.release()
-    for tmp in [*store().glob(".tmp-*"), *store().glob(".old-*")]:    # left by a killed build
-        key = tmp.name.split("-")[1]
+    # left by a killed build (lab.cache.building: .KEY.tmp-PID-TID; older racelabs: .tmp-KEY-PID)
+    for tmp in [*store().glob(".*.tmp-*"), *store().glob(".*.old-*"), *store().glob(".tmp-*"),
+                *store().glob(".old-*")]:
+        key = tmp.name.split("-")[1] if tmp.name.startswith((".tmp-", ".old-")) else tmp.name[1:].split(".")[0]
         lock = FileLock(str(store() / f"{key}.lock"))
         try:
             lock.acquire(timeout=0)
