@@ -62,6 +62,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
+from lab import boot as bootmod
 from lab import image as imagemod
 from lab.libvirtd import (POOL_NAME, SYSTEM_URI, ConsoleStream, check_uri, connect,
                           ensure_libvirtd, is_local, overlay_volume, upload)
@@ -143,7 +144,7 @@ def _probe_kvm(kernel: Any) -> tuple[str, str]:
     """Boot the kernel under KVM into a tiny initramfs that prints a marker."""
     import tempfile
 
-    initrd = imagemod.probe_initrd()
+    initrd = bootmod.probe_initrd()
     with tempfile.TemporaryDirectory(prefix="racelab-kvm-probe-") as d:
         console = Path(d) / "console"
         console.touch()
@@ -154,11 +155,11 @@ def _probe_kvm(kernel: Any) -> tuple[str, str]:
         t0 = time.monotonic()
         with spawn(argv, stdout=subprocess.DEVNULL, grace=2) as proc:
             while time.monotonic() - t0 < PROBE_TIMEOUT:
-                if imagemod.PROBE_MARKER in console.read_text(errors="replace"):
+                if bootmod.PROBE_MARKER in console.read_text(errors="replace"):
                     return "kvm", f"KVM probe booted the kernel in {time.monotonic() - t0:.1f}s"
                 if proc.poll() is not None:
                     err = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
-                    if imagemod.PROBE_MARKER in console.read_text(errors="replace"):
+                    if bootmod.PROBE_MARKER in console.read_text(errors="replace"):
                         return "kvm", f"KVM probe booted the kernel in {time.monotonic() - t0:.1f}s"
                     return "tcg", f"QEMU cannot use KVM: {(err or ['exited'])[-1]}"
                 time.sleep(0.1)
@@ -182,7 +183,7 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
         cached = _accel_cache_get(key)
         if cached:
             return cached[0], f"{cached[1]} (cached probe)"
-        boot, probe = imagemod.kernel_for_boot(kernel), imagemod.probe_initrd()
+        boot, probe = bootmod.kernel_for_boot(kernel), bootmod.probe_initrd()
         kpath = upload(conn, boot, f"kernel-{_file_sha(boot)}")
         ipath = upload(conn, probe, probe.name)
         name = f"{_next_name()}-kvmprobe"
@@ -219,7 +220,7 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
                     result = ("tcg", f"KVM probe did not reach the kernel's /init in "
                                      f"{PROBE_TIMEOUT:.0f}s on {uri}")
                     while time.monotonic() - t0 < PROBE_TIMEOUT:
-                        if imagemod.PROBE_MARKER in console.read_text(errors="replace"):
+                        if bootmod.PROBE_MARKER in console.read_text(errors="replace"):
                             result = ("kvm", f"KVM probe on {uri} booted the kernel in "
                                              f"{time.monotonic() - t0:.1f}s")
                             break
@@ -227,7 +228,7 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
                             running = dom.isActive()
                         except libvirt.libvirtError:
                             running = False
-                        if not running and imagemod.PROBE_MARKER not in console.read_text(errors="replace"):
+                        if not running and bootmod.PROBE_MARKER not in console.read_text(errors="replace"):
                             result = ("tcg", f"the KVM probe guest on {uri} stopped before /init")
                             break
                         time.sleep(0.1)
@@ -517,8 +518,8 @@ class VM:
         reap_stale(self._conn)
         if not self.accel:
             self.accel, self.accel_reason = detect_accel(self.kernel, self.uri)
-        initrd = imagemod.initrd_for(self.kernel)
-        boot_kernel = imagemod.kernel_for_boot(self.kernel)
+        initrd = bootmod.initrd_for(self.kernel)
+        boot_kernel = bootmod.kernel_for_boot(self.kernel)
         self.dir.mkdir(parents=True, exist_ok=False)
         (self.dir / "owner").write_text(json.dumps(self._owner()))
         self.console_path.parent.mkdir(parents=True, exist_ok=True)

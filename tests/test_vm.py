@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
+from lab import boot as bootmod
 from lab import image as imagemod
 from lab import vm as vmmod
 from lab.remote import SshHost
@@ -163,8 +164,8 @@ def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch
     monkeypatch.setattr(vmmod, "connect", lambda uri: Conn())
     monkeypatch.setattr(vmmod, "upload", lambda conn, path, name: f"/pool/{name}")
     monkeypatch.setattr(vmmod, "ConsoleStream", broken_stream)
-    monkeypatch.setattr(imagemod, "kernel_for_boot", lambda k: kernel)
-    monkeypatch.setattr(imagemod, "probe_initrd", lambda: kernel)
+    monkeypatch.setattr(bootmod, "kernel_for_boot", lambda k: kernel)
+    monkeypatch.setattr(bootmod, "probe_initrd", lambda: kernel)
     with pytest.raises(libvirt.libvirtError):
         vmmod._remote_accel(vmmod.BareKernel(kernel), "qemu+ssh://lab2/system")
     assert Dom.destroyed
@@ -197,8 +198,8 @@ def test_the_remote_kvm_probe_is_cached_per_host_not_per_uri(monkeypatch, tmp_pa
     monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(vmmod, "connect", lambda uri: Conn())
     monkeypatch.setattr(vmmod, "upload", lambda conn, path, name: f"/pool/{name}")
-    monkeypatch.setattr(imagemod, "kernel_for_boot", lambda k: kernel)
-    monkeypatch.setattr(imagemod, "probe_initrd", lambda: kernel)
+    monkeypatch.setattr(bootmod, "kernel_for_boot", lambda k: kernel)
+    monkeypatch.setattr(bootmod, "probe_initrd", lambda: kernel)
     k = vmmod.BareKernel(kernel)
     accel, why = vmmod._remote_accel(k, "qemu+ssh://root@lab2:2201/system?keyfile=/a")
     assert accel == "tcg" and "did not start" in why and len(started) == 1
