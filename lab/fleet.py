@@ -30,8 +30,7 @@ from lab.run import BadInput, InfraError, LostVM, log, require_root, slug
 from lab.scenario import Scenario, from_data
 from lab.session import (Interrupted, Outcome, Progress, _trace_opts, finish, results_dir,
                          rows_from_targets)
-from lab.splat import (PANIC, SPLAT, STALL, Splat, SplatWatcher, crashed_of_splat,  # noqa: F401 - the
-                       record_splats, splat_kind, stall_policy)                     # fleet's splat API
+from lab.splat import Splat, SplatWatcher, crashed_of_splat, record_splats, splat_kind, stall_policy
 from lab.verdict import Row
 from lab.workload import TargetResult, agent_spec, fetch_evidence, run_target, write_json
 

@@ -176,7 +176,7 @@ def test_iperf_report_is_kept_and_its_failure_noted_and_heartbeats_are_not_event
 def test_a_guest_that_crashes_before_its_first_stats_line_still_has_an_exposure():
     """The reverted generic receive can oops within 0.3 s, before the checker's first
     stats line: the violations' receive counts and times are the exposure then."""
-    from lab.fleet import crashed_of_splat
+    from lab.splat import crashed_of_splat
     host = FakeHost([
         {"type": "load-start", "at": 6.0},
         {"type": "violation", "kind": "order", "at": 6.3, "rx": 60},
