@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import evidence
+from lab import evidence, rawtrace
 
 from lab.agent import tracer
 
@@ -254,7 +254,7 @@ def _page(ts, body, missed=None):
 def _raw(pages, callers=None):
     head = {"page_size": 4096, "cpus": [0, 1], "callers": callers or {},
             "events": {str(IDS[k]): {"name": k, "fields": FIELDS[k]} for k in IDS}}
-    out = evidence.RAW_MAGIC
+    out = rawtrace.RAW_MAGIC
     for tag, cpu, data in [(b"HEAD", 0, evidence.json.dumps(head).encode())] + pages + \
             [(b"TAIL", 0, b'{"kprobe_profile": {"rcv": [9, 2]}}')]:
         out += struct.pack("<4sII", tag, cpu, len(data)) + data
@@ -553,7 +553,7 @@ def _raw_with(tmp_path, header=None, tail=None):
     p = tmp_path / "t.raw"
     h = {"page_size": 4096, "cpus": [0, 1], "callers": {},
          "events": {str(IDS[k]): {"name": k, "fields": FIELDS[k]} for k in IDS}, **(header or {})}
-    out = evidence.RAW_MAGIC
+    out = rawtrace.RAW_MAGIC
     for tag, cpu, d in [(b"HEAD", 0, evidence.json.dumps(h).encode()), (b"PAGE", 0, page),
                         (b"TAIL", 0, evidence.json.dumps(tail or {}).encode())]:
         out += struct.pack("<4sII", tag, cpu, len(d)) + d

@@ -2,7 +2,7 @@
 
 No root, no VM: real raw traces from guests (tests/fixtures/trace/*raw*.trace.gz, unpacked: the
 scanner reads plain files only) and synthetic ones built here with the ring-buffer layout
-evidence._cpu_events() decodes (two CPUs interleaving, a page with the missed-events flag,
+rawtrace._cpu_events() decodes (two CPUs interleaving, a page with the missed-events flag,
 equal timestamps, time extends, padding)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from lab import dataplane as dpbuild
 from lab.agent import dataplane as dp
-from lab import evidence
+from lab import evidence, rawtrace
 from lab.agent import tracer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trace"
@@ -168,7 +168,7 @@ def page(ts0: int, events: list[tuple[int, bytes]], missed: int | None = None, p
     commit = len(body)
     tail = b""
     if missed is not None:
-        commit |= evidence._RB_MISSED_EVENTS | evidence._RB_MISSED_STORED
+        commit |= rawtrace._RB_MISSED_EVENTS | rawtrace._RB_MISSED_STORED
         tail = struct.pack("<Q", missed)
     return struct.pack("<Qq", ts0, commit) + body + tail
 
@@ -176,11 +176,11 @@ def page(ts0: int, events: list[tuple[int, bytes]], missed: int | None = None, p
 def write_trace(path: Path, pages: list[tuple[int, bytes]], head: dict | None = None,
                 tail: dict | None = None) -> Path:
     with open(path, "wb") as f:
-        f.write(evidence.RAW_MAGIC)
+        f.write(rawtrace.RAW_MAGIC)
         for tag, cpu, payload in [(b"HEAD", 0, json.dumps(head or HEAD).encode()),
                                   *[(b"PAGE", c, p) for c, p in pages],
                                   (b"TAIL", 0, json.dumps(TAIL if tail is None else tail).encode())]:
-            f.write(evidence._REC.pack(tag, cpu, len(payload)) + payload)
+            f.write(rawtrace._REC.pack(tag, cpu, len(payload)) + payload)
     return path
 
 
@@ -221,7 +221,7 @@ def test_a_lost_events_page_is_a_gap_and_withdraws_its_hits(xsktrace, tmp_path):
 
 def test_a_lost_page_without_a_count_is_still_a_gap(xsktrace, tmp_path):
     body = page(100, [(110, ev("rcv", S1)), (120, ev("rcvret", 0))])
-    commit = struct.unpack_from("<q", body, 8)[0] | evidence._RB_MISSED_EVENTS
+    commit = struct.unpack_from("<q", body, 8)[0] | rawtrace._RB_MISSED_EVENTS
     body = body[:8] + struct.pack("<q", commit) + body[16:]
     c, _ = assert_same(xsktrace, write_trace(tmp_path / "lost-unknown.trace", [(0, body)]))
     assert c["gaps"] == 1 and c["lost"] == 0
