@@ -1118,6 +1118,8 @@ static int map_update(int fd, uint32_t key, uint32_t value)
 }
 
 static uint32_t fake_len_bias; /* --selfbench: the fake kernel's length fault budget */
+static uint64_t fake_unwritten; /* --selfbench-unwritten N: the fake kernel publishes its Nth RX slot
+				 * without writing it, as the veth NAPI race does (0: never) */
 
 static void set_len_bias(uint32_t v)
 {
@@ -1336,6 +1338,23 @@ static void detach_all(void)
 /* ------------------------------------------------------------------ */
 /* sockets                                                             */
 
+/* Every RX and COMP slot starts as the poison, as a consumed one ends.  A slot the
+ * kernel publishes before writing it then reads as the poison on the ring's first
+ * pass too, not as zeros: addr 0 is frame 0, a real frame, and taking it would put
+ * frame 0 in circulation twice and turn one fault into a cascade that never ends
+ * (the veth race did that: one onset, then thousands of echoes for 30 s).  Before
+ * bind(): no traffic yet, every slot is the kernel's to write. */
+static void poison_rings(struct xsk *s)
+{
+	if (!opt.checks)
+		return;
+	for (uint32_t i = 0; i < s->rx.size; i++)
+		((struct xdp_desc *)s->rx.descs)[i].addr = POISON;
+	if (s->fq == s && s->comp.map)
+		for (uint32_t i = 0; i < s->comp.size; i++)
+			((uint64_t *)s->comp.descs)[i] = POISON;
+}
+
 static int map_ring(int fd, struct ring *r, uint32_t size, const struct xdp_ring_offset *o, off_t pgoff,
 		    size_t desc)
 {
@@ -1416,6 +1435,7 @@ static int setup_socket(struct xsk *s, struct xsk *umem_owner)
 		fail_errno("mmap of a ring", s);
 		return -1;
 	}
+	poison_rings(s);
 	memset(&sxdp, 0, sizeof(sxdp));
 	sxdp.sxdp_family = AF_XDP;
 	sxdp.sxdp_ifindex = (uint32_t)s->ifindex;
@@ -1570,7 +1590,9 @@ static void usage(FILE *f)
 		"                [--cpus LIST] [--seed N] [--idle-us 50 (0: block in poll)] [--spin 0]\n"
 		"                [--busy-poll] [--busy-poll-usec 20] [--sockets-per-queue K] [--pick cpu|rr]\n"
 		"       xskcheck --selfbench N [--selfbench-size 64] [--checks all|none] [--inject KIND] [--frames F]\n"
-		"                (no kernel: time the checks against a correct in-memory one)\n"
+		"                [--selfbench-unwritten K]\n"
+		"                (no kernel: time the checks against a correct in-memory one; K: its Kth RX\n"
+		"                slot is published unwritten, the veth NAPI race's fault)\n"
 		"inject kinds: order poison duplicate offset over-held meta length state sequence checksum late\n"
 		"--sockets-per-queue K: K rxdrop sockets bound to each queue with XDP_SHARED_UMEM, one pool and\n"
 		"                one FILL ring per queue; the XDP program picks the socket by CPU (or --pick rr)\n");
@@ -1612,7 +1634,7 @@ static void parse_args(int argc, char **argv)
 		{ "inject", required_argument, 0, 'i' },     { "stop-on-first", no_argument, 0, '1' },
 		{ "trace-marker", no_argument, 0, 'M' },     { "cpus", required_argument, 0, 'C' },
 		{ "seed", required_argument, 0, 'S' },	     { "spin", required_argument, 0, 's' },
-		{ "selfbench", required_argument, 0, 'X' }, { "selfbench-size", required_argument, 0, 'Z' }, { "idle-us", required_argument, 0, 'I' },   { "busy-poll", no_argument, 0, 'B' },	     { "busy-poll-usec", required_argument, 0, 'U' },
+		{ "selfbench", required_argument, 0, 'X' }, { "selfbench-size", required_argument, 0, 'Z' }, { "selfbench-unwritten", required_argument, 0, 'W' }, { "idle-us", required_argument, 0, 'I' },   { "busy-poll", no_argument, 0, 'B' },	     { "busy-poll-usec", required_argument, 0, 'U' },
 		{ "sockets-per-queue", required_argument, 0, 'K' }, { "pick", required_argument, 0, 'P' },
 		{ "help", no_argument, 0, 'h' },	     { 0, 0, 0, 0 },
 	};
@@ -1690,6 +1712,7 @@ static void parse_args(int argc, char **argv)
 		case 'S': opt.seed = (uint64_t)parse_long(optarg, "seed", 0, 0x7fffffffffffffffL); break;
 		case 's': opt.spin = (int)parse_long(optarg, "spin", 0, 1 << 30); break;
 		case 'X': opt.selfbench = (uint64_t)parse_long(optarg, "selfbench", 1, 1L << 40); break;
+		case 'W': fake_unwritten = (uint64_t)parse_long(optarg, "selfbench-unwritten", 1, 1L << 40); break;
 		case 'Z': opt.selfbench_size = (uint32_t)parse_long(optarg, "selfbench-size", 64, 1514); break;
 		case 'I': opt.idle_us = (int)parse_long(optarg, "idle-us", 0, 100000); break;
 		case 'B':
@@ -1832,6 +1855,9 @@ static void fake_kernel(struct xsk *s, uint32_t max, uint64_t *seq, const uint8_
 		uint64_t be = htobe64(++*seq);
 		uint32_t meta[2] = { len, XDP_META_MAGIC };
 
+		if (*seq == fake_unwritten)
+			continue; /* the FILL entry is taken and the slot published, never written */
+
 		if (fake_len_bias) {
 			meta[0]++;
 			fake_len_bias--;
@@ -1870,6 +1896,7 @@ static int selfbench(void)
 	s->fd = -1;
 	fake_ring(&s->fill, opt.ring, 8);
 	fake_ring(&s->rx, opt.ring, sizeof(struct xdp_desc));
+	poison_rings(s);
 	list = calloc(s->home_n, sizeof(uint32_t));
 	for (uint32_t k = 0; k < s->home_n; k++)
 		list[k] = s->home_first + k;

@@ -268,6 +268,20 @@ def test_a_lost_fill_descriptor_then_1000_in_order_frames_is_one_onset(built):
     assert "resynchronised" in violations[0].detail
 
 
+def test_a_slot_published_unwritten_on_the_first_pass_is_one_poison_not_a_cascade(built):
+    """The veth NAPI race publishes an RX slot before the kernel writes it.  On the ring's
+    first pass that slot once held zeros: addr 0, a real frame, so the checker took frame 0
+    a second time and put it in circulation twice (an offset violation, then an order
+    cascade: 41 violations here, and in a guest thousands for the rest of the run, which
+    hid every later onset).  The rings now start as the poison: one poison violation, the
+    lost frame's one resynchronisation, one onset."""
+    done, violations = selfbench(built, "--selfbench-unwritten", "100", descs=5000)
+    assert done.by_kind["poison"] == 1 and done.by_kind["order"] == 1 and done.violations == 2, done.data
+    assert done.onsets == 1 and done.get("onsets_by_kind")["poison"] == 1, done.data
+    assert [v.kind for v in violations] == ["poison", "order"] and violations[0].onset
+    assert done.rx == 5000 and done.get("ours") == 4999 and done.get("skipped") == 1, done.data
+
+
 def test_a_passed_over_frame_that_arrives_is_late_and_nothing_else(built):
     done, violations = selfbench(built, "--inject", "late", descs=1500)
     assert done.by_kind["late"] == 1 and done.violations == 1, done.data
