@@ -39,7 +39,7 @@
  *          method kprobe|kprobe-delay, delay_ns, loop bpf_loop|bounded|null,
  *          optimisation_was (the sysctl's old value, or null without one)
  *   stats  every --stats-ms: hits (per CPU of cpu_list, all probes summed),
- *          hits_total, by_probe [{probe, hits_total}]
+ *          hits_total, by_probe [{probe, hits_total, hold}]
  *   done   the final stats, plus reason, runs (delay program runs),
  *          waited_ns_total, waited_ns_avg, waited_ns_max, waited_under_2n
  *          (runs that waited less than 2N), capped (runs that ran out of
@@ -89,6 +89,7 @@ struct probe {
 	uint64_t off;
 	char name[MAX_SYM + 24]; /* SYM+0xOFF */
 	int fd[MAX_CPUS];	 /* per cpu_list entry; -1 not open */
+	bool hold;		 /* --hold: waits --hold-ns on every hit, never gated */
 };
 
 /* The per-CPU map value the delay program updates. */
@@ -108,10 +109,11 @@ static struct {
 	int loop;
 	uint32_t try_prog; /* > 0: no probes; run the program this many times (BPF_PROG_TEST_RUN) */
 	char gate[MAX_SYM]; /* --gate SYM: delay only while another CPU is inside SYM */
+	uint64_t hold_ns;   /* --hold probes' wait (0: --delay-ns) */
 } opt = { .stats_ms = 1000, .loop = LOOP_AUTO };
 
 static int cpus[MAX_CPUS], ncpus;
-static int map_fd = -1, prog_fd = -1, loop_used = -1;
+static int map_fd = -1, prog_fd = -1, hold_fd = -1, loop_used = -1;
 /* --gate: an array map "CPU i is inside SYM" (1/0), written by an entry
  * kprobe and a kretprobe on SYM; the delay program reads the other CPUs' */
 static int gate_map_fd = -1, gate_nr, gate_evt[2] = { -1, -1 }, gate_prog[2] = { -1, -1 };
@@ -126,12 +128,15 @@ static void usage(FILE *f)
 {
 	fprintf(f,
 		"usage: xskamp --probe SYM+OFF [--probe SYM+OFF ...] [--delay-ns N] [--loop auto|bpf_loop|bounded]\n"
-		"              [--gate SYM] [--stats-ms 1000] [--duration SEC (0: until SIGTERM)]\n"
+		"              [--gate SYM] [--hold SYM+OFF ... [--hold-ns N]] [--stats-ms 1000]\n"
+		"              [--duration SEC (0: until SIGTERM)]\n"
 		"       xskamp --try-prog REPEAT --delay-ns N [--loop ...]\n"
 		"              (no probes: run the delay program REPEAT times with BPF_PROG_TEST_RUN, as a socket\n"
 		"              filter, on a kernel without kprobes too)\n"
 		"  OFF is decimal or 0x hex (SYM alone is SYM+0); N is 0..%d ns (0: the probe's trap only)\n"
-		"  --gate SYM: wait only while another CPU is inside SYM (e.g. veth_poll)\n",
+		"  --gate SYM: wait only while another CPU is inside SYM (e.g. veth_poll)\n"
+		"  --hold SYM+OFF: a probe on the other side of the window (e.g. xdp_do_flush): it waits\n"
+		"    --hold-ns N (default: --delay-ns) on every hit, whatever --gate says\n",
 		MAX_DELAY_NS);
 }
 
@@ -407,15 +412,15 @@ static int load_gate_prog(int val)
 
 /* One attempt at loading the program with the given loop; the fd, or -1
  * with errno and the reason in why[] (the verifier log is in vlog). */
-static int try_load(int loop, char *why, size_t whylen)
+static int try_load(int loop, uint64_t delay_ns, bool gated, char *why, size_t whylen)
 {
 	static struct bpf_insn insns[256];
-	int pro = gate_map_fd >= 0 ? GATE_LEN : 0; /* the --gate prologue goes first */
+	int pro = gated && gate_map_fd >= 0 ? GATE_LEN : 0; /* the --gate prologue goes first */
 	struct bpf_func_info fi[2] = { { 0, 4 }, { 0, 6 } }; /* bpf_btf_main_and_callback()'s ids */
-	int32_t n = (int32_t)opt.delay_ns;
+	int32_t n = (int32_t)delay_ns;
 	/* a call to bpf_ktime_get_ns() takes >= 4 ns on any machine we know, so
 	 * N/4 iterations reach N; the bound only stops a clock that stood still */
-	int64_t bound = (int64_t)opt.delay_ns / 4;
+	int64_t bound = (int64_t)delay_ns / 4;
 	int btf_fd = -1, nfi = 0, cnt, fd, e;
 
 	vlog[0] = '\0';
@@ -451,12 +456,14 @@ static int try_load(int loop, char *why, size_t whylen)
 	return fd;
 }
 
-static int load_delay_prog(void)
+/* The delay program waiting delay_ns, behind the --gate prologue if gated.  The
+ * gate and the waited map are made once and shared by both programs. */
+static int load_delay_prog(uint64_t delay_ns, bool gated)
 {
 	char why[2][512];
 	int tries[2], ntries = 0, fd = -1;
 
-	if (opt.gate[0]) {
+	if (opt.gate[0] && gate_map_fd < 0) {
 		gate_nr = cpus[ncpus - 1] + 1;	/* CPU ids index the map */
 		gate_map_fd = bpf_map_create_sized(BPF_MAP_TYPE_ARRAY, sizeof(uint64_t), (uint32_t)gate_nr,
 						   "xskamp_gate");
@@ -468,7 +475,8 @@ static int load_delay_prog(void)
 		gate_prog[1] = load_gate_prog(0);
 	}
 
-	map_fd = bpf_map_create_sized(BPF_MAP_TYPE_PERCPU_ARRAY, sizeof(struct waited), 1, "xskamp_waited");
+	if (map_fd < 0)
+		map_fd = bpf_map_create_sized(BPF_MAP_TYPE_PERCPU_ARRAY, sizeof(struct waited), 1, "xskamp_waited");
 	if (map_fd < 0) {
 		int e = errno;
 
@@ -482,7 +490,7 @@ static int load_delay_prog(void)
 	if (opt.loop != LOOP_BPF_LOOP)
 		tries[ntries++] = LOOP_BOUNDED;
 	for (int t = 0; t < ntries; t++) {
-		fd = try_load(tries[t], why[t], sizeof(why[t]));
+		fd = try_load(tries[t], delay_ns, gated, why[t], sizeof(why[t]));
 		if (fd >= 0) {
 			loop_used = tries[t];
 			if (t > 0) /* said, because the bounded loop caps the delay */
@@ -615,7 +623,9 @@ static int place_probes(uint32_t pmu_type)
 				return e == ENOMEM || e == EMFILE ? 3 : 2;
 			}
 		}
-		if (prog_fd >= 0 && ioctl(p->fd[0], PERF_EVENT_IOC_SET_BPF, prog_fd) != 0) {
+		int pfd = p->hold ? hold_fd : prog_fd;
+
+		if (pfd >= 0 && ioctl(p->fd[0], PERF_EVENT_IOC_SET_BPF, pfd) != 0) {
 			int e = errno;
 
 			fprintf(stderr, "xskamp: attaching the delay program to %s: %s%s\n", p->name, strerror(e),
@@ -699,8 +709,8 @@ static void print_hits(const char *type, const struct hits *h, const char *extra
 		printf("%s%" PRIu64, c ? "," : "", h->cpu[c]);
 	printf("],\"hits_total\":%" PRIu64 ",\"by_probe\":[", h->total);
 	for (int i = 0; i < opt.nprobes; i++)
-		printf("%s{\"probe\":\"%s\",\"hits_total\":%" PRIu64 "}", i ? "," : "", opt.probes[i].name,
-		       h->probe[i]);
+		printf("%s{\"probe\":\"%s\",\"hits_total\":%" PRIu64 ",\"hold\":%s}", i ? "," : "",
+		       opt.probes[i].name, h->probe[i], opt.probes[i].hold ? "true" : "false");
 	printf("]%s}\n", extra ? extra : "");
 	fflush(stdout);
 }
@@ -757,7 +767,7 @@ static int try_prog(void)
 	char extra[512];
 	uint64_t t;
 
-	prog_fd = load_delay_prog();
+	prog_fd = load_delay_prog(opt.delay_ns, true);
 	memset(&a, 0, sizeof(a));
 	a.test.prog_fd = (uint32_t)prog_fd;
 	a.test.data_in = (uint64_t)(uintptr_t)pkt;
@@ -788,6 +798,7 @@ int main(int argc, char **argv)
 		{ "stats-ms", required_argument, 0, 's' }, { "duration", required_argument, 0, 't' },
 		{ "loop", required_argument, 0, 'l' },	   { "try-prog", required_argument, 0, 'T' },
 		{ "gate", required_argument, 0, 'g' },	   { "help", no_argument, 0, 'h' },
+		{ "hold", required_argument, 0, 'H' },	   { "hold-ns", required_argument, 0, 'N' },
 		{ 0, 0, 0, 0 },
 	};
 	char buf[64], extra[512], *end;
@@ -807,6 +818,23 @@ int main(int argc, char **argv)
 				die_usage("bad --probe (SYM+OFF, OFF decimal or 0x hex, e.g. __xsk_rcv_zc+0x7a)", optarg);
 			opt.nprobes++;
 			break;
+		case 'H':
+			if (opt.nprobes >= MAX_PROBES)
+				die_usage("too many --probe and --hold (at most 16)", optarg);
+			if (parse_probe(optarg, &opt.probes[opt.nprobes]) != 0)
+				die_usage("bad --hold (SYM+OFF, OFF decimal or 0x hex, e.g. xdp_do_flush)", optarg);
+			opt.probes[opt.nprobes++].hold = true;
+			break;
+		case 'N': {
+			long long v;
+
+			errno = 0;
+			v = strtoll(optarg, &end, 10);
+			if (errno || *end || end == optarg || v < 1 || v > MAX_DELAY_NS)
+				die_usage("bad --hold-ns (1..1000000)", optarg);
+			opt.hold_ns = (uint64_t)v;
+			break;
+		}
 		case 'n': {
 			long long v;
 
@@ -892,8 +920,16 @@ int main(int argc, char **argv)
 			return 3;
 		}
 	}
-	if (opt.delay_ns > 0)
-		prog_fd = load_delay_prog();
+	{
+		bool window = false, hold = false;
+
+		for (int i = 0; i < opt.nprobes; i++)
+			*(opt.probes[i].hold ? &hold : &window) = true;
+		if (opt.delay_ns > 0 && window)
+			prog_fd = load_delay_prog(opt.delay_ns, true);
+		if (hold && (opt.hold_ns ? opt.hold_ns : opt.delay_ns) > 0)
+			hold_fd = load_delay_prog(opt.hold_ns ? opt.hold_ns : opt.delay_ns, false);
+	}
 
 	opt_disable();
 	rc = place_probes(pmu_type);
@@ -905,12 +941,14 @@ int main(int argc, char **argv)
 	t_ready = now_ns();
 	printf("{\"type\":\"ready\",\"t\":0.0,\"probes\":[");
 	for (int i = 0; i < opt.nprobes; i++)
-		printf("%s{\"probe\":\"%s\",\"cpus\":%d}", i ? "," : "", opt.probes[i].name, ncpus);
+		printf("%s{\"probe\":\"%s\",\"cpus\":%d,\"hold\":%s}", i ? "," : "", opt.probes[i].name, ncpus,
+		       opt.probes[i].hold ? "true" : "false");
 	printf("],\"cpu_list\":[");
 	for (int i = 0; i < ncpus; i++)
 		printf("%s%d", i ? "," : "", cpus[i]);
-	printf("],\"method\":\"%s\",\"delay_ns\":%" PRIu64 ",\"loop\":", prog_fd >= 0 ? "kprobe-delay" : "kprobe",
-	       opt.delay_ns);
+	printf("],\"method\":\"%s\",\"delay_ns\":%" PRIu64 ",\"hold_ns\":%" PRIu64 ",\"loop\":",
+	       prog_fd >= 0 || hold_fd >= 0 ? "kprobe-delay" : "kprobe", opt.delay_ns,
+	       hold_fd >= 0 ? (opt.hold_ns ? opt.hold_ns : opt.delay_ns) : 0);
 	if (loop_used >= 0)
 		printf("\"%s\"", loop_name[loop_used]);
 	else

@@ -36,10 +36,13 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab.cache import atomic_write
 from lab.run import BadInput, RacelabError, cache_dir, log, require_tools, run, setup_logging
+
+if TYPE_CHECKING:
+    from lab.kernels.kernel import KernelArtifact
 
 METHODS = ("auto", "off", "patch", "kprobe", "kprobe-delay")
 PATCH_KNOB = "/sys/module/xsk/parameters/widen_rx_ns"
@@ -89,10 +92,12 @@ class Plan:
     probes: tuple[str, ...] = ()         # kprobe, kprobe-delay: SYM+OFF
     gate: str = ""                       # kprobe-delay: wait only while another CPU is in this function
     sites: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    holds: tuple[str, ...] = ()          # kprobe-delay: SYM+OFF where the flushing side waits, every hit
+    hold_ns: int = 0                     # ... that long
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["probes"], d["sites"] = list(self.probes), list(self.sites)
+        d["probes"], d["sites"], d["holds"] = list(self.probes), list(self.sites), list(self.holds)
         return d
 
     def text(self) -> str:
@@ -104,7 +109,8 @@ class Plan:
                                                        else "")
                 if self.method == "kprobe-delay" else "int3 trap only")
         where = ", ".join(self.probes) or "the window (its site is found once the guest is up)"
-        return f"{self.method} at {where}: {what} ({self.why})"
+        hold = f"; {self.hold_ns} ns at {', '.join(self.holds)} on every hit" if self.holds else ""
+        return f"{self.method} at {where}: {what}{hold} ({self.why})"
 
 
 # ---------------------------------------------------------------- finding the site
@@ -235,7 +241,7 @@ def text_base(elf: bytes) -> int:
     segment, linked at 0, is not text)."""
     phoff, = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    bases = []
+    bases: list[int] = []
     for i in range(phnum):
         p_type, _, _, p_vaddr = struct.unpack_from("<IIQQ", elf, phoff + i * phentsize)
         if p_type == 1 and p_vaddr >= 0xFFFFFFFF80000000:
@@ -295,7 +301,7 @@ def kernel_sites(bzimage: Path, system_map: Path | None, kallsyms: str | None = 
     return sites, looked
 
 
-def sites_for(artifact: Any, kallsyms: str | None = None) -> list[Site]:
+def sites_for(artifact: KernelArtifact, kallsyms: str | None = None) -> list[Site]:
     """kernel_sites() of a kernel artifact, cached by the bzImage's bytes (the offsets
     are a property of the code, whichever symbol table located it)."""
     bz, sm = Path(artifact.bzimage), Path(artifact.system_map)
@@ -332,11 +338,14 @@ def config_has(config: Path | None, *options: str) -> dict[str, bool | None]:
 
 
 def _delay_and_gate(chosen: str, amp: Mapping[str, Any]) -> dict[str, Any]:
-    """A probe plan's wait: only kprobe-delay has one (delay_ns, else widen_rx_ns, else 4 us)."""
+    """A probe plan's waits: only kprobe-delay has them (delay_ns, else widen_rx_ns, else 4 us;
+    the holds' hold_ns, else that delay)."""
     if chosen != "kprobe-delay":
         return {"delay_ns": 0, "gate": ""}
-    return {"delay_ns": int(amp.get("delay_ns", 0)) or int(amp.get("widen_rx_ns", 0)) or 4000,
-            "gate": str(amp.get("gate", ""))}
+    delay = int(amp.get("delay_ns", 0)) or int(amp.get("widen_rx_ns", 0)) or 4000
+    holds = tuple(h.strip() for h in str(amp.get("hold", "") or "").split(",") if h.strip())
+    return {"delay_ns": delay, "gate": str(amp.get("gate", "")), "holds": holds,
+            "hold_ns": (int(amp.get("hold_ns", 0)) or delay) if holds else 0}
 
 
 def needs_guest(p: Plan) -> bool:
@@ -344,7 +353,7 @@ def needs_guest(p: Plan) -> bool:
     return p.method in ("kprobe", "kprobe-delay") and not p.probes
 
 
-def plan(amp: Mapping[str, Any], artifact: Any, kallsyms: str | None = None,
+def plan(amp: Mapping[str, Any], artifact: KernelArtifact, kallsyms: str | None = None,
          defer: bool = False) -> Plan:
     """The amplifier for one kernel from the scenario's [amplifier] section.
 
@@ -400,6 +409,11 @@ def summary(plan: Plan, targets: Sequence[Any]) -> dict[str, Any]:
         per = {t.label: list(t.amplifier.get("hits") or []) for t in targets if t.amplifier}
         d["hits"] = sum(int(t.amplifier.get("hits_total", 0) or 0) for t in targets)
         d["hits_per_vcpu"] = per
+        if plan.holds:
+            # the window's probes alone decide whether the run was amplified
+            held = sum(int(b.get("hits_total", 0) or 0) for t in targets
+                       for b in t.amplifier.get("by_probe") or [] if b.get("hold"))
+            d["hold_hits"], d["hits"] = held, d["hits"] - held
         waited = [float(t.amplifier["waited_ns_avg"]) for t in targets if t.amplifier.get("waited_ns_avg")]
         if waited:
             d["waited_ns_avg"] = round(sum(waited) / len(waited), 1)

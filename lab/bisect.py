@@ -39,7 +39,6 @@ reproduces.  --find fix: the older end reproduces and the newer one is fixed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -55,11 +54,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from lab import verdict as v
-from lab.config import RunConfig, fmt_duration, parse_duration
+from lab.config import Backend, RunConfig, fmt_duration, parse_duration
 from lab.run import BadInput, InfraError, log, run
+
+if TYPE_CHECKING:
+    from lab.scenario import Scenario
+    from lab.session import Outcome
 
 EXIT_GOOD_OLD, EXIT_NEW, EXIT_SKIP = 0, 1, 125
 MISS = 0.01                 # per-step P(miss | race present)
@@ -104,6 +107,25 @@ def exit_code(find: str, outcome: str) -> int:
     return EXIT_GOOD_OLD if reproduced else EXIT_NEW   # terms racy(old) / fixed(new)
 
 
+@dataclass(frozen=True)
+class BisectArgs:
+    """What `racelab bisect` was asked; lab.cli builds it from its options (same defaults)."""
+
+    tree: str                      # a kernel git checkout, never modified
+    good: str                      # the older end: a commit, tag or branch
+    bad: str                       # the newer end
+    scenario: str                  # scenario name or .toml path
+    find: str = "cause"            # cause | fix
+    vms: int = 1                   # guests per step
+    out: str = ""                  # results directory ("" = results/bisect-SCENARIO-TIME)
+    calibrate_runs: int = 3        # runs on the reproducing end
+    calibrate_budget: str = "2m"   # max load per calibration run
+    min_step: str = "5s"           # minimum load per step
+    signal: str = "auto"           # corruption | window | auto
+    resume: bool = False           # continue the bisection in --out
+    as_json: bool = False          # bisect.json alone on stdout
+
+
 # --- one step ---------------------------------------------------------------------
 
 @dataclass
@@ -133,7 +155,7 @@ class State:
         return cls(**json.loads(path.read_text()))
 
 
-def first_window_s(outcome: Any) -> float | None:
+def first_window_s(outcome: Outcome) -> float | None:
     """Seconds from the first traced receive to the first window hit, the earliest over the
     fleet's guests (None: no hit, or no trace)."""
     times = []
@@ -199,7 +221,7 @@ def test_commit(st: State, sha: str, label: str, signal: str | None = None,
         while step_out.with_name(f"{step_out.name}.cut{n}").exists():
             n += 1
         step_out.rename(step_out.with_name(f"{step_out.name}.cut{n}"))
-    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(kname,),
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend=Backend.VM, kernels=(kname,),
                     duration=st.budget if budget is None else budget, vms=st.vms, seed=st.seed,
                     stop_on_first=True, out=str(step_out), evidence=("trace",) if signal == "window" else ())
     rec["signal"] = signal
@@ -266,7 +288,7 @@ def recorded_step(log_path: str, sha: str) -> dict[str, Any] | None:
         return None
     for line in lines:
         try:
-            r = json.loads(line)
+            r: dict[str, Any] = json.loads(line)
         except json.JSONDecodeError:
             continue       # a line cut short by the interruption
         if r.get("label") == "step" and r.get("commit") == sha and r.get("outcome") in ("reproduced", "clean"):
@@ -318,7 +340,7 @@ def step_main(state_path: str) -> int:
     print(f"racelab bisect-step {sha[:12]}: {rec['outcome']} "
           f"(confidence {rec.get('confidence', 0):.3f}; build {rec.get('build_s')}s, "
           f"run {rec.get('run_s')}s) -> exit {rec['exit']}", file=sys.stderr, flush=True)
-    return rec["exit"]
+    return int(rec["exit"])
 
 
 # --- the whole bisection ----------------------------------------------------------
@@ -333,7 +355,7 @@ class RunOutput:
 _LEFT = re.compile(r"Bisecting: (\d+) revisions? left to test after this \(roughly (\d+) steps?\)")
 
 
-def bisect_run(argv: list[str], env: dict[str, str], out: Any = None, started: str = "") -> RunOutput:
+def bisect_run(argv: list[str], env: dict[str, str], out: IO[str] | None = None, started: str = "") -> RunOutput:
     """`git bisect run` with each step's line shown as it comes (on out, default stderr),
     followed by how many steps git expects to be left and, from the steps so far, about
     how long they take.  Everything is also kept for git-bisect-run.log."""
@@ -378,7 +400,7 @@ def bisect_run(argv: list[str], env: dict[str, str], out: Any = None, started: s
     return RunOutput(proc.returncode, "".join(kept["stdout"]), "".join(kept["stderr"]))
 
 
-def _amplifier_missing(s: Any, row: v.Row) -> str:
+def _amplifier_missing(s: Scenario, row: v.Row) -> str:
     """Why the scenario's run-time amplifier did not work on this step's kernel ("" = it did,
     or none was asked): its probe site was not found, or the probe never fired."""
     if s["amplifier"]["method"] == "off":
@@ -519,27 +541,26 @@ def subject(tree: str, sha: str) -> str:
     return run(["git", "-C", tree, "log", "-1", "--format=%h (\"%s\")", sha]).stdout.strip()
 
 
-def main(a: argparse.Namespace) -> int:
+def main(a: BisectArgs) -> int:
     """--json: bisect.json alone on stdout at the end; everything else (progress, the
     answer in words) goes to stderr."""
-    as_json = bool(getattr(a, "json", False))
-    with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout):
+    with contextlib.redirect_stdout(sys.stderr if a.as_json else sys.stdout):
         code, report = _bisect(a)
-    if as_json:
+    if a.as_json:
         print(json.dumps(report, indent=2), flush=True)
     return code
 
 
-def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+def _bisect(a: BisectArgs) -> tuple[int, dict[str, Any]]:
     tree = str(Path(a.tree).resolve())
     if not (Path(tree) / ".git").exists() and run(["git", "-C", tree, "rev-parse", "--git-dir"],
                                                    check=False).returncode != 0:
         raise BadInput(f"{tree} is not a git tree", hint="--tree must point at a kernel git checkout")
     shas = {}
-    for name in ("good", "bad"):
-        p = run(["git", "-C", tree, "rev-parse", "--verify", f"{getattr(a, name)}^{{commit}}"], check=False)
+    for name, ref in (("good", a.good), ("bad", a.bad)):
+        p = run(["git", "-C", tree, "rev-parse", "--verify", f"{ref}^{{commit}}"], check=False)
         if p.returncode != 0:
-            raise BadInput(f"--{name} {getattr(a, name)!r} is not a commit in {tree}")
+            raise BadInput(f"--{name} {ref!r} is not a commit in {tree}")
         shas[name] = p.stdout.strip()
     from lab import scenario as scen
     s = scen.load(a.scenario)
@@ -547,7 +568,7 @@ def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     print(f"results: {out}  (bisect.jsonl grows by one line per step)", flush=True)
     t0 = time.monotonic()
     racy_end = shas["bad"] if a.find == "cause" else shas["good"]
-    if getattr(a, "resume", False):
+    if a.resume:
         # calibration and every recorded step are reused; the step cut short runs again
         st = resume_state(out, tree, s.name, a.find, shas)
         rate_low, budget = st.rate_low, st.budget
@@ -560,7 +581,7 @@ def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         st = State(tree=tree, scenario=s.name, find=a.find, budget=0.0, rate_low=0.0, vms=a.vms,
                    log=str(out / "bisect.jsonl"), out=str(out),
                    seed=random.SystemRandom().randrange(1 << 31), good=shas["good"], bad=shas["bad"])
-        asked = getattr(a, "signal", "auto") or "auto"
+        asked = a.signal or "auto"
         rare = bool(s["evidence"].get("corruption_rare"))
         cal = calibrate(st, racy_end, a.calibrate_runs, parse_duration(a.calibrate_budget), asked,
                         floor=parse_duration(a.min_step), window_first=rare)
@@ -592,22 +613,22 @@ def _bisect(a: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         step = [sys.executable, "-m", "lab.cli", "bisect-step", "--state", str(state_path)]
         env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         try:
-            p = bisect_run(["git", "-C", str(priv), "bisect", "run", *step], env, started=started.stdout)
+            bisected = bisect_run(["git", "-C", str(priv), "bisect", "run", *step], env, started=started.stdout)
         except KeyboardInterrupt:
             print(f"\ninterrupted; the steps so far are in {st.log}. Continue with the same command "
                   f"and --resume --out {out}", file=sys.stderr, flush=True)
             raise
-        (out / "git-bisect-run.log").write_text(p.stdout + p.stderr)
+        (out / "git-bisect-run.log").write_text(bisected.stdout + bisected.stderr)
         ref = "refs/bisect/bad" if a.find == "cause" else "refs/bisect/fixed"
         culprit = run(["git", "-C", str(priv), "rev-parse", ref], check=False).stdout.strip()
         blog = run(["git", "-C", str(priv), "bisect", "log"], check=False).stdout
         (out / "git-bisect.log").write_text(blog)
     finally:
         shutil.rmtree(priv.parent, ignore_errors=True)
-    if not culprit or "first " not in p.stdout:
+    if not culprit or "first " not in bisected.stdout:
         raise InfraError("git bisect did not converge (too many skipped commits?)",
                          hint=f"see {out / 'git-bisect-run.log'}")
-    steps = [json.loads(l) for l in Path(st.log).read_text().splitlines() if l.strip()]
+    steps = [json.loads(line) for line in Path(st.log).read_text().splitlines() if line.strip()]
     confs = [r.get("confidence", 1.0) for r in steps if r.get("label") == "step" and r["outcome"] != "skip"]
     # verify: the culprit and its parent again.  The racy one of the pair must corrupt a ring
     # (whatever the steps' signal); the other must stay clean on the steps' signal and budget.

@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -28,12 +29,18 @@ log = logging.getLogger("racelab.boot")
 
 
 class KernelLike(Protocol):
-    """What initrd_for() needs from lab.kernels.kernel's KernelArtifact."""
+    """What booting needs from a kernel: lab.kernels.kernel's KernelArtifact, or lab.vm's BareKernel.
 
-    bzimage: Path
-    version: str
-    modules_dir: Path | None
-    module_load_order: list[str]
+    Read-only, so frozen dataclasses match."""
+
+    @property
+    def bzimage(self) -> Path: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def modules_dir(self) -> Path | None: ...
+    @property
+    def module_load_order(self) -> Sequence[str]: ...
 
 
 # --- initramfs for deb: kernels ------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import re
@@ -17,11 +16,17 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lab import scenario as scen
-from lab.config import RunConfig, parse_duration, parse_overrides
+from lab.config import Backend, RunConfig, parse_duration, parse_overrides
+from lab.verdict import Expect
 from lab.run import (EXIT_BAD_INPUT, EXIT_INFRA, EXIT_MISMATCH, EXIT_OK, BadInput, RacelabError,
                      setup_logging)
+
+if TYPE_CHECKING:
+    from lab.session import Outcome
+    from lab.verdict import Row
 
 
 def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun: bool = False) -> None:
@@ -35,7 +40,7 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun:
     else:
         _complete(p.add_argument("scenario", help="scenario name (scenarios/NAME.toml) or a .toml path"),
                   _complete_scenario)
-    p.add_argument("--backend", choices=("netns", "vm"), default=None,
+    p.add_argument("--backend", choices=[b.value for b in Backend], default=None,
                    help="netns: this machine's kernel in namespaces; vm: guests on chosen kernels")
     _complete(p.add_argument("--kernel", action="append", default=[], metavar="K",
                              help="kernel to test (repeatable): catalog name, NAME+patch+fragment, deb:, git:, "
@@ -46,7 +51,7 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun:
     else:
         p.add_argument("--duration", default=None, help="load time, e.g. 30s, 2m (default: scenario's)")
     p.add_argument("--stop-on-first", action="store_true", help="stop a target at its first violation")
-    p.add_argument("--expect", choices=("reproduced", "window", "clean"),
+    p.add_argument("--expect", choices=[e.value for e in Expect],   # values: argparse's messages show repr()
                    help="the level to judge, exit 1 if the verdict falls short: reproduced (corruption), "
                         "window (at least the race window traced), clean (neither)")
     _complete(p.add_argument("--out", default="", help="results directory (default: results/SCENARIO-TIME-PID)"),
@@ -72,7 +77,7 @@ def _common_run_args(p: argparse.ArgumentParser, *, budget: bool = False, rerun:
     p.add_argument("--uri", action="append", default=[], help="libvirt URI(s) hosting the fleet (repeatable)")
 
 
-def build_config(a: argparse.Namespace, *, default_backend: str, duration: float | None = None
+def build_config(a: argparse.Namespace, *, default_backend: Backend, duration: float | None = None
                  ) -> RunConfig:
     overrides = parse_overrides(a.set)
     s = scen.load(a.scenario, overrides, variant=getattr(a, "variant", None))
@@ -84,10 +89,11 @@ def build_config(a: argparse.Namespace, *, default_backend: str, duration: float
         raise BadInput(f"--vms must be >= 1, got {vms}")
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     return RunConfig(
-        scenario=s.name, scenario_data=s.data, backend=a.backend or default_backend,
+        scenario=s.name, scenario_data=s.data, backend=Backend(a.backend or default_backend),
         kernels=tuple(a.kernel), duration=dur, vms=vms, seed=seed,
         stop_on_first=a.stop_on_first, expect=a.expect, inject=a.inject,
-        mitigation=a.mitigation, variant=getattr(a, "variant", None), evidence=_evidence(a.evidence, s), out=a.out or default_out(s.name),
+        mitigation=a.mitigation, variant=getattr(a, "variant", None), evidence=_evidence(a.evidence, s),
+        out=a.out or default_out(s.name),
         overrides=tuple(a.set), uris=tuple(a.uri) or ("qemu:///system",))
 
 
@@ -101,7 +107,7 @@ def _say_results(cfg: RunConfig) -> None:
     """The results directory before anything runs: its files can be followed during the run
     (events.jsonl, the guests' consoles).  On stderr, so that --json keeps stdout clean."""
     from lab.run import log
-    follow = "events.jsonl" + (", vms/*/*.console.log" if cfg.backend == "vm" else "")
+    follow = "events.jsonl" + (", vms/*/*.console.log" if cfg.backend == Backend.VM else "")
     log.info("results: %s  (follow %s while it runs)", Path(cfg.out).absolute(), follow)
 
 
@@ -117,7 +123,7 @@ def _evidence(asked: list[str], s: scen.Scenario) -> tuple[str, ...]:
     return tuple(asked)
 
 
-def _exit_for(outcome, expect: str | None) -> int:  # noqa: ANN001
+def _exit_for(outcome: Outcome, expect: str | None) -> int:
     from lab.verdict import INCONCLUSIVE, matches
 
     if any(r.verdict == INCONCLUSIVE for r in outcome.rows):
@@ -154,23 +160,23 @@ def config_from_results(a: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from lab import report, session
+    from lab import session
 
     if a.from_dir:
         cfg = config_from_results(a)
     elif not a.scenario:
         raise BadInput("racelab run needs a scenario (or --from DIR)", hint="racelab scenario list shows them")
     else:
-        cfg = build_config(a, default_backend="netns")
+        cfg = build_config(a, default_backend=Backend.NETNS)
     if cfg.inject:
         from lab.agent import dataplane
         if cfg.inject not in dataplane.INJECT_KINDS:
             raise BadInput(f"unknown --inject {cfg.inject!r}", hint=f"one of: {', '.join(dataplane.INJECT_KINDS)}")
-    if cfg.backend == "netns" and cfg.kernels:
+    if cfg.backend == Backend.NETNS and cfg.kernels:
         raise BadInput("--kernel needs --backend vm", hint="the netns backend tests this machine's kernel")
     _say_results(cfg)
     try:
-        if cfg.backend == "netns":
+        if cfg.backend == Backend.NETNS:
             outcome = session.run_netns(cfg, progress=not a.json)
         else:
             from lab import fleet
@@ -182,14 +188,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     return _report(outcome, cfg, a.json, a.tap)
 
 
-def _write_tap(path: str | None, outcome, cfg: RunConfig, levels: dict[str, str | None]) -> None:  # noqa: ANN001
+def _write_tap(path: str | None, outcome: Outcome, cfg: RunConfig, levels: dict[str, str | None]) -> None:
     if path:
         from lab import export
         from lab.run import log
         log.info("TAP: %s", export.write_tap(Path(path), export.row_points(outcome.rows, cfg.scenario, levels)))
 
 
-def _report(outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:  # noqa: ANN001
+def _report(outcome: Outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:
     from lab import report
 
     _write_tap(tap, outcome, cfg, {r.kernel: cfg.expect for r in outcome.rows})
@@ -203,7 +209,7 @@ def _report(outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> i
     return _exit_for(outcome, cfg.expect)
 
 
-def _print_amplifiers(rows) -> None:  # noqa: ANN001
+def _print_amplifiers(rows: Sequence[Row]) -> None:
     """Say how each kernel's race window was widened: an amplified rate is not the natural one."""
     for r in rows:
         amp = r.extra.get("amplifier")
@@ -221,6 +227,9 @@ def _print_amplifiers(rows) -> None:  # noqa: ANN001
             what = (f"{amp['method']} at {', '.join(amp['probes'])}"
                     + (f", {amp['delay_ns']} ns BPF busy-wait" if amp["method"] == "kprobe-delay" else "")
                     + f"; fired {amp.get('hits', 0):,} times")
+            if amp.get("holds"):
+                what += (f"; held {amp.get('hold_ns', 0)} ns at {', '.join(amp['holds'])} "
+                         f"{amp.get('hold_hits', 0):,} times")
             if amp.get("waited_ns_avg"):
                 what += f" (waited {amp['waited_ns_avg']:.0f} ns on average)"
         print(f"{r.kernel}: race window amplified: {what}  (--set amplifier.method=off for the natural rate)")
@@ -236,7 +245,7 @@ def cmd_repro(a: argparse.Namespace) -> int:
                        hint="--budget caps each kernel's load (a clean control may stop sooner, once its "
                             "evidence suffices); --duration runs a clean control for exactly that long")
     budget = parse_duration(a.budget, "--budget") if a.budget else None
-    cfg = build_config(a, default_backend="vm", duration=budget)
+    cfg = build_config(a, default_backend=Backend.VM, duration=budget)
     _say_results(cfg)
     from lab.session import Interrupted
     try:
@@ -249,7 +258,7 @@ def cmd_repro(a: argparse.Namespace) -> int:
     return _report_repro(outcome, cfg, a.json, a.tap)
 
 
-def _report_repro(outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:  # noqa: ANN001
+def _report_repro(outcome: Outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:
     from lab import report
     from lab.verdict import INCONCLUSIVE
 
@@ -279,7 +288,7 @@ def _report_repro(outcome, cfg: RunConfig, as_json: bool, tap: str | None = None
     return EXIT_OK
 
 
-def report_ok(row, exp: str | None) -> bool:  # noqa: ANN001
+def report_ok(row: Row, exp: str | None) -> bool:
     from lab.verdict import matches
     return exp is None or matches(row, exp)
 
@@ -367,13 +376,18 @@ def cmd_cleanup(a: argparse.Namespace) -> int:
 def cmd_matrix(a: argparse.Namespace) -> int:
     from lab import matrix
 
-    return matrix.main(a)
+    return matrix.main(matrix.MatrixArgs(
+        kernels=a.kernels, scenarios=a.scenarios, budget=a.budget, vms=a.vms, missed=a.missed, out=a.out,
+        jobs=a.jobs, uris=tuple(a.uri), as_json=a.json, tap=a.tap, kcidb=a.kcidb))
 
 
 def cmd_bisect(a: argparse.Namespace) -> int:
     from lab import bisect
 
-    return bisect.main(a)
+    return bisect.main(bisect.BisectArgs(
+        tree=a.tree, good=a.good, bad=a.bad, scenario=a.scenario, find=a.find, vms=a.vms, out=a.out,
+        calibrate_runs=a.calibrate_runs, calibrate_budget=a.calibrate_budget, min_step=a.min_step,
+        signal=a.signal, resume=a.resume, as_json=a.json))
 
 
 def cmd_bisect_step(a: argparse.Namespace) -> int:
@@ -428,7 +442,7 @@ def _glue_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> l
     """`--duration -5s` -> `--duration=-5s`: argparse takes a value that starts with '-' and is
     not a plain number for an option, and says only "expected one argument"; glued, the value
     reaches its check, which names what is wrong with it."""
-    takes_value = set()
+    takes_value: set[str] = set()
 
     def walk(p: argparse.ArgumentParser) -> None:
         for action in p._actions:
@@ -524,8 +538,8 @@ def _comma_list(one: Callable[..., list[str]]) -> Callable[..., list[str]]:
 def _complete_variant(prefix: str, parsed_args: argparse.Namespace, **_: object) -> list[str]:
     import tomllib
     try:
-        raw = tomllib.loads(scen.find(getattr(parsed_args, "scenario", None) or getattr(parsed_args, "name", ""))
-                            .read_text())
+        name = str(getattr(parsed_args, "scenario", None) or getattr(parsed_args, "name", ""))
+        raw = tomllib.loads(scen.find(name).read_text())
     except (BadInput, OSError, tomllib.TOMLDecodeError):
         return []
     return [v for v in sorted(raw.get("variants") or {}) if v.startswith(prefix)]
@@ -541,13 +555,13 @@ def _complete_inject(prefix: str, **_: object) -> list[str]:
 
 
 def _complete_dirs(prefix: str, **_: object) -> list[str]:
-    import argcomplete
-    return list(argcomplete.DirectoriesCompleter()(prefix))
+    from argcomplete.completers import DirectoriesCompleter
+    return list(DirectoriesCompleter()(prefix))
 
 
 def _complete_toml(prefix: str, **_: object) -> list[str]:
-    import argcomplete
-    return list(argcomplete.FilesCompleter(("toml",))(prefix))
+    from argcomplete.completers import FilesCompleter
+    return list(FilesCompleter(("toml",))(prefix))
 
 
 # ---------------------------------------------------------------- the parser
@@ -609,7 +623,7 @@ _BISECT_EPILOG = _examples(
 )
 
 
-def _kernel_commands(ks: argparse._SubParsersAction) -> None:
+def _kernel_commands(ks: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`racelab kernel ...` (and `python -m lab.kernels.kernel ...`, which is the same)."""
     kl = ks.add_parser("list", help="named kernels in kernels/catalog.toml and what is cached",
                        formatter_class=_RAW, epilog=_examples(

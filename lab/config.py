@@ -6,6 +6,7 @@ every result directory records exactly what produced it.
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import typing
@@ -42,13 +43,20 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds / 60:.1f}m"
 
 
+class Backend(enum.StrEnum):
+    """Where a run's kernels are: this machine's, or guests'."""
+
+    NETNS = "netns"    # the host kernel, in network namespaces
+    VM = "vm"          # guests on chosen kernels, through libvirtd
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that decides what one `racelab run` / `repro` does."""
 
     scenario: str                       # scenario name (scenarios/NAME.toml)
     scenario_data: dict[str, Any]       # the validated, override-applied scenario as data
-    backend: str = "netns"              # netns | vm
+    backend: Backend = Backend.NETNS
     kernels: tuple[str, ...] = ()       # kernel specs (vm backend); empty = host kernel
     duration: float = 30.0              # seconds of load per target
     vms: int = 1                        # guests per kernel (vm backend)
@@ -64,12 +72,19 @@ class RunConfig:
     overrides: tuple[str, ...] = ()     # the --set KEY=VALUE strings, as given
     uris: tuple[str, ...] = ("qemu:///system",)  # libvirt hosts for the fleet
 
+    def __post_init__(self) -> None:
+        try:   # a plain "vm" becomes Backend.VM; an unknown word is bad input (a hand-edited config.json)
+            object.__setattr__(self, "backend", Backend(self.backend))
+        except ValueError:
+            raise BadInput(f"backend {self.backend!r}: one of {', '.join(Backend)}") from None
+
     def to_json(self) -> str:
         return json.dumps(to_jsonable(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
-        return from_jsonable(cls, json.loads(text))
+        cfg: RunConfig = from_jsonable(cls, json.loads(text))
+        return cfg
 
 
 def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:

@@ -17,12 +17,12 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from lab import report
 from lab.config import RunConfig, parse_duration
@@ -34,10 +34,18 @@ from lab.splat import Splat, SplatWatcher, crashed_of_splat, record_splats, spla
 from lab.verdict import Row
 from lab.workload import TargetResult, agent_spec, fetch_evidence, run_target, write_json
 
+if TYPE_CHECKING:
+    from lab.agent.agent import AgentSpec
+    from lab.amplifier import Plan
+    from lab.image import Image
+    from lab.kernels.kernel import KernelArtifact, KernelSpec
+    from lab.repro import ControlStop
+    from lab.vm import VM
+
 @dataclass
 class KernelRun:
     name: str                 # what the user typed
-    artifact: Any             # lab.kernels.kernel.KernelArtifact
+    artifact: KernelArtifact
     targets: list[TargetResult] = field(default_factory=list)
     wall: float = 0.0
     accel: str = ""
@@ -46,18 +54,19 @@ class KernelRun:
     pinning: dict[str, list[int]] = field(default_factory=dict)   # target -> host CPU per vCPU
     uris: dict[str, str] = field(default_factory=dict)      # target -> the libvirt URI it ran on
     phases: dict[str, float] = field(default_factory=dict)   # boot, setup, load, evidence, teardown (s)
-    plan: Any = None          # lab.amplifier.Plan for this kernel
+    plan: Plan | None = None  # the amplifier for this kernel
 
 
 def preflight_vm() -> None:
     require_root("the vm backend (libvirt qemu:///system, guest images)")
 
 
-def resolve_kernels(names: list[str]) -> list[Any]:
+def resolve_kernels(names: list[str]) -> list[KernelSpec]:
     """Resolve every kernel name first and report all unknown ones at once."""
     from lab.kernels import kernel
 
-    specs, problems = [], []
+    specs: list[KernelSpec] = []
+    problems: list[str] = []
     for n in names:
         try:
             specs.append(kernel.resolve(n))
@@ -68,21 +77,21 @@ def resolve_kernels(names: list[str]) -> list[Any]:
     return specs
 
 
-def build_kernels(names: list[str], progress: bool = True) -> list[Any]:
+def build_kernels(names: list[str], progress: bool = True) -> list[KernelArtifact]:
     from lab.kernels import kernel
 
     specs = resolve_kernels(names)
     arts = []
-    for name, spec in zip(names, specs):
+    for name, spec in zip(names, specs, strict=True):
         log.info("kernel %s: building or fetching (cached under %s)", name, "~/.cache/racelab/kernels")
         arts.append(kernel.ensure(spec, progress=progress))
     return arts
 
 
 @contextmanager
-def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: Path,
+def booted(artifact: KernelArtifact, image: Image, n: int, *, label: str, s: Scenario, out: Path,
            uris: tuple[str, ...], accel: str | None = None, first: int = 0,
-           cpus: dict[str, int] | None = None) -> Iterator[list[Any]]:
+           cpus: dict[str, int] | None = None) -> Iterator[list[VM]]:
     """Boot n guests in parallel; all are destroyed on every exit path.
 
     first: the fleet-wide number of guest 0 (fleets of several kernels boot
@@ -95,7 +104,7 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
         cpus = {u: host_cpus(u) for u in uris}
     run_id = f"{os.getpid()}-{int(time.time() * 1000) % 100000}"
     with ExitStack() as stack:
-        vms: list[Any] = [None] * n
+        vms: list[VM | None] = [None] * n
         errors: list[BaseException] = []
         lock = threading.Lock()
 
@@ -129,7 +138,7 @@ def booted(artifact: Any, image: Any, n: int, *, label: str, s: Scenario, out: P
             if isinstance(e, (InfraError, BadInput, KeyboardInterrupt)):
                 raise e
             raise LostVM(f"{label}: guest failed to boot: {e}") from e
-        yield vms
+        yield [m for m in vms if m is not None]   # every boot succeeded: all n
 
 
 def guest_uri(uris: tuple[str, ...], guest: int) -> str:
@@ -215,10 +224,10 @@ def _join_all(workers: list[Worker], on_interrupt: Callable[[], None] | None = N
         raise KeyboardInterrupt
 
 
-def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
-              events_lock: threading.Lock, events_file: Any,
+def run_on_vm(m: VM, kname: str, i: int, spec: AgentSpec, out: Path, prog: Progress,
+              events_lock: threading.Lock, events_file: IO[str],
               cancel: threading.Event | None = None, *, silence: float | None = None,
-              stalls: str = "note", stalls_why: str = "", control: Any = None,
+              stalls: str = "note", stalls_why: str = "", control: ControlStop | None = None,
               phases: dict[str, dict[str, float]] | None = None) -> TargetResult:
     """The agent in guest m, its console watched for splats.  silence, stalls:
     the scenario's [vm] knobs (a quiet guest is lost; stalls noted or counted,
@@ -269,7 +278,7 @@ def run_on_vm(m: Any, kname: str, i: int, spec: Any, out: Path, prog: Progress,
     return res
 
 
-def _fetch_after(m: Any, res: TargetResult, out: Path, label: str) -> None:
+def _fetch_after(m: VM, res: TargetResult, out: Path, label: str) -> None:
     """The trace and dmesg of a target whose checker result is in.  Both are best effort:
     the row rests on the checker's counts and the console (which holds the kernel log too),
     so a guest too starved to open one more SSH channel keeps its verdict and says what it
@@ -298,26 +307,27 @@ def _phases(t0: float, t_up: float, t_ran: float, t_down: float,
     return {"boot": round(t_up - t0, 3),
             "setup": round(max((t["load_started"] - t_up for t in ts), default=0.0), 3),
             "load": round(max((t["load"] for t in ts), default=0.0), 3),
-            "evidence": round(max((t.get("returned", e) - e for t, e in zip(ts, load_end)), default=0.0), 3),
+            "evidence": round(max((t.get("returned", e) - e for t, e in zip(ts, load_end, strict=True)),
+                                  default=0.0), 3),
             "teardown": round(t_down - t_ran, 3)}
 
 
-def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: list[Any],
-               image: Any, out: Path, prog: Progress, plans: list[Any] | None = None,
-               control: Any = None) -> list[KernelRun]:
+def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: list[KernelArtifact],
+               image: Image, out: Path, prog: Progress, plans: Sequence[Plan | None] | None = None,
+               control: ControlStop | None = None) -> list[KernelRun]:
     """Boot every kernel's fleet at once and run the scenario in every guest.
 
     control: sees every agent's events and may end a load early (lab.repro.ControlStop).
     An error that is not an infrastructure loss (BadInput, a bug) in any
     fleet is raised here once every fleet has torn itself down."""
-    from lab import dataplane  # noqa: F401 - binaries are in the image already
     from lab.vm import accel_text
 
     vmcfg = s["vm"]
     trace = _trace_opts(cfg, s)
     from lab import amplifier
 
-    runs = [KernelRun(n, a, plan=p) for n, a, p in zip(kernel_names, artifacts, plans or [None] * len(artifacts))]
+    runs = [KernelRun(n, a, plan=p) for n, a, p in zip(kernel_names, artifacts, plans or [None] * len(artifacts),
+                                                            strict=True)]
     cpus = {u: host_cpus(u) for u in cfg.uris}
     notes = overcommit_notes(len(runs) * cfg.vms, vmcfg["vcpus"], cfg.uris, cpus)
     crowded = overcommitted(len(runs) * cfg.vms, vmcfg["vcpus"], cfg.uris, cpus)
@@ -363,7 +373,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                                 for i in range(len(vms))]
                     each: dict[str, dict[str, float]] = {}
 
-                    def target(i: int, m: Any) -> TargetResult:
+                    def target(i: int, m: VM) -> TargetResult:
                         res = run_on_vm(m, kr.name, i, spec, out, prog, events_lock, events_file, cancel,
                                         silence=silence, stalls=policies[i][0], stalls_why=policies[i][1],
                                         control=control, phases=each)
@@ -402,7 +412,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
 
 
 def run_vm(cfg: RunConfig, progress: bool = True, title: str | None = None,
-           expected: dict[str, str] | None = None, control: Any = None) -> Outcome:
+           expected: dict[str, str] | None = None, control: ControlStop | None = None) -> Outcome:
     """control: may end a clean control's load early (lab.repro.ControlStop) and says why in its row."""
     from lab import amplifier
     from lab import image as imagemod
@@ -486,20 +496,21 @@ def add_to_summary(out: Path, key: str, value: Any) -> None:
     write_json(path, summary)
 
 
-def amplifier_plans(s: Scenario, names: list[str], artifacts: list[Any]) -> list[Any]:
+def amplifier_plans(s: Scenario, names: list[str], artifacts: list[KernelArtifact]) -> list[Plan]:
     """The amplifier of each kernel, chosen before anything boots (bad input at once);
     the control must run with the same one as the affected kernel, or it proves less."""
     from lab import amplifier
 
-    plans, problems = [], []
-    for name, art in zip(names, artifacts):
+    plans: list[Plan] = []
+    problems: list[str] = []
+    for name, art in zip(names, artifacts, strict=True):
         try:
             plans.append(amplifier.plan(s["amplifier"], art, defer=True))
         except BadInput as e:
             problems.append(f"{name}: {e}")
     if problems:
         raise BadInput("amplifier:\n  " + "\n  ".join(problems))
-    for name, p in zip(names, plans):
+    for name, p in zip(names, plans, strict=True):
         log.info("%s: amplifier %s", name, p.text())
     if len({(p.method, p.delay_ns, p.widen_rx_ns) for p in plans}) > 1:
         log.info("note: the kernels run with different amplifiers, so a clean control is weaker "
@@ -510,7 +521,7 @@ def amplifier_plans(s: Scenario, names: list[str], artifacts: list[Any]) -> list
 # --- single guests, for `racelab vm run|shell` ---------------------------------
 
 @contextmanager
-def _single(kernel_name: str, vcpus: int, memory_mib: int) -> Iterator[Any]:
+def _single(kernel_name: str, vcpus: int, memory_mib: int) -> Iterator[VM]:
     from lab import image as imagemod
     from lab import vm as vmmod
     from lab.vm import accel_text

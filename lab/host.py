@@ -14,10 +14,10 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from lab import run as runmod
 
@@ -61,7 +61,7 @@ class Host(Protocol):
             input: str | None = None) -> Result: ...
 
     def spawn(self, argv: Sequence[str], *, env: dict[str, str] | None = None
-              ) -> "contextmanager[Process]": ...  # type: ignore[valid-type]
+              ) -> AbstractContextManager[Process]: ...
 
     def put(self, local: Path, remote: str) -> None: ...
 
@@ -108,7 +108,7 @@ class LocalHost:
     def __init__(self, bin_dir: str | None = None) -> None:
         self.python = sys.executable
         self.lab_root = str(runmod.project_root())
-        self.agent_python = (self.python,)     # the venv's site-packages hold pyroute2
+        self.agent_python: tuple[str, ...] = (self.python,)     # the venv's site-packages hold pyroute2
         self.agent_path = self.lab_root
         self.bin_dir = bin_dir or ""
 
@@ -123,11 +123,10 @@ class LocalHost:
         # stderr goes to a temp file so a chatty process can never block on a full pipe
         import tempfile
 
-        with tempfile.TemporaryFile("w+") as errf:
-            with runmod.spawn(argv, stderr=errf.fileno(), env=env, die_with_parent=True,
-                              stdin=subprocess.DEVNULL) as proc:
-                lp = _FileErrProcess(proc, errf)
-                yield lp
+        with (tempfile.TemporaryFile("w+") as errf,
+              runmod.spawn(argv, stderr=errf.fileno(), env=env, die_with_parent=True,
+                           stdin=subprocess.DEVNULL) as proc):
+            yield _FileErrProcess(proc, errf)
 
     def put(self, local: Path, remote: str) -> None:
         if Path(local).resolve() != Path(remote).resolve():
@@ -139,7 +138,7 @@ class LocalHost:
 
 
 class _FileErrProcess(LocalProcess):
-    def __init__(self, proc: subprocess.Popen[str], errf) -> None:  # noqa: ANN001
+    def __init__(self, proc: subprocess.Popen[str], errf: IO[str]) -> None:
         super().__init__(proc)
         self._errf = errf
 

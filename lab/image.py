@@ -245,7 +245,7 @@ def dataplane_binaries() -> list[Path]:
     """The C checker/senders from lab.dataplane.build().  A guest without them
     cannot run any scenario, so an image is never built without them."""
     try:
-        from lab import dataplane  # type: ignore[attr-defined]
+        from lab import dataplane
     except ImportError as e:
         raise BuildFailed(f"lab.dataplane cannot be imported ({e}): the guest image needs its "
                           "C checker and senders",

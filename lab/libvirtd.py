@@ -185,7 +185,8 @@ def upload(conn: libvirt.virConnect, local: Path, name: str) -> str:
     pool = storage_pool(conn)
     try:
         pool.storageVolLookupByName(name + ".ok")
-        return pool.storageVolLookupByName(name).path()
+        done: str = pool.storageVolLookupByName(name).path()
+        return done
     except libvirt.libvirtError:
         pass
     try:
@@ -209,7 +210,8 @@ def upload(conn: libvirt.virConnect, local: Path, name: str) -> str:
     pool.createXML(f"<volume><name>{name}.ok</name><capacity unit='bytes'>0</capacity>"
                    "<target><format type='raw'/></target></volume>", 0)
     _prune_pool(pool, name)
-    return vol.path()
+    path: str = vol.path()
+    return path
 
 
 # Uploads pile up (a new image for every change to lab/): keep the newest few of a kind.
@@ -296,7 +298,7 @@ class ConsoleStream:
 
     def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain, path: Path) -> None:
         self._lock = threading.Lock()
-        self._out = open(path, "wb")
+        self._out = open(path, "wb")  # noqa: SIM115 - the stream's lifetime; closed by close()
         self._stream: libvirt.virStream | None = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
         dom.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
         self._stream.eventAddCallback(self._EVENTS, self._on_event, None)

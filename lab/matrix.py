@@ -19,7 +19,6 @@ with --uri (or RACELAB_URIS, comma-separated).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import html
@@ -34,13 +33,16 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab import scenario as scen
-from lab.config import RunConfig, parse_duration
+from lab.config import Backend, RunConfig, parse_duration
 from lab.run import BadInput, InfraError, log
 from lab.verdict import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, WINDOW_HIT, Row, level_text, matches,
                          verdict_text)
+
+if TYPE_CHECKING:
+    from lab.kernels.kernel import KernelSpec
 
 # what a cell showed
 PASS, FAIL, MISSED, ERROR = "pass", "fail", "not-reproduced-within-budget", "error"
@@ -133,11 +135,11 @@ def decide(kernel: str, scenario: str, expected: str, row: Row, *, budget: float
     return Decision(MISSED, FAILED if missed == "fail" else SKIPPED, why)
 
 
-def expected_for(kernel_spec: Any, scenario: str) -> str:
+def expected_for(kernel_spec: KernelSpec, scenario: str) -> str:
     """The level a cell judges: clean for a kernel the catalog does not list as affected;
     for an affected one, reproduced, or window where the scenario says its corruption
     is rare (a window hit then shows the kernel is vulnerable)."""
-    if scenario not in tuple(getattr(kernel_spec, "affected", ()) or ()):
+    if scenario not in (kernel_spec.affected or ()):
         return "clean"
     return "window" if scen.load(scenario)["evidence"].get("corruption_rare") else "reproduced"
 
@@ -147,7 +149,7 @@ def run_cell(cell: Cell, *, budget: float, vms: int, seed: int, out: Path, uri: 
     from lab import fleet
 
     s = scen.load(cell.scenario)
-    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend="vm", kernels=(cell.kernel,),
+    cfg = RunConfig(scenario=s.name, scenario_data=s.data, backend=Backend.VM, kernels=(cell.kernel,),
                     duration=budget, vms=vms, seed=seed, stop_on_first=True, stop_grace=1.0,
                     out=str(out), uris=(uri,), evidence=("trace",))
     cell.uri, cell.started = uri, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -183,7 +185,7 @@ def run_matrix(kernels: list[str], scenarios: list[str], *, budget: float, vms: 
     arts = fleet.build_kernels(kernels, progress=progress)
     image.ensure_image(progress=progress)
     cells = [Cell(k, s, expected_for(sp, s), build=build_info(a, sp))
-             for k, sp, a in zip(kernels, specs, arts) for s in scenarios]
+             for k, sp, a in zip(kernels, specs, arts, strict=True) for s in scenarios]
     out.mkdir(parents=True, exist_ok=True)
     # several cells at once have no live line of their own (their progress would interleave):
     # each says when it starts and ends, with the tally so far
@@ -298,7 +300,24 @@ purple: infrastructure error</p>
 <table><tr><th>kernel</th>{head}</tr>{''.join(rows)}</table></body></html>""")
 
 
-def main(a: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class MatrixArgs:
+    """What `racelab matrix` was asked; lab.cli builds it from its options (same defaults)."""
+
+    kernels: str                   # comma-separated kernel specs, as given
+    scenarios: str                 # comma-separated scenario names
+    budget: str = "5m"             # load time per cell, at most
+    vms: int = 1                   # guests per cell
+    missed: str = DEFAULT_MISSED   # an affected cell short of its level: fail | skip
+    out: str = ""                  # results directory ("" = results/matrix-TIME-PID)
+    jobs: int = 1                  # cells at a time
+    uris: tuple[str, ...] = ()     # libvirt hosts (() = $RACELAB_URIS, else qemu:///system)
+    as_json: bool = False          # matrix.json on stdout, the grid on stderr
+    tap: str | None = None         # also write TAP here
+    kcidb: str | None = None       # also write KCIDB JSON here
+
+
+def main(a: MatrixArgs) -> int:
     kernels = [k.strip() for k in a.kernels.split(",") if k.strip()]
     scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     if not kernels or not scenarios:
@@ -313,8 +332,8 @@ def main(a: argparse.Namespace) -> int:
     t0 = time.monotonic()
     log.info("results: %s  (each cell's directory appears in it as the cell starts)", out.absolute())
     cells = run_matrix(kernels, scenarios, budget=budget, vms=a.vms, jobs=a.jobs, out=out,
-                       uris=uris_from(getattr(a, "uri", None)), seed=seed, missed=missed)
-    as_json = bool(getattr(a, "json", False))
+                       uris=uris_from(list(a.uris)), seed=seed, missed=missed)
+    as_json = a.as_json
     human = sys.stderr if as_json else sys.stdout   # --json: stdout is the document alone
     with contextlib.redirect_stdout(human):
         print_grid(cells, kernels, scenarios)
@@ -334,9 +353,9 @@ def main(a: argparse.Namespace) -> int:
     (out / "matrix.json").write_text(doc)
     print(f"results: {out}  (matrix.json, junit.xml, matrix.html); wall {time.monotonic() - t0:.0f}s",
           file=human)
-    if getattr(a, "tap", None):
+    if a.tap:
         print(f"TAP: {export.write_tap(Path(a.tap), export.cell_points(cells))}", file=human)
-    if getattr(a, "kcidb", None):
+    if a.kcidb:
         print(f"KCIDB: {export.write_kcidb(Path(a.kcidb), json.loads(doc))}", file=human)
     if as_json:
         print(doc)

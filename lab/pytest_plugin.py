@@ -38,11 +38,19 @@ worker's pid; the kernel cache is shared behind a file lock):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from lab.host import LocalHost
+    from lab.image import Image
+    from lab.kernels.kernel import KernelArtifact
+    from lab.agent.topology import Topology, TopologySpec
+    from lab.vm import VM
 
 GRID_MODULE = Path(__file__).with_name("racelab_grid.py")
 
@@ -149,7 +157,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def expectation(config: pytest.Config, kernel: str, scenario: str) -> str:
     from lab.verdict import EXPECT_LEVELS
-    for item in config.getoption("--racelab-expect"):
+    given: list[str] = config.getoption("--racelab-expect")
+    for item in given:
         key, _, value = item.partition("=")
         if key == f"{kernel}:{scenario}":
             if value not in EXPECT_LEVELS:
@@ -176,7 +185,7 @@ def racelab_cell(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def racelab_host():
+def racelab_host() -> LocalHost:
     """The local Host: this machine's kernel, for netns-backend scenarios."""
     from lab import dataplane
     from lab.host import LocalHost
@@ -184,12 +193,12 @@ def racelab_host():
 
 
 @pytest.fixture(scope="session")
-def racelab_kernel():
+def racelab_kernel() -> Callable[[str], KernelArtifact]:
     """Factory: name -> KernelArtifact.  Builds once per key across xdist workers (file lock)."""
     from lab.kernels import kernel as kmod
-    cache: dict[str, Any] = {}
+    cache: dict[str, KernelArtifact] = {}
 
-    def get(name: str) -> Any:
+    def get(name: str) -> KernelArtifact:
         if name not in cache:
             cache[name] = kmod.ensure(kmod.resolve(name), progress=False)
         return cache[name]
@@ -197,21 +206,22 @@ def racelab_kernel():
 
 
 @pytest.fixture(scope="session")
-def racelab_image():
+def racelab_image() -> Image:
     """The guest image (cached by recipe and lab-layer hash)."""
     from lab import image
     return image.ensure_image(progress=False)
 
 
 @pytest.fixture
-def racelab_fleet(racelab_kernel, racelab_image, tmp_path):
+def racelab_fleet(racelab_kernel: Callable[[str], KernelArtifact], racelab_image: Image,
+                  tmp_path: Path) -> Iterator[Callable[..., list[VM]]]:
     """Factory: (kernel name, n, vcpus=2, memory_mib=1024) -> n booted guests; all destroyed after."""
     from lab import vm as vmmod
     stack = ExitStack()
     counter = [0]
 
     def boot(kernel_name: str, n: int = 1, vcpus: int = 2, memory_mib: int = 1024,
-             cmdline: str = "") -> list[Any]:
+             cmdline: str = "") -> list[VM]:
         art = racelab_kernel(kernel_name)
         vms = []
         for _ in range(n):
@@ -227,20 +237,20 @@ def racelab_fleet(racelab_kernel, racelab_image, tmp_path):
 
 
 @pytest.fixture
-def racelab_vm(racelab_fleet):
+def racelab_vm(racelab_fleet: Callable[..., list[VM]]) -> Callable[..., VM]:
     """Factory: kernel name -> one booted guest (destroyed after the test)."""
-    def boot(kernel_name: str, **kw: Any) -> Any:
+    def boot(kernel_name: str, **kw: Any) -> VM:
         return racelab_fleet(kernel_name, 1, **kw)[0]
     return boot
 
 
 @pytest.fixture
-def racelab_topology():
+def racelab_topology() -> Iterator[Callable[[TopologySpec], Topology]]:
     """Factory: TopologySpec -> Topology in fresh anonymous namespaces (gone after the test)."""
     from lab.agent.topology import build
     stack = ExitStack()
 
-    def make(spec: Any) -> Any:
+    def make(spec: TopologySpec) -> Topology:
         return stack.enter_context(build(spec))
     with stack:
         yield make

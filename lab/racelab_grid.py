@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.racelab_cell
 
 
-def test_cell(racelab_cell, record_property, tmp_path):
+def test_cell(racelab_cell: dict[str, Any], record_property: Callable[[str, object], None], tmp_path: Path) -> None:
     from lab import scenario as scen
     from lab.config import RunConfig
     from lab.matrix import ERROR, FAILED, SKIPPED, decide
@@ -40,7 +43,8 @@ def test_cell(racelab_cell, record_property, tmp_path):
                  ("window_hits", row.window.count if row.window.available else "n/a"),
                  ("window_rate", level_text(row.window, row.packets, row.confidence)),
                  ("results", str(outcome.out))):
-        record_property(k, v)
+        # xdist sends properties through execnet, which takes builtin types only: a Verdict is sent as its value
+        record_property(k, v.value if isinstance(v, enum.Enum) else v)
     # the same decision as `racelab matrix` (lab.matrix.decide, --racelab-missed as --missed)
     if d.status in (FAILED, ERROR):
         pytest.fail(d.message, pytrace=False)
@@ -48,7 +52,7 @@ def test_cell(racelab_cell, record_property, tmp_path):
         pytest.skip(d.message)
 
 
-def trace_for(cell: dict, evidence: dict) -> tuple[str, ...]:
+def trace_for(cell: dict[str, Any], evidence: dict[str, Any]) -> tuple[str, ...]:
     """A cell judging the window, or any cell of a rare-corruption scenario (a fixed kernel's
     clean then covers the window too), collects the trace."""
     return ("trace",) if cell["expected"] == "window" or evidence.get("corruption_rare") else ()

@@ -70,13 +70,9 @@ def _decoders(header: dict[str, Any]) -> dict[int, tuple[str, Any]]:
     callers = {k: tuple(v) for k, v in header.get("callers", {}).items()}
     for sid, spec in header.get("events", {}).items():
         name, fields = spec["name"], {k: tuple(v) for k, v in spec["fields"].items()}
-
-        def u64(fname: str) -> Any:
-            o = fields[fname][0]
-            return lambda d, p: struct.unpack_from("<Q", d, p + o)[0]
-
         if name in ("rcv", "flush") and "xs" in fields:
-            out[int(sid)] = (name, u64("xs"))
+            o = fields["xs"][0]
+            out[int(sid)] = (name, lambda d, p, o=o: struct.unpack_from("<Q", d, p + o)[0])
         elif name == "rcvret":
             ro = fields["ret"][0] if "ret" in fields else None
             ipo = fields["__probe_ret_ip"][0] if "__probe_ret_ip" in fields else None

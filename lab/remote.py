@@ -64,7 +64,7 @@ class SshHost:
     # -S: no site module.  Under TCG it costs 0.6 s of every agent start, for paths the
     # agent does not use; the two it does use are given here (the image's racelab.pth
     # names the same two for everything else)
-    agent_python = ("python3", "-S")
+    agent_python: tuple[str, ...] = ("python3", "-S")
     agent_path = GUEST_PYTHONPATH
     bin_dir = GUEST_BIN
 
@@ -267,7 +267,9 @@ class SshHost:
             self._sftp = paramiko.SFTPClient.from_transport(t)
             if self._sftp is None:
                 raise InfraError(f"{self.name}: cannot open SFTP")
-            self._sftp.get_channel().settimeout(SFTP_IDLE_S)   # a read that waits longer raises
+            chan = self._sftp.get_channel()
+            if chan is not None:
+                chan.settimeout(SFTP_IDLE_S)   # a read that waits longer raises
         return self._sftp
 
     def put(self, local: Path, remote: str) -> None:
@@ -391,7 +393,7 @@ class SshProcess:
                 self._chan.settimeout(left)
             try:
                 data = self._chan.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 self._timeout(timeout, chunks)
             except (OSError, EOFError, paramiko.SSHException):
                 data = b""

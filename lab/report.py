@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.config import RunConfig, fmt_duration, to_jsonable
+from lab.config import Backend, RunConfig, fmt_duration, to_jsonable
 from lab.verdict import (NOT_REPRODUCED, REPRODUCED, WINDOW_HIT, Row, kinds_text, level_text, matches,
                           verdict_text)
 
@@ -35,10 +35,7 @@ def provenance(cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[str,
             qemu = out.splitlines()[0] if out else ""
         except (OSError, subprocess.TimeoutExpired):
             pass
-    try:
-        from lab import __version__ as lab_version
-    except ImportError:
-        lab_version = "0"
+    from lab import __version__ as lab_version
     git = ""
     try:
         from lab.run import project_root
@@ -64,7 +61,7 @@ def rerun_command(cfg: RunConfig) -> str:
     argv = ["racelab", "run", cfg.scenario, "--backend", cfg.backend]
     for k in cfg.kernels:
         argv += ["--kernel", k]
-    if cfg.backend == "vm":
+    if cfg.backend == Backend.VM:
         argv += ["--vms", str(cfg.vms)]
     argv += ["--duration", f"{cfg.duration:g}s", "--seed", str(cfg.seed)]
     if cfg.variant:
@@ -88,7 +85,7 @@ def rerun_command(cfg: RunConfig) -> str:
 
 
 def row_dict(row: Row) -> dict[str, Any]:
-    d = to_jsonable(row)
+    d: dict[str, Any] = to_jsonable(row)
     d["violations"] = row.violations
     d["onsets"] = row.onsets
     d["kinds_text"] = kinds_text(row)
@@ -219,7 +216,8 @@ def junit_cases(rows: list[Row], suite: str, expected: dict[str, str]) -> list[J
     for r in rows:
         props = (("verdict", r.verdict), ("packets", r.packets), ("violations", r.violations),
                  ("onsets", r.onsets), ("seconds", r.seconds),
-                 ("first_violation_s", r.first_violation_s), ("rate", level_text(r.corruption, r.packets, r.confidence)),
+                 ("first_violation_s", r.first_violation_s),
+                 ("rate", level_text(r.corruption, r.packets, r.confidence)),
                  ("window_hits", r.window.count if r.window.available else "n/a"),
                  ("expected", expected.get(r.kernel, "")))
         exp = expected.get(r.kernel)
@@ -271,7 +269,8 @@ a.gone{{color:#999}}</style>
 <h2>Interleaving before the first violation (or the first window hit), per CPU</h2>{interleavings}
 <h2>Files</h2>{files}
 <h2>Provenance</h2>{_provenance_table(meta)}
-<details><summary>provenance as JSON</summary><pre>{esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre></details>
+<details><summary>provenance as JSON</summary>
+<pre>{esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre></details>
 </body></html>"""
     path.write_text(page)
 
@@ -304,9 +303,9 @@ def _files_table(base: Path, targets: list[dict[str, Any]], meta: dict[str, Any]
     krows = []
     for name, k in sorted((meta.get("kernels") or {}).items()):
         cfg = k.get("config")
-        log = Path(str(cfg)).with_name("build.log") if cfg else None
+        build_log = Path(str(cfg)).with_name("build.log") if cfg else None
         krows.append(f"<tr><td>{html.escape(name)}</td><td>{_link(base, cfg, '.config')}</td>"
-                     f"<td>{_link(base, log, 'build log') if log and log.exists() else '-'}</td>"
+                     f"<td>{_link(base, build_log, 'build log') if build_log and build_log.exists() else '-'}</td>"
                      f"<td>{html.escape(str(k.get('key', '')))}</td></tr>")
     out = ("<table><tr><th>target</th><th>console</th><th>kernel log</th><th>trace</th></tr>"
            + "".join(rows) + "</table>") if rows else "<p>no targets</p>"

@@ -13,14 +13,17 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab import verdict as v
-from lab.config import RunConfig, fmt_duration
+from lab.config import Backend, RunConfig, fmt_duration
 from lab.run import InfraError, log
 from lab.scenario import Scenario, from_data
 from lab.session import Outcome, rows_from_targets
 from lab.workload import TargetResult
+
+if TYPE_CHECKING:
+    from lab.host import Host
 
 
 AFFECTED_GRACE_S = 5.0
@@ -33,7 +36,7 @@ def expectations(s: Scenario, names: list[str], artifacts_affected: list[tuple[s
     (bzimage:, git:, tarball: without a catalog entry: affected None) gets no expectation:
     its verdict is the answer, never a mismatch."""
     exp = {}
-    for name, affected in zip(names, artifacts_affected):
+    for name, affected in zip(names, artifacts_affected, strict=True):
         if affected is None:
             continue
         hit = s.name in affected
@@ -60,14 +63,13 @@ def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True,
         # 8 in 6 s 13 s); the control runs meanwhile, so this costs the run no time
         stop_on_first=True, stop_grace=0.0 if cfg.stop_on_first else AFFECTED_GRACE_S,
         evidence=tuple(sorted(set(cfg.evidence) | {"trace"})))
-    if cfg.backend == "netns":
+    if cfg.backend == Backend.NETNS:
         if cfg.kernels and list(cfg.kernels) != [s["kernels"]["affected"], s["kernels"]["fixed"]]:
             log.info("netns backend: testing this machine's kernel; --kernel ignored")
         cfg = dataclasses.replace(cfg, kernels=())
         return session.run_netns(cfg, progress=progress)
     specs = fleet.resolve_kernels(names)
-    affected: list[tuple[str, ...] | None] = [
-        None if getattr(sp, "affected", None) is None else tuple(sp.affected) for sp in specs]
+    affected: list[tuple[str, ...] | None] = [sp.affected for sp in specs]
     expected = expectations(s, names, affected, cfg.mitigation)
     log.info("repro %s: %s", s.name, ", ".join(
         f"{k} (expect {expected[k]})" if k in expected else f"{k} (unknown to the catalog: no expectation)"
@@ -89,7 +91,7 @@ def run_repro(cfg: RunConfig, *, budget_given: bool, progress: bool = True,
 class _Watched:
     """One target (a control's or an affected kernel's), as its agent's events tell it."""
 
-    host: Any = None
+    host: Host | None = None
     pid: int | None = None
     load_at: float | None = None   # agent clock
     prev_t: float = 0.0            # s since load start of the last receive-count reading
@@ -146,7 +148,7 @@ class ControlStop:
             return None
         return cls(affected, controls, vms, s["run"]["confidence"], miss)
 
-    def on_event(self, kernel: str, label: str, ev: dict[str, Any], host: Any) -> None:
+    def on_event(self, kernel: str, label: str, ev: dict[str, Any], host: Host) -> None:
         if kernel not in self.controls and kernel not in self.affected:
             return
         with self._lock:
@@ -266,6 +268,8 @@ class ControlStop:
 
     def _send(self, todo: list[tuple[str, _Watched]]) -> None:
         for label, w in todo:
+            if w.host is None or w.pid is None:   # not loading yet: _decide() never picks such a one
+                continue
             try:
                 w.host.cmd(["kill", "-USR1", str(w.pid)], check=False, timeout=15)
             except InfraError as e:   # the guest is gone: its own stream says so

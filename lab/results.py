@@ -30,7 +30,8 @@ _MARKS = {"rows": "summary", "cells": "matrix", "culprit": "bisect"}
 
 
 def schema(name: str = "summary") -> dict[str, Any]:
-    return json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    doc: dict[str, Any] = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    return doc
 
 
 def _registry() -> Any:

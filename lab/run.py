@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 from lab.agent.run import (EXIT_BAD_INPUT, EXIT_INFRA, EXIT_MISMATCH, EXIT_OK, TOOL_PACKAGES, BadInput,
-                           BuildFailed, CommandFailed, InfraError, LostSSH, LostVM, RacelabError, die,
+                           BuildFailed, CommandFailed, InfraError, LostSSH, LostVM, RacelabError,
                            log, require_tools, run, spawn, stop, tool_hint)
 
 __all__ = [
     "EXIT_BAD_INPUT", "EXIT_INFRA", "EXIT_MISMATCH", "EXIT_OK", "TOOL_PACKAGES", "BadInput",
-    "BuildFailed", "CommandFailed", "InfraError", "LostSSH", "LostVM", "RacelabError", "die",
+    "BuildFailed", "CommandFailed", "InfraError", "LostSSH", "LostVM", "RacelabError",
     "log", "require_tools", "run", "spawn", "stop", "tool_hint",
     "require_root", "cache_dir", "project_root", "writable_dir_problem", "slug", "setup_logging",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import enum
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,16 +28,12 @@ from lab.agent.topology import TopologySpec, VethSpec
 MITIGATIONS = ("single-queue", "threaded-napi", "gro-on", "busy-poll")
 
 
-def _pos(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+class Stalls(enum.StrEnum):
+    """[vm] stalls: what an RCU stall or soft lockup in a guest counts as (lab.splat.stall_policy)."""
 
-
-def _nonneg(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _pow2(v: Any) -> bool:
-    return _pos(v) and v & (v - 1) == 0
+    AUTO = "auto"             # a violation where it says something about the kernel (KVM, no overcommit)
+    NOTE = "note"             # noted, never a violation
+    VIOLATION = "violation"   # a kernel-splat violation
 
 
 def _dur(v: Any) -> bool:
@@ -172,7 +169,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "pin": boolean(False, "pin guest g's vCPU i to host CPU (g*vcpus + i) % host CPUs"),
         "silence": duration(5, "60s", "no agent output for this long: the guest stopped answering",
                             good="a duration >= 5s, like 60s"),
-        "stalls": choice("auto", "note", "violation", default="auto",
+        "stalls": choice(*(s.value for s in Stalls), default=Stalls.AUTO.value,
                          doc="RCU stalls / soft lockups: violations under KVM, notes under TCG (auto)"),
     },
     "run": {
@@ -198,6 +195,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "gate": Field(lambda v: isinstance(v, str) and (v == "" or PROBE_SYMBOL.fullmatch(v) is not None),
                       '"" (every hit) or a function name, e.g. "veth_poll"', "",
                       "only wait when called from this function", {"type": "string"}),
+        "hold": Field(check_probe_spec, '"" (none) or SYMBOL[+OFFSET][,SYMBOL[+OFFSET]...]', "",
+                      "kprobe-delay: where the other side of the window waits, on every hit (never gated)",
+                      {"type": "string"}),
+        "hold_ns": integer(0, 1_000_000, 0, "the hold's busy-wait (0: delay_ns)",
+                           good="an integer 0..1000000 (ns)"),
     },
     "evidence": {
         # code in lab/evidence.py computes both measures; which one is this race's window is data
@@ -254,11 +256,13 @@ class Scenario:
     data: dict[str, Any]   # validated sections, overrides applied
 
     def __getitem__(self, section: str) -> dict[str, Any]:
-        return self.data[section]
+        sec: dict[str, Any] = self.data[section]
+        return sec
 
     @property
     def bug(self) -> dict[str, Any]:
-        return self.data["bug"]
+        bug: dict[str, Any] = self.data["bug"]
+        return bug
 
     def duration(self) -> float:
         return parse_duration(self.data["run"]["duration"])
@@ -336,7 +340,7 @@ def validate(data: Mapping[str, Any]) -> list[str]:
     bad: set[str] = set()     # "section.field" that failed on its own: cross-checks skip them
     for section, fields in SCHEMA.items():
         if section not in data and not any(fd.required for fd in fields.values()) and isinstance(data, dict):
-            data[section] = {}   # type: ignore[index]
+            data[section] = {}
         sec = data.get(section)
         if not isinstance(sec, dict):
             problems.append(f"[{section}]: missing section" if sec is None else f"[{section}]: not a table")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab.scenario import Stalls
 from lab.workload import TargetResult
 
 # Stalls and lockups come from starved vCPUs as well as from a broken kernel:
@@ -380,29 +381,30 @@ def kmsg_line(record: str, kernel_only: bool = True) -> str | None:
 
 # --- what the splats mean for a target -------------------------------------------
 
-def stall_policy(stalls: str, accel: str, overcommit: bool = False) -> tuple[str, str]:
-    """[vm] stalls resolved for a target: ("note" | "violation", why).
+def stall_policy(stalls: str, accel: str, overcommit: bool = False) -> tuple[Stalls, str]:
+    """[vm] stalls resolved for a target: (Stalls.NOTE | Stalls.VIOLATION, why).
 
     "auto" counts stalls only where a stall says something about the kernel:
     under KVM with at least one host CPU per vCPU.  Under TCG, on an
     overcommitted KVM host, on the netns backend's shared host kernel, or
     under an accelerator we do not know, a fixed kernel stalls too."""
-    if stalls != "auto":
-        return stalls, f"vm.stalls = {stalls}"
+    policy = Stalls(stalls)
+    if policy != Stalls.AUTO:
+        return policy, f"vm.stalls = {policy}"
     if accel == "kvm" and not overcommit:
-        return "violation", "vm.stalls = auto under KVM"
+        return Stalls.VIOLATION, "vm.stalls = auto under KVM"
     why = {"kvm": "under KVM the fleet's vCPUs overcommit the host CPUs, so starved guests stall "
                   "on a fixed kernel too",
            "tcg": "starved vCPUs under TCG stall on a fixed kernel too",
            "host": "the host kernel is shared with everything else this machine runs"}
-    return "note", "vm.stalls = auto: " + why.get(accel, f"accelerator {accel or 'unknown'} is not "
+    return Stalls.NOTE, "vm.stalls = auto: " + why.get(accel, f"accelerator {accel or 'unknown'} is not "
                                                           "trusted with stalls")
 
 
 def splat_kind(text: str, stalls: str = "note") -> str:
     """"stall" (noted, not a violation) or "kernel-splat" (a violation).
     stalls="violation" ([vm] stalls) counts stalls and lockups as splats too."""
-    return "stall" if stalls == "note" and STALL.search(trigger_line(text)) else "kernel-splat"
+    return "stall" if stalls == Stalls.NOTE and STALL.search(trigger_line(text)) else "kernel-splat"
 
 
 def record_splats(res: TargetResult, splats: Sequence[Splat], stalls: str = "note",

@@ -24,17 +24,37 @@ and the packets checked, over the targets that count (lab.workload).
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-REPRODUCED = "REPRODUCED"
-NOT_REPRODUCED = "NOT REPRODUCED"
-INCONCLUSIVE = "INCONCLUSIVE"   # infrastructure lost before any packet: no verdict
-WINDOW_HIT = "WINDOW HIT"       # the racy interleaving traced, no corruption seen by user space
-# --expect levels: reproduced = corruption seen; window = at least the window hit
-# (corruption implies it); clean = neither corruption nor, where measured, window hits
-EXPECT_LEVELS = ("reproduced", "window", "clean")
+
+class Verdict(enum.StrEnum):
+    """A row's verdict; the values are what summary.json and the tables show."""
+
+    REPRODUCED = "REPRODUCED"
+    NOT_REPRODUCED = "NOT REPRODUCED"
+    INCONCLUSIVE = "INCONCLUSIVE"   # infrastructure lost before any packet: no verdict
+    WINDOW_HIT = "WINDOW HIT"       # the racy interleaving traced, no corruption seen by user space
+
+
+REPRODUCED = Verdict.REPRODUCED
+NOT_REPRODUCED = Verdict.NOT_REPRODUCED
+INCONCLUSIVE = Verdict.INCONCLUSIVE
+WINDOW_HIT = Verdict.WINDOW_HIT
+
+
+class Expect(enum.StrEnum):
+    """--expect levels: reproduced = corruption seen; window = at least the window hit
+    (corruption implies it); clean = neither corruption nor, where measured, window hits."""
+
+    REPRODUCED = "reproduced"
+    WINDOW = "window"
+    CLEAN = "clean"
+
+
+EXPECT_LEVELS: tuple[Expect, ...] = tuple(Expect)
 
 
 def _gamma_p(a: float, x: float) -> float:
@@ -173,7 +193,7 @@ class Row:
     wall: float               # wall time of the whole row
     by_kind: dict[str, int]   # raw violation counts
     first_violation_s: float | None   # from the senders' ready line to the first violation, min over VMs
-    verdict: str
+    verdict: Verdict
     corruption: Level         # its count: independent onsets
     window: Level
     confidence: float = 0.95

@@ -38,6 +38,7 @@ when that host's libvirtd still has their domain.
 from __future__ import annotations
 
 import argparse
+import enum
 import hashlib
 import json
 import logging
@@ -83,7 +84,14 @@ _counter_lock = threading.Lock()
 
 # --- accelerator -----------------------------------------------------------------
 
-def kernel_key(kernel: Any) -> str:
+class Accel(enum.StrEnum):
+    """How QEMU runs a guest: KVM where it really boots the kernel, else TCG (emulation)."""
+
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+def kernel_key(kernel: bootmod.KernelLike) -> str:
     """A stable identity for a kernel artifact (its cache key, else its bytes)."""
     key = getattr(kernel, "key", None)
     if key:
@@ -107,23 +115,23 @@ def qemu_version() -> str:
     return _qemu_versions[key]
 
 
-def detect_accel(kernel: Any, uri: str = SYSTEM_URI) -> tuple[str, str]:
+def detect_accel(kernel: bootmod.KernelLike, uri: str = SYSTEM_URI) -> tuple[Accel, str]:
     """("kvm" | "tcg", why).  KVM only if it really boots this kernel."""
     forced = os.environ.get("RACELAB_ACCEL", "").strip().lower()
     if forced:
-        if forced not in ("kvm", "tcg"):
+        if forced not in tuple(Accel):
             raise BadInput(f"RACELAB_ACCEL={forced!r}", hint="use kvm or tcg")
-        return forced, f"forced by RACELAB_ACCEL={forced}"
+        return Accel(forced), f"forced by RACELAB_ACCEL={forced}"
     if not is_local(uri):
         return _remote_accel(kernel, uri)
     if not os.path.exists("/dev/kvm"):
-        return "tcg", "no /dev/kvm on this host"
+        return Accel.TCG, "no /dev/kvm on this host"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg", "/dev/kvm is not accessible (not root, not in group kvm?)"
+        return Accel.TCG, "/dev/kvm is not accessible (not root, not in group kvm?)"
     key = f"{kernel_key(kernel)}|qemu-{qemu_version()}"
     cached = _accel_cache_get(key)
     if cached:
-        return cached[0], f"{cached[1]} (cached probe)"
+        return Accel(cached[0]), f"{cached[1]} (cached probe)"
     accel, reason = _probe_kvm(kernel)
     _accel_cache_put(key, (accel, reason))
     # debug: a run names its accelerator once (lab.fleet), not once per kernel probed
@@ -135,12 +143,12 @@ def accel_text(accel: str, reason: str) -> str:
     """ "tcg (kvm unusable: <why>)", "kvm (<how the probe went>)", or the bare name."""
     if not reason:
         return accel
-    if accel == "tcg" and not reason.startswith(("forced", "requested")):
+    if accel == Accel.TCG and not reason.startswith(("forced", "requested")):
         return f"tcg (kvm unusable: {reason})"
     return f"{accel} ({reason})"
 
 
-def _probe_kvm(kernel: Any) -> tuple[str, str]:
+def _probe_kvm(kernel: bootmod.KernelLike) -> tuple[Accel, str]:
     """Boot the kernel under KVM into a tiny initramfs that prints a marker."""
     import tempfile
 
@@ -156,18 +164,18 @@ def _probe_kvm(kernel: Any) -> tuple[str, str]:
         with spawn(argv, stdout=subprocess.DEVNULL, grace=2) as proc:
             while time.monotonic() - t0 < PROBE_TIMEOUT:
                 if bootmod.PROBE_MARKER in console.read_text(errors="replace"):
-                    return "kvm", f"KVM probe booted the kernel in {time.monotonic() - t0:.1f}s"
+                    return Accel.KVM, f"KVM probe booted the kernel in {time.monotonic() - t0:.1f}s"
                 if proc.poll() is not None:
                     err = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
                     if bootmod.PROBE_MARKER in console.read_text(errors="replace"):
-                        return "kvm", f"KVM probe booted the kernel in {time.monotonic() - t0:.1f}s"
-                    return "tcg", f"QEMU cannot use KVM: {(err or ['exited'])[-1]}"
+                        return Accel.KVM, f"KVM probe booted the kernel in {time.monotonic() - t0:.1f}s"
+                    return Accel.TCG, f"QEMU cannot use KVM: {(err or ['exited'])[-1]}"
                 time.sleep(0.1)
-    return "tcg", (f"KVM probe did not reach the kernel's /init in {PROBE_TIMEOUT:.0f}s "
+    return Accel.TCG, (f"KVM probe did not reach the kernel's /init in {PROBE_TIMEOUT:.0f}s "
                    "(a nested or paravirtual KVM that hangs stock kernels)")
 
 
-def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
+def _remote_accel(kernel: bootmod.KernelLike, uri: str) -> tuple[Accel, str]:
     """The KVM probe on another libvirt host, through libvirt itself: upload the
     kernel and the probe initramfs, boot them paused-then-resumed with the
     console streamed back, and look for the marker.  Cached like the local one."""
@@ -178,11 +186,11 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
         try:
             conn.getDomainCapabilities(None, "x86_64", "q35", "kvm")
         except libvirt.libvirtError:
-            return "tcg", f"{uri} offers no KVM"
+            return Accel.TCG, f"{uri} offers no KVM"
         key = f"{_host_identity(conn, uri)}|{kernel_key(kernel)}|libvirt-qemu-{conn.getVersion()}"
         cached = _accel_cache_get(key)
         if cached:
-            return cached[0], f"{cached[1]} (cached probe)"
+            return Accel(cached[0]), f"{cached[1]} (cached probe)"
         boot, probe = bootmod.kernel_for_boot(kernel), bootmod.probe_initrd()
         kpath = upload(conn, boot, f"kernel-{_file_sha(boot)}")
         ipath = upload(conn, probe, probe.name)
@@ -210,18 +218,18 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
                 try:
                     dom = conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
                 except libvirt.libvirtError as e:
-                    result = ("tcg", f"KVM guest did not start on {uri}: {e.get_error_message()}")
+                    result = (Accel.TCG, f"KVM guest did not start on {uri}: {e.get_error_message()}")
                     dom = None
                 _restore_sigint(old)
                 old = None
                 if dom is not None:
                     stream = ConsoleStream(conn, dom, console)
                     dom.resume()
-                    result = ("tcg", f"KVM probe did not reach the kernel's /init in "
+                    result = (Accel.TCG, f"KVM probe did not reach the kernel's /init in "
                                      f"{PROBE_TIMEOUT:.0f}s on {uri}")
                     while time.monotonic() - t0 < PROBE_TIMEOUT:
                         if bootmod.PROBE_MARKER in console.read_text(errors="replace"):
-                            result = ("kvm", f"KVM probe on {uri} booted the kernel in "
+                            result = (Accel.KVM, f"KVM probe on {uri} booted the kernel in "
                                              f"{time.monotonic() - t0:.1f}s")
                             break
                         try:
@@ -229,7 +237,7 @@ def _remote_accel(kernel: Any, uri: str) -> tuple[str, str]:
                         except libvirt.libvirtError:
                             running = False
                         if not running and bootmod.PROBE_MARKER not in console.read_text(errors="replace"):
-                            result = ("tcg", f"the KVM probe guest on {uri} stopped before /init")
+                            result = (Accel.TCG, f"the KVM probe guest on {uri} stopped before /init")
                             break
                         time.sleep(0.1)
             finally:
@@ -260,7 +268,8 @@ def _host_identity(conn: libvirt.virConnect, uri: str) -> str:
 
 def _accel_cache_get(key: str) -> list[str] | None:
     try:
-        return json.loads((cache_dir() / "accel.json").read_text()).get(key)
+        known: dict[str, list[str]] = json.loads((cache_dir() / "accel.json").read_text())
+        return known.get(key)
     except (OSError, ValueError):
         return None
 
@@ -294,7 +303,7 @@ class DomainSpec:
     ssh_port: int
     vcpus: int = 2
     memory_mib: int = 1024
-    accel: str = "tcg"
+    accel: Accel = Accel.TCG
     pin: tuple[str, ...] = ()       # host cpuset per vCPU (cycled), e.g. ("0", "1")
     title: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
@@ -313,7 +322,7 @@ def domain_xml(s: DomainSpec) -> str:
     # TCG: libvirt 9.0 emits `-accel tcg`; QEMU >= 3.x turns MTTCG on by default
     # for x86 guests on x86 hosts (checked by VM.tcg_threads()).  The tb-cache
     # is capped so a fleet does not reserve 1 GiB of code cache per guest.
-    if s.accel == "kvm":
+    if s.accel == Accel.KVM:
         dom_type, cpu, features = "kvm", "<cpu mode='host-passthrough'/>", "<acpi/>"
     else:
         dom_type, cpu = "qemu", "<cpu mode='maximum'/>"
@@ -376,7 +385,8 @@ def domain_xml(s: DomainSpec) -> str:
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _proc_start_time(pid: int) -> str:
@@ -437,7 +447,7 @@ def _next_name() -> str:
 class VM:
     """A running guest as a context manager; see the module docstring."""
 
-    def __init__(self, kernel: Any, image: imagemod.Image, *, name: str | None = None,
+    def __init__(self, kernel: bootmod.KernelLike, image: imagemod.Image, *, name: str | None = None,
                  vcpus: int = 2, memory_mib: int = 1024, cmdline: str = "",
                  pin: Sequence[int | str] | None = None, results_dir: Path | None = None,
                  uri: str = SYSTEM_URI, accel: str | None = None,
@@ -456,7 +466,7 @@ class VM:
             problems.append(f"vcpus must be >= 1, got {vcpus}")
         if memory_mib < 256:
             problems.append(f"memory_mib must be >= 256, got {memory_mib}")
-        if accel not in (None, "kvm", "tcg"):
+        if accel is not None and accel not in tuple(Accel):
             problems.append(f"accel must be kvm, tcg or None (detect), got {accel!r}")
         if not Path(kernel.bzimage).is_file():
             problems.append(f"kernel image {kernel.bzimage} does not exist")
@@ -485,7 +495,7 @@ class VM:
         self.uri = uri
         self.local = is_local(uri)
         self._stack = ExitStack()
-        self.accel = accel or ""
+        self.accel: str = Accel(accel) if accel else ""   # detected at boot when not given
         self.accel_reason = "requested by the caller" if accel else ""
         self.ready_timeout = ready_timeout
         self.dir = cache_dir() / "vms" / self.domain_name
@@ -543,7 +553,7 @@ class VM:
             # guest panics at boot ("IO-APIC + timer doesn't work!")
             "no_timer_check",
             self.extra_cmdline]))
-        timeout = self._timeout = self.ready_timeout or (60.0 if self.accel == "kvm" else 180.0)
+        timeout = self._timeout = self.ready_timeout or (60.0 if self.accel == Accel.KVM else 180.0)
         last: Exception | None = None
         for _attempt in range(5):
             # Remote: a free port over there cannot be asked for; QEMU refuses a
@@ -553,7 +563,7 @@ class VM:
                 name=self.domain_name, kernel=boot_kernel, initrd=initrd,
                 cmdline=cmdline, disk=disk, backing=backing,
                 console=console, ssh_port=self.port, vcpus=self.vcpus,
-                memory_mib=self.memory_mib, accel=self.accel, pin=self.pin,
+                memory_mib=self.memory_mib, accel=Accel(self.accel), pin=self.pin,
                 title=f"racelab {self.name}", metadata=self._owner())
             flags = 0 if self.local else libvirt.VIR_DOMAIN_START_PAUSED
             try:
@@ -882,7 +892,7 @@ class BareKernel:
     module_load_order: tuple[str, ...] = ()
 
 
-def _resolve_kernel(text: str) -> Any:
+def _resolve_kernel(text: str) -> bootmod.KernelLike:
     p = Path(text)
     if p.is_file():
         return BareKernel(p.resolve())
@@ -903,7 +913,7 @@ def _main(argv: list[str] | None = None) -> int:
     r.add_argument("--vcpus", type=int, default=2)
     r.add_argument("--memory", type=int, default=1024, help="MiB")
     r.add_argument("--cmdline", default="")
-    r.add_argument("--accel", choices=["kvm", "tcg"])
+    r.add_argument("--accel", choices=[a.value for a in Accel])
     r.add_argument("--results", type=Path, help="keep the console log here")
     sub.add_parser("reap", help="destroy guests and directories left by dead racelab processes")
     args = ap.parse_args(argv)

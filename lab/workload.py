@@ -20,14 +20,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lab.agent.agent import AgentSpec, CheckerOpts, IperfOpts, SenderOpts
 from lab.amplifier import PATCH_KNOB
 from lab.cache import atomic_write
-from lab.host import Host
+from lab.host import Host, Process
 from lab.run import InfraError, LostVM
 from lab.scenario import WIRING, Scenario, to_topology
+
+if TYPE_CHECKING:
+    from lab.amplifier import Plan
 
 MAX_KEPT_VIOLATIONS = 500
 # Traffic that stopped this long before the load ended (and at least this share of the load)
@@ -41,7 +44,7 @@ INTERRUPT_GRACE_S = 15.0   # after Ctrl-C: how long the agent gets to wind down 
 def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on_first: bool,
                inject: str = "", trace: dict[str, Any] | None = None,
                checks: str = "all", stop_grace: float = 0.0,
-               amplifier: Any = None) -> AgentSpec:
+               amplifier: Plan | None = None) -> AgentSpec:
     """The agent's spec for one target.  amplifier: the lab.amplifier.Plan chosen for
     this kernel (None: the scenario's patch knob only, as on a kernel we know nothing of)."""
     c, ld, x = s["checker"], s["load"], s["xdp"]
@@ -171,6 +174,211 @@ class TargetResult:
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
+class TextSink(Protocol):
+    """Where events.jsonl lines go: a file, or a locked writer shared by a fleet's guests."""
+
+    def write(self, s: str, /) -> object: ...
+
+
+# --- the agent's events, as typed records ---------------------------------------------
+# The agent (lab.agent) prints one JSON object per line; parse_event() reads one into the
+# record of its type, so what each type carries is written down once, here.  The dict
+# itself still goes on, unchanged, to events.jsonl and to on_event listeners.
+
+@dataclass(frozen=True)
+class LoadStart:
+    at: float                       # agent clock (s), as every record's `at`
+
+
+@dataclass(frozen=True)
+class Violation:
+    at: float
+    kind: str
+    rx: int                         # the checker's receive count at that moment
+    onset: bool                     # it starts a new fault (others are its echo)
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A periodic `stats` line, or the checker's final `done` line."""
+    at: float
+    rx: int
+    foreign: int | None
+    by_kind: dict[str, Any] | None          # every violation the checker counted, by kind
+    onsets_by_kind: dict[str, Any] | None
+    final: bool                             # the `done` line
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Sender:
+    at: float
+    ready: bool                     # the senders' ready line: their packets start now
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Note:
+    at: float
+    text: str
+    knob: str                       # a kernel knob it set ("": none)
+    applied: bool
+
+
+@dataclass(frozen=True)
+class Amplifier:
+    at: float
+    fields: dict[str, Any]          # what widened the window, and its hits
+
+
+@dataclass(frozen=True)
+class Evidence:
+    at: float
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Iperf:
+    at: float
+    error: str                      # "": the TCP load ran as asked
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AgentError:
+    at: float
+    what: str
+    stderr: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AgentDone:
+    at: float
+    reason: str                     # duration, first-violation, stopped, error, interrupted, ...
+    load_seconds: float
+    error: str
+
+
+@dataclass(frozen=True)
+class OtherEvent:
+    """A type run_target keeps nothing of (topology, phase, ...): listeners still see it."""
+    at: float
+    type: str
+
+
+AgentEvent = (LoadStart | Violation | Stats | Sender | Note | Amplifier | Evidence | Iperf | AgentError
+              | AgentDone | OtherEvent)
+
+
+def parse_event(ev: dict[str, Any]) -> AgentEvent:
+    """The typed record of one agent event (a JSON object with a `type`)."""
+    typ, at = ev.get("type"), float(ev.get("at", 0.0))
+    if typ == "load-start":
+        return LoadStart(at)
+    if typ == "violation":
+        return Violation(at, str(ev.get("kind", "unknown")), int(ev.get("rx", 0) or 0),
+                         bool(ev.get("onset", True)), ev)
+    if typ in ("stats", "done"):
+        by_kind, onsets = ev.get("by_kind"), ev.get("onsets_by_kind")
+        return Stats(at, int(ev.get("rx", 0)), int(ev["foreign"]) if "foreign" in ev else None,
+                     by_kind if isinstance(by_kind, dict) else None,
+                     onsets if isinstance(onsets, dict) else None, typ == "done", ev)
+    if typ == "sender":
+        return Sender(at, ev.get("sender_type") == "ready", ev)
+    if typ == "note":
+        return Note(at, str(ev.get("text")), str(ev["knob"]) if ev.get("knob") else "", bool(ev.get("applied")))
+    if typ == "amplifier":
+        return Amplifier(at, {k: v for k, v in ev.items() if k not in ("type", "phase", "target", "at")})
+    if typ == "evidence":
+        return Evidence(at, ev)
+    if typ == "iperf":
+        return Iperf(at, str(ev.get("error") or ""), ev)
+    if typ == "agent-error":
+        return AgentError(at, str(ev.get("what")), tuple(ev.get("stderr") or ()))
+    if typ == "agent-done":
+        return AgentDone(at, str(ev.get("reason")), float(ev.get("load_seconds", 0.0)), str(ev.get("error")))
+    return OtherEvent(at, str(typ))
+
+
+@dataclass
+class _Reduction:
+    """run_target's state while the agent's events come in: apply() folds one into res."""
+
+    res: TargetResult
+    load_at: float | None = None    # agent clock of load-start
+    ready_at: float | None = None   # agent clock of the senders' ready line
+    done: bool = False              # an agent-done that is a result (not error, not interrupted)
+    last_rx: int = 0                # the checker's highest receive count
+
+    def apply(self, ev: AgentEvent) -> None:
+        res, load_at = self.res, self.load_at
+        if load_at is not None and ev.at >= load_at:
+            res.last_heard_s = max(res.last_heard_s, round(ev.at - load_at, 3))
+        match ev:
+            case LoadStart():
+                self.load_at = ev.at
+                res.load_started_host = time.monotonic()
+            case Violation():
+                # the receive count then: packets seen, even when the guest dies before its next stats line
+                self.last_rx = max(self.last_rx, ev.rx)
+                res.by_kind[ev.kind] = res.by_kind.get(ev.kind, 0) + 1
+                res.onsets_by_kind[ev.kind] = res.onsets_by_kind.get(ev.kind, 0) + (1 if ev.onset else 0)
+                if load_at is not None:
+                    res.rx_points.append((round(ev.at - load_at, 3), ev.rx))
+                if res.first_violation_s is None and load_at is not None:
+                    res.first_violation_from_load_start_s = round(max(0.0, ev.at - load_at), 6)
+                    origin = self.ready_at if self.ready_at is not None else load_at
+                    res.first_violation_s = round(max(0.0, ev.at - origin), 6)
+                    res.first_violation_origin = "senders ready" if self.ready_at is not None else "load start"
+                if len(res.violations) < MAX_KEPT_VIOLATIONS:
+                    res.violations.append(ev.raw)
+            case Stats():
+                self.last_rx = max(self.last_rx, ev.rx)
+                if ev.foreign is not None:
+                    res.foreign = ev.foreign
+                # the checker counts every violation; we may have seen only the first ones
+                for k, n in (ev.by_kind or {}).items():
+                    if int(n) > res.by_kind.get(k, 0):
+                        res.by_kind[k] = int(n)
+                for k, n in (ev.onsets_by_kind or {}).items():
+                    if int(n) > res.onsets_by_kind.get(k, 0) or k not in res.onsets_by_kind:
+                        res.onsets_by_kind[k] = int(n)
+                if load_at is not None:
+                    res.timeline.append((round(ev.at - load_at, 3), ev.rx, res.violation_count))
+                    res.rx_points.append((round(ev.at - load_at, 3), ev.rx))
+                if ev.final:
+                    res.final = ev.raw
+            case Sender():
+                res.senders = ev.raw
+                if ev.ready and self.ready_at is None:
+                    self.ready_at = ev.at
+                    if load_at is not None:
+                        res.senders_ready_s = round(max(0.0, ev.at - load_at), 6)
+            case Note():
+                res.notes.append(ev.text)
+                if ev.knob:
+                    res.knobs[ev.knob] = ev.applied
+            case Amplifier():
+                res.amplifier.update(ev.fields)
+            case Evidence():
+                res.evidence = ev.raw
+            case Iperf():
+                res.iperf = ev.raw
+                if ev.error:
+                    res.notes.append(f"iperf3: {ev.error} (the TCP load did not run as asked)")
+            case AgentError():
+                res.infra_error = f"{ev.what}: {' | '.join(ev.stderr)[-500:]}"
+            case AgentDone():
+                self.done = ev.reason not in ("error", "interrupted")
+                res.reason = ev.reason
+                res.load_seconds = ev.load_seconds
+                if ev.reason == "error":
+                    res.infra_error = res.infra_error or ev.error
+            case OtherEvent():
+                pass
+
+
 class _Watchdog:
     """Stops waiting on a stream whose host is gone (a guest that died mid-run)
     or has gone quiet: the agent prints stats every 0.5 s while it runs, so a
@@ -239,7 +447,7 @@ class _Watchdog:
         self._stop.set()
 
 
-def _give_up(proc: Any) -> None:
+def _give_up(proc: Process) -> None:
     """Stop reading proc: a guest that does not answer cannot be asked to kill
     anything, so an SSH process is abandoned (its channel closed, which wakes
     the reader); a local one is terminated."""
@@ -251,7 +459,7 @@ def _give_up(proc: Any) -> None:
 
 
 def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
-               on_event: EventSink | None = None, events_file: IO[str] | None = None,
+               on_event: EventSink | None = None, events_file: TextSink | None = None,
                alive: Callable[[], bool] | None = None, deadline_slack: float = 120.0,
                silence: float | None = None, cancel: threading.Event | None = None) -> TargetResult:
     """Run the agent on host; infrastructure loss is recorded in .infra_error.
@@ -265,10 +473,7 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
     res = TargetResult(label=label, kernel=kernel)
     env = {"PYTHONPATH": host.agent_path}
     argv = [*host.agent_python, "-m", "lab.agent", spec.to_json()]
-    load_at: float | None = None
-    ready_at: float | None = None   # agent clock of the senders' ready line
-    done = False
-    last_rx = 0
+    state = _Reduction(res)
     started = time.monotonic()
     try:
         with host.spawn(argv, env=env) as proc:
@@ -287,79 +492,7 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
                     ev["target"] = label
                     if events_file is not None:
                         events_file.write(json.dumps(ev) + "\n")
-                    typ = ev.get("type")
-                    at = float(ev.get("at", 0.0))
-                    if load_at is not None and at >= load_at:
-                        res.last_heard_s = max(res.last_heard_s, round(at - load_at, 3))
-                    if typ == "load-start":
-                        load_at = at
-                        res.load_started_host = time.monotonic()
-                    elif typ == "violation":
-                        # the checker's receive count at that moment: packets seen, even when the
-                        # guest dies before its next stats line
-                        last_rx = max(last_rx, int(ev.get("rx", 0) or 0))
-                        kind = str(ev.get("kind", "unknown"))
-                        res.by_kind[kind] = res.by_kind.get(kind, 0) + 1
-                        # the checker says which violations start a new fault; others are its echo
-                        res.onsets_by_kind[kind] = res.onsets_by_kind.get(kind, 0) + (
-                            1 if ev.get("onset", True) else 0)
-                        if load_at is not None:
-                            res.rx_points.append((round(at - load_at, 3), int(ev.get("rx", 0) or 0)))
-                        if res.first_violation_s is None and load_at is not None:
-                            res.first_violation_from_load_start_s = round(max(0.0, at - load_at), 6)
-                            origin = ready_at if ready_at is not None else load_at
-                            res.first_violation_s = round(max(0.0, at - origin), 6)
-                            res.first_violation_origin = "senders ready" if ready_at is not None \
-                                else "load start"
-                        if len(res.violations) < MAX_KEPT_VIOLATIONS:
-                            res.violations.append(ev)
-                    elif typ in ("stats", "done"):
-                        rx = int(ev.get("rx", 0))
-                        last_rx = max(last_rx, rx)
-                        res.foreign = int(ev.get("foreign", res.foreign))
-                        # the checker counts every violation; we may have seen only the first ones
-                        by_kind = ev.get("by_kind")
-                        if isinstance(by_kind, dict):
-                            for k, n in by_kind.items():
-                                if int(n) > res.by_kind.get(k, 0):
-                                    res.by_kind[k] = int(n)
-                        onsets = ev.get("onsets_by_kind")
-                        if isinstance(onsets, dict):
-                            for k, n in onsets.items():
-                                if int(n) > res.onsets_by_kind.get(k, 0) or k not in res.onsets_by_kind:
-                                    res.onsets_by_kind[k] = int(n)
-                        if load_at is not None:
-                            res.timeline.append((round(at - load_at, 3), rx, res.violation_count))
-                            res.rx_points.append((round(at - load_at, 3), rx))
-                        if typ == "done":
-                            res.final = ev
-                    elif typ == "sender":
-                        res.senders = ev
-                        if ev.get("sender_type") == "ready" and ready_at is None:
-                            ready_at = at
-                            if load_at is not None:
-                                res.senders_ready_s = round(max(0.0, at - load_at), 6)
-                    elif typ == "note":
-                        res.notes.append(str(ev.get("text")))
-                        if ev.get("knob"):
-                            res.knobs[str(ev["knob"])] = bool(ev.get("applied"))
-                    elif typ == "amplifier":
-                        res.amplifier.update({k: v for k, v in ev.items()
-                                              if k not in ("type", "phase", "target", "at")})
-                    elif typ == "evidence":
-                        res.evidence = ev
-                    elif typ == "iperf":
-                        res.iperf = ev
-                        if ev.get("error"):
-                            res.notes.append(f"iperf3: {ev['error']} (the TCP load did not run as asked)")
-                    elif typ == "agent-error":
-                        res.infra_error = f"{ev.get('what')}: {' | '.join(ev.get('stderr') or [])[-500:]}"
-                    elif typ == "agent-done":
-                        done = ev.get("reason") not in ("error", "interrupted")
-                        res.reason = str(ev.get("reason"))
-                        res.load_seconds = float(ev.get("load_seconds", 0.0))
-                        if ev.get("reason") == "error":
-                            res.infra_error = res.infra_error or str(ev.get("error"))
+                    state.apply(parse_event(ev))
                     if on_event is not None:
                         on_event(label, ev)
                 dog.close()
@@ -375,15 +508,15 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
             if dog.cancelled:
                 res.interrupted = True
                 res.infra_error = res.infra_error or "interrupted"
-            if dog.silent and not done:
+            if dog.silent and not state.done:
                 raise LostVM(f"{label}: guest stopped answering (no output for {silence:g} s)",
                              hint="the guest hangs or is paused; see its console log")
             if dog.dead:
                 raise LostVM(f"{label}: guest died or stopped answering during the run")
     except InfraError as e:
         res.infra_error = f"{type(e).__name__}: {e.message}"
-    res.packets = last_rx
-    if not done and res.infra_error is None:
+    res.packets = state.last_rx
+    if not state.done and res.infra_error is None:
         res.infra_error = "agent stream ended without a result (host lost?)"
     if res.first_violation_s is not None and res.first_violation_origin == "load start":
         res.notes.append("time to first violation measured from load start: no sender ready line "

@@ -50,10 +50,9 @@ def _af_xdp() -> bool:
 def pytest_collection_modifyitems(config, items):
     is_root = os.geteuid() == 0
     for item in items:
-        if "root" in item.keywords or "vm" in item.keywords:
-            if not is_root:
-                item.add_marker(pytest.mark.skip(reason="needs root: run as root (sudo ./bootstrap test)"))
-                continue
+        if ("root" in item.keywords or "vm" in item.keywords) and not is_root:
+            item.add_marker(pytest.mark.skip(reason="needs root: run as root (sudo ./bootstrap test)"))
+            continue
         if "root" in item.keywords and not _af_xdp():
             item.add_marker(pytest.mark.skip(reason="host kernel has no AF_XDP (CONFIG_XDP_SOCKETS=y)"))
         if "vm" in item.keywords and shutil.which("libvirtd") is None:

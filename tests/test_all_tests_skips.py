@@ -1,7 +1,6 @@
 """Under RACELAB_ALL_TESTS a skip for a missing install step fails (tests/conftest.py)."""
 from pathlib import Path
 
-import pytest
 
 pytest_plugins = ["pytester"]
 

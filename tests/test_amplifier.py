@@ -191,6 +191,29 @@ def test_a_probe_that_never_fired_while_packets_flowed_is_said(tmp_path):
     assert busy["hits"] == 1000 and busy["hits_per_vcpu"] == {"k/vm-0": [600, 400]} and "warning" not in busy
 
 
+def test_a_hold_is_planned_with_its_wait_and_its_hits_kept_apart_from_the_windows():
+    @dataclass
+    class T:
+        label: str
+        packets: int
+        amplifier: dict
+
+    amp = {"method": "kprobe-delay", "delay_ns": 50000, "gate": "veth_poll", "probe": "__xsk_rcv_zc+0x7a",
+           "hold": "xdp_do_flush+0", "hold_ns": 0}
+    p = amplifier.plan(amp, None)
+    assert p.holds == ("xdp_do_flush+0",) and p.hold_ns == 50000          # 0: the window's delay
+    assert "50000 ns at xdp_do_flush+0 on every hit" in p.text()
+    assert amplifier.plan({**amp, "hold_ns": 10000}, None).hold_ns == 10000
+    assert amplifier.plan({**amp, "hold": ""}, None).holds == ()
+    assert amplifier.plan({**amp, "method": "kprobe"}, None).holds == ()  # the trap alone: no waits
+    # a hold that fired while the window's probe never did: the run was not amplified
+    done = {"hits": [5, 5], "hits_total": 10, "by_probe": [
+        {"probe": "__xsk_rcv_zc+0x7a", "hits_total": 0, "hold": False},
+        {"probe": "xdp_do_flush+0x0", "hits_total": 10, "hold": True}]}
+    s = amplifier.summary(p, [T("k/vm-0", 1000, done)])
+    assert s["hits"] == 0 and s["hold_hits"] == 10 and "never fired" in s["warning"]
+
+
 def test_on_a_host_without_kprobes_auto_is_off_out_loud_and_an_explicit_probe_is_bad_input(tmp_path, monkeypatch):
     monkeypatch.setattr(amplifier, "KPROBE_PMU", tmp_path / "no-kprobe-pmu")
     monkeypatch.setattr(amplifier, "PATCH_KNOB", str(tmp_path / "no-knob"))

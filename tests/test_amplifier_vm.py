@@ -95,7 +95,7 @@ def test_xskamp_counts_delays_refuses_and_restores_in_a_guest(kernel6, image, tm
 
         # (a) the probe alone: every call is a hit, on the CPUs it ran on
         ready, plain, done, during = amplified(h, "--probe", PROBE)
-        assert ready["probes"] == [{"probe": "__x64_sys_getppid+0x5", "cpus": 2}]
+        assert ready["probes"] == [{"probe": "__x64_sys_getppid+0x5", "cpus": 2, "hold": False}]
         assert (ready["method"], ready["delay_ns"], ready["loop"]) == ("kprobe", 0, None)
         assert ready["optimisation_was"] == "1" and during == "0"
         assert len(done["hits"]) == 2 and sum(done["hits"]) == done["hits_total"]
@@ -151,8 +151,8 @@ def test_the_gate_waits_only_while_another_cpu_is_inside_the_gate_function(kerne
         args = ["--probe", PROBE, "--delay-ns", "20000", "--gate", "__x64_sys_clock_nanosleep",
                 "--stats-ms", "500"]
 
-        def run(with_sleeper: bool) -> dict:
-            with h.spawn([f"{h.bin_dir}/xskamp", *args]) as p:
+        def run(with_sleeper: bool, *more: str, calls: str = pin0) -> dict:
+            with h.spawn([f"{h.bin_dir}/xskamp", *args, *more]) as p:
                 lines = p.lines()
                 ready = next(json.loads(x) for x in lines if x.startswith("{") and '"ready"' in x)
                 assert ready["gate"] == "__x64_sys_clock_nanosleep", ready
@@ -160,10 +160,10 @@ def test_the_gate_waits_only_while_another_cpu_is_inside_the_gate_function(kerne
                     with h.spawn([h.python, "-c", SLEEPER]) as s:
                         import time
                         time.sleep(1.0)                  # it is inside clock_nanosleep() on CPU 1 now
-                        h.cmd([h.python, "-c", pin0, "2000"], timeout=300)
+                        h.cmd([h.python, "-c", calls, "2000"], timeout=300)
                         s.wait(30)
                 else:
-                    h.cmd([h.python, "-c", pin0, "2000"], timeout=300)
+                    h.cmd([h.python, "-c", calls, "2000"], timeout=300)
                 p.terminate()
                 events = [json.loads(x) for x in lines if x.startswith("{")]
                 assert p.wait(30) == 0, p.stderr_text()
@@ -176,4 +176,12 @@ def test_the_gate_waits_only_while_another_cpu_is_inside_the_gate_function(kerne
         assert held["hits_total"] >= 2000, held
         assert held["runs"] >= 1000, held           # CPU 1 inside clock_nanosleep: the calls on CPU 0 wait
         assert held["waited_under_2n"] >= 0.5 * held["runs"], held
+        # --hold: a probe that waits on every hit, gate or not (the veth race's flushing side):
+        # nobody inside clock_nanosleep, and each of 2,000 getpid() calls waits all the same
+        getpid = pin0.replace("os.getppid", "os.getpid")
+        hold = run(False, "--hold", "__x64_sys_getpid+0", "--hold-ns", "10000", calls=getpid)
+        by = {b["probe"]: b for b in hold["by_probe"]}
+        assert by["__x64_sys_getpid+0x0"]["hold"] is True and by["__x64_sys_getpid+0x0"]["hits_total"] >= 2000, hold
+        assert by["__x64_sys_getppid+0x5"]["hold"] is False, hold
+        assert hold["runs"] >= 2000 and hold["waited_ns_avg"] >= 10000, hold
         assert h.cmd(["cat", OPT]).stdout.strip() == "1"

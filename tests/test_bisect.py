@@ -122,7 +122,7 @@ def test_log_lines_stay_whole(tmp_path):
         f.write('{"n": 3, "cut')
     b._append(str(log), {"n": 4})
     lines = log.read_text().splitlines()
-    assert [json.loads(l)["n"] for l in lines if not l.endswith("cut")] == [1, 2, 4] and len(lines) == 4
+    assert [json.loads(line)["n"] for line in lines if not line.endswith("cut")] == [1, 2, 4] and len(lines) == 4
 
 
 def test_a_rerun_step_keeps_the_cut_run_apart(tmp_path, monkeypatch):
@@ -229,7 +229,6 @@ def test_bisect_run_shows_each_step_as_it_comes_with_the_time_left(tmp_path):
     shown with git's step estimate) before the second is written."""
     import io
     import sys
-    import threading
     import time
 
     script = tmp_path / "fake-git"
@@ -429,7 +428,6 @@ def test_bisect_json_is_the_document_alone_on_stdout_and_follows_its_schema(tmp_
     """A whole bisection through bisect.main: real git bisect run over a real history, with
     stand-ins only where a kernel would be built and booted (test_commit in this process,
     the bisect-step command in git's).  --json: stdout is bisect.json, the rest is on stderr."""
-    import argparse
     import json
     import subprocess
     import sys
@@ -453,9 +451,9 @@ def test_bisect_json_is_the_document_alone_on_stdout_and_follows_its_schema(tmp_
         return real_run([*argv[:i + 1], sys.executable, str(step), argv[-1]], env, out, started)
     monkeypatch.setattr(b, "bisect_run", bisect_run)
     out = tmp_path / "out"
-    a = argparse.Namespace(tree=str(repo), good=shas[0], bad=shas[-1], scenario="generic-rx-race", find="cause",
-                           vms=1, out=str(out), calibrate_runs=2, calibrate_budget="30s", min_step="5s",
-                           resume=False, json=True, signal="auto")
+    a = b.BisectArgs(tree=str(repo), good=shas[0], bad=shas[-1], scenario="generic-rx-race", find="cause",
+                     vms=1, out=str(out), calibrate_runs=2, calibrate_budget="30s", min_step="5s",
+                     resume=False, as_json=True, signal="auto")
     assert b.main(a) == 0
     stdout, stderr = capsys.readouterr()
     doc = json.loads(stdout)
@@ -477,13 +475,11 @@ def test_bisect_json_is_the_document_alone_on_stdout_and_follows_its_schema(tmp_
 
 
 def test_bisect_without_json_keeps_its_lines_on_stdout(monkeypatch, capsys):
-    import argparse
-
     def bisection(a):
         print("the answer")
         return 0, {"schema_version": 1}
     monkeypatch.setattr(b, "_bisect", bisection)
-    assert b.main(argparse.Namespace(json=False)) == 0
+    assert b.main(b.BisectArgs(tree="t", good="g", bad="b", scenario="s")) == 0
     out, err = capsys.readouterr()
     assert out == "the answer\n" and err == ""
 
@@ -504,7 +500,8 @@ def test_the_racy_end_is_verified_over_fresh_boots_until_one_corrupts(monkeypatc
     assert rec["outcome"] == "reproduced" and boots == 2
     assert budgets == [("corruption", 40.0), ("corruption", 40.0)]
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["boot"], r["outcome"]) for r in logged] == [("verify", 1, "clean"), ("verify", 2, "reproduced")]
+    assert [(r["phase"], r["boot"], r["outcome"]) for r in logged] == [("verify", 1, "clean"),
+                                                                       ("verify", 2, "reproduced")]
     outcomes = iter(["clean"] * 3)
     rec, boots = b.verify_racy(st, "a" * 40, "verify-parent", 20.0)
     assert rec["outcome"] == "clean" and boots == 3 and budgets[-1] == ("corruption", 9.5), "at least one step"

@@ -26,7 +26,8 @@ N, CAUSE_AT, FIX_AT = 32, 13, 19
 
 
 def git(repo, *args, **kw):
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, **kw).stdout.strip()
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          **kw).stdout.strip()
 
 
 PATCHES = project_root() / "kernels" / "patches" / "6.1"
@@ -136,7 +137,8 @@ def bisect(repo, good, bad, find, out, scenario="generic-rx-race", calibrate_bud
 def test_bisect_names_the_commit(find, tmp_path):
     repo = synthetic_history()
     branch = find
-    expected = git(repo, "rev-list", "-1", "--grep", "introduces the race" if find == "cause" else "fixes the race", branch)
+    subject = "introduces the race" if find == "cause" else "fixes the race"
+    expected = git(repo, "rev-list", "-1", "--grep", subject, branch)
     p = bisect(repo, f"{branch}~{N}" if find == "cause" else f"{branch}~{N}", branch, find, tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     # each step's line reached the user while the bisection went on, with the time left
@@ -148,7 +150,7 @@ def test_bisect_names_the_commit(find, tmp_path):
     assert ("introduces" if find == "cause" else "fixes") in report["subject"]
     from lab import results
     assert results.problems(report, "bisect") == [], "bisect.json follows lab/schemas/bisect.schema.json"
-    steps = [json.loads(l) for l in (tmp_path / "bisect.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (tmp_path / "bisect.jsonl").read_text().splitlines()]
     assert all("build_s" in s and "outcome" in s for s in steps)
 
 
@@ -184,7 +186,7 @@ def test_veth_bisect_on_the_window_names_the_fix_and_verifies_it_with_corruption
     verify = report["verify"]
     assert verify["racy_signal"] == "corruption" and verify["fixed_signal"] == signal, verify
     assert verify["fixed"] == expected and verify["fixed_outcome"] == "clean", verify
-    steps = [json.loads(l) for l in (tmp_path / "bisect.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (tmp_path / "bisect.jsonl").read_text().splitlines()]
     judged = [s for s in steps if s.get("label") == "step" and s["outcome"] != "skip"]
     assert judged and all(s["signal"] == signal for s in judged), judged
     # a clean step saw no corruption, and on the window no window hit either; a racy one saw it

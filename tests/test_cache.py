@@ -67,7 +67,8 @@ def test_gc_removes_the_old_and_the_dead_and_keeps_the_rest(root):
     old_boot = make(root / "boot" / "6.1-aaaa.vmlinux", age_days=20)
     new_boot = make(root / "boot" / "6.1-bbbb.vmlinux", age_days=2)
     # images: the most recently used one stays however old; an older one goes
-    img_old, img_newest = make(root / "images" / "racelab-1.img", age_days=40), make(root / "images" / "racelab-2.img", age_days=30)
+    img_old = make(root / "images" / "racelab-1.img", age_days=40)
+    img_newest = make(root / "images" / "racelab-2.img", age_days=30)
     base = make(root / "images" / "base-1" / "done", age_days=40).parent
     age(base, 40)
     vm = make(root / "vms" / "racelab-1-x-0" / "root.qcow2", age_days=60).parent
@@ -109,10 +110,9 @@ def test_cache_cli(root, capsys):
 def test_an_entry_appears_whole_or_not_at_all(tmp_path):
     from lab import cache as c
     final = tmp_path / "area" / "entry"
-    with pytest.raises(RuntimeError):
-        with c.building(final, directory=True) as tmp:
-            (tmp / "half").write_text("x")
-            raise RuntimeError("the build failed")
+    with pytest.raises(RuntimeError), c.building(final, directory=True) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("the build failed")
     assert not final.exists() and list((tmp_path / "area").iterdir()) == []
     with c.building(final, directory=True) as tmp:
         (tmp / "whole").write_text("1")

@@ -281,13 +281,13 @@ def test_sender_side_faults_are_caught(bin_dir, kind):
 
 def forward_run(bin_dir, *, seconds, inject=None, xdp="generic", rate=100000):
     """xsksend in cli -> checker forwarding m0 -> m1 (RX, TX, COMP rings) -> srv drops it."""
-    with forward_topology() as (c0, m0, m1, s0):
-        with checker(bin_dir, m0.ns, dev=m0.dev, peer_dev=m1.dev, mode="forward", xdp=xdp, frames=1024,
-                     duration=seconds + 1.5, stats_ms=1000, inject=inject) as (proc, events, err, ready):
-            sargv = dp.sender_argv(bin_dir, dev=c0.dev, dst_mac=m0.mac, src_ip=c0.ip, dst_ip=s0.ip,
-                                   senders=1, rate=rate, duration=seconds, size=64)
-            sent = run(_nsexec(c0.ns, sargv), timeout=seconds + 30)
-            out = _drain(events, proc, err, ready, timeout=seconds + 15)
+    with (forward_topology() as (c0, m0, m1, s0),
+          checker(bin_dir, m0.ns, dev=m0.dev, peer_dev=m1.dev, mode="forward", xdp=xdp, frames=1024,
+                  duration=seconds + 1.5, stats_ms=1000, inject=inject) as (proc, events, err, ready)):
+        sargv = dp.sender_argv(bin_dir, dev=c0.dev, dst_mac=m0.mac, src_ip=c0.ip, dst_ip=s0.ip,
+                               senders=1, rate=rate, duration=seconds, size=64)
+        sent = run(_nsexec(c0.ns, sargv), timeout=seconds + 30)
+        out = _drain(events, proc, err, ready, timeout=seconds + 15)
     return _with_sender(out, sent)
 
 

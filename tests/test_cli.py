@@ -37,6 +37,21 @@ MATRIX = ("matrix", "--kernels", "6.1.192", "--scenarios", "generic-rx-race")
 BISECT = ("bisect", "--tree", str(ROOT), "--good", "HEAD", "--bad", "HEAD", "--scenario", "generic-rx-race")
 
 
+def test_matrix_and_bisect_get_their_options_as_dataclasses_with_the_clis_defaults(monkeypatch, capsys):
+    from lab import bisect, matrix
+    got = []
+    monkeypatch.setattr(matrix, "main", lambda a: got.append(a) or 0)
+    monkeypatch.setattr(bisect, "main", lambda a: got.append(a) or 0)
+    assert cli.main(list(MATRIX)) == 0 and cli.main(list(BISECT)) == 0
+    assert got == [matrix.MatrixArgs(kernels="6.1.192", scenarios="generic-rx-race"),
+                   bisect.BisectArgs(tree=str(ROOT), good="HEAD", bad="HEAD", scenario="generic-rx-race")]
+    got.clear()
+    assert cli.main([*MATRIX, "--uri", "qemu:///a", "--uri", "qemu:///b", "--json", "-j", "2"]) == 0
+    assert cli.main([*BISECT, "--find", "fix", "--resume", "--json", "--signal", "window"]) == 0
+    assert got[0].uris == ("qemu:///a", "qemu:///b") and got[0].as_json and got[0].jobs == 2
+    assert got[1].find == "fix" and got[1].resume and got[1].as_json and got[1].signal == "window"
+
+
 @pytest.mark.parametrize("argv, says", [
     ((*MATRIX, "--vms", "0"), "--vms must be >= 1, got 0"),
     ((*MATRIX, "--jobs", "0"), "--jobs must be >= 1, got 0"),
@@ -221,8 +236,9 @@ def test_run_from_checks_its_directory_and_refuses_other_options(tmp_path):
     parse = cli.make_parser().parse_args
     with pytest.raises(BadInput, match="config.json does not exist"):
         cli.config_from_results(parse(["run", "--from", str(tmp_path)]))
-    (tmp_path / "config.json").write_text(RunConfig(scenario="generic-rx-race", scenario_data={}, backend="vm", kernels=("6.1.192",),
-                                                    duration=30.0, seed=5, stop_grace=-1.0).to_json())
+    (tmp_path / "config.json").write_text(RunConfig(scenario="generic-rx-race", scenario_data={}, backend="vm",
+                                                    kernels=("6.1.192",), duration=30.0, seed=5,
+                                                    stop_grace=-1.0).to_json())
     cfg = cli.config_from_results(parse(["run", "--from", str(tmp_path), "--out", str(tmp_path / "b")]))
     assert (cfg.scenario, cfg.kernels, cfg.seed, cfg.out) == ("generic-rx-race", ("6.1.192",), 5, str(tmp_path / "b"))
     assert cfg.stop_grace == 5.0, "a repro's hold is repro's: a plain run stops after a grace"

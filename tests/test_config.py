@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lab import scenario as scen
-from lab.config import RunConfig, parse_duration, parse_overrides
+from lab.config import Backend, RunConfig, parse_duration, parse_overrides
 from lab.run import BadInput
 
 
@@ -23,6 +23,15 @@ def test_run_config_round_trips_through_json():
     assert back == cfg
     assert back.to_json() == text
     assert isinstance(back.kernels, tuple) and isinstance(back.duration, float)
+    assert back.backend is Backend.VM
+
+
+def test_backend_is_a_closed_set_whose_words_are_unchanged():
+    assert [b.value for b in Backend] == ["netns", "vm"]       # CLI words and config.json values
+    assert make_cfg(backend="netns").backend is Backend.NETNS
+    assert json.loads(make_cfg().to_json())["backend"] == "vm"
+    with pytest.raises(BadInput, match="backend 'kvm': one of netns, vm"):
+        make_cfg(backend="kvm")
 
 
 def test_run_config_json_is_plain_data():

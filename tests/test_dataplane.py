@@ -315,6 +315,26 @@ def test_amplifier_argv_defaults_and_several_probes():
     assert " ".join(argv).endswith("--probe f --delay-ns 0 --loop bounded --stats-ms 250 --duration 2.5")
 
 
+def test_amplifier_argv_holds_wait_on_every_hit():
+    argv = dp.amplifier_argv(BIN, probes=["__xsk_rcv_zc+0x7a"], delay_ns=50000, gate="veth_poll",
+                             holds=["xdp_do_flush+0"])
+    assert argv[argv.index("--gate"):] == ["--gate", "veth_poll", "--hold", "xdp_do_flush+0"]
+    argv = dp.amplifier_argv(BIN, probes=["f+1"], delay_ns=1000, holds=("g", "h+0x10"), hold_ns=20000)
+    assert argv[argv.index("--duration") + 2:] == ["--hold", "g", "--hold", "h+0x10", "--hold-ns", "20000"]
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"holds": ["g+"]}, "holds: bad probe 'g+'"),
+    ({"holds": ["f+0x0"]}, "holds: 'f+0x0' is the same probe as 'f+0'"),
+    ({"holds": ["g"], "delay_ns": 0}, "holds: need hold_ns or delay_ns > 0"),
+    ({"holds": ["g"], "hold_ns": -1}, "hold_ns: an integer 0..1000000"),
+    ({"holds": [f"g+{i}" for i in range(16)]}, "probes and holds: at most 16 in all, got 17"),
+])
+def test_amplifier_argv_rejects_bad_holds(kwargs, needle):
+    with pytest.raises(BadInput, match=re.escape(needle)):
+        dp.amplifier_argv(BIN, **{"probes": ["f+0"], "delay_ns": 1000, **kwargs})
+
+
 @pytest.mark.parametrize("spec, parsed", [
     ("__xsk_rcv_zc+0x7a", ("__xsk_rcv_zc", 0x7A)), ("__xsk_rcv_zc+122", ("__xsk_rcv_zc", 122)),
     ("f", ("f", 0)), ("f.cold+0X1F", ("f.cold", 0x1F)), ("f+010", ("f", 10)),
@@ -370,6 +390,9 @@ def test_xskamp_is_built_and_in_the_binaries():
     (["--probe", "f+0x10", "--probe", "f+16"], "the same --probe twice 'f+0x10'"),
     (["--probe", "f", "--delay-ns", "-1"], "bad --delay-ns"),
     (["--probe", "f", "--loop", "unrolled"], "bad --loop"),
+    (["--probe", "f", "--hold", "g+"], "bad --hold"),
+    (["--probe", "f", "--hold", "g", "--hold-ns", "0"], "bad --hold-ns"),
+    (["--probe", "f", "--hold", "f+0"], "the same --probe twice 'f+0x0'"),
     ([], "at least one --probe"),
 ])
 def test_xskamp_checks_its_arguments_without_a_kernel(built, args, needle):
@@ -383,7 +406,8 @@ def test_xskamp_accepts_what_amplifier_argv_builds(built):
     parsing (on a kernel without kprobes it then stops at the PMU, naming it)."""
     import os
     argv = dp.amplifier_argv(built, probes=["__xsk_rcv_zc+0x7a", "f.cold+10"], delay_ns=4000,
-                             loop="bounded", stats_ms=100, duration=0.1)
+                             loop="bounded", stats_ms=100, duration=0.1, gate="veth_poll",
+                             holds=["xdp_do_flush+0"], hold_ns=8000)
     if os.path.exists("/sys/bus/event_source/devices/kprobe/type"):
         pytest.skip("this kernel has a kprobe PMU: the probes would really be placed (see test_amplifier_vm)")
     p = subprocess.run(argv, capture_output=True, text=True, timeout=10)

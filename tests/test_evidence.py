@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import evidence, rawtrace
+from lab import evidence
 
 from lab.agent import tracer
 
@@ -51,7 +51,7 @@ def test_out_of_order_lines_are_sorted_by_counter():
         "  b-2 [000] ..s1. 11: rcv: (__xsk_rcv_zc+0x0/0x1) xs=0x10",
     ]
     assert evidence.analyze(lines).window_hits == 1
-    assert evidence.analyze(sorted(lines, key=lambda l: int(l.split()[3][:-1]))).window_hits == 1
+    assert evidence.analyze(sorted(lines, key=lambda line: int(line.split()[3][:-1]))).window_hits == 1
 
 
 def test_clock_name_parsing():
@@ -124,7 +124,7 @@ def test_failed_receives_hold_nothing():
     a = evidence.analyze(lines)
     assert a.window_hits == 0 and a.failed == 2 and a.receives == 4 and a.outcomes
     # the same trace read without outcomes: two false hits, as the old detector reported
-    assert evidence.analyze([re.sub(r" ret=-?\d+", "", l) for l in lines]).window_hits == 2
+    assert evidence.analyze([re.sub(r" ret=-?\d+", "", line) for line in lines]).window_hits == 2
 
 
 def test_successful_unflushed_receive_is_held():
@@ -157,14 +157,14 @@ def test_real_fixed_kernel_trace_gives_no_false_hits():
     a = evidence.analyze_file(path)
     assert a.receives == 320 and a.failed == 1 and a.window_hits == 0 and a.overlap_hits == 0
     # the old detector, which counted the failed receive as held: 319 false hits
-    old = evidence.analyze([re.sub(r" ret=-?\d+", "", l) for l in path.read_text().splitlines()])
+    old = evidence.analyze([re.sub(r" ret=-?\d+", "", line) for line in path.read_text().splitlines()])
     assert old.window_hits == 319
 
 
 def _napi_state(lines):
     """Per counter value: which CPUs are past napi_complete_done but before their flush."""
     ev = sorted((int(m.group(2)), int(m.group(1)), m.group(3)) for m in
-                (re.search(r"\[(\d+)\]\s+\S+\s+(\d+):\s+(\w+):", l) for l in lines) if m)
+                (re.search(r"\[(\d+)\]\s+\S+\s+(\d+):\s+(\w+):", line) for line in lines) if m)
     state, at = {}, {}
     for ts, cpu, kind in ev:
         if kind == "ncd":
@@ -254,7 +254,7 @@ def _page(ts, body, missed=None):
 def _raw(pages, callers=None):
     head = {"page_size": 4096, "cpus": [0, 1], "callers": callers or {},
             "events": {str(IDS[k]): {"name": k, "fields": FIELDS[k]} for k in IDS}}
-    out = rawtrace.RAW_MAGIC
+    out = tracer.RAW_MAGIC
     for tag, cpu, data in [(b"HEAD", 0, evidence.json.dumps(head).encode())] + pages + \
             [(b"TAIL", 0, b'{"kprobe_profile": {"rcv": [9, 2]}}')]:
         out += struct.pack("<4sII", tag, cpu, len(data)) + data
@@ -330,12 +330,14 @@ format:
 print fmt: "x"
 """
 FIELD_TEXT = {
-    "rcv": "\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:u64 xs;\toffset:16;\tsize:8;\tsigned:0;\n",
+    "rcv": ("\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n"
+            "\tfield:u64 xs;\toffset:16;\tsize:8;\tsigned:0;\n"),
     "rcvret": ("\tfield:unsigned long __probe_func;\toffset:8;\tsize:8;\tsigned:0;\n"
                "\tfield:unsigned long __probe_ret_ip;\toffset:16;\tsize:8;\tsigned:0;\n"
                "\tfield:s32 ret;\toffset:24;\tsize:4;\tsigned:1;\n"),
     "flushall": "\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;\n",
-    "mark": "\tfield:unsigned long ip;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:char buf[];\toffset:16;\tsize:0;\tsigned:1;\n",
+    "mark": ("\tfield:unsigned long ip;\toffset:8;\tsize:8;\tsigned:0;\n"
+             "\tfield:char buf[];\toffset:16;\tsize:0;\tsigned:1;\n"),
 }
 
 
@@ -348,7 +350,8 @@ def _fake_tracefs(root: Path, pages: dict[int, bytes]) -> None:
         (root / name).write_text(text)
     (root / "events" / "header_page").parent.mkdir(parents=True)
     (root / "events" / "header_page").write_text(
-        "\tfield: u64 timestamp;\toffset:0;\tsize:8;\tsigned:0;\n\tfield: char data;\toffset:16;\tsize:4080;\tsigned:1;\n")
+        "\tfield: u64 timestamp;\toffset:0;\tsize:8;\tsigned:0;\n"
+        "\tfield: char data;\toffset:16;\tsize:4080;\tsigned:1;\n")
     for role in ("rcv", "rcvret", "flushall", "flush", "mark"):
         d = root / "events" / ("ftrace/print" if role == "mark" else f"racelab/{role}")
         d.mkdir(parents=True)
@@ -495,7 +498,8 @@ def test_tracer_without_a_return_probe_sets_nothing_up(tmp_path, monkeypatch):
         assert t.root is None          # torn down at once: no probe slows the receive path
         ev = t.collect()
     assert not ev["available"]
-    assert "no return probe on __xsk_rcv" in ev["note"] and "cannot kretprobe __xsk_rcv (Invalid argument)" in ev["note"]
+    assert "no return probe on __xsk_rcv" in ev["note"]
+    assert "cannot kretprobe __xsk_rcv (Invalid argument)" in ev["note"]
     # the entry probe it did register is gone again, and the clock and overwrite are restored
     events = (root / "kprobe_events").read_text().splitlines()
     assert events[0].startswith("p:racelab/rcv ") and "-:racelab/rcv" in events
@@ -522,7 +526,7 @@ def test_text_trace_in_another_clock_is_read_and_named():
     lines = (FIX / "veth-reverted-napi.trace").read_text().splitlines()
     # the same trace as the `global` clock prints it: "SECONDS.MICROS:"
     secs = [re.sub(r"(\]\s+\S+\s+)(\d+):", lambda m: f"{m.group(1)}{int(m.group(2)) // 10**6}."
-                   f"{int(m.group(2)) % 10**6:06d}:", l) for l in lines]
+                   f"{int(m.group(2)) % 10**6:06d}:", line) for line in lines]
     assert secs != lines
     counter = evidence.analyze(lines)
     a = evidence.analyze(secs)
@@ -553,7 +557,7 @@ def _raw_with(tmp_path, header=None, tail=None):
     p = tmp_path / "t.raw"
     h = {"page_size": 4096, "cpus": [0, 1], "callers": {},
          "events": {str(IDS[k]): {"name": k, "fields": FIELDS[k]} for k in IDS}, **(header or {})}
-    out = rawtrace.RAW_MAGIC
+    out = tracer.RAW_MAGIC
     for tag, cpu, d in [(b"HEAD", 0, evidence.json.dumps(h).encode()), (b"PAGE", 0, page),
                         (b"TAIL", 0, evidence.json.dumps(tail or {}).encode())]:
         out += struct.pack("<4sII", tag, cpu, len(d)) + d

@@ -172,7 +172,7 @@ def test_a_real_matrix_as_kcidb_follows_kcidbs_schema():
     assert doc["version"] == {"major": 4, "minor": 0}
     cells = MATRIX["cells"]
     assert len(doc["builds"]) == len({c["kernel"] for c in cells}) and len(doc["tests"]) == len(cells)
-    for c, t in zip(cells, doc["tests"]):
+    for c, t in zip(cells, doc["tests"], strict=True):
         (b,) = [b for b in doc["builds"] if b["id"] == t["build_id"]]
         assert b["id"] == f"racelab:{c['build']['key']}" and b["misc"]["config_hash"] == c["build"]["config_hash"]
         assert b["compiler"] == c["build"]["compiler"] and b["comment"] == c["kernel"]

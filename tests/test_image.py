@@ -154,7 +154,8 @@ def test_keys_are_made_once(cache):
 
 def _read_cpio(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
     """name -> (mode, data, (rdevmajor, rdevminor)) from a newc archive."""
-    out, pos = {}, 0
+    out: dict[str, tuple[int, bytes, tuple[int, int]]] = {}
+    pos = 0
     while True:
         assert data[pos:pos + 6] == b"070701"
         f = [int(data[pos + 6 + i * 8:pos + 14 + i * 8], 16) for i in range(13)]

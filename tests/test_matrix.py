@@ -111,7 +111,6 @@ def test_run_junit_counts_an_inconclusive_kernel_as_an_error_not_a_failure(tmp_p
 def test_matrix_json_puts_the_document_alone_on_stdout(monkeypatch, tmp_path, capsys):
     """matrix --json: stdout is matrix.json (schema_version 1), the grid and the results
     line go to stderr.  The cells are judged from rows a fake run_cell gives (no VMs)."""
-    import argparse
     import json
     import types
     from pathlib import Path
@@ -130,9 +129,9 @@ def test_matrix_json_puts_the_document_alone_on_stdout(monkeypatch, tmp_path, ca
             k, vms=1, packets=1000, seconds=5, wall=6, by_kind={"order": 1} if "+" in k else {},
             first_violation_s=0.1)])
     monkeypatch.setattr(fleet, "run_vm", run_vm)
-    a = argparse.Namespace(kernels="6.1.192,6.1.192+revert-generic-rx", scenarios="generic-rx-race",
-                           budget="5s", vms=1, jobs=1, out=str(tmp_path / "m"), uri=[], json=True, missed="fail",
-                           tap=str(tmp_path / "t" / "m.tap"), kcidb=str(tmp_path / "k.json"))
+    a = m.MatrixArgs(kernels="6.1.192,6.1.192+revert-generic-rx", scenarios="generic-rx-race",
+                     budget="5s", vms=1, jobs=1, out=str(tmp_path / "m"), uris=(), as_json=True, missed="fail",
+                     tap=str(tmp_path / "t" / "m.tap"), kcidb=str(tmp_path / "k.json"))
     assert m.main(a) == 0
     out, err = capsys.readouterr()
     doc = json.loads(out)

@@ -5,7 +5,6 @@ import logging
 import threading
 import time
 
-import pytest
 
 from lab.kernels import kbuild
 
@@ -25,7 +24,8 @@ def test_a_first_build_is_estimated_from_a_comparable_tree(tmp_path):
     new12 = tree(b, "debsrc-linux-source-6.12-6.12.117-1~deb12u1")
     new7 = tree(b, "debsrc-linux-source-7.0-7.0.1-1")
     # the same series first, then any other tree
-    assert kbuild.estimate_steps(new12, fresh=True) == kbuild.Estimate(2600, "a full build of debsrc-linux-source-6.12-6.11.0-1")
+    assert kbuild.estimate_steps(new12, fresh=True) == kbuild.Estimate(
+        2600, "a full build of debsrc-linux-source-6.12-6.11.0-1")
     assert kbuild.estimate_steps(new7, fresh=True).steps in (1828, 2600)
     # its own last full build beats any other
     (new12 / "state.json").write_text(json.dumps({"full_steps": 2000}))
@@ -125,8 +125,8 @@ def test_a_fleet_says_it_is_booting(monkeypatch, tmp_path, caplog):
             return False
     monkeypatch.setattr(vmmod, "VM", FakeVM)
     s = scen.load("generic-rx-race", {"vm.pin": False})
-    with caplog.at_level(logging.INFO, logger="racelab"):
-        with fleet.booted(object(), object(), 2, label="6.1.192", s=s, out=tmp_path, uris=("u",)) as vms:
-            assert len(vms) == 2
+    with (caplog.at_level(logging.INFO, logger="racelab"),
+          fleet.booted(object(), object(), 2, label="6.1.192", s=s, out=tmp_path, uris=("u",)) as vms):
+        assert len(vms) == 2
     msgs = [r.getMessage() for r in caplog.records]
     assert "booting 2 guests on 6.1.192..." in msgs

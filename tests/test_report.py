@@ -73,7 +73,8 @@ def test_the_report_links_the_files_and_says_how_to_rerun(tmp_path):
 
 def test_every_splat_is_shown_in_full(tmp_path):
     targets = copy.deepcopy(REAL["targets"])
-    oops = "BUG: kernel NULL pointer dereference, address: 00000000000000c4\n...\nCall Trace:\n xsk_generic_rcv+0x4a/0x90"
+    oops = ("BUG: kernel NULL pointer dereference, address: 00000000000000c4\n...\n"
+            "Call Trace:\n xsk_generic_rcv+0x4a/0x90")
     targets[0]["violations"].append({"type": "violation", "kind": "kernel-splat", "text": oops})
     targets[1]["pre_load_splats"] = ["WARNING: CPU: 0 PID: 1 at init/main.c:1 boot_warn+0x1/0x2\n---[ end trace ]---"]
     _, text = _write(tmp_path, targets, REAL["provenance"])

@@ -185,7 +185,7 @@ def png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
             for i in range(bpp, stride):
                 line[i] = (line[i] + line[i - bpp]) & 255
         elif f == 2:
-            line = bytearray((x + b) & 255 for x, b in zip(line, prev))
+            line = bytearray((x + b) & 255 for x, b in zip(line, prev, strict=True))
         elif f == 3:
             for i in range(stride):
                 line[i] = (line[i] + ((line[i - bpp] if i >= bpp else 0) + prev[i]) // 2) & 255
@@ -207,7 +207,7 @@ def test_the_report_loads_in_chromium_without_errors_with_its_timeline_and_links
     assert not [m for m in console if m.startswith("Uncaught")], console
     dom = Dom(dom_text)
     # the timeline: a lane per target, a dot per jump in the affected guest's violations, an axis
-    jumps = sum(1 for t in REAL["targets"] for a, b in zip([[0, 0, 0]] + t["timeline"], t["timeline"])
+    jumps = sum(1 for t in REAL["targets"] for a, b in zip([[0, 0, 0]] + t["timeline"], t["timeline"], strict=False)
                 if b[2] > a[2])
     assert jumps > 0 and dom.count.get("svg#timeline circle") == jumps, dom.count
     assert "svg#rates rect" in dom.count and "svg#timeline line" in dom.count

@@ -165,7 +165,8 @@ def test_a_minimal_scenario_takes_overrides_and_rejects_bad_ones(tmp_path):
 
 def test_missing_required_section_and_misspelt_names_are_named(tmp_path):
     p = tmp_path / "tiny-race.toml"
-    p.write_text(MINIMAL.replace("[kernels]", "[kernel]").replace('mode = "x"', "") + "\n[checker]\nsocket_per_queue = 2\n")
+    p.write_text(MINIMAL.replace("[kernels]", "[kernel]").replace('mode = "x"', "")
+                 + "\n[checker]\nsocket_per_queue = 2\n")
     with pytest.raises(BadInput) as e:
         scen.load(str(p))
     msg = str(e.value)
@@ -229,7 +230,8 @@ def test_scenario_validate_names_every_problem_of_bad_files(tmp_path, capsys):
     good = tmp_path / "tiny-race.toml"
     good.write_text(MINIMAL)
     bad = tmp_path / "bad-race.toml"
-    bad.write_text(MINIMAL.replace('name = "tiny-race"', 'name = "bad-race"').replace('fix = "0123456789ab"', 'fix = "12"')
+    bad.write_text(MINIMAL.replace('name = "tiny-race"', 'name = "bad-race"')
+                   .replace('fix = "0123456789ab"', 'fix = "12"')
                    + '\n[checker]\nsockets_per_queue = "two"\n[load]\nsenders = -1\n')
     broken = tmp_path / "broken.toml"
     broken.write_text("[bug\n")
@@ -258,8 +260,8 @@ def test_scenario_new_writes_a_file_validate_explains(tmp_path, capsys):
                  .replace('fixed = ""', 'fixed = "b"')
     out.write_text(filled)
     assert _cli("scenario", "validate", str(out)) == 0
-    uncommented = "\n".join(l[2:] if l.startswith("# ") and "=" in l.split("#")[1] or l.startswith("# [") else l
-                            for l in filled.splitlines()[4:])
+    uncommented = "\n".join(line[2:] if line.startswith("# ") and "=" in line.split("#")[1] or line.startswith("# [")
+                            else line for line in filled.splitlines()[4:])
     assert scen.from_data(tomllib.loads(uncommented), path=str(out)).data == scen.load(str(out)).data
     assert _cli("scenario", "new", "my-race", "--out", str(out)) == 2   # never overwrites
 
@@ -269,7 +271,7 @@ def test_scenario_show_marks_defaults_variants_and_overrides(capsys):
     out = capsys.readouterr().out
     resolved = tomllib.loads(out)
     assert resolved["checker"]["sockets_per_queue"] == 1 and resolved["load"]["senders"] == 3
-    lines = {l.split("=")[0].strip(): l for l in out.splitlines() if "=" in l}
+    lines = {line.split("=")[0].strip(): line for line in out.splitlines() if "=" in line}
     assert lines["sockets_per_queue"].endswith("# variant one-socket")
     assert lines["senders"].endswith("# --set")
     assert lines["iperf3_clients"].endswith("# default")

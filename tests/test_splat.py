@@ -393,6 +393,14 @@ def test_stall_policy_auto_counts_stalls_only_under_kvm_with_a_cpu_per_vcpu():
     assert policy == "note" and "overcommit" in why
     assert stall_policy("violation", "kvm", overcommit=True)[0] == "violation", "forced stays forced"
     assert stall_policy("auto", "host")[0] == "note"
+
+
+def test_stall_policies_are_a_closed_set_the_scenario_schema_offers():
+    assert [p.value for p in scen.Stalls] == ["auto", "note", "violation"]
+    assert scen.SCHEMA["vm"]["stalls"].json == {"enum": ["auto", "note", "violation"]}
+    assert stall_policy("auto", "kvm")[0] is scen.Stalls.VIOLATION
+    with pytest.raises(ValueError):
+        stall_policy("sometimes", "kvm")
     raw = scen.load("generic-rx-race").data
     assert scen.from_data(raw, path="generic-rx-race.toml",
                           overrides={"vm.stalls": "violation"})["vm"]["stalls"] == "violation"

@@ -33,14 +33,14 @@ def net_ns_inodes():
 def links(topo, ns):
     out = subprocess.run(topo.nsenter(ns, ["ip", "-j", "-d", "link", "show"]), capture_output=True,
                          text=True, check=True).stdout
-    return {l["ifname"]: l for l in json.loads(out)}
+    return {link["ifname"]: link for link in json.loads(out)}
 
 
 def test_build_and_teardown_rxdrop_topology():
     spec = scen.to_topology(scen.load("veth-napi-race"))
     with build(spec) as topo:
         rx = links(topo, "rx")
-        tx = links(topo, "tx")
+        assert "v0" in links(topo, "tx")   # the peer end is in the sender's namespace
         want = 4   # the spec's numrxqueues, whatever the CPU count (veth's default is one per CPU)
         chans = subprocess.run(topo.nsenter("rx", ["ethtool", "-l", "v1"]), capture_output=True,
                                text=True).stdout.split("Current")[1]
@@ -82,9 +82,8 @@ def test_forward_topology_passes_nothing_without_the_checker():
 def test_bad_spec_is_rejected_before_anything_is_built():
     from lab.run import BadInput
     spec = TopologySpec(("a",), (VethSpec("a", "x" * 16, "b", "y", queues=0),))
-    with pytest.raises(BadInput) as e:
-        with build(spec):
-            pass
+    with pytest.raises(BadInput) as e, build(spec):
+        pass
     msg = str(e.value)
     assert "namespace 'b'" in msg and "1-15 characters" in msg and "queues" in msg
 

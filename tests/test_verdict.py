@@ -106,6 +106,14 @@ def test_window_hits_without_corruption_are_their_own_verdict():
     assert v.level_of(r) == "window"
 
 
+def test_verdicts_and_levels_are_closed_sets_whose_words_are_unchanged():
+    # the words summary.json, the tables and --expect use
+    assert [x.value for x in v.Verdict] == ["REPRODUCED", "NOT REPRODUCED", "INCONCLUSIVE", "WINDOW HIT"]
+    assert v.REPRODUCED is v.Verdict.REPRODUCED and f"{v.NOT_REPRODUCED}" == "NOT REPRODUCED"
+    assert [x.value for x in v.EXPECT_LEVELS] == ["reproduced", "window", "clean"]
+    assert v.Expect("window") is v.Expect.WINDOW
+
+
 def test_window_levels_of_expect():
     hit, clean, corrupt = _row(hits=5), _row(), _row(by_kind={"poison": 1}, hits=5)
     assert [v.matches(hit, e) for e in v.EXPECT_LEVELS] == [False, True, False]

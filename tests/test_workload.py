@@ -70,7 +70,7 @@ def test_stream_is_aggregated():
         {"type": "agent-done", "reason": "duration", "load_seconds": 5.0, "at": 6.1},
     ])
     seen = []
-    r = run_target(host, spec(), label="vm-0", kernel="k", on_event=lambda l, e: seen.append(e["type"]))
+    r = run_target(host, spec(), label="vm-0", kernel="k", on_event=lambda _label, e: seen.append(e["type"]))
     assert r.infra_error is None
     assert r.packets == 5000 and r.load_seconds == 5.0
     assert r.by_kind == {"order": 6, "poison": 1}
@@ -165,7 +165,7 @@ def test_iperf_report_is_kept_and_its_failure_noted_and_heartbeats_are_not_event
                    {"type": "iperf", "bytes": 10**9, "bits_per_second": 1.6e9, "at": 6.0},
                    {"type": "agent-done", "reason": "duration", "load_seconds": 5.0}])
     seen = []
-    r = run_target(ok, spec(), label="vm-0", kernel="k", on_event=lambda l, e: seen.append(e["type"]))
+    r = run_target(ok, spec(), label="vm-0", kernel="k", on_event=lambda _label, e: seen.append(e["type"]))
     assert r.iperf["bytes"] == 10**9 and not r.notes and "heartbeat" not in seen
     bad = FakeHost([{"type": "iperf", "error": "iperf3 moved no data", "bytes": 0},
                     {"type": "agent-done", "reason": "duration", "load_seconds": 5.0}])
@@ -370,3 +370,56 @@ def test_the_checker_and_the_load_are_wired_to_devices_the_topology_builds():
         if mode == "forward":
             assert (spec.checker.ns, spec.checker.peer_dev) in ends
             assert spec.iperf.server_ip == spec.sender.dst_ip and spec.iperf.client_ns == spec.sender.ns
+
+
+def test_each_agent_event_is_read_into_its_typed_record():
+    from lab import workload as w
+    v = {"type": "violation", "at": 2.5, "kind": "order", "rx": 7, "onset": False}
+    assert w.parse_event(v) == w.Violation(2.5, "order", 7, False, v)
+    done = {"type": "done", "at": 4, "rx": 9, "by_kind": {"order": 3}}
+    assert w.parse_event(done) == w.Stats(4.0, 9, None, {"order": 3}, None, True, done)
+    assert w.parse_event({"type": "stats", "rx": 1, "foreign": 2, "by_kind": "junk"}).by_kind is None
+    assert w.parse_event({"type": "load-start", "at": 1}) == w.LoadStart(1.0)
+    assert w.parse_event({"type": "sender", "at": 1, "sender_type": "ready"}).ready
+    assert w.parse_event({"type": "note", "text": "t", "knob": "/proc/x", "applied": 1}) == \
+        w.Note(0.0, "t", "/proc/x", True)
+    assert w.parse_event({"type": "amplifier", "at": 3, "target": "vm-0", "phase": "p", "hits": 4}) == \
+        w.Amplifier(3.0, {"hits": 4})
+    assert w.parse_event({"type": "iperf", "error": "no data"}).error == "no data"
+    assert w.parse_event({"type": "agent-error", "what": "checker", "stderr": ["a", "b"]}) == \
+        w.AgentError(0.0, "checker", ("a", "b"))
+    assert w.parse_event({"type": "agent-done", "reason": "duration", "load_seconds": 5}) == \
+        w.AgentDone(0.0, "duration", 5.0, "None")
+    assert w.parse_event({"type": "topology", "at": 0.2}) == w.OtherEvent(0.2, "topology")
+
+
+def test_every_event_type_the_agent_writes_has_its_record():
+    """A new event type in lab/agent/agent.py must be given a record here, or be named as one
+    run_target keeps nothing of."""
+    import re
+    from pathlib import Path
+
+    from lab import workload as w
+    written = set(re.findall(r'"type": "([a-z-]+)"', (Path(w.__file__).parent / "agent" / "agent.py").read_text()))
+    assert {"load-start", "agent-done", "agent-error", "note", "iperf", "evidence"} <= written
+    for typ in written - {"heartbeat"}:     # heartbeats never reach parse_event (run_target drops them)
+        record = w.parse_event({"type": typ})
+        assert not isinstance(record, w.OtherEvent) or typ in {"topology"}, typ
+
+
+def test_the_reducer_folds_a_stream_into_a_result():
+    from lab import workload as w
+    res = w.TargetResult(label="vm-0", kernel="k")
+    state = w._Reduction(res)
+    for ev in ({"type": "load-start", "at": 10.0},
+               {"type": "sender", "at": 10.5, "sender_type": "ready"},
+               {"type": "violation", "at": 11.0, "kind": "order", "rx": 100},
+               {"type": "violation", "at": 11.1, "kind": "order", "rx": 120, "onset": False},
+               {"type": "stats", "at": 12.0, "rx": 500, "by_kind": {"order": 5}, "onsets_by_kind": {"order": 2}},
+               {"type": "agent-done", "at": 13.0, "reason": "first-violation", "load_seconds": 3.0}):
+        state.apply(w.parse_event(ev))
+    assert state.done and state.last_rx == 500 and res.reason == "first-violation"
+    assert res.first_violation_s == 0.5 and res.first_violation_origin == "senders ready"
+    assert res.first_violation_from_load_start_s == 1.0 and res.senders_ready_s == 0.5
+    assert res.by_kind == {"order": 5} and res.onsets_by_kind == {"order": 2}   # the checker's counts win
+    assert res.timeline == [(2.0, 500, 5)] and res.last_heard_s == 3.0 and len(res.violations) == 2

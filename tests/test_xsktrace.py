@@ -18,7 +18,7 @@ import pytest
 
 from lab import dataplane as dpbuild
 from lab.agent import dataplane as dp
-from lab import evidence, rawtrace
+from lab import evidence
 from lab.agent import tracer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trace"
@@ -168,7 +168,7 @@ def page(ts0: int, events: list[tuple[int, bytes]], missed: int | None = None, p
     commit = len(body)
     tail = b""
     if missed is not None:
-        commit |= rawtrace._RB_MISSED_EVENTS | rawtrace._RB_MISSED_STORED
+        commit |= tracer._RB_MISSED_EVENTS | tracer._RB_MISSED_STORED
         tail = struct.pack("<Q", missed)
     return struct.pack("<Qq", ts0, commit) + body + tail
 
@@ -176,16 +176,16 @@ def page(ts0: int, events: list[tuple[int, bytes]], missed: int | None = None, p
 def write_trace(path: Path, pages: list[tuple[int, bytes]], head: dict | None = None,
                 tail: dict | None = None) -> Path:
     with open(path, "wb") as f:
-        f.write(rawtrace.RAW_MAGIC)
+        f.write(tracer.RAW_MAGIC)
         for tag, cpu, payload in [(b"HEAD", 0, json.dumps(head or HEAD).encode()),
                                   *[(b"PAGE", c, p) for c, p in pages],
                                   (b"TAIL", 0, json.dumps(TAIL if tail is None else tail).encode())]:
-            f.write(rawtrace._REC.pack(tag, cpu, len(payload)) + payload)
+            f.write(tracer._REC.pack(tag, cpu, len(payload)) + payload)
     return path
 
 
 def clock(ts: int, s: float) -> tuple[int, bytes]:
-    return ts, ev("mark", f"{evidence.CLOCK_MARK} {s:.6f}")
+    return ts, ev("mark", f"{tracer.CLOCK_MARK} {s:.6f}")
 
 
 def test_two_cpus_inside_one_socket_are_hits(xsktrace, tmp_path):
@@ -221,7 +221,7 @@ def test_a_lost_events_page_is_a_gap_and_withdraws_its_hits(xsktrace, tmp_path):
 
 def test_a_lost_page_without_a_count_is_still_a_gap(xsktrace, tmp_path):
     body = page(100, [(110, ev("rcv", S1)), (120, ev("rcvret", 0))])
-    commit = struct.unpack_from("<q", body, 8)[0] | rawtrace._RB_MISSED_EVENTS
+    commit = struct.unpack_from("<q", body, 8)[0] | tracer._RB_MISSED_EVENTS
     body = body[:8] + struct.pack("<q", commit) + body[16:]
     c, _ = assert_same(xsktrace, write_trace(tmp_path / "lost-unknown.trace", [(0, body)]))
     assert c["gaps"] == 1 and c["lost"] == 0
@@ -275,7 +275,7 @@ def test_tail_counts_and_clock(xsktrace, tmp_path):
 def _agent_ev(trace: Path, **extra) -> dict:
     """The evidence event's fields the merge reads (what Tracer.collect() says), for a raw trace."""
     return {"available": True, "trace_path": str(trace), "measure": "overlap_hits", "note": "",
-            "kprobe_missed": 0, "format": "raw", "recorder_wanted_s": evidence.RECORDER_MIN_S, **extra}
+            "kprobe_missed": 0, "format": "raw", "recorder_wanted_s": tracer.RECORDER_MIN_S, **extra}
 
 
 @pytest.mark.parametrize("gz", RAW_FIXTURES, ids=[p.name for p in RAW_FIXTURES])

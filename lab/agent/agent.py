@@ -116,7 +116,8 @@ class AgentSpec:
 
     @classmethod
     def from_json(cls, text: str) -> AgentSpec:
-        return from_jsonable(cls, json.loads(text))
+        spec: AgentSpec = from_jsonable(cls, json.loads(text))
+        return spec
 
 
 def checker_argv(bin_dir: str, c: CheckerOpts, duration: float, seed: int,
@@ -173,7 +174,9 @@ def _amplifier(bin_dir: str, plan: dict[str, Any]) -> Iterator[None]:
     amp = Child("amplifier", dataplane.amplifier_argv(
         bin_dir, probes=list(plan["probes"]),
         delay_ns=int(plan.get("delay_ns", 0)) if plan["method"] == "kprobe-delay" else 0,
-        gate=str(plan.get("gate") or "") if plan["method"] == "kprobe-delay" else ""), out)
+        gate=str(plan.get("gate") or "") if plan["method"] == "kprobe-delay" else "",
+        holds=list(plan.get("holds") or ()) if plan["method"] == "kprobe-delay" else [],
+        hold_ns=int(plan.get("hold_ns", 0) or 0) if plan["method"] == "kprobe-delay" else 0), out)
     try:
         ready = _wait_line(amp, out, "ready", 30.0)
         if ready is None:

@@ -273,7 +273,7 @@ def sender_argv(bin_dir: str | os.PathLike[str], *, dev: str, dst_mac: str, src_
     _check(p, bool(_MAC.match(dst_mac or "")), f"dst_mac: like 02:00:00:00:00:01, got {dst_mac!r}")
     for name, ip in (("src_ip", src_ip), ("dst_ip", dst_ip)):
         m = _IPV4.match(ip or "")
-        _check(p, bool(m) and all(int(x) <= 255 for x in m.groups()), f"{name}: an IPv4 address, got {ip!r}")
+        _check(p, m is not None and all(int(x) <= 255 for x in m.groups()), f"{name}: an IPv4 address, got {ip!r}")
     _check(p, 1 <= senders <= 256, f"senders: 1..256, got {senders}")
     _check(p, 1 <= burst <= 1024, f"burst: 1..1024, got {burst}")
     _check(p, gap_ns >= 0, f"gap_ns: >= 0, got {gap_ns}")
@@ -325,11 +325,12 @@ def probe_name(sym: str, off: int) -> str:
 
 def amplifier_argv(bin_dir: str | os.PathLike[str], *, probes: Sequence[str], delay_ns: int = 0,
                    loop: str = "auto", stats_ms: int = 1000, duration: float = 0.0,
-                   gate: str = "") -> list[str]:
+                   gate: str = "", holds: Sequence[str] = (), hold_ns: int = 0) -> list[str]:
     """argv for xskamp; every bad option is reported at once (BadInput).
     probes: SYM+OFF each (OFF decimal or 0x hex), at most 16, no two the same;
     delay_ns: the BPF busy-wait per hit (0: the kprobe's trap alone);
-    gate: wait only while another CPU is inside this function ("" = every hit)."""
+    gate: wait only while another CPU is inside this function ("" = every hit);
+    holds: SYM+OFF probes that wait hold_ns (0: delay_ns) on every hit, never gated."""
     p: list[str] = []
     if isinstance(probes, str):
         p.append(f"probes: a list of SYM+OFF, got the string {probes!r}")
@@ -357,6 +358,22 @@ def amplifier_argv(bin_dir: str | os.PathLike[str], *, probes: Sequence[str], de
     _check(p, gate == "" or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,126}", gate) is not None,
            f"gate: a function name (e.g. veth_poll) or \"\", got {gate!r}")
     _check(p, not gate or delay_ns > 0, "gate: needs delay_ns > 0 (it gates the delay)")
+    hl = [holds] if isinstance(holds, str) else list(holds)
+    for spec in hl:
+        parsed = parse_probe(spec)
+        if parsed is None:
+            p.append(f"holds: bad probe {spec!r} (SYM+OFF, e.g. xdp_do_flush)")
+            continue
+        name = probe_name(*parsed)
+        if name in seen:
+            p.append(f"holds: {spec!r} is the same probe as {seen[name]!r}")
+        seen[name] = spec
+    _check(p, len(lst) + len(hl) <= AMPLIFIER_MAX_PROBES,
+           f"probes and holds: at most {AMPLIFIER_MAX_PROBES} in all, got {len(lst) + len(hl)}")
+    _check(p, isinstance(hold_ns, int) and not isinstance(hold_ns, bool)
+           and 0 <= hold_ns <= AMPLIFIER_MAX_DELAY_NS,
+           f"hold_ns: an integer 0..{AMPLIFIER_MAX_DELAY_NS} (0 = delay_ns), got {hold_ns!r}")
+    _check(p, not hl or hold_ns > 0 or delay_ns > 0, "holds: need hold_ns or delay_ns > 0 (a hold is a wait)")
     _raise(p, "xskamp")
 
     argv = [os.fspath(Path(bin_dir) / "xskamp")]
@@ -366,4 +383,8 @@ def amplifier_argv(bin_dir: str | os.PathLike[str], *, probes: Sequence[str], de
              "--duration", _num(duration)]
     if gate:
         argv += ["--gate", gate]
+    for spec in hl:
+        argv += ["--hold", spec]
+    if hl and hold_ns:
+        argv += ["--hold-ns", str(hold_ns)]
     return argv

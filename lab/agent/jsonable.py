@@ -7,6 +7,7 @@ for RunConfig and the results.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,8 @@ def to_jsonable(obj: Any) -> Any:
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
     return obj
 
 
@@ -30,7 +33,7 @@ def from_jsonable(tp: Any, data: Any) -> Any:
     if isinstance(tp, str):
         raise TypeError("unresolved annotation")
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         kwargs = {f.name: from_jsonable(hints[f.name], data[f.name])
                   for f in dataclasses.fields(tp) if f.name in data}
@@ -38,13 +41,13 @@ def from_jsonable(tp: Any, data: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if data is None:
             return None
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return from_jsonable(args[0], data)
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        return from_jsonable(members[0], data)
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(from_jsonable(args[0], x) for x in data)
-        return tuple(from_jsonable(a, x) for a, x in zip(args, data))
+        return tuple(from_jsonable(a, x) for a, x in zip(args, data, strict=True))
     if origin is list:
         (a,) = typing.get_args(tp)
         return [from_jsonable(a, x) for x in data]
@@ -53,4 +56,6 @@ def from_jsonable(tp: Any, data: Any) -> Any:
         return {k: from_jsonable(v, x) for k, x in data.items()}
     if tp is float and isinstance(data, int):
         return float(data)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(data)
     return data

@@ -87,10 +87,6 @@ class LostSSH(LostVM):
     """The SSH session to a guest broke."""
 
 
-def die(message: str, hint: str | None = None) -> None:
-    raise BadInput(message, hint)
-
-
 def run(argv: Sequence[str | os.PathLike[str]], *, check: bool = True,
         capture: bool = True, input: str | bytes | None = None,
         cwd: str | os.PathLike[str] | None = None,

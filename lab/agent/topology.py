@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 from lab.agent.run import BadInput, InfraError, log, run
 
@@ -178,7 +179,7 @@ def _in_netns(ns_path: str) -> Iterator[None]:
                 raise InfraError(f"setns back: {os.strerror(ctypes.get_errno())}")
 
 
-def _iproute_in(ns_path: str):  # noqa: ANN202 - a pyroute2 IPRoute
+def _iproute_in(ns_path: str) -> Any:  # a pyroute2 IPRoute (untyped upstream)
     """An IPRoute whose netlink socket lives in the namespace at ns_path."""
     ipr = _iproute_class()
     with _in_netns(ns_path):
@@ -196,7 +197,7 @@ def _iproute_class() -> type:
     submodules loaded here)."""
     if "pyroute2" in sys.modules:
         from pyroute2.iproute.linux import IPRoute
-        return IPRoute
+        return cast(type, IPRoute)
     spec = importlib.util.find_spec("pyroute2")
     if spec is None:
         raise BadInput("pyroute2 is not installed", hint="run ./bootstrap (it installs the venv)")
@@ -212,7 +213,7 @@ def _iproute_class() -> type:
         del sys.modules["pyroute2"]
         if no_unittest:
             del sys.modules["unittest"]
-    return IPRoute
+    return cast(type, IPRoute)
 
 
 @contextmanager
@@ -319,7 +320,7 @@ def _ethtool(topo: Topology, ns: str, args: list[str], quiet: bool = False) -> N
         log.debug("ethtool %s: %s", args, (p.stderr or "").strip())
 
 
-def _wait_up(ns, ifname: str, timeout: float = 5.0) -> None:  # noqa: ANN001
+def _wait_up(ns: Any, ifname: str, timeout: float = 5.0) -> None:  # ns: a pyroute2 IPRoute
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         links = ns.get_links(ifname=ifname)

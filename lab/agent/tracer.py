@@ -99,11 +99,6 @@ def _kallsyms(names: Iterable[str]) -> tuple[dict[str, int], list[int]]:
     return found, addrs
 
 
-def kernel_symbols(names: Iterable[str]) -> set[str]:
-    """Which of names the running kernel can kprobe (text symbols in kallsyms)."""
-    return set(_kallsyms(names)[0])
-
-
 def _symbol_ranges(found: dict[str, int], addrs: list[int], names: Iterable[str]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for n in names:
@@ -165,7 +160,7 @@ class _Streamer(threading.Thread):
             self.marker: int | None = os.open(root / "trace_marker", os.O_WRONLY)
         except OSError:
             self.marker = None
-        self.f = open(out, "wb")
+        self.f = open(out, "wb")  # noqa: SIM115 - closed by close(), which ends the recording
         self.f.write(RAW_MAGIC)
         self._record(b"HEAD", 0, json.dumps(header).encode())
         self.bytes = 0
@@ -467,7 +462,7 @@ class Tracer:
         tail: dict[str, Any] = {"kprobe_profile": self._profile(), "stats": {}}
         for c in range(os.cpu_count() or 1):
             try:
-                st = dict(l.split(":", 1) for l in self._r(f"per_cpu/cpu{c}/stats").splitlines() if ":" in l)
+                st = dict(line.split(":", 1) for line in self._r(f"per_cpu/cpu{c}/stats").splitlines() if ":" in line)
                 tail["stats"][str(c)] = {k.strip(): v.strip() for k, v in st.items()}
             except OSError:
                 pass

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from lab.cache import atomic_write
 from lab.kernels import bzimage
@@ -122,7 +123,7 @@ def missing_options(wanted: dict[str, str], final: dict[str, str]) -> list[tuple
     lost = []
     for k, v in wanted.items():
         got = final.get(k, "n")
-        if v.startswith('"') and got.startswith('"'):
+        if v.startswith('"') and got.startswith('"'):  # noqa: SIM108 - a string, or a tristate whose n may be unset
             same = v == got
         else:
             same = v == got or (v == "n" and got in ("", "n"))
@@ -177,11 +178,11 @@ def kconfig_depends(tree: Path, option: str) -> tuple[str, ...]:
                 for b in blocks:
                     out.extend(b)
                 for body in lines[i + 1:]:
-                    b = body.strip()
-                    if re.match(r"^(config|menuconfig|choice|endchoice|menu|endmenu|if|endif|source|comment)\b", b):
+                    text = body.strip()
+                    if re.match(r"^(config|menuconfig|choice|endchoice|menu|endmenu|if|endif|source|comment)\b", text):
                         break
-                    if b.startswith("depends on"):
-                        out.append(f"{b} ({rel})")
+                    if text.startswith("depends on"):
+                        out.append(f"{text} ({rel})")
     return tuple(dict.fromkeys(out))
 
 
@@ -193,7 +194,7 @@ def _kconfig_files(tree: Path) -> Iterable[Path]:
                 yield Path(dirpath) / f
 
 
-def configure(tree: Path, options: dict[str, str], logf, out: Path | None = None) -> dict[str, str]:
+def configure(tree: Path, options: dict[str, str], logf: IO[str], out: Path | None = None) -> dict[str, str]:
     """allnoconfig + the merged fragment, then olddefconfig; verify; return the final config.
 
     `out` is a separate output directory (make O=); by default the tree itself.
@@ -369,7 +370,7 @@ class Progress:
             self.steps += 1
         if not self.enabled:
             return
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             # a build past its model's step count stays below 100% until it ends
             total = max(self.expected, self.steps + 1) if self.expected else None
             self._bar.update(self._task, completed=self.steps, total=total, current=text.strip()[-50:])
@@ -437,7 +438,7 @@ def cc_wrapper() -> Path:
     return path
 
 
-def make(tree: Path, targets: Sequence[str], logf, progress: Progress) -> None:
+def make(tree: Path, targets: Sequence[str], logf: IO[str], progress: Progress) -> None:
     """make -jN TARGETS with ccache; output to logf; BuildFailed with the tail on error."""
     argv = ["make", f"-j{jobs()}", f"ARCH={ARCH}", f"CC={cc_wrapper()}", "HOSTCC=ccache gcc", *targets]
     logf.write(f"+ {' '.join(argv)}\n")
@@ -466,6 +467,11 @@ def kernelrelease(tree: Path) -> str:
 
 # ---------------------------------------------------------------- checks
 
+def _first_difference(got: bytes, want: bytes) -> int:
+    """The offset of the first byte where got and want differ (the shorter length if one is a prefix)."""
+    return next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+
+
 def check_payload(tree: Path) -> None:
     """The bzImage must carry the vmlinux this build linked.
 
@@ -481,5 +487,5 @@ def check_payload(tree: Path) -> None:
     if got[:len(want)] != want:
         raise BuildFailed(f"the bzImage built in {tree} does not carry the vmlinux just linked "
                           f"(payload {len(got)} bytes, vmlinux.bin {len(want)} bytes, first difference at "
-                          f"byte {next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))})",
+                          f"byte {_first_difference(got, want)})",
                           hint=f"a stale object (ccache?); remove {tree / 'arch/x86/boot'} and build again")

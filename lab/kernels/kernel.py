@@ -113,14 +113,14 @@ def load_catalog(path: Path | None = None) -> Catalog:
         raise BadInput(f"{path}: {e}") from None
     problems: list[str] = []
 
-    def strs(where: str, d: dict, key: str, required: bool = True) -> tuple[str, ...]:
+    def strs(where: str, d: dict[str, Any], key: str, required: bool = True) -> tuple[str, ...]:
         v = d.get(key, None if required else [])
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             problems.append(f"{where}.{key}: expected a list of strings")
             return ()
         return tuple(v)
 
-    def text(where: str, d: dict, key: str, required: bool = True) -> str:
+    def text(where: str, d: dict[str, Any], key: str, required: bool = True) -> str:
         v = d.get(key, None if required else "")
         if not isinstance(v, str):
             problems.append(f"{where}.{key}: expected a string")
@@ -329,11 +329,11 @@ def _patch_path(p: str | Path, series: Callable[[], str], cat: Catalog) -> Path:
             raise BadInput(f"catalog patch {p!r} has no version for kernel {s} ({path} does not exist)",
                            hint=f"it exists as {', '.join(have)}; pass a patch file rebased onto {s} instead")
         return path
-    path = _input_file(p, cat)
-    if path is None:
+    found = _input_file(p, cat)
+    if found is None:
         raise BadInput(f"patch not found: {p}", hint=f"a file (relative to . or {cat.root.parent}), "
                                                      f"or a catalog patch: {', '.join(cat.patches)}")
-    return path
+    return found
 
 
 def _input_file(p: str | Path, cat: Catalog) -> Path | None:
@@ -483,7 +483,8 @@ def _corruption(entry: Path) -> str:
             return f"{name} is missing"
         got = sources.sha256_file(path)
         if got != digest:
-            return f"{name} does not match its recorded sha256 ({path.stat().st_size} bytes, {got[:12]} != {digest[:12]})"
+            return (f"{name} does not match its recorded sha256 "
+                    f"({path.stat().st_size} bytes, {got[:12]} != {digest[:12]})")
     return ""
 
 
@@ -553,10 +554,7 @@ def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = Fals
             return art
         # an existing entry (one without vmlinux, or a corrupt one) is replaced whole
         with cache.building(entry, directory=True) as tmp:
-            if p.res.ref.builds:
-                art = _build(p, tmp, progress, want_vmlinux)
-            else:
-                art = _fetch(p, tmp)
+            art = _build(p, tmp, progress, want_vmlinux) if p.res.ref.builds else _fetch(p, tmp)
             art = art.relocated(entry) if art.dir != entry else art
             (tmp / "meta.json").write_text(art.to_json())
             _record_sums(tmp)

@@ -20,8 +20,9 @@ from typing import IO
 
 from lab.run import BadInput
 from lab.kernels.sources import bzimage, deb, debsrc, git, tarball
-from lab.kernels.sources.common import (BinarySource, BuildSource, Fetched, Resolved, SourceRef, atomic_write,
-                                series_of, sha256_file)
+from lab.cache import atomic_write
+from lab.kernels.sources.common import (BinarySource, BuildSource, Fetched, Resolved, SourceRef, series_of,
+                                        sha256_file)
 from lab.kernels.sources.tree import PatchStack, apply_patch
 
 BUILDERS: dict[str, BuildSource] = {m.KIND: m for m in (debsrc, tarball, git)}
@@ -31,9 +32,10 @@ SOURCE_KINDS: tuple[str, ...] = (*BUILDERS, *BINARIES)
 
 def parse_source(text: str) -> SourceRef:
     kind, sep, arg = text.partition(":")
-    mod = BUILDERS.get(kind) or BINARIES.get(kind)
+    mod: BuildSource | BinarySource | None = BUILDERS.get(kind) or BINARIES.get(kind)
     if not sep or mod is None or not arg:
-        examples = ", ".join(m.EXAMPLE for m in (*BUILDERS.values(), *BINARIES.values()))
+        kinds: list[BuildSource | BinarySource] = [*BUILDERS.values(), *BINARIES.values()]
+        examples = ", ".join(m.EXAMPLE for m in kinds)
         raise BadInput(f"not a kernel source: {text!r}",
                        hint=f"use {examples}, or a catalog name (racelab kernel list)")
     return mod.parse(arg)

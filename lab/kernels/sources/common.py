@@ -118,13 +118,14 @@ def series_of(version: str) -> str:
     return f"{m.group(1)}.{m.group(2)}" if m else ""
 
 
-def memo(name: str) -> dict:
+def memo(name: str) -> dict[str, str]:
     """A small JSON memo in the cache (digests, apt candidates); {} when absent or torn."""
     try:
-        return json.loads((cache_dir() / name).read_text())
+        data: dict[str, str] = json.loads((cache_dir() / name).read_text())
+        return data
     except (OSError, ValueError):
         return {}
 
 
-def save_memo(name: str, data: dict) -> None:
+def save_memo(name: str, data: dict[str, str]) -> None:
     atomic_write(cache_dir() / name, json.dumps(data, indent=1))

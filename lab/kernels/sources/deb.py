@@ -96,9 +96,9 @@ def fetch(res: Resolved, dest: Path, wanted_modules: Sequence[str]) -> Fetched:
             for rel in order:
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(mods / rel, out / rel)
-            for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-                if (mods / f).is_file():
-                    shutil.copyfile(mods / f, out / f)
+            for fname in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+                if (mods / fname).is_file():
+                    shutil.copyfile(mods / fname, out / fname)
             (out / "racelab.load").write_text("".join(f"{r}\n" for r in order))
             # depmod over the subset, so modprobe works in a guest that installs it as-is
             sub = tmp / "sub"

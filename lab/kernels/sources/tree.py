@@ -14,9 +14,11 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lab.run import BadInput, run
-from lab.kernels.sources.common import atomic_write, sha256_file
+from lab.cache import atomic_write
+from lab.kernels.sources.common import sha256_file
 
 
 class PatchStack:
@@ -32,9 +34,10 @@ class PatchStack:
         self.state_file = build_dir / "state.json"
         self.saved = build_dir / "applied"
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         try:
-            return json.loads(self.state_file.read_text())
+            st: dict[str, Any] = json.loads(self.state_file.read_text())
+            return st
         except (OSError, ValueError):
             return {}
 
@@ -42,7 +45,7 @@ class PatchStack:
         st = {**self.state(), **changes}
         atomic_write(self.state_file, json.dumps(st, indent=2))
 
-    def applied(self) -> list[dict]:
+    def applied(self) -> list[dict[str, Any]]:
         return list(self.state().get("applied", []))
 
     def switch(self, patches: Sequence[Path]) -> list[str]:
@@ -105,6 +108,7 @@ def apply_patch(tree: Path, patch: Path, *, reverse: bool = False, label: str | 
             elif _HUNK_FAIL.match(line):
                 problems.append(f"{current}: {line}" if current else line)
         what = "cannot be reversed in" if reverse else "does not apply to"
-        raise BadInput(f"patch {label or patch} {what} {tree}:\n    " + "\n    ".join(problems or out.splitlines()[-8:]),
+        detail = "\n    ".join(problems or out.splitlines()[-8:])
+        raise BadInput(f"patch {label or patch} {what} {tree}:\n    {detail}",
                        hint="rebase the patch onto this kernel version (patches apply in the order given)")
     run(argv, cwd=tree)
