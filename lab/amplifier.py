@@ -38,10 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lab.cache import atomic_write
 from lab.run import BadInput, RacelabError, cache_dir, log, require_tools, run, setup_logging
 
 if TYPE_CHECKING:
-    from lab.kernel import KernelArtifact
+    from lab.kernels.kernel import KernelArtifact
 
 METHODS = ("auto", "off", "patch", "kprobe", "kprobe-delay")
 PATCH_KNOB = "/sys/module/xsk/parameters/widen_rx_ns"
@@ -270,9 +271,9 @@ def kernel_sites(bzimage: Path, system_map: Path | None, kallsyms: str | None = 
 
     Symbols come from the build's System.map or, where it has none (Debian's
     packages, a bare bzImage), from the booted guest's /proc/kallsyms."""
-    from lab.image import _bzimage_payload
+    from lab.kernels.bzimage import payload
 
-    elf = _bzimage_payload(bzimage.read_bytes())
+    elf = payload(bzimage.read_bytes())
     if elf is None:
         raise NoSite(f"{bzimage}: its payload cannot be decompressed here (gzip, xz, lzma, bzip2 can)",
                      hint="build it with CONFIG_KERNEL_GZIP or _XZ, or --set amplifier.method=off")
@@ -319,10 +320,7 @@ def sites_for(artifact: KernelArtifact, kallsyms: str | None = None) -> list[Sit
                      f"from it, then a 64-bit store, within {LOOKAHEAD} instructions)",
                      hint="give the probe yourself: --set amplifier.probe=SYMBOL+OFFSET (see "
                           "`python -m lab.amplifier KERNEL`), or --set amplifier.method=off")
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_suffix(".tmp")
-    tmp.write_text(json.dumps([asdict(s) for s in sites]))
-    tmp.replace(entry)
+    atomic_write(entry, json.dumps([asdict(s) for s in sites]))
     return sites
 
 
@@ -496,9 +494,9 @@ def check_probe_spec(value: object) -> bool:
 
 def _dump(bzimage: Path, system_map: Path, kallsyms: str | None) -> str:
     """objdump text of the first candidate found, headed by a JSON line {symbol, start}."""
-    from lab.image import _bzimage_payload
+    from lab.kernels.bzimage import payload
 
-    elf = _bzimage_payload(bzimage.read_bytes())
+    elf = payload(bzimage.read_bytes())
     assert elf is not None
     syms = (read_system_map(system_map, CANDIDATES) if usable_map(system_map)
             else map_symbols(kallsyms_map(kallsyms or "", elf), CANDIDATES))
@@ -510,7 +508,7 @@ def _dump(bzimage: Path, system_map: Path, kallsyms: str | None) -> str:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    from lab import kernel
+    from lab.kernels import kernel
 
     ap = argparse.ArgumentParser(prog="python -m lab.amplifier", description=__doc__.split("\n")[0])
     ap.add_argument("kernel", help="a kernel name or spec, as for --kernel (built if needed)")

@@ -194,7 +194,8 @@ def test_commit(st: State, sha: str, label: str, signal: str | None = None,
     of load at most (default the step budget).  Returns the step record (never raises for
     infra).  A window run traces, with the amplifier off; every run stops at its first
     corruption."""
-    from lab import fleet, kernel
+    from lab import fleet
+    from lab.kernels import kernel
     from lab import scenario as scen
 
     rec: dict[str, Any] = {"commit": sha, "label": label, "time": time.time()}

@@ -13,14 +13,21 @@
 Removal happens under the lock that guards the entry when there is one (taken without
 waiting: a held lock means it is in use, and it stays).  VM directories are never
 removed here: `racelab cleanup` removes those of a dead racelab.
+
+It is also the one home of how an entry is made, for every cache of the lab (kernels,
+data-plane builds, images, initrds, boot kernels, memos): atomic_write() for a file,
+building() for a file or directory made in a temporary place beside it and renamed into
+place (or thrown away), lock() for the file lock beside an entry, prune() for keeping
+the N most recently used.  A reader therefore sees an entry whole or not at all.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +35,75 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from lab.run import BadInput, cache_dir, log, run
+
+
+# --- making entries ------------------------------------------------------------------
+
+def lock(path: Path) -> FileLock:
+    """The file lock at path (FileLock: reentrant in a process, shared between processes)."""
+    return FileLock(str(path))
+
+
+def _tmp_beside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+def atomic_write(path: Path, data: str | bytes, mode: int | None = None) -> None:
+    """Write path whole or not at all: a temporary file beside it, renamed over it."""
+    with building(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        if mode is not None:
+            tmp.chmod(mode)
+
+
+@contextmanager
+def building(final: Path, *, directory: bool = False, replace: bool = True) -> Iterator[Path]:
+    """Make one cache entry: yields a temporary path beside final (a fresh, empty directory
+    when directory=True) that the block fills; when it ends without an exception the temporary
+    is renamed to final, else removed.  replace=False: if final appeared meanwhile (another
+    process built it first) ours is thrown away and theirs stays; True: ours replaces it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(final)
+    _rm(tmp)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists() and not replace:
+            log.debug("%s was made meanwhile by another process; ours is dropped", final)
+        elif directory and final.is_dir():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{threading.get_ident()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _rm(old)
+        else:
+            os.replace(tmp, final)
+    finally:
+        _rm(tmp)
+
+
+def prune(paths: Iterable[Path], keep: int) -> list[Path]:
+    """Remove all but the `keep` most recently used (by mtime) of paths; the removed ones."""
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+    old = sorted(paths, key=mtime, reverse=True)[max(keep, 0):]
+    for p in old:
+        log.debug("removing old cache entry %s", p)
+        _rm(p)
+    return old
+
+
+def _rm(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -183,7 +259,7 @@ def _dead_tree(tree_dir: Path) -> str | None:
     whose installed version is another one (or none)."""
     import json
 
-    from lab import sources
+    from lab.kernels import sources
 
     try:
         identity = json.loads((tree_dir / "state.json").read_text()).get("identity", "")
@@ -201,7 +277,7 @@ def _dead_tree(tree_dir: Path) -> str | None:
 
 def gc(keep: int = 5, older_than: float = 14 * 86400, dry_run: bool = False) -> list[Removed]:
     """Remove what is old or dead in every area (see the module docstring); dry_run: only say."""
-    from lab import kernel
+    from lab.kernels import kernel
 
     if keep < 0:
         raise BadInput(f"--keep must be >= 0, got {keep}")

@@ -169,7 +169,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     else:
         cfg = build_config(a, default_backend=Backend.NETNS)
     if cfg.inject:
-        from lab import dataplane
+        from lab.agent import dataplane
         if cfg.inject not in dataplane.INJECT_KINDS:
             raise BadInput(f"unknown --inject {cfg.inject!r}", hint=f"one of: {', '.join(dataplane.INJECT_KINDS)}")
     if cfg.backend == Backend.NETNS and cfg.kernels:
@@ -303,7 +303,7 @@ def cmd_selftest(a: argparse.Namespace) -> int:
 
 
 def cmd_kernel(a: argparse.Namespace) -> int:
-    from lab import kernel
+    from lab.kernels import kernel
 
     if a.kcmd == "list":
         kernel.cli_list(as_json=a.json)
@@ -517,7 +517,7 @@ def _complete(action: argparse.Action, completer: object) -> argparse.Action:
 
 
 def _complete_kernel(prefix: str, **_: object) -> list[str]:
-    from lab import kernel
+    from lab.kernels import kernel
     return kernel.spec_completions(prefix)
 
 
@@ -550,7 +550,7 @@ def _complete_set(prefix: str, **_: object) -> list[str]:
 
 
 def _complete_inject(prefix: str, **_: object) -> list[str]:
-    from lab import dataplane
+    from lab.agent import dataplane
     return [k for k in dataplane.INJECT_KINDS if k.startswith(prefix)]
 
 
@@ -624,7 +624,7 @@ _BISECT_EPILOG = _examples(
 
 
 def _kernel_commands(ks: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`racelab kernel ...` (and `python -m lab.kernel ...`, which is the same)."""
+    """`racelab kernel ...` (and `python -m lab.kernels.kernel ...`, which is the same)."""
     kl = ks.add_parser("list", help="named kernels in kernels/catalog.toml and what is cached",
                        formatter_class=_RAW, epilog=_examples(
                            "racelab kernel list",

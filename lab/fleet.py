@@ -14,7 +14,6 @@ splat on its console: the kernel under test crashed, and that counts.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import threading
 import time
@@ -27,20 +26,19 @@ from typing import IO, TYPE_CHECKING, Any
 
 from lab import report
 from lab.config import RunConfig, parse_duration
-from lab.run import BadInput, InfraError, LostVM, log, require_root
+from lab.run import BadInput, InfraError, LostVM, log, require_root, slug
 from lab.scenario import Scenario, from_data
 from lab.session import (Interrupted, Outcome, Progress, _trace_opts, finish, results_dir,
                          rows_from_targets)
-from lab.splat import (PANIC, SPLAT, STALL, Splat, SplatWatcher, crashed_of_splat,  # noqa: F401 - the
-                       record_splats, splat_kind, stall_policy)                     # fleet's splat API
+from lab.splat import Splat, SplatWatcher, crashed_of_splat, record_splats, splat_kind, stall_policy
 from lab.verdict import Row
 from lab.workload import TargetResult, agent_spec, fetch_evidence, run_target, write_json
 
 if TYPE_CHECKING:
-    from lab.agent import AgentSpec
+    from lab.agent.agent import AgentSpec
     from lab.amplifier import Plan
     from lab.image import Image
-    from lab.kernel import KernelArtifact, KernelSpec
+    from lab.kernels.kernel import KernelArtifact, KernelSpec
     from lab.repro import ControlStop
     from lab.vm import VM
 
@@ -65,7 +63,7 @@ def preflight_vm() -> None:
 
 def resolve_kernels(names: list[str]) -> list[KernelSpec]:
     """Resolve every kernel name first and report all unknown ones at once."""
-    from lab import kernel
+    from lab.kernels import kernel
 
     specs: list[KernelSpec] = []
     problems: list[str] = []
@@ -80,7 +78,7 @@ def resolve_kernels(names: list[str]) -> list[KernelSpec]:
 
 
 def build_kernels(names: list[str], progress: bool = True) -> list[KernelArtifact]:
-    from lab import kernel
+    from lab.kernels import kernel
 
     specs = resolve_kernels(names)
     arts = []
@@ -111,7 +109,7 @@ def booted(artifact: KernelArtifact, image: Image, n: int, *, label: str, s: Sce
         lock = threading.Lock()
 
         def boot(i: int) -> None:
-            name = f"racelab-{run_id}-{_slug(label)}-{i}"
+            name = f"racelab-{run_id}-{slug(label, 40)}-{i}"
             g = first + i
             uri = guest_uri(uris, g)
             try:
@@ -119,7 +117,7 @@ def booted(artifact: KernelArtifact, image: Image, n: int, *, label: str, s: Sce
                        if vmcfg["pin"] and cpus else None)
                 m = vmmod.VM(artifact, image, name=name, vcpus=vmcfg["vcpus"],
                              memory_mib=vmcfg["memory_mib"], cmdline=vmcfg["cmdline"],
-                             pin=pin, results_dir=out / "vms" / f"{_slug(label)}-{i}",
+                             pin=pin, results_dir=out / "vms" / f"{slug(label, 40)}-{i}",
                              uri=uri, accel=accel)
                 entered = m.__enter__()
             except BaseException as e:  # noqa: BLE001 - reported below, after the others boot
@@ -226,10 +224,6 @@ def _join_all(workers: list[Worker], on_interrupt: Callable[[], None] | None = N
         raise KeyboardInterrupt
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:40]
-
-
 def run_on_vm(m: VM, kname: str, i: int, spec: AgentSpec, out: Path, prog: Progress,
               events_lock: threading.Lock, events_file: IO[str],
               cancel: threading.Event | None = None, *, silence: float | None = None,
@@ -300,8 +294,8 @@ def _fetch_after(m: VM, res: TargetResult, out: Path, label: str) -> None:
     except InfraError as e:
         res.notes.append(f"dmesg not fetched ({e.message}); the console log holds the kernel log")
         return
-    (ev_dir / f"{_slug(label)}.dmesg").write_text(dmesg.stdout)
-    res.evidence["dmesg"] = str(ev_dir / f"{_slug(label)}.dmesg")
+    (ev_dir / f"{slug(label, 40)}.dmesg").write_text(dmesg.stdout)
+    res.evidence["dmesg"] = str(ev_dir / f"{slug(label, 40)}.dmesg")
 
 
 def _phases(t0: float, t_up: float, t_ran: float, t_down: float,
@@ -371,7 +365,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
                         syms = vms[0].host.cmd(["cat", "/proc/kallsyms"], timeout=120).stdout
                         kr.plan = amplifier.plan(s["amplifier"], kr.artifact, kallsyms=syms)
                         log.info("%s: amplifier %s", kr.name, kr.plan.text())
-                    spec = agent_spec(s, duration=cfg.duration, seed=cfg.seed, bin_dir="/opt/racelab/bin",
+                    spec = agent_spec(s, duration=cfg.duration, seed=cfg.seed, bin_dir=vms[0].host.bin_dir,
                                       stop_on_first=cfg.stop_on_first, inject=cfg.inject or "",
                                       trace=trace, stop_grace=cfg.stop_grace, amplifier=kr.plan)
                     policies = [stall_policy(vmcfg["stalls"], kr.accel,

@@ -3,14 +3,11 @@
 Two cached layers, each keyed by a hash of what it is made from:
 
 - base-<hash>/rootfs   mmdebstrap of images/recipe.toml (slow: ~30 s, network)
-- racelab-<hash>.img   base + lab layer (lab/ and pyroute2 sources, C binaries,
+- racelab-<hash>.img   base + lab layer (lab/agent/ and pyroute2 sources, C binaries,
                        SSH keys, /sbin/racelab-init), packed with `mke2fs -d`
                        (no loop mounts, so no privileges beyond file ownership)
 
-Debian `deb:` kernels keep virtio and the block layer in modules; initrd_for()
-builds them a small busybox initramfs (cached per kernel) that loads the
-modules and switch_roots into the image.  Catalog source kernels have those
-drivers built in and boot the image directly.
+What a kernel needs to boot this image (an initramfs, a PVH kernel) is lab.boot.
 
 `python -m lab.image build` builds (or finds) the image and prints it.
 """
@@ -19,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import hashlib
-import io
 import json
 import logging
 import os
@@ -29,15 +24,13 @@ import shutil
 import stat
 import sys
 import tomllib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
+from lab import cache
 from lab.run import BadInput, BuildFailed, cache_dir, project_root, require_tools, run
-
-if TYPE_CHECKING:
-    from filelock import FileLock
 
 log = logging.getLogger("racelab.image")
 
@@ -83,21 +76,6 @@ class Image:
     ssh_key: Path         # client private key authorised for root in the guest
     host_pubkey: str      # "ssh-ed25519 AAAA..." of the guest's fixed host key
     recipe: Recipe
-
-
-class KernelLike(Protocol):
-    """What booting needs from a kernel: lab.kernel's KernelArtifact, or lab.vm's BareKernel.
-
-    Read-only, so frozen dataclasses match."""
-
-    @property
-    def bzimage(self) -> Path: ...
-    @property
-    def version(self) -> str: ...
-    @property
-    def modules_dir(self) -> Path | None: ...
-    @property
-    def module_load_order(self) -> Sequence[str]: ...
 
 
 def load_recipe(path: Path = RECIPE_PATH) -> Recipe:
@@ -169,7 +147,7 @@ def ensure_keys() -> Keys:
     d = cache_dir() / "keys"
     d.mkdir(mode=0o700, exist_ok=True)
     keys = Keys(client=d / "id_ed25519", host=d / "ssh_host_ed25519_key")
-    with _lock(d / ".lock"):
+    with cache.lock(d / ".lock"):
         for path, comment in ((keys.client, "racelab-client"), (keys.host, "racelab-guest")):
             if path.exists() and Path(f"{path}.pub").exists():
                 continue
@@ -190,7 +168,7 @@ def ensure_base(recipe: Recipe, progress: bool = True) -> Path:
     rootfs = final / "rootfs"
     if (final / "done").exists():
         return rootfs
-    with _lock(images / ".lock"):
+    with cache.lock(images / ".lock"):
         if (final / "done").exists():
             return rootfs
         require_tools("mmdebstrap")
@@ -199,37 +177,31 @@ def ensure_base(recipe: Recipe, progress: bool = True) -> Path:
                            "file ownership inside the image)", hint="run it as root")
         _say(progress, f"building base rootfs {final.name} with mmdebstrap "
                        f"({recipe.suite}, {len(recipe.packages)} packages; ~30 s, downloads)")
-        tmp = images / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        argv: list[str] = ["mmdebstrap", f"--variant={recipe.variant}", "--mode=root",
-                           "--format=directory", "--include=" + ",".join(recipe.packages)]
-        # merged /usr by symlinks, as debootstrap does; the alternative (the
-        # usrmerge package) drags in perl, ~50 MB.
-        if MERGED_USR_HOOKS.is_dir():
-            argv.append(f"--hook-dir={MERGED_USR_HOOKS}")
-        argv += [f"--dpkgopt=path-exclude={p}" for p in recipe.dpkg_excludes]
-        argv += [f"--dpkgopt=path-include={p}" for p in recipe.dpkg_includes]
-        argv += [recipe.suite, str(tmp / "rootfs")]
-        if recipe.mirror:
-            argv.append(recipe.mirror)
-        try:
-            run(argv, timeout=1800, hint="mmdebstrap needs the Debian mirror (deb.debian.org)")
-            _strip(tmp / "rootfs", recipe.remove)
-            (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-            (tmp / "done").write_text("")
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with cache.building(final, directory=True) as tmp:
+            _debootstrap(recipe, tmp)
         _say(progress, f"base rootfs ready: {_du(rootfs) / 2**20:.0f} MiB")
         # One older base stays (another checkout may still use it); the rest go.
-        old = sorted((p for p in images.glob("base-*") if p != final and p.is_dir()),
-                     key=lambda p: p.stat().st_mtime, reverse=True)
-        for p in old[1:]:
-            log.debug("removing old base %s", p)
-            shutil.rmtree(p, ignore_errors=True)
+        cache.prune((p for p in images.glob("base-*") if p != final and p.is_dir()), 1)
     return rootfs
+
+
+def _debootstrap(recipe: Recipe, tmp: Path) -> None:
+    """The stripped rootfs into tmp/rootfs, with recipe.json and the done marker beside it."""
+    argv: list[str] = ["mmdebstrap", f"--variant={recipe.variant}", "--mode=root",
+                       "--format=directory", "--include=" + ",".join(recipe.packages)]
+    # merged /usr by symlinks, as debootstrap does; the alternative (the
+    # usrmerge package) drags in perl, ~50 MB.
+    if MERGED_USR_HOOKS.is_dir():
+        argv.append(f"--hook-dir={MERGED_USR_HOOKS}")
+    argv += [f"--dpkgopt=path-exclude={p}" for p in recipe.dpkg_excludes]
+    argv += [f"--dpkgopt=path-include={p}" for p in recipe.dpkg_includes]
+    argv += [recipe.suite, str(tmp / "rootfs")]
+    if recipe.mirror:
+        argv.append(recipe.mirror)
+    run(argv, timeout=1800, hint="mmdebstrap needs the Debian mirror (deb.debian.org)")
+    _strip(tmp / "rootfs", recipe.remove)
+    (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    (tmp / "done").write_text("")
 
 
 def _strip(rootfs: Path, patterns: Iterable[str]) -> None:
@@ -297,10 +269,13 @@ def dataplane_binaries() -> list[Path]:
     return found
 
 
-def lab_layer(keys: Keys, binaries: list[Path]) -> list[LayerFile]:
-    """Everything the lab adds on top of the Debian base."""
+def lab_layer(keys: Keys, binaries: list[Path], lab_dir: Path | None = None) -> list[LayerFile]:
+    """Everything the lab adds on top of the Debian base.  Of lab/ (lab_dir), only the agent
+    package: it is all the guest runs, so a host-only module never changes the image key.
+    In the guest `lab` is a namespace package (no lab/__init__.py there)."""
     files: list[LayerFile] = []
-    files += _tree(project_root() / "lab", f"{GUEST_LAB_ROOT}/lab")
+    lab_dir = lab_dir or project_root() / "lab"
+    files += _tree(lab_dir / "agent", f"{GUEST_LAB_ROOT}/lab/agent")
     for p in _venv_pyroute2():
         files += _tree(p, f"{GUEST_SITE}/{p.name}")
     files += [LayerFile(f"{GUEST_BIN}/{b.name}", 0o755, source=b) for b in binaries]
@@ -340,7 +315,7 @@ def ensure_image(progress: bool = True) -> Image:
     images = cache_dir() / "images"
     path = images / f"racelab-{key}.img"
     if not path.exists():
-        with _lock(images / ".lock"):
+        with cache.lock(images / ".lock"):
             if not path.exists():
                 _build_image(rootfs, files, recipe, path, progress)
                 _prune(images, keep=path)
@@ -357,7 +332,6 @@ def _build_image(rootfs: Path, files: list[LayerFile], recipe: Recipe, out: Path
                        hint="run it as root")
     _say(progress, f"packing guest image {out.name} (mke2fs -d)")
     stage = out.parent / f".{out.stem}.stage-{os.getpid()}"
-    tmp_img = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     try:
         # Hard links: no copy of the ~120 MB base.  Layer files are always
@@ -373,17 +347,13 @@ def _build_image(rootfs: Path, files: list[LayerFile], recipe: Recipe, out: Path
         need = blocks * BLOCK * 103 // 100 + inodes * 256 + recipe.free_mib * 2**20
         size_mib = -(-need // 2**20)
         check_size(size_mib * 2**20, stage)
-        tmp_img.unlink(missing_ok=True)
-        # No journal: every VM writes to a throw-away overlay, and crashes are
-        # the norm (we destroy guests), so there is nothing to replay.
-        run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-O", "^has_journal", "-m", "0",
-             "-L", "racelab", "-N", str(inodes), "-E", "root_owner=0:0",
-             "-d", stage, tmp_img, f"{size_mib}M"])
-        check_size(tmp_img.stat().st_size, stage)
-        tmp_img.rename(out)
-    except BaseException:
-        tmp_img.unlink(missing_ok=True)
-        raise
+        with cache.building(out) as tmp_img:
+            # No journal: every VM writes to a throw-away overlay, and crashes are
+            # the norm (we destroy guests), so there is nothing to replay.
+            run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-O", "^has_journal", "-m", "0",
+                 "-L", "racelab", "-N", str(inodes), "-E", "root_owner=0:0",
+                 "-d", stage, tmp_img, f"{size_mib}M"])
+            check_size(tmp_img.stat().st_size, stage)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     _say(progress, f"guest image ready: {out} ({out.stat().st_size / 2**20:.0f} MiB, "
@@ -448,241 +418,7 @@ def _usage(root: Path) -> tuple[int, int]:
 def _prune(images: Path, keep: Path, keep_n: int = 3) -> None:
     """Drop old final images (not bases).  A running VM keeps its backing file
     open, so removing one under it is harmless."""
-    old = sorted((p for p in images.glob("racelab-*.img") if p != keep),
-                 key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in old[keep_n - 1:]:
-        log.debug("removing old image %s", p)
-        p.unlink(missing_ok=True)
-
-
-# --- initramfs for deb: kernels ------------------------------------------------
-
-def initrd_for(kernel: KernelLike) -> Path | None:
-    """The initramfs a kernel needs to mount the image, or None (drivers built in).
-
-    Cached per kernel under cache_dir()/initrd/, keyed by the modules, their
-    load order and the /init script."""
-    modules_dir = getattr(kernel, "modules_dir", None)
-    order = list(getattr(kernel, "module_load_order", None) or [])
-    if modules_dir is None or not order:
-        return None
-    modules_dir = Path(modules_dir)
-    missing = [m for m in order if not (modules_dir / m).is_file()]
-    if missing:
-        raise BuildFailed(f"kernel {kernel.version}: modules in load order not found under "
-                          f"{modules_dir}: {', '.join(missing[:5])}")
-    busybox = _busybox()
-    init = (IMAGES_DIR / "initramfs-init").read_bytes()
-    h = hashlib.sha256(f"{kernel.version}\n".encode())
-    h.update(init + _sha(busybox.read_bytes()).encode())
-    mods: list[tuple[str, bytes]] = []
-    for m in order:
-        data = _module_bytes(modules_dir / m)
-        mods.append((m, data))
-        h.update(f"{m} {_sha(data)}\n".encode())
-    out_dir = cache_dir() / "initrd"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / f"{kernel.version}-{h.hexdigest()[:16]}.cpio.gz"
-    if out.exists():
-        return out
-    cpio = Cpio()
-    for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules",
-              "lib/modules/racelab"):
-        cpio.dir(d)
-    cpio.char("dev/console", 0o600, 5, 1)
-    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
-    cpio.file("init", init, 0o755)
-    cpio.file("lib/modules/racelab/load-order", "".join(f"{m}\n" for m, _ in mods).encode(), 0o644)
-    for m, data in mods:
-        parts = Path(m).parts
-        for i in range(1, len(parts)):
-            cpio.dir("lib/modules/racelab/" + "/".join(parts[:i]))
-        cpio.file(f"lib/modules/racelab/{m}", data, 0o644)
-    tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_bytes(cpio.gzipped())
-    tmp.rename(out)
-    log.info("initramfs for %s: %s (%d modules, %d KiB)", kernel.version, out, len(mods),
-             out.stat().st_size // 1024)
-    return out
-
-
-# --- uncompressed kernels (PVH boot) ----------------------------------------------
-
-XEN_ELFNOTE_PHYS32_ENTRY = 18
-_PAYLOADS = {  # bzImage payload magic -> decompressor in Python's standard library
-    b"\xfd7zXZ\x00": "xz", b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\x5d\x00\x00": "lzma",
-}
-
-
-def kernel_for_boot(kernel: KernelLike) -> Path:
-    """The file to boot: the bzImage's payload, decompressed once on the host,
-    when it is a PVH-capable ELF; else the bzImage itself.
-
-    Under TCG the in-guest decompressor is the slowest part of a boot (~5 s of
-    ~10 s for Debian's xz kernels); QEMU loads a PVH ELF straight to its entry
-    point.  Cached beside the initrds, keyed by the bzImage's bytes."""
-    bz = Path(kernel.bzimage)
-    data = bz.read_bytes()
-    out_dir = cache_dir() / "boot"
-    out = out_dir / f"{getattr(kernel, 'version', 'kernel')}-{_sha(data)[:16]}.vmlinux"
-    if out.exists():
-        os.utime(out)  # mtime = last use, for the pruning below
-        return out
-    marker = out.with_suffix(".no-pvh")
-    if marker.exists():
-        return bz
-    vmlinux = _bzimage_payload(data)
-    why = "" if vmlinux is not None else "payload compression not supported here"
-    if vmlinux is not None and not _has_pvh_note(vmlinux):
-        why, vmlinux = "no PVH entry note (CONFIG_PVH=n)", None
-    out_dir.mkdir(exist_ok=True)
-    if vmlinux is None:
-        log.info("kernel %s boots as a bzImage (%s): slower under TCG", bz, why)
-        marker.write_text(why + "\n")
-        return bz
-    tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_bytes(vmlinux)
-    tmp.rename(out)
-    # ~65 MB each: keep the 8 most recently booted (a running guest has its copy loaded)
-    for old in sorted(out_dir.glob("*.vmlinux"), key=lambda p: p.stat().st_mtime, reverse=True)[8:]:
-        old.unlink(missing_ok=True)
-    return out
-
-
-def _bzimage_payload(data: bytes) -> bytes | None:
-    """Decompress a bzImage's payload (setup header fields payload_offset/length)."""
-    import struct
-
-    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
-        return None
-    if struct.unpack_from("<H", data, 0x206)[0] < 0x208:
-        return None  # boot protocol too old to describe its payload
-    setup_sects = data[0x1F1] or 4
-    offset = (setup_sects + 1) * 512 + struct.unpack_from("<I", data, 0x248)[0]
-    payload = data[offset:]
-    kind = next((k for m, k in _PAYLOADS.items() if payload.startswith(m)), None)
-    try:
-        if kind in ("xz", "lzma"):
-            import lzma
-            # A decompressor object: the payload is followed by its size field.
-            return lzma.LZMADecompressor().decompress(payload)
-        if kind == "gzip":
-            import zlib
-            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
-        if kind == "bzip2":
-            import bz2
-            return bz2.BZ2Decompressor().decompress(payload)
-    except (OSError, EOFError, ValueError) as e:
-        log.debug("cannot decompress the kernel payload (%s): %s", kind, e)
-    return None
-
-
-def _has_pvh_note(elf: bytes) -> bool:
-    """Is this a 64-bit ELF with a Xen PHYS32_ENTRY note (the PVH entry point)?"""
-    import struct
-
-    if elf[:5] != b"\x7fELF\x02":
-        return False
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
-        if p_type != 4:  # PT_NOTE
-            continue
-        pos, end = p_offset, p_offset + p_filesz
-        while pos + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12:pos + 12 + namesz].rstrip(b"\0")
-            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
-                return True
-            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
-    return False
-
-
-def probe_initrd() -> Path:
-    """A tiny initramfs that prints PROBE_MARKER and powers off (the KVM probe)."""
-    script = (b"#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs d /dev\n"
-              b"echo " + PROBE_MARKER.encode() + b" > /dev/ttyS0\n/bin/busybox poweroff -f\n")
-    busybox = _busybox()
-    out = cache_dir() / "initrd" / f"probe-{_sha(script + _sha(busybox.read_bytes()).encode())[:16]}.cpio.gz"
-    if out.exists():
-        return out
-    out.parent.mkdir(exist_ok=True)
-    cpio = Cpio()
-    for d in ("bin", "dev"):
-        cpio.dir(d)
-    cpio.char("dev/console", 0o600, 5, 1)
-    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
-    cpio.file("init", script, 0o755)
-    tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_bytes(cpio.gzipped())
-    tmp.rename(out)
-    return out
-
-
-PROBE_MARKER = "racelab-probe: booted"
-
-
-def _busybox() -> Path:
-    for p in ("/bin/busybox", "/usr/bin/busybox"):
-        if Path(p).is_file():
-            return Path(p)
-    raise BadInput("busybox (static) is missing: deb: kernels need it for their initramfs",
-                   hint="apt-get install busybox-static  (or run ./bootstrap install)")
-
-
-def _module_bytes(path: Path) -> bytes:
-    """Busybox insmod takes plain ELF: decompress .ko.xz / .ko.zst / .ko.gz here."""
-    data = path.read_bytes()
-    if path.suffix == ".xz":
-        import lzma
-        return lzma.decompress(data)
-    if path.suffix == ".gz":
-        return gzip.decompress(data)
-    if path.suffix == ".zst":
-        import tempfile
-        with tempfile.TemporaryDirectory() as d:
-            run(["zstd", "-q", "-d", "-f", path, "-o", Path(d) / "m.ko"])
-            return (Path(d) / "m.ko").read_bytes()
-    return data
-
-
-class Cpio:
-    """A newc ("070701") cpio archive written in Python: device nodes and owners
-    without root or mknod, and byte-for-byte reproducible (mtime 0)."""
-
-    def __init__(self) -> None:
-        self._buf = io.BytesIO()
-        self._ino = 1
-        self.names: list[str] = []
-
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0),
-               nlink: int = 1) -> None:
-        nameb = name.encode() + b"\0"
-        fields = [self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1],
-                  len(nameb), 0]
-        self._ino += 1
-        hdr = b"070701" + b"".join(f"{v:08x}".encode() for v in fields)
-        self._buf.write(hdr + nameb)
-        self._buf.write(b"\0" * (-(len(hdr) + len(nameb)) % 4))
-        self._buf.write(data)
-        self._buf.write(b"\0" * (-len(data) % 4))
-        if name != "TRAILER!!!":
-            self.names.append(name)
-
-    def dir(self, name: str, perm: int = 0o755) -> None:
-        if name not in self.names:
-            self._entry(name, stat.S_IFDIR | perm, nlink=2)
-
-    def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
-        self._entry(name, stat.S_IFREG | perm, data)
-
-    def char(self, name: str, perm: int, major: int, minor: int) -> None:
-        self._entry(name, stat.S_IFCHR | perm, rdev=(major, minor))
-
-    def gzipped(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return gzip.compress(self._buf.getvalue(), compresslevel=6, mtime=0)
+    cache.prune((p for p in images.glob("racelab-*.img") if p != keep), keep_n - 1)
 
 
 # --- helpers -------------------------------------------------------------------
@@ -697,12 +433,6 @@ def _du(path: Path) -> int:
 
 def _allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
-
-
-def _lock(path: Path) -> FileLock:
-    from filelock import FileLock
-
-    return FileLock(str(path))
 
 
 def _say(progress: bool, msg: str) -> None:

@@ -42,7 +42,7 @@ from lab.verdict import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, WINDOW_HIT, R
                          verdict_text)
 
 if TYPE_CHECKING:
-    from lab.kernel import KernelSpec
+    from lab.kernels.kernel import KernelSpec
 
 # what a cell showed
 PASS, FAIL, MISSED, ERROR = "pass", "fail", "not-reproduced-within-budget", "error"
@@ -243,35 +243,26 @@ def print_grid(cells: list[Cell], kernels: list[str], scenarios: list[str]) -> N
     Console(width=160).print(t)
 
 
-def write_junit(path: Path, cells: list[Cell]) -> None:
-    ts = ET.Element("testsuite", name="racelab.matrix", tests=str(len(cells)))
-    nfail = nskip = nerr = 0
+def junit_cases(cells: list[Cell]) -> list[Any]:
+    """The grid as report.write_junit's testcases: one per cell, under racelab.matrix.SCENARIO."""
+    from lab.report import JunitCase
+
+    cases = []
     for c in cells:
-        tc = ET.SubElement(ts, "testcase", classname=f"racelab.matrix.{c.scenario}", name=c.kernel,
-                           time=f"{c.row.wall:.1f}" if c.row else "0")
-        props = ET.SubElement(tc, "properties")
         r = c.row
-        for k, v in (("expected", c.expected), ("outcome", c.outcome), ("status", c.status),
-                     ("verdict", r.verdict if r else "error"), ("packets", r.packets if r else 0),
-                     ("rate", level_text(r.corruption, r.packets, r.confidence) if r else ""),
-                     ("first_violation_s", r.first_violation_s if r else None),
-                     ("window_hits", (r.window.count if r.window.available else "n/a") if r else "n/a"),
-                     ("window_rate", level_text(r.window, r.packets, r.confidence) if r else "")):
-            ET.SubElement(props, "property", name=k, value=str(v))
+        props = (("expected", c.expected), ("outcome", c.outcome), ("status", c.status),
+                 ("verdict", r.verdict if r else "error"), ("packets", r.packets if r else 0),
+                 ("rate", level_text(r.corruption, r.packets, r.confidence) if r else ""),
+                 ("first_violation_s", r.first_violation_s if r else None),
+                 ("window_hits", (r.window.count if r.window.available else "n/a") if r else "n/a"),
+                 ("window_rate", level_text(r.window, r.packets, r.confidence) if r else ""))
         # how a cell counts is decide()'s (the --missed policy), never this writer's
-        if c.status == FAILED:
-            ET.SubElement(tc, "failure", message=c.message)
-            nfail += 1
-        elif c.status == SKIPPED:
-            ET.SubElement(tc, "skipped", message=c.message)
-            nskip += 1
-        elif c.status == ERROR:
-            ET.SubElement(tc, "error", message=c.error or c.message or (verdict_text(r) if r else "error"))
-            nerr += 1
-    ts.set("failures", str(nfail))
-    ts.set("skipped", str(nskip))
-    ts.set("errors", str(nerr))
-    ET.ElementTree(ts).write(path, encoding="unicode", xml_declaration=True)
+        result, message = {FAILED: ("failure", c.message), SKIPPED: ("skipped", c.message),
+                           ERROR: ("error", c.error or c.message or (verdict_text(r) if r else "error"))
+                           }.get(c.status, ("", ""))
+        cases.append(JunitCase(f"racelab.matrix.{c.scenario}", c.kernel, r.wall if r else 0.0, props,
+                               result, message))
+    return cases
 
 
 def parse_junit(path: Path) -> dict[tuple[str, str], dict[str, str]]:
@@ -352,9 +343,9 @@ def main(a: MatrixArgs) -> int:
               + ("failed (--missed fail: a kernel the catalog calls affected that does not reproduce is news; "
                  "--missed skip reports them as skipped)" if missed == "fail" else
                  "skipped (--missed skip; they do not change the exit code)"), file=human)
-    write_junit(out / "junit.xml", cells)
+    from lab import export, report, results
+    report.write_junit(out / "junit.xml", "racelab.matrix", junit_cases(cells))
     write_heatmap(out / "matrix.html", cells, kernels, scenarios)
-    from lab import export, results
     data = {"schema_version": results.MATRIX_VERSION, "cells": [c.to_dict() for c in cells], "seed": seed,
             "missed": missed, "wall_seconds": time.monotonic() - t0, "started": started,
             "command": " ".join(shlex.quote(x) for x in ["racelab", *sys.argv[1:]])}

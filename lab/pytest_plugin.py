@@ -48,8 +48,8 @@ import pytest
 if TYPE_CHECKING:
     from lab.host import LocalHost
     from lab.image import Image
-    from lab.kernel import KernelArtifact
-    from lab.topology import Topology, TopologySpec
+    from lab.kernels.kernel import KernelArtifact
+    from lab.agent.topology import Topology, TopologySpec
     from lab.vm import VM
 
 GRID_MODULE = Path(__file__).with_name("racelab_grid.py")
@@ -104,7 +104,7 @@ def validate_options(config: pytest.Config) -> None:
                 problems.append(f"--racelab-kernels {k}: 'host' (this machine's kernel) goes with "
                                 "--racelab-backend=netns, and only it")
             continue
-        from lab import kernel as kmod
+        from lab.kernels import kernel as kmod
         try:
             kmod.resolve(k)
         except BadInput as e:
@@ -167,7 +167,7 @@ def expectation(config: pytest.Config, kernel: str, scenario: str) -> str:
             return value
     if kernel == "host":
         return "clean"
-    from lab import kernel as kmod
+    from lab.kernels import kernel as kmod
     from lab.matrix import expected_for
     return expected_for(kmod.resolve(kernel), scenario)
 
@@ -195,7 +195,7 @@ def racelab_host() -> LocalHost:
 @pytest.fixture(scope="session")
 def racelab_kernel() -> Callable[[str], KernelArtifact]:
     """Factory: name -> KernelArtifact.  Builds once per key across xdist workers (file lock)."""
-    from lab import kernel as kmod
+    from lab.kernels import kernel as kmod
     cache: dict[str, KernelArtifact] = {}
 
     def get(name: str) -> KernelArtifact:
@@ -247,7 +247,7 @@ def racelab_vm(racelab_fleet: Callable[..., list[VM]]) -> Callable[..., VM]:
 @pytest.fixture
 def racelab_topology() -> Iterator[Callable[[TopologySpec], Topology]]:
     """Factory: TopologySpec -> Topology in fresh anonymous namespaces (gone after the test)."""
-    from lab.topology import build
+    from lab.agent.topology import build
     stack = ExitStack()
 
     def make(spec: TopologySpec) -> Topology:

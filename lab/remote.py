@@ -37,6 +37,7 @@ from pathlib import Path
 import paramiko
 
 from lab.host import Result
+from lab.image import GUEST_BIN, GUEST_LAB_ROOT, GUEST_SITE
 from lab.run import BadInput, CommandFailed, InfraError, LostSSH, RacelabError, run
 
 log = logging.getLogger("racelab.remote")
@@ -46,7 +47,7 @@ _BOOT_LOG = "paramiko.transport.racelab-connect"
 logging.getLogger(_BOOT_LOG).propagate = False
 logging.getLogger(_BOOT_LOG).disabled = True   # also drops pytest's capture handlers
 
-GUEST_PYTHONPATH = "/opt/racelab:/opt/racelab/site"
+GUEST_PYTHONPATH = f"{GUEST_LAB_ROOT}:{GUEST_SITE}"   # the agent package, then pyroute2
 _PGID_MARK = "racelab-pgid"
 # A file transfer that makes no progress this long is from a guest that hung (a soft lockup
 # once held a trace fetch for 10 minutes): as long as the agent's own silence limit.
@@ -59,13 +60,13 @@ class SshHost:
     """A guest reached over SSH on address:port (a QEMU user-net port forward)."""
 
     python = "python3"
-    lab_root = "/opt/racelab"
+    lab_root = GUEST_LAB_ROOT
     # -S: no site module.  Under TCG it costs 0.6 s of every agent start, for paths the
     # agent does not use; the two it does use are given here (the image's racelab.pth
     # names the same two for everything else)
     agent_python: tuple[str, ...] = ("python3", "-S")
-    agent_path = "/opt/racelab:/opt/racelab/site"
-    bin_dir = "/opt/racelab/bin"
+    agent_path = GUEST_PYTHONPATH
+    bin_dir = GUEST_BIN
 
     def __init__(self, name: str, port: int, key_path: Path, host_pubkey: str, *,
                  address: str = "127.0.0.1", user: str = "root",

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,31 +181,54 @@ def _short(text: str, n: int = 160) -> str:
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
-def write_junit(path: Path, rows: list[Row], suite: str, expected: dict[str, str]) -> None:
-    """One testcase per kernel; it fails when the verdict contradicts the expectation."""
-    ts = ET.Element("testsuite", name=suite, tests=str(len(rows)))
-    failures = 0
-    for r in rows:
-        tc = ET.SubElement(ts, "testcase", classname=suite, name=r.kernel, time=f"{r.wall:.1f}")
+@dataclass(frozen=True)
+class JunitCase:
+    """One JUnit testcase: a kernel (and scenario) with its figures as properties."""
+
+    classname: str
+    name: str
+    time: float
+    props: tuple[tuple[str, Any], ...]
+    result: str = ""       # "" (passed), "failure", "skipped" or "error"
+    message: str = ""
+
+
+def write_junit(path: Path, suite: str, cases: list[JunitCase]) -> None:
+    """The one JUnit XML writer (racelab run and racelab matrix); how each case counts is
+    its caller's decision (the verdict against the expectation, the --missed policy)."""
+    ts = ET.Element("testsuite", name=suite, tests=str(len(cases)))
+    for c in cases:
+        tc = ET.SubElement(ts, "testcase", classname=c.classname, name=c.name, time=f"{c.time:.1f}")
         props = ET.SubElement(tc, "properties")
-        for k, v in (("verdict", r.verdict), ("packets", r.packets), ("violations", r.violations),
-                     ("onsets", r.onsets), ("seconds", r.seconds),
-                     ("first_violation_s", r.first_violation_s),
-                     ("rate", level_text(r.corruption, r.packets, r.confidence)),
-                     ("window_hits", r.window.count if r.window.available else "n/a"),
-                     ("expected", expected.get(r.kernel, ""))):
+        for k, v in c.props:
             ET.SubElement(props, "property", name=k, value=str(v))
-        exp = expected.get(r.kernel)
-        if r.verdict not in (REPRODUCED, WINDOW_HIT, NOT_REPRODUCED):
-            ET.SubElement(tc, "error", message=verdict_text(r))
-            failures += 1
-        elif exp and not matches(r, exp):
-            # the level judged is named: "expected reproduced" is not met by a window hit
-            ET.SubElement(tc, "failure", message=f"expected {exp}, got {verdict_text(r)}")
-            failures += 1
-    ts.set("failures", str(failures))
+        if c.result:
+            ET.SubElement(tc, c.result, message=c.message)
+    for attr, result in (("failures", "failure"), ("skipped", "skipped"), ("errors", "error")):
+        ts.set(attr, str(sum(c.result == result for c in cases)))
     path.parent.mkdir(parents=True, exist_ok=True)
     ET.ElementTree(ts).write(path, encoding="unicode", xml_declaration=True)
+
+
+def junit_cases(rows: list[Row], suite: str, expected: dict[str, str]) -> list[JunitCase]:
+    """One testcase per kernel; it fails when the verdict contradicts the expectation."""
+    cases = []
+    for r in rows:
+        props = (("verdict", r.verdict), ("packets", r.packets), ("violations", r.violations),
+                 ("onsets", r.onsets), ("seconds", r.seconds),
+                 ("first_violation_s", r.first_violation_s),
+                 ("rate", level_text(r.corruption, r.packets, r.confidence)),
+                 ("window_hits", r.window.count if r.window.available else "n/a"),
+                 ("expected", expected.get(r.kernel, "")))
+        exp = expected.get(r.kernel)
+        result = message = ""
+        if r.verdict not in (REPRODUCED, WINDOW_HIT, NOT_REPRODUCED):
+            result, message = "error", verdict_text(r)
+        elif exp and not matches(r, exp):
+            # the level judged is named: "expected reproduced" is not met by a window hit
+            result, message = "failure", f"expected {exp}, got {verdict_text(r)}"
+        cases.append(JunitCase(suite, r.kernel, r.wall, props, result, message))
+    return cases
 
 
 def write_html(path: Path, title: str, rows: list[Row], targets: list[dict[str, Any]],

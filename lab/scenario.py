@@ -23,7 +23,7 @@ from lab.amplifier import check_probe_spec
 from lab.amplifier import SYMBOL as PROBE_SYMBOL
 from lab.config import parse_duration
 from lab.run import BadInput, project_root
-from lab.topology import TopologySpec, VethSpec
+from lab.agent.topology import TopologySpec, VethSpec
 
 MITIGATIONS = ("single-queue", "threaded-napi", "gro-on", "busy-poll")
 
@@ -441,7 +441,7 @@ def cross_check(data: Mapping[str, Any], bad: set[str]) -> list[str]:
             load["size"] > c["frame_size"] - 256 - c["headroom"] - 64:
         problems.append("load.size: frames do not fit frame_size - 256 - headroom")
     if ok("bug.user_visible"):
-        from lab.dataplane import INJECT_KINDS
+        from lab.agent.dataplane import INJECT_KINDS
         known = set(INJECT_KINDS) | {"kernel-splat"}
         unknown = [k for k in data["bug"]["user_visible"] if k not in known]
         if unknown:
@@ -454,6 +454,45 @@ def cross_check(data: Mapping[str, Any], bad: set[str]) -> list[str]:
 MAC_TX, MAC_RX = "02:52:4c:00:00:01", "02:52:4c:00:00:02"
 MAC_CLI, MAC_MID_A, MAC_MID_B, MAC_SRV = ("02:52:4c:00:01:01", "02:52:4c:00:01:02",
                                           "02:52:4c:00:01:03", "02:52:4c:00:01:04")
+
+
+@dataclass(frozen=True)
+class End:
+    """One end of a veth: its namespace, device, MAC and (if any) address."""
+
+    ns: str
+    dev: str
+    mac: str
+    addr: str = ""       # "IP/prefix", or "" (the checker's ends in forward mode carry none)
+
+    @property
+    def ip(self) -> str:
+        return self.addr.split("/")[0]
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Who sits where, per checker mode: the one source of the namespace, device and address
+    names that to_topology() builds and workload.agent_spec() hands the checker and the load."""
+
+    sender: End                  # xsksend (and the iperf3 client) run here
+    checker: End                 # the device the checker binds
+    target: End                  # where the sender's packets are addressed
+    peer: End | None = None      # forward: the checker's other device
+    server: End | None = None    # forward: the iperf3 server's end
+
+
+WIRING: dict[str, Wiring] = {
+    # tx:v0 -> rx:v1, the checker drops what it receives
+    "rxdrop": Wiring(sender=End("tx", "v0", MAC_TX, "198.18.0.1/24"),
+                     checker=End("rx", "v1", MAC_RX, "198.18.0.2/24"),
+                     target=End("rx", "v1", MAC_RX, "198.18.0.2/24")),
+    # cli:a0 -- a1|mid|b1 -- b0:srv, one L2 segment; the checker forwards a1 <-> b1
+    "forward": Wiring(sender=End("cli", "a0", MAC_CLI, "198.18.1.1/24"),
+                      checker=End("mid", "a1", MAC_MID_A), peer=End("mid", "b1", MAC_MID_B),
+                      server=End("srv", "b0", MAC_SRV, "198.18.1.2/24"),
+                      target=End("srv", "b0", MAC_SRV, "198.18.1.2/24")),
+}
 
 
 def apply_mitigation(s: Scenario, mitigation: str | None) -> Scenario:
@@ -481,17 +520,11 @@ def to_topology(s: Scenario) -> TopologySpec:
     t = s["topology"]
     common = dict(queues=t["queues"], gro_b=t["gro"], threaded_b=t["threaded_napi"],
                   channels_b=t["channels"])
-    if s["checker"]["mode"] == "rxdrop":
-        return TopologySpec(("tx", "rx"), (
-            VethSpec("tx", "v0", "rx", "v1", a_addr="198.18.0.1/24", b_addr="198.18.0.2/24",
-                     a_mac=MAC_TX, b_mac=MAC_RX, xps_a=t["xps"], **common),))
-    # forward: cli -- a0|a1 [checker forwards a1 <-> b1] b1|b0 -- srv, one L2 segment
-    return TopologySpec(("cli", "mid", "srv"), (
-        VethSpec("cli", "a0", "mid", "a1", a_addr="198.18.1.1/24", a_mac=MAC_CLI, b_mac=MAC_MID_A,
-                 xps_a=t["xps"], **common),
-        VethSpec("srv", "b0", "mid", "b1", a_addr="198.18.1.2/24", a_mac=MAC_SRV, b_mac=MAC_MID_B,
-                 xps_a=t["xps"], **common),
-    ))
+    w = WIRING[s["checker"]["mode"]]
+    pairs = [(w.sender, w.checker)] if w.peer is None else [(w.sender, w.checker), (w.server, w.peer)]
+    veths = tuple(VethSpec(a.ns, a.dev, b.ns, b.dev, a_addr=a.addr, b_addr=b.addr, a_mac=a.mac,
+                           b_mac=b.mac, xps_a=t["xps"], **common) for a, b in pairs if a and b)
+    return TopologySpec(tuple(dict.fromkeys(ns for v in veths for ns in (v.a_ns, v.b_ns))), veths)
 
 
 # --- `racelab scenario list | show | validate | new | schema` -------------------------------

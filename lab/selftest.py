@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lab import dataplane, scenario
+from lab.agent.dataplane import INJECT_KINDS
 from lab.host import LocalHost
 from lab.session import preflight_netns
 from lab.workload import TargetResult, agent_spec, run_target
@@ -114,12 +115,12 @@ def plan_cases(modes: list[str], kinds: list[str]) -> list[tuple[str, str, str]]
 def main(xdp_modes: list[str] | None = None, kinds: list[str] | None = None, seconds: float = 3.0,
          as_json: bool = False, jobs: int = JOBS) -> int:
     modes = xdp_modes or ["generic", "native"]
-    kinds = kinds or list(dataplane.INJECT_KINDS)
-    unknown = [k for k in kinds if k not in dataplane.INJECT_KINDS]
+    kinds = kinds or list(INJECT_KINDS)
+    unknown = [k for k in kinds if k not in INJECT_KINDS]
     if unknown:   # before root, before the build: a typo is the first thing to hear about
         from lab.run import BadInput
         raise BadInput(f"unknown detector kind(s): {', '.join(unknown)}",
-                       hint=f"one of: {', '.join(dataplane.INJECT_KINDS)}")
+                       hint=f"one of: {', '.join(INJECT_KINDS)}")
     preflight_netns()
     bin_dir = str(dataplane.build())
     t0 = time.monotonic()

@@ -292,7 +292,8 @@ def finish(cfg: RunConfig, scenario: Scenario, rows: list[Row], targets: list[Ta
         if row.verdict == INCONCLUSIVE and not row.interrupted:
             # said here too: with --json the table is not on the terminal
             log.info("%s: %s", row.kernel, verdict_text(row))
-    report.write_junit(out / "junit.xml", rows, f"racelab.{cfg.scenario}", expected)
+    suite = f"racelab.{cfg.scenario}"
+    report.write_junit(out / "junit.xml", suite, report.junit_cases(rows, suite, expected))
     report.write_html(out / "report.html", title, rows, [to_jsonable(t) for t in targets], meta)
     log.debug("results in %s", out)
     outcome = Outcome(rows, targets, out, meta)

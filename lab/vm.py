@@ -63,11 +63,12 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
+from lab import boot as bootmod
 from lab import image as imagemod
 from lab.libvirtd import (POOL_NAME, SYSTEM_URI, ConsoleStream, check_uri, connect,
                           ensure_libvirtd, is_local, overlay_volume, upload)
 from lab.remote import SshHost, shell_or_command
-from lab.run import BadInput, InfraError, LostVM, cache_dir, require_tools, run, spawn
+from lab.run import BadInput, InfraError, LostVM, cache_dir, require_tools, run, slug, spawn
 
 __all__ = ["VM", "detect_accel", "accel_text", "ensure_libvirtd", "reap_stale", "domain_xml", "DomainSpec"]
 
@@ -90,7 +91,7 @@ class Accel(enum.StrEnum):
     TCG = "tcg"
 
 
-def kernel_key(kernel: imagemod.KernelLike) -> str:
+def kernel_key(kernel: bootmod.KernelLike) -> str:
     """A stable identity for a kernel artifact (its cache key, else its bytes)."""
     key = getattr(kernel, "key", None)
     if key:
@@ -114,7 +115,7 @@ def qemu_version() -> str:
     return _qemu_versions[key]
 
 
-def detect_accel(kernel: imagemod.KernelLike, uri: str = SYSTEM_URI) -> tuple[Accel, str]:
+def detect_accel(kernel: bootmod.KernelLike, uri: str = SYSTEM_URI) -> tuple[Accel, str]:
     """("kvm" | "tcg", why).  KVM only if it really boots this kernel."""
     forced = os.environ.get("RACELAB_ACCEL", "").strip().lower()
     if forced:
@@ -147,11 +148,11 @@ def accel_text(accel: str, reason: str) -> str:
     return f"{accel} ({reason})"
 
 
-def _probe_kvm(kernel: imagemod.KernelLike) -> tuple[Accel, str]:
+def _probe_kvm(kernel: bootmod.KernelLike) -> tuple[Accel, str]:
     """Boot the kernel under KVM into a tiny initramfs that prints a marker."""
     import tempfile
 
-    initrd = imagemod.probe_initrd()
+    initrd = bootmod.probe_initrd()
     with tempfile.TemporaryDirectory(prefix="racelab-kvm-probe-") as d:
         console = Path(d) / "console"
         console.touch()
@@ -162,11 +163,11 @@ def _probe_kvm(kernel: imagemod.KernelLike) -> tuple[Accel, str]:
         t0 = time.monotonic()
         with spawn(argv, stdout=subprocess.DEVNULL, grace=2) as proc:
             while time.monotonic() - t0 < PROBE_TIMEOUT:
-                if imagemod.PROBE_MARKER in console.read_text(errors="replace"):
+                if bootmod.PROBE_MARKER in console.read_text(errors="replace"):
                     return Accel.KVM, f"KVM probe booted the kernel in {time.monotonic() - t0:.1f}s"
                 if proc.poll() is not None:
                     err = (proc.stderr.read() if proc.stderr else "").strip().splitlines()
-                    if imagemod.PROBE_MARKER in console.read_text(errors="replace"):
+                    if bootmod.PROBE_MARKER in console.read_text(errors="replace"):
                         return Accel.KVM, f"KVM probe booted the kernel in {time.monotonic() - t0:.1f}s"
                     return Accel.TCG, f"QEMU cannot use KVM: {(err or ['exited'])[-1]}"
                 time.sleep(0.1)
@@ -174,7 +175,7 @@ def _probe_kvm(kernel: imagemod.KernelLike) -> tuple[Accel, str]:
                    "(a nested or paravirtual KVM that hangs stock kernels)")
 
 
-def _remote_accel(kernel: imagemod.KernelLike, uri: str) -> tuple[Accel, str]:
+def _remote_accel(kernel: bootmod.KernelLike, uri: str) -> tuple[Accel, str]:
     """The KVM probe on another libvirt host, through libvirt itself: upload the
     kernel and the probe initramfs, boot them paused-then-resumed with the
     console streamed back, and look for the marker.  Cached like the local one."""
@@ -190,7 +191,7 @@ def _remote_accel(kernel: imagemod.KernelLike, uri: str) -> tuple[Accel, str]:
         cached = _accel_cache_get(key)
         if cached:
             return Accel(cached[0]), f"{cached[1]} (cached probe)"
-        boot, probe = imagemod.kernel_for_boot(kernel), imagemod.probe_initrd()
+        boot, probe = bootmod.kernel_for_boot(kernel), bootmod.probe_initrd()
         kpath = upload(conn, boot, f"kernel-{_file_sha(boot)}")
         ipath = upload(conn, probe, probe.name)
         name = f"{_next_name()}-kvmprobe"
@@ -227,7 +228,7 @@ def _remote_accel(kernel: imagemod.KernelLike, uri: str) -> tuple[Accel, str]:
                     result = (Accel.TCG, f"KVM probe did not reach the kernel's /init in "
                                      f"{PROBE_TIMEOUT:.0f}s on {uri}")
                     while time.monotonic() - t0 < PROBE_TIMEOUT:
-                        if imagemod.PROBE_MARKER in console.read_text(errors="replace"):
+                        if bootmod.PROBE_MARKER in console.read_text(errors="replace"):
                             result = (Accel.KVM, f"KVM probe on {uri} booted the kernel in "
                                              f"{time.monotonic() - t0:.1f}s")
                             break
@@ -235,7 +236,7 @@ def _remote_accel(kernel: imagemod.KernelLike, uri: str) -> tuple[Accel, str]:
                             running = dom.isActive()
                         except libvirt.libvirtError:
                             running = False
-                        if not running and imagemod.PROBE_MARKER not in console.read_text(errors="replace"):
+                        if not running and bootmod.PROBE_MARKER not in console.read_text(errors="replace"):
                             result = (Accel.TCG, f"the KVM probe guest on {uri} stopped before /init")
                             break
                         time.sleep(0.1)
@@ -274,18 +275,16 @@ def _accel_cache_get(key: str) -> list[str] | None:
 
 
 def _accel_cache_put(key: str, value: tuple[str, str]) -> None:
-    from filelock import FileLock
+    from lab import cache
 
     cache_file = cache_dir() / "accel.json"
-    with FileLock(str(cache_file) + ".lock"):
+    with cache.lock(Path(f"{cache_file}.lock")):
         try:
             cached = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cached = {}
         cached[key] = list(value)
-        tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
-        tmp.rename(cache_file)
+        cache.atomic_write(cache_file, json.dumps(cached, indent=1, sort_keys=True))
 
 
 # --- the domain --------------------------------------------------------------------
@@ -448,12 +447,12 @@ def _next_name() -> str:
 class VM:
     """A running guest as a context manager; see the module docstring."""
 
-    def __init__(self, kernel: imagemod.KernelLike, image: imagemod.Image, *, name: str | None = None,
+    def __init__(self, kernel: bootmod.KernelLike, image: imagemod.Image, *, name: str | None = None,
                  vcpus: int = 2, memory_mib: int = 1024, cmdline: str = "",
                  pin: Sequence[int | str] | None = None, results_dir: Path | None = None,
                  uri: str = SYSTEM_URI, accel: str | None = None,
                  ready_timeout: float | None = None) -> None:
-        """kernel: a lab.kernel.KernelArtifact (bzimage, version, modules_dir,
+        """kernel: a lab.kernels.kernel.KernelArtifact (bzimage, version, modules_dir,
         module_load_order); image: lab.image.ensure_image().
         name: label for logs, hostname and host.name; a name starting with
         "racelab-" is used as the domain name as is (it must carry the pid).
@@ -500,7 +499,7 @@ class VM:
         self.accel_reason = "requested by the caller" if accel else ""
         self.ready_timeout = ready_timeout
         self.dir = cache_dir() / "vms" / self.domain_name
-        self.console_path = ((self.results_dir or self.dir) / f"{_slug(self.name)}.console.log")
+        self.console_path = ((self.results_dir or self.dir) / f"{slug(self.name)}.console.log")
         self.port = 0
         self.boot_seconds = 0.0
         # host clock since the boot began: "domain" (libvirt and QEMU up), "marker" (init ready)
@@ -529,8 +528,8 @@ class VM:
         reap_stale(self._conn)
         if not self.accel:
             self.accel, self.accel_reason = detect_accel(self.kernel, self.uri)
-        initrd = imagemod.initrd_for(self.kernel)
-        boot_kernel = imagemod.kernel_for_boot(self.kernel)
+        initrd = bootmod.initrd_for(self.kernel)
+        boot_kernel = bootmod.kernel_for_boot(self.kernel)
         self.dir.mkdir(parents=True, exist_ok=False)
         (self.dir / "owner").write_text(json.dumps(self._owner()))
         self.console_path.parent.mkdir(parents=True, exist_ok=True)
@@ -545,7 +544,7 @@ class VM:
             console = None  # a pty, streamed back by ConsoleStream
         cmdline = " ".join(filter(None, [
             "console=ttyS0", "root=/dev/vda", "rw", f"init={imagemod.GUEST_INIT}",
-            f"racelab.hostname={_slug(self.name)[:63]}",
+            f"racelab.hostname={slug(self.name)[:63]}",
             "panic=-1",  # a panic reboots, on_reboot destroys: the host sees the loss at once
             # sshd blocks in getrandom() until the crng is seeded: seed it from
             # RDRAND and virtio-rng instead of waiting seconds for jitter entropy
@@ -738,7 +737,7 @@ class VM:
             return
         if self.results_dir is not None:
             try:
-                shutil.copyfile(p, self.results_dir / f"{_slug(self.name)}.qemu.log")
+                shutil.copyfile(p, self.results_dir / f"{slug(self.name)}.qemu.log")
             except OSError:
                 pass
         p.unlink(missing_ok=True)
@@ -831,10 +830,6 @@ def _delete_volume(vol: libvirt.virStorageVol) -> None:
         log.debug("cannot delete volume %s: %s", vol.name(), e)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
-
-
 def _block_sigint() -> Any:
     if threading.current_thread() is not threading.main_thread():
         return None
@@ -897,11 +892,11 @@ class BareKernel:
     module_load_order: tuple[str, ...] = ()
 
 
-def _resolve_kernel(text: str) -> imagemod.KernelLike:
+def _resolve_kernel(text: str) -> bootmod.KernelLike:
     p = Path(text)
     if p.is_file():
         return BareKernel(p.resolve())
-    from lab import kernel as kmod
+    from lab.kernels import kernel as kmod
 
     return kmod.ensure(kmod.resolve(text))
 
@@ -913,7 +908,7 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="count", default=0)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="boot KERNEL, run CMD over SSH (a shell if none), tear down")
-    r.add_argument("kernel", help="a bzImage path, or a kernel name lab.kernel knows")
+    r.add_argument("kernel", help="a bzImage path, or a kernel name lab.kernels.kernel knows")
     r.add_argument("command", nargs="*")
     r.add_argument("--vcpus", type=int, default=2)
     r.add_argument("--memory", type=int, default=1024, help="MiB")

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lab.agent import AgentSpec, CheckerOpts, IperfOpts, SenderOpts
+from lab.agent.agent import AgentSpec, CheckerOpts, IperfOpts, SenderOpts
 from lab.amplifier import PATCH_KNOB
+from lab.cache import atomic_write
 from lab.host import Host, Process
 from lab.run import InfraError, LostVM
-from lab.scenario import MAC_RX, Scenario, to_topology
+from lab.scenario import WIRING, Scenario, to_topology
 
 if TYPE_CHECKING:
     from lab.amplifier import Plan
@@ -53,29 +54,25 @@ def agent_spec(s: Scenario, *, duration: float, seed: int, bin_dir: str, stop_on
         queues = min(queues, s["topology"]["channels"])
     sender_inject = inject if inject in ("sequence", "checksum") else ""
     checker_inject = "" if sender_inject else inject
+    w = WIRING[c["mode"]]
+    sender = SenderOpts(ns=w.sender.ns, dev=w.sender.dev, dst_mac=w.target.mac, src_ip=w.sender.ip,
+                        dst_ip=w.target.ip, senders=ld["senders"], burst=ld["burst"], gap_ns=ld["gap_ns"],
+                        size=ld["size"], rate=ld["rate"], inject=sender_inject)
     if c["mode"] == "rxdrop":
-        checker = CheckerOpts(ns="rx", dev="v1", mode="rxdrop", xdp=x["mode"], queues=queues,
+        checker = CheckerOpts(ns=w.checker.ns, dev=w.checker.dev, mode="rxdrop", xdp=x["mode"], queues=queues,
                               frame_size=c["frame_size"], headroom=c["headroom"], frames=c["frames"],
                               shared_umem=c["shared_umem"], batch=c["batch"], busy_poll=c["busy_poll"],
                               checks=checks, inject=checker_inject, trace_marker=bool(trace),
                               sockets_per_queue=c["sockets_per_queue"], pick=c["pick"])
-        sender = SenderOpts(ns="tx", dev="v0", dst_mac=MAC_RX, src_ip="198.18.0.1", dst_ip="198.18.0.2",
-                            senders=ld["senders"], burst=ld["burst"], gap_ns=ld["gap_ns"],
-                            size=ld["size"], rate=ld["rate"], inject=sender_inject)
         iperf = None
     else:
-        from lab.scenario import MAC_SRV
-
-        checker = CheckerOpts(ns="mid", dev="a1", peer_dev="b1", mode="forward", xdp=x["mode"],
+        assert w.peer is not None and w.server is not None
+        checker = CheckerOpts(ns=w.checker.ns, dev=w.checker.dev, peer_dev=w.peer.dev, mode="forward", xdp=x["mode"],
                               queues=queues, frame_size=c["frame_size"], headroom=c["headroom"],
                               frames=c["frames"], shared_umem=True, batch=c["batch"],
                               busy_poll=c["busy_poll"], checks=checks, inject=checker_inject,
                               trace_marker=bool(trace))
-        sender = SenderOpts(ns="cli", dev="a0", dst_mac=MAC_SRV, src_ip="198.18.1.1",
-                            dst_ip="198.18.1.2", senders=ld["senders"], burst=ld["burst"],
-                            gap_ns=ld["gap_ns"], size=ld["size"], rate=ld["rate"],
-                            inject=sender_inject)
-        iperf = IperfOpts(server_ns="srv", client_ns="cli", server_ip="198.18.1.2",
+        iperf = IperfOpts(server_ns=w.server.ns, client_ns=w.sender.ns, server_ip=w.server.ip,
                           clients=ld["iperf3_clients"]) if ld["iperf3"] else None
     knobs = {}
     amp: dict[str, Any] = amplifier.to_dict() if amplifier is not None else {}
@@ -528,10 +525,7 @@ def run_target(host: Host, spec: AgentSpec, *, label: str, kernel: str,
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def fetch_evidence(host: Host, res: TargetResult, out: Path) -> None:

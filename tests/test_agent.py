@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lab import agent
+from lab.agent import agent
 
 
 def _child(code: str) -> tuple[agent.Child, queue.Queue]:

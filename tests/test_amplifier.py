@@ -163,7 +163,7 @@ def test_probe_spec_validation():
 
 def test_the_plan_round_trips_through_the_agent_spec():
     from lab import scenario
-    from lab.agent import AgentSpec
+    from lab.agent.agent import AgentSpec
     from lab.workload import agent_spec
 
     s = scenario.load("veth-napi-race")

@@ -41,7 +41,7 @@ def kernel6():
     if missing:
         pytest.skip(f"missing {', '.join(missing)}: apt-get install libvirt-daemon libvirt-clients "
                     "qemu-system-x86 qemu-utils (or ./bootstrap install)")
-    from lab import kernel
+    from lab.kernels import kernel
     build = os.environ.get("RACELAB_ALL_TESTS") or os.environ.get("RACELAB_TEST_BUILD")
     if not kernel.show(KERNEL)["cached"] and not build:
         pytest.skip(f"catalog kernel {KERNEL} is not built: `racelab kernel build {KERNEL}` "

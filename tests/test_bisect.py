@@ -40,7 +40,7 @@ def test_exit_codes_for_git_bisect_run(find, outcome, code):
 
 def test_infrastructure_failure_is_a_skip(monkeypatch, tmp_path):
     """A build failure in a step becomes exit 125, never a verdict."""
-    from lab import kernel
+    from lab.kernels import kernel
     from lab.run import BuildFailed
 
     st = b.State(tree=str(tmp_path), scenario="generic-rx-race", find="cause", budget=5, rate_low=1.0,
@@ -126,7 +126,8 @@ def test_log_lines_stay_whole(tmp_path):
 
 
 def test_a_rerun_step_keeps_the_cut_run_apart(tmp_path, monkeypatch):
-    from lab import fleet, kernel
+    from lab import fleet
+    from lab.kernels import kernel
     from lab.run import InfraError
     st = _state(tmp_path)
     cut = tmp_path / "step-abc123-step"
@@ -187,7 +188,8 @@ def test_calibration_counts_vm_seconds_as_a_clean_step_does(monkeypatch, tmp_pat
 def test_a_step_whose_kernel_lacks_the_amplifier_is_a_skip_not_clean(monkeypatch, tmp_path):
     """Issue 18: the veth scenario's run-time amplifier must be on a step's kernel; a clean
     run without it (no probe site, or a probe that never fired) is git bisect's 125."""
-    from lab import fleet, kernel
+    from lab import fleet
+    from lab.kernels import kernel
     from lab import scenario as scen
     from lab.session import Outcome
 
@@ -361,7 +363,8 @@ def test_auto_on_a_scenario_whose_corruption_is_quick_measures_corruption_alone(
 
 
 def test_a_window_step_traces_and_a_corruption_step_does_not(monkeypatch, tmp_path):
-    from lab import fleet, kernel
+    from lab import fleet
+    from lab.kernels import kernel
     from lab.session import Outcome
 
     monkeypatch.setattr(kernel, "resolve", lambda spec: spec)

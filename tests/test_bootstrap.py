@@ -2,7 +2,7 @@
 import subprocess
 from pathlib import Path
 
-from lab import kbuild, kernel
+from lab.kernels import kbuild, kernel
 from lab.run import TOOL_PACKAGES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -103,3 +103,44 @@ def test_cache_cli(root, capsys):
     assert cli.main(["cache", "du"]) == 0
     assert cli.main(["cache", "gc", "--older-than", "soon"]) == 2
     assert "bad --older-than: 'soon'" in capsys.readouterr().err
+
+
+# --- making entries (lab.cache.building, atomic_write, prune) ----------------------------
+
+def test_an_entry_appears_whole_or_not_at_all(tmp_path):
+    from lab import cache as c
+    final = tmp_path / "area" / "entry"
+    with pytest.raises(RuntimeError), c.building(final, directory=True) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("the build failed")
+    assert not final.exists() and list((tmp_path / "area").iterdir()) == []
+    with c.building(final, directory=True) as tmp:
+        (tmp / "whole").write_text("1")
+        assert not final.exists()
+    assert (final / "whole").read_text() == "1" and list((tmp_path / "area").iterdir()) == [final]
+    with c.building(final, directory=True) as tmp:          # replaced whole
+        (tmp / "new").write_text("2")
+    assert sorted(p.name for p in final.iterdir()) == ["new"]
+    with c.building(final, directory=True, replace=False) as tmp:   # another builder won
+        (tmp / "ours").write_text("3")
+    assert sorted(p.name for p in final.iterdir()) == ["new"]
+    assert list((tmp_path / "area").iterdir()) == [final]
+
+
+def test_atomic_write_and_prune(tmp_path):
+    import os
+
+    from lab import cache as c
+    f = tmp_path / "memo.json"
+    c.atomic_write(f, "{}")
+    c.atomic_write(f, b"[1]", mode=0o755)
+    assert f.read_bytes() == b"[1]" and os.access(f, os.X_OK) and list(tmp_path.iterdir()) == [f]
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"k{i}.vmlinux"
+        p.write_text(str(i))
+        os.utime(p, (1000 + i, 1000 + i))
+        paths.append(p)
+    removed = c.prune(tmp_path.glob("*.vmlinux"), 2)
+    assert sorted(p.name for p in removed) == ["k0.vmlinux", "k1.vmlinux", "k2.vmlinux"]
+    assert sorted(p.name for p in tmp_path.glob("*.vmlinux")) == ["k3.vmlinux", "k4.vmlinux"]

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lab import dataplane as dp
+from lab import dataplane as dpbuild
+from lab.agent import dataplane as dp
 from lab.run import run, spawn
 
 pytestmark = pytest.mark.root
@@ -51,7 +52,7 @@ def bin_dir():
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    return dp.build()
+    return dpbuild.build()
 
 
 # ------------------------------------------------------------------ topology

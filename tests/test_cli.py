@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def nothing_runs(monkeypatch):
     """Any build, boot or command body reached fails the test: validation must stop first."""
-    from lab import bisect, fleet, kernel, matrix
+    from lab import bisect, fleet, matrix
+    from lab.kernels import kernel
 
     def boom(*a, **kw):
         raise AssertionError("reached past validation")
@@ -323,7 +324,7 @@ def test_tab_completes_scenario_names():
 
 
 def test_tab_completes_catalog_kernels():
-    from lab import kernel
+    from lab.kernels import kernel
     catalog = kernel.catalog_names()
     got = complete("racelab run generic-rx-race --backend vm --kernel 6.1.1")
     assert "6.1.192" in got and "6.1.192+revert-generic-rx" in got

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from lab import dataplane as dp
+from lab import dataplane as dpbuild
+from lab.agent import dataplane as dp
 from lab.run import BadInput, BuildFailed, project_root
 
 BIN = "/opt/bin"
@@ -170,35 +171,35 @@ def test_sender_argv_lists_every_problem():
 def _fake_tree(tmp_path, monkeypatch):
     src = tmp_path / "csrc"
     shutil.copytree(project_root() / "csrc", src)
-    monkeypatch.setattr(dp, "source_dir", lambda: src)
+    monkeypatch.setattr(dpbuild, "source_dir", lambda: src)
     monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
     return src
 
 
 def test_source_hash_follows_contents(tmp_path, monkeypatch):
     src = _fake_tree(tmp_path, monkeypatch)
-    h1 = dp.source_hash(src)
+    h1 = dpbuild.source_hash(src)
     (src / "README.txt").write_text("not a build input")
-    assert dp.source_hash(src) == h1
+    assert dpbuild.source_hash(src) == h1
     (src / "common.h").write_text((src / "common.h").read_text() + "\n/* changed */\n")
-    assert dp.source_hash(src) != h1
+    assert dpbuild.source_hash(src) != h1
 
 
 def test_missing_compiler_names_build_essential(tmp_path, monkeypatch):
     _fake_tree(tmp_path, monkeypatch)
-    import lab.run
-    monkeypatch.setattr(lab.run.shutil, "which", lambda tool: None)
+    import lab.agent.run
+    monkeypatch.setattr(lab.agent.run.shutil, "which", lambda tool: None)
     with pytest.raises(BadInput, match="build-essential"):
-        dp.build()
+        dpbuild.build()
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None,
                     reason="needs gcc and make: apt-get install build-essential")
 def test_build_is_cached_and_reports_compiler_errors(tmp_path, monkeypatch):
     src = _fake_tree(tmp_path, monkeypatch)
-    d = dp.build()
-    assert d.parent == tmp_path / "cache" / "bin" and d.name == dp.source_hash(src)[:16]
-    assert (d / "xskcheck").stat().st_mtime == dp.build().joinpath("xskcheck").stat().st_mtime
+    d = dpbuild.build()
+    assert d.parent == tmp_path / "cache" / "bin" and d.name == dpbuild.source_hash(src)[:16]
+    assert (d / "xskcheck").stat().st_mtime == dpbuild.build().joinpath("xskcheck").stat().st_mtime
     assert [p.name for p in d.parent.iterdir()] == [d.name]   # no temporary directories left
 
     # the binaries are static and check their arguments without root
@@ -212,7 +213,7 @@ def test_build_is_cached_and_reports_compiler_errors(tmp_path, monkeypatch):
 
     (src / "xsksend.c").write_text("int main(void) { return syntax error; }\n")
     with pytest.raises(BuildFailed) as e:
-        dp.build()
+        dpbuild.build()
     assert "xsksend.c" in str(e.value) and "error" in str(e.value)
     assert [p.name for p in d.parent.iterdir()] == [d.name]
 
@@ -223,7 +224,7 @@ def test_build_is_cached_and_reports_compiler_errors(tmp_path, monkeypatch):
 def built():
     if shutil.which("gcc") is None or shutil.which("make") is None:
         pytest.skip("needs gcc and make: apt-get install build-essential")
-    return dp.build()
+    return dpbuild.build()
 
 
 def selfbench(built, *args, descs=200000):
@@ -290,17 +291,17 @@ def test_a_passed_over_frame_that_arrives_is_late_and_nothing_else(built):
 def test_missing_static_libc_is_bad_input_naming_libc6_dev(tmp_path, monkeypatch):
     _fake_tree(tmp_path, monkeypatch)
     import subprocess as sp
-    real_run = dp.run
+    real_run = dpbuild.run
 
     def fake_run(argv, **kw):
         if argv[:2] == ["gcc", "-print-file-name=libc.a"]:
             # what gcc prints when it has no libc.a: the bare name
             return sp.CompletedProcess(argv, 0, stdout="libc.a\n", stderr="")
         return real_run(argv, **kw)
-    monkeypatch.setattr(dp, "run", fake_run)
-    monkeypatch.setattr(dp, "require_tools", lambda *t: None)
+    monkeypatch.setattr(dpbuild, "run", fake_run)
+    monkeypatch.setattr(dpbuild, "require_tools", lambda *t: None)
     with pytest.raises(BadInput, match="static glibc") as e:
-        dp.build()
+        dpbuild.build()
     assert "libc6-dev" in e.value.hint
 
 

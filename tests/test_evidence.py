@@ -6,6 +6,8 @@ import pytest
 
 from lab import evidence
 
+from lab.agent import tracer
+
 FIX = Path(__file__).parent / "fixtures" / "trace"
 
 
@@ -53,9 +55,9 @@ def test_out_of_order_lines_are_sorted_by_counter():
 
 
 def test_clock_name_parsing():
-    assert evidence._current_clock("local [counter] global uptime") == "counter"
-    assert evidence._buffer_kb("7 (expanded: 1408)\n") == "1408"
-    assert evidence._buffer_kb("2048\n") == "2048"
+    assert tracer._current_clock("local [counter] global uptime") == "counter"
+    assert tracer._buffer_kb("7 (expanded: 1408)\n") == "1408"
+    assert tracer._buffer_kb("2048\n") == "2048"
 
 
 def test_flushall_clears_every_socket_of_its_cpu():
@@ -252,7 +254,7 @@ def _page(ts, body, missed=None):
 def _raw(pages, callers=None):
     head = {"page_size": 4096, "cpus": [0, 1], "callers": callers or {},
             "events": {str(IDS[k]): {"name": k, "fields": FIELDS[k]} for k in IDS}}
-    out = evidence.RAW_MAGIC
+    out = tracer.RAW_MAGIC
     for tag, cpu, data in [(b"HEAD", 0, evidence.json.dumps(head).encode())] + pages + \
             [(b"TAIL", 0, b'{"kprobe_profile": {"rcv": [9, 2]}}')]:
         out += struct.pack("<4sII", tag, cpu, len(data)) + data
@@ -366,11 +368,11 @@ def _tracer(tmp_path, monkeypatch, syms, scenario="veth-napi-race", pages=None):
     root = tmp_path / "tracefs"
     root.mkdir()
     _fake_tracefs(root, pages or {})
-    monkeypatch.setattr(evidence, "trace_out", lambda: str(tmp_path / "out.trace"))
-    monkeypatch.setattr(evidence, "_kallsyms", lambda names: ({s: 0x1000 * (i + 1) for i, s in enumerate(syms)},
+    monkeypatch.setattr(tracer, "trace_out", lambda: str(tmp_path / "out.trace"))
+    monkeypatch.setattr(tracer, "_kallsyms", lambda names: ({s: 0x1000 * (i + 1) for i, s in enumerate(syms)},
                                                            [0x1000 * (i + 1) for i in range(len(syms))] + [0x9000]))
-    monkeypatch.setattr(evidence.os, "cpu_count", lambda: 2)
-    t = evidence.Tracer(evidence.trace_options(scenario))
+    monkeypatch.setattr(tracer.os, "cpu_count", lambda: 2)
+    t = tracer.Tracer(evidence.trace_options(scenario))
     t.root = root
     return t, root
 
@@ -444,7 +446,7 @@ def test_streamer_cap_keeps_the_last_events(tmp_path):
     last = _page(50, _event(0, _payload("flushall")), missed=9)
     _fake_tracefs(root, {0: first + b"\0" * (4096 - len(first)) + last})
     head = {"page_size": 4096, "events": {str(IDS[k]): {"name": k, "fields": FIELDS[k]} for k in IDS}}
-    s = evidence._Streamer(root, tmp_path / "out.trace", [0, 1], head, cap_bytes=1, page_size=4096)
+    s = tracer._Streamer(root, tmp_path / "out.trace", [0, 1], head, cap_bytes=1, page_size=4096)
     s.drain()
     assert s.pages == 1 and s.capped_at is not None
     s.drain()
@@ -555,7 +557,7 @@ def _raw_with(tmp_path, header=None, tail=None):
     p = tmp_path / "t.raw"
     h = {"page_size": 4096, "cpus": [0, 1], "callers": {},
          "events": {str(IDS[k]): {"name": k, "fields": FIELDS[k]} for k in IDS}, **(header or {})}
-    out = evidence.RAW_MAGIC
+    out = tracer.RAW_MAGIC
     for tag, cpu, d in [(b"HEAD", 0, evidence.json.dumps(h).encode()), (b"PAGE", 0, page),
                         (b"TAIL", 0, evidence.json.dumps(tail or {}).encode())]:
         out += struct.pack("<4sII", tag, cpu, len(d)) + d

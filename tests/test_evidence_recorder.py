@@ -8,6 +8,7 @@ tracing off before writing it), and the recorder's last 0.68 s hold no window hi
 from pathlib import Path
 
 from lab import evidence
+from lab.agent import tracer
 
 FIX = Path(__file__).parent / "fixtures" / "trace"
 CORRUPTING = FIX / "veth-corrupting-no-marker-raw.trace.gz"
@@ -22,7 +23,7 @@ def _ev(a):
 def _clocked(events, marks_every=10, seconds_per_tick=0.001):
     """Counter events with clock marks every marks_every ticks (1 ms a tick by default)."""
     last = max(e[0] for e in events)
-    marks = [(t, 0, "mark", f"{evidence.CLOCK_MARK} {t * seconds_per_tick:.6f}", None)
+    marks = [(t, 0, "mark", f"{tracer.CLOCK_MARK} {t * seconds_per_tick:.6f}", None)
              for t in range(0, last + marks_every, marks_every)]
     return sorted(events + marks, key=lambda e: (e[0], e[2] != "mark"))
 
@@ -71,7 +72,7 @@ def test_a_recorder_with_the_marker_and_the_window_before_it():
     # the interleaving kept ends at the marker (tracing stops there) and is bounded
     il = ev["interleaving"]
     assert ev["interleaving_focus"] == "violation" and il[-1][2] == "mark"
-    assert len(il) == evidence.INTERLEAVING_BEFORE
+    assert len(il) == tracer.INTERLEAVING_BEFORE
     assert {e[1] for e in il} == {0, 1} and {"rcv", "rcvret", "flush"} <= {e[2] for e in il}
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lab import image
+from lab import boot, image
 from lab.run import BadInput
 
 IMAGES = image.IMAGES_DIR
@@ -126,7 +126,9 @@ def test_initramfs_init_is_valid_busybox_sh():
 def test_lab_layer_holds_lab_pyroute2_keys_and_init(cache):
     keys = image.ensure_keys()
     files = {f.guest: f for f in image.lab_layer(keys, binaries=[])}
-    assert "/opt/racelab/lab/run.py" in files
+    assert "/opt/racelab/lab/agent/run.py" in files
+    assert not any(g.startswith("/opt/racelab/lab/") and not g.startswith("/opt/racelab/lab/agent/")
+                   for g in files)          # the host's modules stay out of the guest
     assert "/opt/racelab/site/pyroute2/__init__.py" in files
     assert files[image.GUEST_INIT].mode == 0o755
     assert files["/etc/ssh/ssh_host_ed25519_key"].mode == 0o600
@@ -182,7 +184,7 @@ def test_initramfs_content_and_order(cache, tmp_path):
     order = ["kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko",
              "kernel/drivers/block/virtio_blk.ko", "kernel/fs/ext4/ext4.ko"]
     k = _fake_kernel(tmp_path, order)
-    path = image.initrd_for(k)
+    path = boot.initrd_for(k)
     assert path is not None and path.name.startswith("6.1.0-99-amd64-")
     files = _read_cpio(gzip.decompress(path.read_bytes()))
     mode, body, _ = files["init"]
@@ -198,14 +200,14 @@ def test_initramfs_content_and_order(cache, tmp_path):
     assert names.index("lib/modules/racelab/kernel/fs/ext4") < names.index(
         "lib/modules/racelab/kernel/fs/ext4/ext4.ko")
     # cached and reproducible
-    assert image.initrd_for(k) == path
+    assert boot.initrd_for(k) == path
     first = path.read_bytes()
     path.unlink()
-    assert image.initrd_for(k).read_bytes() == first
+    assert boot.initrd_for(k).read_bytes() == first
 
 
 def test_no_initramfs_without_modules(cache, tmp_path):
-    assert image.initrd_for(SimpleNamespace(bzimage=tmp_path / "bz", version="6.1.192",
+    assert boot.initrd_for(SimpleNamespace(bzimage=tmp_path / "bz", version="6.1.192",
                                             modules_dir=None, module_load_order=())) is None
 
 
@@ -213,14 +215,14 @@ def test_initramfs_names_missing_modules(cache, tmp_path):
     k = _fake_kernel(tmp_path, ["a.ko"])
     k.module_load_order = ("a.ko", "missing/b.ko")
     with pytest.raises(Exception, match="missing/b.ko"):
-        image.initrd_for(k)
+        boot.initrd_for(k)
 
 
 def test_xz_modules_are_decompressed(tmp_path):
     import lzma
     p = tmp_path / "m.ko.xz"
     p.write_bytes(lzma.compress(b"\x7fELF module", check=lzma.CHECK_CRC32))
-    assert image._module_bytes(p) == b"\x7fELF module"
+    assert boot._module_bytes(p) == b"\x7fELF module"
 
 
 # --- PVH extraction ------------------------------------------------------------------
@@ -255,29 +257,29 @@ def _gzip(data: bytes) -> bytes:
 
 
 def test_pvh_kernel_is_extracted_once(cache, tmp_path):
-    elf = _elf_with_notes([(b"Xen", 6), (b"Xen", image.XEN_ELFNOTE_PHYS32_ENTRY)])
-    assert image._has_pvh_note(elf)
+    elf = _elf_with_notes([(b"Xen", 6), (b"Xen", boot.XEN_ELFNOTE_PHYS32_ENTRY)])
+    assert boot._has_pvh_note(elf)
     bz = tmp_path / "bzImage"
     bz.write_bytes(_bzimage(_gzip(elf)))
     k = SimpleNamespace(bzimage=bz, version="6.1.192")
-    out = image.kernel_for_boot(k)
+    out = boot.kernel_for_boot(k)
     assert out != bz and out.read_bytes() == elf
-    assert image.kernel_for_boot(k) == out
+    assert boot.kernel_for_boot(k) == out
 
 
 def test_kernel_without_pvh_boots_as_bzimage(cache, tmp_path):
-    elf = _elf_with_notes([(b"Xen", 6), (b"GNU", image.XEN_ELFNOTE_PHYS32_ENTRY)])
-    assert not image._has_pvh_note(elf)
+    elf = _elf_with_notes([(b"Xen", 6), (b"GNU", boot.XEN_ELFNOTE_PHYS32_ENTRY)])
+    assert not boot._has_pvh_note(elf)
     bz = tmp_path / "bzImage"
     bz.write_bytes(_bzimage(_gzip(elf)))
-    assert image.kernel_for_boot(SimpleNamespace(bzimage=bz, version="x")) == bz
+    assert boot.kernel_for_boot(SimpleNamespace(bzimage=bz, version="x")) == bz
     lz4 = tmp_path / "lz4"
     lz4.write_bytes(_bzimage(b"\x02\x21\x4c\x18" + b"\0" * 64))
-    assert image.kernel_for_boot(SimpleNamespace(bzimage=lz4, version="y")) == lz4
+    assert boot.kernel_for_boot(SimpleNamespace(bzimage=lz4, version="y")) == lz4
 
 
 def test_cpio_writer_round_trips():
-    c = image.Cpio()
+    c = boot.Cpio()
     c.dir("a")
     c.file("a/b", b"hello", 0o600)
     c.char("dev-null", 0o666, 1, 3)

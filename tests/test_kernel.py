@@ -1,4 +1,4 @@
-"""Kernel catalog, specs, config fragments, cache keys, patch stack, cache (lab.kernel & co)."""
+"""Kernel catalog, specs, config fragments, cache keys, patch stack, cache (lab.kernels)."""
 
 import os
 import re
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import kbuild, kernel, sources
+from lab.kernels import kbuild, kernel, sources
 from lab.run import BadInput, BuildFailed, cache_dir
 
 FIX = Path(__file__).parent / "fixtures" / "kernel"
@@ -215,7 +215,7 @@ def test_each_source_kind_is_its_own_module():
     import importlib
     assert sources.SOURCE_KINDS == ("debsrc", "tarball", "git", "deb", "bzimage")
     for kind in sources.SOURCE_KINDS:
-        mod = importlib.import_module(f"lab.sources.{kind}")
+        mod = importlib.import_module(f"lab.kernels.sources.{kind}")
         assert mod.KIND == kind and mod.EXAMPLE.startswith(f"{kind}:")  # noqa: SIM300 - KIND is the subject
         want = ("parse", "resolve", "series", "prepare") if kind in sources.BUILDERS else ("parse", "resolve", "fetch")
         for fn in want:
@@ -572,7 +572,7 @@ def test_ensure_bzimage_caches_and_hits_fast(tmp_path, cache):
     t0 = time.monotonic()
     assert kernel.ensure(spec, progress=False) == art
     assert time.monotonic() - t0 < 1.0
-    assert not list((cache / "kernels").glob(".tmp-*"))
+    assert not list((cache / "kernels").glob(".*tmp-*"))
 
 
 def test_concurrent_ensure_builds_once(tmp_path, cache, monkeypatch):
@@ -609,7 +609,7 @@ def test_failed_build_leaves_no_entry(tmp_path, cache, monkeypatch):
     with pytest.raises(BuildFailed):
         kernel.ensure(spec, progress=False)
     assert kernel.cached() == []
-    assert not list((cache / "kernels").glob(".tmp-*"))
+    assert not list((cache / "kernels").glob(".*tmp-*"))
 
 
 def test_gc_keeps_recent_and_locked(tmp_path, cache):
@@ -681,7 +681,7 @@ def test_cli_build_prints_the_bzimage_path(tmp_path, cache, capsys):
 
 
 def test_show_takes_fragments_and_patches(fake_kernel, cache, capsys):
-    """show() (and `python -m lab.kernel show`) names the kernel a build with the same extras makes."""
+    """show() (and `python -m lab.kernels.kernel show`) names the kernel a build with the same extras makes."""
     tb, _ = fake_kernel
     plain = kernel.show(f"tarball:{tb}")
     extra = kernel.show(f"tarball:{tb}", fragments=["kcsan"], patches=["widen-rx"])
@@ -729,7 +729,7 @@ def test_cli_help_runs_standalone():
     def helptext(*module_and_args: str) -> str:
         return subprocess.run([sys.executable, "-m", *module_and_args, "--help"], capture_output=True, text=True,
                               cwd=ROOT, check=True).stdout
-    out = helptext("lab.kernel")
+    out = helptext("lab.kernels.kernel")
     assert out == helptext("lab.cli", "kernel")
     assert out.startswith("usage: racelab kernel ")
     # each subcommand has its own line under the positional arguments, with its help
@@ -888,7 +888,7 @@ def test_ensure_lost_option_and_build_failure(fake_kernel, cache, tmp_path):
     assert "error: boom" in str(e.value) and "full log:" in str(e.value)
     kept = Path(e.value.hint.split("full log: ")[1])
     assert kept.is_file() and "error: boom" in kept.read_text()
-    assert kernel.cached() == [] and not list((cache / "kernels").glob(".tmp-*"))
+    assert kernel.cached() == [] and not list((cache / "kernels").glob(".*tmp-*"))
 
 
 def fake_toolchain(tmp_path, tools, headers):
@@ -939,7 +939,7 @@ def test_cache_hit_needs_only_gcc(fake_kernel, cache, tmp_path, monkeypatch):
     with pytest.raises(BadInput) as e:
         kernel.ensure(other, progress=False)
     assert "make" in str(e.value) and "build-essential" in e.value.hint and "libelf-dev" in e.value.hint
-    assert not list((cache / "kernels").glob(".tmp-*"))
+    assert not list((cache / "kernels").glob(".*tmp-*"))
     gcc.unlink()
     with pytest.raises(BadInput, match="gcc not found") as e:
         kernel.ensure(spec, progress=False)
@@ -1025,7 +1025,7 @@ def test_truncated_bzimage_of_a_source_build_is_rebuilt(fake_kernel, cache, monk
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and art.key in warned[0] and "bzImage does not match its recorded sha256" in warned[0]
     assert "(10 bytes" in warned[0] and "rebuilding it" in warned[0]
-    assert not list((cache / "kernels").glob(".old-*")) and not list((cache / "kernels").glob(".tmp-*"))
+    assert not list((cache / "kernels").glob(".*old-*")) and not list((cache / "kernels").glob(".*tmp-*"))
     assert kernel.ensure(spec, progress=False).bzimage.read_bytes() == good and builds == [1]
 
 

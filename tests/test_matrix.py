@@ -1,4 +1,5 @@
 from lab import matrix as m
+from lab import report
 from lab import verdict as v
 
 
@@ -30,7 +31,7 @@ def test_junit_round_trip_and_heatmap(tmp_path):
         m.Cell("deb:6.1.0-47-amd64", "veth-napi-race", "clean", row({"poison": 1}), m.FAIL, status=m.FAILED),
         m.Cell("bad", "veth-napi-race", "clean", None, m.ERROR, error="LostVM: guest died"),
     ]
-    m.write_junit(tmp_path / "j.xml", cells)
+    report.write_junit(tmp_path / "j.xml", "racelab.matrix", m.junit_cases(cells))
     parsed = m.parse_junit(tmp_path / "j.xml")
     assert parsed[("generic-rx-race", "6.1.192")]["verdict"] == "NOT REPRODUCED"
     assert parsed[("generic-rx-race", "6.1.192+revert-generic-rx")]["outcome"] == "pass"
@@ -89,11 +90,22 @@ def test_run_junit_names_the_level_a_window_hit_falls_short_of(tmp_path):
     from lab import report
     rows = [wrow(4)]
     for exp, failed in (("window", False), ("reproduced", True), ("clean", True)):
-        report.write_junit(tmp_path / "j.xml", rows, "s", {"k": exp})
+        report.write_junit(tmp_path / "j.xml", "s", report.junit_cases(rows, "s", {"k": exp}))
         fail = ET.parse(tmp_path / "j.xml").getroot().find("testcase/failure")
         assert (fail is not None) == failed
         if failed:
             assert fail.get("message").startswith(f"expected {exp}, got WINDOW HIT (4 interleavings")
+
+
+def test_run_junit_counts_an_inconclusive_kernel_as_an_error_not_a_failure(tmp_path):
+    import dataclasses
+    import xml.etree.ElementTree as ET
+
+    rows = [dataclasses.replace(wrow(4), kernel="lost", verdict=v.INCONCLUSIVE), wrow(4)]
+    report.write_junit(tmp_path / "j.xml", "s", report.junit_cases(rows, "s", {"k": "reproduced"}))
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "1", "1")
+    assert suite.find("testcase[@name='lost']/error") is not None
 
 
 def test_matrix_json_puts_the_document_alone_on_stdout(monkeypatch, tmp_path, capsys):

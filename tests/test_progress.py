@@ -6,7 +6,7 @@ import threading
 import time
 
 
-from lab import kbuild
+from lab.kernels import kbuild
 
 
 def tree(build, name, full_steps=None):

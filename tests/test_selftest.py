@@ -5,13 +5,14 @@ import sys
 import pytest
 
 from lab import dataplane, selftest
+from lab.agent.dataplane import INJECT_KINDS
 
 
 def test_the_plan_has_every_kind_in_both_xdp_modes_and_a_clean_control_each():
-    plan = selftest.plan_cases(["generic", "native"], list(dataplane.INJECT_KINDS))
-    assert "late" in dataplane.INJECT_KINDS
+    plan = selftest.plan_cases(["generic", "native"], list(INJECT_KINDS))
+    assert "late" in INJECT_KINDS
     for xdp in ("generic", "native"):
-        assert {k for x, m, k in plan if x == xdp and m == "rxdrop"} == {"", *dataplane.INJECT_KINDS}
+        assert {k for x, m, k in plan if x == xdp and m == "rxdrop"} == {"", *INJECT_KINDS}
         assert {k for x, m, k in plan if x == xdp and m == "forward"} == {"", *selftest.FORWARD_KINDS}
     assert len(plan) == len(set(plan))
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from lab import scenario as scen
-from lab.topology import TopologySpec, VethSpec, build
+from lab.agent.topology import TopologySpec, VethSpec, build
 
 pytestmark = pytest.mark.root
 
@@ -89,7 +89,7 @@ def test_bad_spec_is_rejected_before_anything_is_built():
 
 
 def test_sigkill_leaves_no_namespace_or_keeper():
-    p = subprocess.Popen([sys.executable, "-m", "lab.topology", "demo", "--queues", "2"],
+    p = subprocess.Popen([sys.executable, "-m", "lab.agent.topology", "demo", "--queues", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     # wait for the topology description, then kill without warning
@@ -115,7 +115,7 @@ def test_sigkill_leaves_no_namespace_or_keeper():
 
 
 def test_tx_and_rx_queue_counts_are_set_apart():
-    from lab.topology import TopologySpec, VethSpec
+    from lab.agent.topology import TopologySpec, VethSpec
     spec = TopologySpec(("a", "b"), (VethSpec("a", "q0", "b", "q1", txqueues=4, rxqueues=2,
                                               a_addr="198.18.0.1/24", b_addr="198.18.0.2/24"),))
     with build(spec) as topo:

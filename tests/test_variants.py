@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lab import scenario
-from lab.agent import _iperf_sum
+from lab.agent.agent import _iperf_sum
 from lab.config import RunConfig
 from lab.report import rerun_command
 from lab.run import BadInput

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import kernel
+from lab.kernels import kernel
 from lab import scenario as scen
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
+from lab import boot as bootmod
 from lab import image as imagemod
 from lab import vm as vmmod
 from lab.remote import SshHost
@@ -165,8 +166,8 @@ def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch
     monkeypatch.setattr(vmmod, "connect", lambda uri: Conn())
     monkeypatch.setattr(vmmod, "upload", lambda conn, path, name: f"/pool/{name}")
     monkeypatch.setattr(vmmod, "ConsoleStream", broken_stream)
-    monkeypatch.setattr(imagemod, "kernel_for_boot", lambda k: kernel)
-    monkeypatch.setattr(imagemod, "probe_initrd", lambda: kernel)
+    monkeypatch.setattr(bootmod, "kernel_for_boot", lambda k: kernel)
+    monkeypatch.setattr(bootmod, "probe_initrd", lambda: kernel)
     with pytest.raises(libvirt.libvirtError):
         vmmod._remote_accel(vmmod.BareKernel(kernel), "qemu+ssh://lab2/system")
     assert Dom.destroyed
@@ -199,8 +200,8 @@ def test_the_remote_kvm_probe_is_cached_per_host_not_per_uri(monkeypatch, tmp_pa
     monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(vmmod, "connect", lambda uri: Conn())
     monkeypatch.setattr(vmmod, "upload", lambda conn, path, name: f"/pool/{name}")
-    monkeypatch.setattr(imagemod, "kernel_for_boot", lambda k: kernel)
-    monkeypatch.setattr(imagemod, "probe_initrd", lambda: kernel)
+    monkeypatch.setattr(bootmod, "kernel_for_boot", lambda k: kernel)
+    monkeypatch.setattr(bootmod, "probe_initrd", lambda: kernel)
     k = vmmod.BareKernel(kernel)
     accel, why = vmmod._remote_accel(k, "qemu+ssh://root@lab2:2201/system?keyfile=/a")
     assert accel == "tcg" and "did not start" in why and len(started) == 1
@@ -294,7 +295,7 @@ def image():
 
 @pytest.fixture(scope="module")
 def deb_kernel(image):
-    from lab import kernel
+    from lab.kernels import kernel
     try:
         return kernel.ensure(kernel.resolve(DEB_KERNEL), progress=False)
     except Exception as e:  # noqa: BLE001 - no mirror, no dpkg-deb: name it and skip
@@ -303,7 +304,7 @@ def deb_kernel(image):
 
 @pytest.fixture(scope="module")
 def source_kernel(image):
-    from lab import kernel
+    from lab.kernels import kernel
     build = os.environ.get("RACELAB_ALL_TESTS") or os.environ.get("RACELAB_TEST_BUILD")
     if not kernel.show(SOURCE_KERNEL)["cached"] and not build:
         pytest.skip(f"catalog kernel {SOURCE_KERNEL} is not built: `racelab kernel build "
@@ -369,11 +370,11 @@ def test_host_protocol_over_ssh(deb_kernel, image, tmp_path):
         assert e.value.returncode == 1
         assert h.cmd(["cat"], input="fed to stdin\n").stdout == "fed to stdin\n"
         # the lab and pyroute2 import in the guest (PYTHONPATH and the .pth file)
-        r = h.cmd([h.python, "-c", "import lab.run, pyroute2; print(lab.run.__file__)"])
-        assert r.stdout.strip() == "/opt/racelab/lab/run.py"
+        r = h.cmd([h.python, "-c", "import lab.agent.run, pyroute2; print(lab.agent.run.__file__)"])
+        assert r.stdout.strip() == "/opt/racelab/lab/agent/run.py"
         # ... and with the agent's own interpreter (no site module: PYTHONPATH only)
         r = h.cmd(["env", f"PYTHONPATH={h.agent_path}", *h.agent_python, "-c",
-                   "import sys, lab.topology; lab.topology._iproute_class(); print(sys.flags.no_site)"])
+                   "import sys, lab.agent.topology as t; t._iproute_class(); print(sys.flags.no_site)"])
         assert r.stdout.strip() == "1"
         # put/get keep bytes and mode
         src = tmp_path / "payload"
@@ -673,3 +674,10 @@ def test_bench_boot_interrupted_while_guests_boot_leaves_none(deb_kernel, image)
     assert p.returncode == 130, err[-3000:]
     assert "interrupted" in err
     assert _domains(f"racelab-{p.pid}-") == []
+
+
+def test_one_slug_for_file_and_domain_names():
+    from lab.run import slug
+    assert slug("6.1.192+revert-generic-rx/vm 3") == "6.1.192_revert-generic-rx_vm_3"
+    long = "k" * 60
+    assert slug(long) == long and slug(long, 40) == "k" * 40

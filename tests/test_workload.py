@@ -3,7 +3,7 @@ import json
 from contextlib import contextmanager
 
 from lab import scenario as scen
-from lab.agent import AgentSpec
+from lab.agent.agent import AgentSpec
 from lab.workload import agent_spec, run_target
 
 
@@ -176,7 +176,7 @@ def test_iperf_report_is_kept_and_its_failure_noted_and_heartbeats_are_not_event
 def test_a_guest_that_crashes_before_its_first_stats_line_still_has_an_exposure():
     """The reverted generic receive can oops within 0.3 s, before the checker's first
     stats line: the violations' receive counts and times are the exposure then."""
-    from lab.fleet import crashed_of_splat
+    from lab.splat import crashed_of_splat
     host = FakeHost([
         {"type": "load-start", "at": 6.0},
         {"type": "violation", "kind": "order", "at": 6.3, "rx": 60},
@@ -353,6 +353,25 @@ def test_cancel_asks_the_agent_to_stop_and_keeps_its_counts():
     assert r.packets > 0 and r.exposure_s() > 0 and r.lost_reason() is None
 
 
+def test_the_checker_and_the_load_are_wired_to_devices_the_topology_builds():
+    import copy
+    base = scen.load("generic-rx-race")
+    for mode in ("rxdrop", "forward"):
+        data = copy.deepcopy(base.data)
+        data["checker"]["mode"], data["load"]["iperf3"] = mode, mode == "forward"
+        spec = agent_spec(scen.Scenario(name=base.name, path=base.path, data=data), duration=1, seed=1,
+                          bin_dir="/b", stop_on_first=True)
+        ends = {(v.a_ns, v.a): (v.a_mac, v.a_addr) for v in spec.topology.veths}
+        ends |= {(v.b_ns, v.b): (v.b_mac, v.b_addr) for v in spec.topology.veths}
+        assert (spec.checker.ns, spec.checker.dev) in ends and (spec.sender.ns, spec.sender.dev) in ends
+        target = [addr for mac, addr in ends.values() if mac == spec.sender.dst_mac]
+        assert target and target[0].split("/")[0] == spec.sender.dst_ip, mode
+        assert ends[(spec.sender.ns, spec.sender.dev)][1].split("/")[0] == spec.sender.src_ip
+        if mode == "forward":
+            assert (spec.checker.ns, spec.checker.peer_dev) in ends
+            assert spec.iperf.server_ip == spec.sender.dst_ip and spec.iperf.client_ns == spec.sender.ns
+
+
 def test_each_agent_event_is_read_into_its_typed_record():
     from lab import workload as w
     v = {"type": "violation", "at": 2.5, "kind": "order", "rx": 7, "onset": False}
@@ -375,13 +394,13 @@ def test_each_agent_event_is_read_into_its_typed_record():
 
 
 def test_every_event_type_the_agent_writes_has_its_record():
-    """A new event type in lab/agent.py must be given a record here, or be named as one
+    """A new event type in lab/agent/agent.py must be given a record here, or be named as one
     run_target keeps nothing of."""
     import re
     from pathlib import Path
 
     from lab import workload as w
-    written = set(re.findall(r'"type": "([a-z-]+)"', (Path(w.__file__).parent / "agent.py").read_text()))
+    written = set(re.findall(r'"type": "([a-z-]+)"', (Path(w.__file__).parent / "agent" / "agent.py").read_text()))
     assert {"load-start", "agent-done", "agent-error", "note", "iperf", "evidence"} <= written
     for typ in written - {"heartbeat"}:     # heartbeats never reach parse_event (run_target drops them)
         record = w.parse_event({"type": typ})

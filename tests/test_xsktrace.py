@@ -2,7 +2,7 @@
 
 No root, no VM: real raw traces from guests (tests/fixtures/trace/*raw*.trace.gz, unpacked: the
 scanner reads plain files only) and synthetic ones built here with the ring-buffer layout
-evidence._cpu_events() decodes (two CPUs interleaving, a page with the missed-events flag,
+rawtrace._cpu_events() decodes (two CPUs interleaving, a page with the missed-events flag,
 equal timestamps, time extends, padding)."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from lab import dataplane as dp
+from lab import dataplane as dpbuild
+from lab.agent import dataplane as dp
 from lab import evidence
+from lab.agent import tracer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trace"
 RAW_FIXTURES = sorted(FIXTURES.glob("*raw*.trace.gz"))
@@ -33,7 +35,7 @@ FIELDS = ("receives", "failed_receives", "flushes", "window_hits", "unflushed_hi
 def xsktrace() -> Path:
     if shutil.which("gcc") is None or shutil.which("make") is None:
         pytest.skip("needs gcc and make: apt-get install build-essential")
-    return dp.build() / "xsktrace"
+    return dpbuild.build() / "xsktrace"
 
 
 def scan(binary: Path, path: Path) -> dict:
@@ -68,7 +70,7 @@ def unpack(gz: Path, tmp_path: Path) -> Path:
 
 def test_the_scanner_is_built_and_shipped():
     assert "xsktrace" in dp.BINARIES      # lab.image ships every one of them into the guest
-    assert "$(OUT)/xsktrace" in (dp.source_dir() / "Makefile").read_text()
+    assert "$(OUT)/xsktrace" in (dpbuild.source_dir() / "Makefile").read_text()
 
 
 @pytest.mark.parametrize("gz", RAW_FIXTURES, ids=[p.name for p in RAW_FIXTURES])
@@ -166,7 +168,7 @@ def page(ts0: int, events: list[tuple[int, bytes]], missed: int | None = None, p
     commit = len(body)
     tail = b""
     if missed is not None:
-        commit |= evidence._RB_MISSED_EVENTS | evidence._RB_MISSED_STORED
+        commit |= tracer._RB_MISSED_EVENTS | tracer._RB_MISSED_STORED
         tail = struct.pack("<Q", missed)
     return struct.pack("<Qq", ts0, commit) + body + tail
 
@@ -174,16 +176,16 @@ def page(ts0: int, events: list[tuple[int, bytes]], missed: int | None = None, p
 def write_trace(path: Path, pages: list[tuple[int, bytes]], head: dict | None = None,
                 tail: dict | None = None) -> Path:
     with open(path, "wb") as f:
-        f.write(evidence.RAW_MAGIC)
+        f.write(tracer.RAW_MAGIC)
         for tag, cpu, payload in [(b"HEAD", 0, json.dumps(head or HEAD).encode()),
                                   *[(b"PAGE", c, p) for c, p in pages],
                                   (b"TAIL", 0, json.dumps(TAIL if tail is None else tail).encode())]:
-            f.write(evidence._REC.pack(tag, cpu, len(payload)) + payload)
+            f.write(tracer._REC.pack(tag, cpu, len(payload)) + payload)
     return path
 
 
 def clock(ts: int, s: float) -> tuple[int, bytes]:
-    return ts, ev("mark", f"{evidence.CLOCK_MARK} {s:.6f}")
+    return ts, ev("mark", f"{tracer.CLOCK_MARK} {s:.6f}")
 
 
 def test_two_cpus_inside_one_socket_are_hits(xsktrace, tmp_path):
@@ -219,7 +221,7 @@ def test_a_lost_events_page_is_a_gap_and_withdraws_its_hits(xsktrace, tmp_path):
 
 def test_a_lost_page_without_a_count_is_still_a_gap(xsktrace, tmp_path):
     body = page(100, [(110, ev("rcv", S1)), (120, ev("rcvret", 0))])
-    commit = struct.unpack_from("<q", body, 8)[0] | evidence._RB_MISSED_EVENTS
+    commit = struct.unpack_from("<q", body, 8)[0] | tracer._RB_MISSED_EVENTS
     body = body[:8] + struct.pack("<q", commit) + body[16:]
     c, _ = assert_same(xsktrace, write_trace(tmp_path / "lost-unknown.trace", [(0, body)]))
     assert c["gaps"] == 1 and c["lost"] == 0
@@ -273,7 +275,7 @@ def test_tail_counts_and_clock(xsktrace, tmp_path):
 def _agent_ev(trace: Path, **extra) -> dict:
     """The evidence event's fields the merge reads (what Tracer.collect() says), for a raw trace."""
     return {"available": True, "trace_path": str(trace), "measure": "overlap_hits", "note": "",
-            "kprobe_missed": 0, "format": "raw", "recorder_wanted_s": evidence.RECORDER_MIN_S, **extra}
+            "kprobe_missed": 0, "format": "raw", "recorder_wanted_s": tracer.RECORDER_MIN_S, **extra}
 
 
 @pytest.mark.parametrize("gz", RAW_FIXTURES, ids=[p.name for p in RAW_FIXTURES])
@@ -281,9 +283,9 @@ def test_a_summary_merges_like_the_trace_it_describes(xsktrace, gz, tmp_path):
     """For every trace the guest would keep, the merged evidence (what summary.json, the verdicts and
     the report read) is the same from the scanner's summary as from the host's analysis."""
     trace = unpack(gz, tmp_path)
-    g = evidence.guest_scan(trace, xsktrace)
+    g = tracer.guest_scan(trace, xsktrace)
     s = g["guest_analysis"]
-    assert g["trace_needed"] == bool(evidence.transfer_reasons(s))
+    assert g["trace_needed"] == bool(tracer.transfer_reasons(s))
     host, guest = _agent_ev(trace), _agent_ev(trace)
     evidence.merge(host, evidence.analyze_file(trace))
     if g["trace_needed"]:     # and the host has something to show from it that no summary holds
@@ -297,24 +299,24 @@ def test_a_summary_merges_like_the_trace_it_describes(xsktrace, gz, tmp_path):
 
 
 def test_what_the_guest_keeps_and_what_it_sends(xsktrace, tmp_path):
-    clean = evidence.guest_scan(unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", tmp_path), xsktrace)
+    clean = tracer.guest_scan(unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", tmp_path), xsktrace)
     assert clean["trace_needed"] is False and clean["trace_needed_why"] == []
     assert clean["guest_analysis"]["wall_seconds"] >= clean["guest_analysis"]["seconds"] >= 0
-    bad = evidence.guest_scan(unpack(FIXTURES / "generic-reverted-6.1-vm-violation-raw.trace.gz", tmp_path),
+    bad = tracer.guest_scan(unpack(FIXTURES / "generic-reverted-6.1-vm-violation-raw.trace.gz", tmp_path),
                               xsktrace)
     assert bad["trace_needed"] and "window hits" in bad["trace_needed_why"]
     assert "checker marks (a violation)" in bad["trace_needed_why"]
     lost = write_trace(tmp_path / "lost.trace", [(0, page(1, [(2, ev("rcv", S1))], missed=3))])
-    assert evidence.guest_scan(lost, xsktrace)["trace_needed_why"] == ["lost events"]
+    assert tracer.guest_scan(lost, xsktrace)["trace_needed_why"] == ["lost events"]
 
 
 def test_a_missing_or_failing_scanner_sends_the_trace(xsktrace, tmp_path):
     trace = unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", tmp_path)
-    g = evidence.guest_scan(trace, tmp_path / "nowhere" / "xsktrace")
+    g = tracer.guest_scan(trace, tmp_path / "nowhere" / "xsktrace")
     assert "trace_needed" not in g and "goes to the host" in g["guest_analysis_note"]
     text = tmp_path / "text.trace"
     text.write_text("# tracer: nop\n")
-    g = evidence.guest_scan(text, xsktrace)
+    g = tracer.guest_scan(text, xsktrace)
     assert "trace_needed" not in g and "xsktrace failed (xsktrace exit 2" in g["guest_analysis_note"]
 
 
@@ -330,7 +332,7 @@ def test_fetch_evidence_keeps_a_clean_trace_in_the_guest(xsktrace, tmp_path):
     guest = tmp_path / "guest"
     guest.mkdir()
     trace = unpack(FIXTURES / "generic-fixed-6.1-vm-raw.trace.gz", guest)
-    res = _result(trace, evidence.guest_scan(trace, xsktrace))
+    res = _result(trace, tracer.guest_scan(trace, xsktrace))
     trace.unlink()          # the host never reads it: fetching it would fail now
     fetch_evidence(LocalHost(), res, tmp_path / "out")
     e = res.evidence
@@ -345,7 +347,7 @@ def test_fetch_evidence_moves_a_trace_with_hits(xsktrace, tmp_path):
     from lab.workload import fetch_evidence
 
     trace = unpack(FIXTURES / "generic-reverted-6.1-vm-violation-raw.trace.gz", tmp_path)
-    res = _result(trace, evidence.guest_scan(trace, xsktrace))
+    res = _result(trace, tracer.guest_scan(trace, xsktrace))
     res.by_kind = {"order": 1}
     fetch_evidence(LocalHost(), res, tmp_path / "out")
     e = res.evidence

@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 from lab.run import BadInput, run
-from lab.sources import tarball
-from lab.sources.common import Resolved, SourceRef
-from lab.sources.tree import PatchStack
+from lab.kernels.sources import tarball
+from lab.kernels.sources.common import Resolved, SourceRef
+from lab.kernels.sources.tree import PatchStack
 
 KIND = "debsrc"
 EXAMPLE = "debsrc:linux-source-6.1"

@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import dataplane
-from lab.config import from_jsonable, to_jsonable
-from lab.topology import Topology, TopologySpec, build
+from lab.agent import dataplane
+from lab.agent.jsonable import from_jsonable, to_jsonable
+from lab.agent.topology import Topology, TopologySpec, build
 
 PR_SET_PDEATHSIG = 1
 
@@ -122,7 +122,7 @@ class AgentSpec:
 
 def checker_argv(bin_dir: str, c: CheckerOpts, duration: float, seed: int,
                  stop_on_first: bool) -> list[str]:
-    """xskcheck's argv through the one validated builder (lab.dataplane)."""
+    """xskcheck's argv through the one validated builder (lab.agent.dataplane)."""
     return dataplane.checker_argv(
         bin_dir, dev=c.dev, mode=c.mode, xdp=c.xdp, peer_dev=c.peer_dev or None, queues=c.queues,
         frame_size=c.frame_size, headroom=c.headroom, frames=c.frames, shared_umem=c.shared_umem,
@@ -133,7 +133,7 @@ def checker_argv(bin_dir: str, c: CheckerOpts, duration: float, seed: int,
 
 
 def sender_argv(bin_dir: str, s: SenderOpts, duration: float, seed: int) -> list[str]:
-    """xsksend's argv, one sender per CPU (wrapping), through lab.dataplane."""
+    """xsksend's argv, one sender per CPU (wrapping), through lab.agent.dataplane."""
     ncpu = os.cpu_count() or 1
     return dataplane.sender_argv(
         bin_dir, dev=s.dev, dst_mac=s.dst_mac, src_ip=s.src_ip, dst_ip=s.dst_ip, senders=s.senders,
@@ -375,7 +375,7 @@ class Stop(Exception):
 
 
 def run_agent(spec: AgentSpec) -> int:
-    from lab import evidence
+    from lab.agent import tracer as evidence
 
     t0 = time.monotonic()
     bin_dir = spec.bin_dir

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from lab.run import BadInput, run
-from lab.sources.common import atomic_write, sha256_file
+from lab.cache import atomic_write
+from lab.kernels.sources.common import sha256_file
 
 
 class PatchStack:

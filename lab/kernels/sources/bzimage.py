@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lab.run import BadInput
-from lab.sources.common import Fetched, Resolved, SourceRef, sha256_file
+from lab.kernels.bzimage import version as bzimage_version
+from lab.kernels.sources.common import Fetched, Resolved, SourceRef, sha256_file
 
 KIND = "bzimage"
 EXAMPLE = "bzimage:/path/bzImage"
@@ -25,17 +26,6 @@ def resolve(ref: SourceRef) -> Resolved:
     if not path.is_file():
         raise BadInput(f"bzImage not found: {path}")
     return Resolved(ref, f"bzimage:sha256={sha256_file(path)}", "", bzimage_version(path), path)
-
-
-def bzimage_version(path: Path) -> str:
-    """The `uname -r` a bzImage will report, read from its setup header."""
-    with open(path, "rb") as f:
-        head = f.read(0x10000)
-    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
-        raise BadInput(f"not a bzImage (no HdrS setup header): {path}")
-    off = int.from_bytes(head[0x20E:0x210], "little") + 0x200
-    raw = head[off:off + 256].split(b"\0")[0].decode(errors="replace")
-    return raw.split(" ")[0]
 
 
 def search_dirs(bzimage: Path) -> list[Path]:

@@ -3,17 +3,17 @@
     spec string --resolve()--> KernelSpec --ensure()--> KernelArtifact
 
 A spec is a catalog name (kernels/catalog.toml), `NAME+patch...`, or a
-source string (debsrc:, deb:, git:, tarball:, bzimage:; see lab.sources).
+source string (debsrc:, deb:, git:, tarball:, bzimage:; see lab.kernels.sources).
 ensure() builds or fetches it once: the cache key covers the source identity,
 the patch contents, the merged config fragment and the compiler, and an entry
 under cache_dir()/kernels/<key>/ appears only when it is complete (built in a
 temporary directory, renamed into place).  A lock per key makes concurrent
 builds of one kernel (pytest-xdist) build it once.
 
-Sources are compiled in one persistent tree per source (lab.sources), with
-the config and make steps in lab.kbuild.
+Sources are compiled in one persistent tree per source (lab.kernels.sources), with
+the config and make steps in lab.kernels.kbuild.
 
-    python -m lab.kernel build 6.1.192+revert-generic-rx
+    python -m lab.kernels.kernel build 6.1.192+revert-generic-rx
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from lab import kbuild, sources
+from lab import cache
+from lab.kernels import bzimage, kbuild, sources
 from lab.run import BadInput, BuildFailed, cache_dir, log, project_root
 
 KEY_SCHEME = 1          # bump when the build procedure changes what a key produces
@@ -458,21 +459,6 @@ def _recorded_sums(entry: Path) -> dict[str, str] | None:
     return out
 
 
-def _bzimage_whole(path: Path) -> str:
-    """What is wrong with a bzImage shorter than its boot header says ((setup_sects + 1)
-    * 512 + syssize * 16 bytes; a signed image is longer); empty if nothing."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(0x206)
-    except OSError as e:
-        return f"unreadable ({e.strerror})"
-    if len(head) < 0x206 or head[0x202:0x206] != b"HdrS":
-        return f"no boot header ({size} bytes)"
-    want = ((head[0x1F1] or 4) + 1) * 512 + int.from_bytes(head[0x1F4:0x1F8], "little") * 16
-    return "" if size >= want else f"truncated: {size} bytes, its header says {want}"
-
-
 def _corruption(entry: Path) -> str:
     """The first artifact file whose hash is not the one recorded when the entry
     was made (and how); empty if every one matches.
@@ -484,7 +470,7 @@ def _corruption(entry: Path) -> str:
     truncated bzImage, the damage seen in practice."""
     sums = _recorded_sums(entry)
     if sums is None:
-        bad = _bzimage_whole(entry / "bzImage")
+        bad = bzimage.truncation(entry / "bzImage")
         if bad:
             return f"bzImage {bad} (no hashes recorded)"
         _record_sums(entry)
@@ -566,24 +552,12 @@ def ensure(spec: KernelSpec, *, progress: bool = True, want_vmlinux: bool = Fals
         if art is not None:
             _touch(entry)
             return art
-        tmp = store() / f".tmp-{p.key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        # an existing entry (one without vmlinux, or a corrupt one) is replaced whole
+        with cache.building(entry, directory=True) as tmp:
             art = _build(p, tmp, progress, want_vmlinux) if p.res.ref.builds else _fetch(p, tmp)
             art = art.relocated(entry) if art.dir != entry else art
             (tmp / "meta.json").write_text(art.to_json())
             _record_sums(tmp)
-            if entry.exists():                       # an entry without vmlinux, upgraded
-                old = store() / f".old-{p.key}-{os.getpid()}"
-                os.replace(entry, old)
-                os.replace(tmp, entry)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, entry)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         _touch(entry)
         log.info("[kernel] %s ready: %s (%.0fs)", spec.name, entry, art.build_seconds)
         return art
@@ -769,8 +743,10 @@ def gc(keep: int) -> list[Path]:
                 removed.append(art.dir)
         finally:
             lock.release()
-    for tmp in [*store().glob(".tmp-*"), *store().glob(".old-*")]:    # left by a killed build
-        key = tmp.name.split("-")[1]
+    # left by a killed build (lab.cache.building: .KEY.tmp-PID-TID; older racelabs: .tmp-KEY-PID)
+    for tmp in [*store().glob(".*.tmp-*"), *store().glob(".*.old-*"), *store().glob(".tmp-*"),
+                *store().glob(".old-*")]:
+        key = tmp.name.split("-")[1] if tmp.name.startswith((".tmp-", ".old-")) else tmp.name[1:].split(".")[0]
         lock = FileLock(str(store() / f"{key}.lock"))
         try:
             lock.acquire(timeout=0)
@@ -874,7 +850,7 @@ def cli_gc(keep: int) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m lab.kernel ...` is `racelab kernel ...`: one declaration of these commands
+    """`python -m lab.kernels.kernel ...` is `racelab kernel ...`: one declaration of these commands
     (lab.cli), with its help, examples and exit codes."""
     from lab import cli
     return cli.main(["kernel", *(sys.argv[1:] if argv is None else argv)])

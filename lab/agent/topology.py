@@ -5,7 +5,7 @@ turns it into real namespaces and links and returns a Topology whose paths
 the workload uses to run programs inside each namespace.
 
 Why namespaces are anonymous: each one is held by a small keeper process
-(lab/nskeeper.py: unshare(CLONE_NEWNET | CLONE_NEWNS), PR_SET_PDEATHSIG), not by a bind
+(lab/agent/nskeeper.py: unshare(CLONE_NEWNET | CLONE_NEWNS), PR_SET_PDEATHSIG), not by a bind
 mount under /run/netns.  When racelab exits in any way, SIGKILL included,
 the keepers die, the kernel frees the namespaces, and the veths, XDP
 programs and sockets in them go with them.  Nothing can be left behind, and
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from lab.run import BadInput, InfraError, log, run
+from lab.agent.run import BadInput, InfraError, log, run
 
 CLONE_NEWNET = 0x40000000
 KEEPER = Path(__file__).resolve().parent / "nskeeper.py"
@@ -337,7 +337,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m lab.topology",
+    ap = argparse.ArgumentParser(prog="python -m lab.agent.topology",
                                  description="Build a two-namespace veth topology and hold it (debugging).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="build tx<->rx with one veth pair and wait for Ctrl-C")

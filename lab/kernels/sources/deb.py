@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lab.run import BadInput, CommandFailed, InfraError, cache_dir, require_tools, run
-from lab.sources.common import Fetched, Resolved, SourceRef, memo, save_memo
+from lab.kernels.sources.common import Fetched, Resolved, SourceRef, memo, save_memo
 
 KIND = "deb"
 EXAMPLE = "deb:6.1.0-47-amd64"

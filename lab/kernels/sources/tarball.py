@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 
 from lab.run import BadInput, InfraError, cache_dir, log, require_tools, run
-from lab.sources.common import Resolved, SourceRef, memo, save_memo, series_of, sha256_file
-from lab.sources.tree import PatchStack
+from lab.kernels.sources.common import Resolved, SourceRef, memo, save_memo, series_of, sha256_file
+from lab.kernels.sources.tree import PatchStack
 
 KIND = "tarball"
 EXAMPLE = "tarball:/path/or/URL"

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from lab.cache import atomic_write
+from lab.kernels import bzimage
 from lab.run import BadInput, BuildFailed, cache_dir, log, run, spawn
 
 ARCH = "x86_64"
@@ -417,7 +419,7 @@ class Progress:
 # commit's kernel (its bzImage carried the old vmlinux, byte for byte).  So
 # every source that says .incbin is compiled without ccache.
 CC_WRAPPER = """#!/bin/sh
-# racelab's CC (lab/kbuild.py): ccache gcc, but plain gcc for a source that
+# racelab's CC (lab/kernels/kbuild.py): ccache gcc, but plain gcc for a source that
 # .incbin's another file, whose content ccache cannot see.
 for a do
   case $a in
@@ -432,11 +434,7 @@ def cc_wrapper() -> Path:
     """The CC given to make (written once into the cache; its path is part of every command line)."""
     path = cache_dir() / "bin" / "racelab-cc"
     if not path.is_file() or path.read_text() != CC_WRAPPER:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".racelab-cc.{os.getpid()}")
-        tmp.write_text(CC_WRAPPER)
-        tmp.chmod(0o755)
-        tmp.replace(path)
+        atomic_write(path, CC_WRAPPER, mode=0o755)
     return path
 
 
@@ -469,28 +467,6 @@ def kernelrelease(tree: Path) -> str:
 
 # ---------------------------------------------------------------- checks
 
-def payload(bzimage: Path) -> bytes | None:
-    """The kernel (an ELF image) a bzImage carries, for gzip, xz or bzip2 payloads; else None."""
-    import bz2
-    import lzma
-    import zlib
-
-    data = bzimage.read_bytes()
-    for magic, make_dec in ((b"\x1f\x8b\x08", lambda: zlib.decompressobj(31)),
-                            (b"\xfd7zXZ\x00", lzma.LZMADecompressor),
-                            (b"BZh", bz2.BZ2Decompressor)):
-        off = data.find(magic)
-        while off != -1:
-            try:
-                out = make_dec().decompress(data[off:])
-            except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError):
-                out = b""
-            if out.startswith(b"\x7fELF"):
-                return out
-            off = data.find(magic, off + 1)
-    return None
-
-
 def _first_difference(got: bytes, want: bytes) -> int:
     """The offset of the first byte where got and want differ (the shorter length if one is a prefix)."""
     return next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
@@ -503,7 +479,7 @@ def check_payload(tree: Path) -> None:
     the payload is it plus, on relocatable kernels, its relocation table.
     """
     bin_path = tree / "arch/x86/boot/compressed/vmlinux.bin"
-    got = payload(tree / "arch/x86/boot/bzImage")
+    got = bzimage.payload((tree / "arch/x86/boot/bzImage").read_bytes())
     if got is None or not bin_path.is_file():
         log.debug("payload check skipped in %s (compression other than gzip/xz/bzip2?)", tree)
         return

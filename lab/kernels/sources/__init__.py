@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import IO
 
 from lab.run import BadInput
-from lab.sources import bzimage, deb, debsrc, git, tarball
-from lab.sources.common import (BinarySource, BuildSource, Fetched, Resolved, SourceRef, atomic_write,
-                                series_of, sha256_file)
-from lab.sources.tree import PatchStack, apply_patch
+from lab.kernels.sources import bzimage, deb, debsrc, git, tarball
+from lab.cache import atomic_write
+from lab.kernels.sources.common import (BinarySource, BuildSource, Fetched, Resolved, SourceRef, series_of,
+                                        sha256_file)
+from lab.kernels.sources.tree import PatchStack, apply_patch
 
 BUILDERS: dict[str, BuildSource] = {m.KIND: m for m in (debsrc, tarball, git)}
 BINARIES: dict[str, BinarySource] = {m.KIND: m for m in (deb, bzimage)}

@@ -1,8 +1,8 @@
 """Hold a fresh network + mount namespace until the parent dies or is told to stop.
 
-Run as a file, `python3 -S -I lab/nskeeper.py`, by lab.topology: it imports
+Run as a file, `python3 -S -I lab/agent/nskeeper.py`, by lab.agent.topology: it imports
 only the standard library, so it starts in a fraction of the time a
-`python -m lab.topology` would take under TCG (no site, no lab package, no
+`python -m lab.agent.topology` would take under TCG (no site, no lab package, no
 pyroute2).  It prints {"ready": PID} or {"error": "..."} as one JSON line,
 then sleeps; SIGTERM ends it, and so does the death of the parent
 (PR_SET_PDEATHSIG), which takes the namespace with it.

@@ -2,33 +2,33 @@
 interfaces a kind module implements (one for trees built here, one for kernels
 used as shipped).
 
-A kind module is the implementation itself (no classes): lab.sources.git
+A kind module is the implementation itself (no classes): lab.kernels.sources.git
 has KIND, parse(), resolve(), series() and prepare() at module level, and
-lab.sources lists the modules in a table.
+lab.kernels.sources lists the modules in a table.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from lab.cache import atomic_write
 from lab.run import cache_dir
 
 if TYPE_CHECKING:
-    from lab.sources.tree import PatchStack
+    from lab.kernels.sources.tree import PatchStack
 
 
 @dataclass(frozen=True)
 class SourceRef:
     """A parsed source string, before anything is fetched or resolved."""
 
-    kind: str        # one of lab.sources.SOURCE_KINDS
+    kind: str        # one of lab.kernels.sources.SOURCE_KINDS
     arg: str         # what follows "kind:" (package, path, URL, repo)
     ref: str = ""    # git only: the ref after '@'
 
@@ -38,7 +38,7 @@ class SourceRef:
     @property
     def builds(self) -> bool:
         """True for sources that are compiled here (patches, fragments apply)."""
-        from lab.sources import BUILDERS      # the table lives beside the modules it lists
+        from lab.kernels.sources import BUILDERS      # the table lives beside the modules it lists
         return self.kind in BUILDERS
 
 
@@ -110,12 +110,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def series_of(version: str) -> str:

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from lab.run import BadInput, CommandFailed, require_tools, run
-from lab.sources.common import Resolved, SourceRef, series_of
-from lab.sources.tree import PatchStack
+from lab.kernels.sources.common import Resolved, SourceRef, series_of
+from lab.kernels.sources.tree import PatchStack
 
 KIND = "git"
 EXAMPLE = "git:/path/to/linux@REF"
