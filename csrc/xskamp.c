@@ -176,7 +176,6 @@ static int write_file(const char *path, const char *val)
 	return n == (ssize_t)strlen(val) ? 0 : -1;
 }
 
-/* "SYM", "SYM+123", "SYM+0x7a" -> probe; -1 if malformed. */
 /* A wait in ns, lo..MAX_DELAY_NS; anything else is a usage error saying what. */
 static uint64_t parse_ns(const char *arg, long long lo, const char *what)
 {
@@ -190,6 +189,7 @@ static uint64_t parse_ns(const char *arg, long long lo, const char *what)
 	return (uint64_t)v;
 }
 
+/* "SYM", "SYM+123", "SYM+0x7a" -> probe; -1 if malformed. */
 static int parse_probe(const char *s, struct probe *p)
 {
 	const char *plus = strchr(s, '+');
