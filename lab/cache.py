@@ -205,8 +205,9 @@ class Removed:
 
 
 @contextmanager
-def _held(lock: Path | None) -> Iterator[bool]:
-    """True when the lock is ours (or there is none); False when someone holds it."""
+def held(lock: Path | None) -> Iterator[bool]:
+    """True when the lock is ours (or there is none); False when someone holds it.  Taken
+    without waiting: gc code removes only what nobody is building or using."""
     if lock is None:
         yield True
         return
@@ -223,7 +224,7 @@ def _held(lock: Path | None) -> Iterator[bool]:
 
 
 def _remove(area: str, path: Path, why: str, dry_run: bool, lock: Path | None = None) -> Removed | None:
-    with _held(lock) as ours:
+    with held(lock) as ours:
         if not ours:
             log.info("cache gc: %s is in use (locked), kept", path)
             return None

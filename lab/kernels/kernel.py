@@ -732,31 +732,18 @@ def gc(keep: int) -> list[Path]:
         raise BadInput(f"--keep must be >= 0, got {keep}")
     removed = []
     for art, stamp in _entries()[keep:]:
-        lock = FileLock(str(store() / f"{art.key}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            continue
-        try:
-            if _use_stamp(art.dir) == stamp:
+        with cache.held(store() / f"{art.key}.lock") as ours:
+            if ours and _use_stamp(art.dir) == stamp:
                 shutil.rmtree(art.dir)
                 removed.append(art.dir)
-        finally:
-            lock.release()
     # left by a killed build (lab.cache.building: .KEY.tmp-PID-TID; older racelabs: .tmp-KEY-PID)
     for tmp in [*store().glob(".*.tmp-*"), *store().glob(".*.old-*"), *store().glob(".tmp-*"),
                 *store().glob(".old-*")]:
         key = tmp.name.split("-")[1] if tmp.name.startswith((".tmp-", ".old-")) else tmp.name[1:].split(".")[0]
-        lock = FileLock(str(store() / f"{key}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            continue
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-        finally:
-            lock.release()
+        with cache.held(store() / f"{key}.lock") as ours:
+            if ours:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
     return removed
 
 
