@@ -235,7 +235,8 @@ def run_netns(cfg: RunConfig, progress: bool = True) -> Outcome:
     kernel = f"host:{platform.release()}"
     try:
         # the host's kernel log from here on: a WARN in xsk or veth during the load is a splat
-        with open(out / "events.jsonl", "w") as ev, stop_on_signals() as cancel, \
+        # line-buffered: events.jsonl can be followed while the run goes on (as a fleet's is)
+        with open(out / "events.jsonl", "w", buffering=1) as ev, stop_on_signals() as cancel, \
                 splat.KmsgWatcher() as kmsg:
 
             def on_event(label: str, e: dict[str, Any]) -> None:

@@ -139,6 +139,7 @@ def _netns_holders(inodes):
 
 
 @pytest.mark.root
+@pytest.mark.xdist_group("host-load")   # two host loads at once on 2 cores starve both runs' agents
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_killed_run_leaves_no_process_namespace_or_veth(sig, tmp_path):
     import signal
@@ -147,36 +148,45 @@ def test_killed_run_leaves_no_process_namespace_or_veth(sig, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "run", "generic-rx-race", "--duration", "60s",
                              "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.time() + 60
-    while time.time() < deadline and not (tmp_path / "events.jsonl").exists():
-        time.sleep(0.2)
-    events = tmp_path / "events.jsonl"
-    while time.time() < deadline and '"load-start"' not in events.read_text():
-        time.sleep(0.2)
-    assert '"load-start"' in events.read_text(), "traffic never started"
-    mine = _descendants(proc.pid)
-    started = {p: _ours(p) & mine for p in patterns}
-    assert started["xskcheck"] and started["nskeeper.py"]
-    netns = set()
-    for pid in started["nskeeper.py"]:
-        try:
-            netns.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
-        except OSError:
-            pass
-    assert netns
-    proc.send_signal(getattr(signal, sig))
-    proc.wait(60)
-    # the kernel frees a namespace when its last process has exited: give the
-    # processes (ours, reparented to init after SIGKILL) a moment to finish dying
-    deadline = time.time() + 15
-    while True:
-        left = {p: _ours(p) & started[p] for p in started}
-        holders = _netns_holders(netns)
-        if (not any(left.values()) and not holders) or time.time() > deadline:
-            break
-        time.sleep(0.2)
-    assert not any(left.values()), f"left behind after {sig}: {left}"
-    assert not holders, f"a network namespace (and its veths) outlived the run, held by {holders}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (tmp_path / "events.jsonl").exists():
+            time.sleep(0.2)
+        events = tmp_path / "events.jsonl"
+        while time.time() < deadline and '"load-start"' not in events.read_text():
+            time.sleep(0.2)
+        assert '"load-start"' in events.read_text(), "traffic never started"
+        mine = _descendants(proc.pid)
+        started = {p: _ours(p) & mine for p in patterns}
+        assert started["xskcheck"] and started["nskeeper.py"]
+        netns = set()
+        for pid in started["nskeeper.py"]:
+            try:
+                netns.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+            except OSError:
+                pass
+        assert netns
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(60)
+        # the kernel frees a namespace when its last process has exited: give the
+        # processes (ours, reparented to init after SIGKILL) a moment to finish dying
+        deadline = time.time() + 15
+        while True:
+            left = {p: _ours(p) & started[p] for p in started}
+            holders = _netns_holders(netns)
+            if (not any(left.values()) and not holders) or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert not any(left.values()), f"left behind after {sig}: {left}"
+        assert not holders, f"a network namespace (and its veths) outlived the run, held by {holders}"
+    finally:
+        if proc.poll() is None:   # a failed assertion above: stop the run the way a user would
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def test_unknown_selftest_kind_is_named_before_root_or_build():
