@@ -552,6 +552,7 @@ class VM:
             # the IO-APIC timer check is timed; a loaded host under TCG fails it and the
             # guest panics at boot ("IO-APIC + timer doesn't work!")
             "no_timer_check",
+            *(bootmod.tcg_cmdline(self.kernel) if self.accel != Accel.KVM and self.local else []),
             self.extra_cmdline]))
         timeout = self._timeout = self.ready_timeout or (60.0 if self.accel == Accel.KVM else 180.0)
         last: Exception | None = None
