@@ -527,8 +527,8 @@ static struct {
 		bool on;
 		uint64_t ts, xs, holders;
 	} open[MAX_CPUS];
-	uint64_t last[MAX_CPUS], since[MAX_CPUS];
-	uint64_t has_last, has_since, cpus, opened; /* bit masks of CPUs */
+	uint64_t last[MAX_CPUS], gap_at[MAX_CPUS]; /* gap_at: its last gap, where its recorder restarts */
+	uint64_t has_last, has_gap, cpus, opened;   /* bit masks of CPUs */
 	struct logent *log;
 	size_t nlog, logcap;
 	struct clockmark *clock;
@@ -625,9 +625,9 @@ static void lost_events(int cpu, uint64_t ts, const struct ev *e)
 	}
 	A.nlog = w;
 	A.last[cpu] = ts;
-	A.since[cpu] = ts;
+	A.gap_at[cpu] = ts;
 	A.has_last |= 1ull << cpu;
-	A.has_since |= 1ull << cpu;
+	A.has_gap |= 1ull << cpu;
 }
 
 static bool py_space(uint8_t c)
@@ -735,10 +735,6 @@ static void feed(int cpu, const struct ev *e)
 	A.cpus |= bit;
 	A.last[cpu] = ts;
 	A.has_last |= bit;
-	if (!(A.has_since & bit)) {
-		A.since[cpu] = ts;
-		A.has_since |= bit;
-	}
 	if (e->kind == K_RCVRET) {
 		if (A.open[cpu].on) {
 			A.outcomes = A.outcomes || e->has_a;
@@ -1004,11 +1000,16 @@ int main(int argc, char **argv)
 		double tv = seconds(A.violation_ts);
 		int first = 1;
 
-		for (int c = 0; c < MAX_CPUS; c++)
-			if ((A.has_since >> c & 1) && A.since[c] <= A.violation_ts) {
-				printf("%s\"%d\":%.4f", first ? "" : ",", c, tv - seconds(A.since[c]));
+		/* from the trace's start, or the CPU's last gap: a CPU that began receiving late
+		   was recorded, idle, all along (as lab.evidence) */
+		for (int c = 0; c < MAX_CPUS; c++) {
+			uint64_t start = (A.has_gap >> c & 1) ? A.gap_at[c] : A.first_ts;
+
+			if (((A.cpus | A.has_gap) >> c & 1) && start <= A.violation_ts) {
+				printf("%s\"%d\":%.4f", first ? "" : ",", c, tv - seconds(start));
 				first = 0;
 			}
+		}
 	}
 	printf("},\"marks\":%" PRIu64 ",\"clock_marks\":%zu,\"tail\":%s,\"head\":%s", A.marks, A.nclock,
 	       has_tail ? "true" : "false", has_head ? "true" : "false");

@@ -125,8 +125,8 @@ class Analysis:
     violation_mark: str = ""
     hits_before_violation: int | None = None   # window hits (this trace's measures) before that marker
     overlaps_before_violation: int | None = None
-    # per CPU that received or flushed: seconds the recorder covers before the marker,
-    # from that CPU's first event (or its last gap) to the marker
+    # per CPU that received, flushed or lost events: seconds the recorder covers before the
+    # marker, from the trace's start (or that CPU's last gap) to the marker
     recorder_s: dict[int, float] = field(default_factory=dict)
     # the events around the first violation (else the first hit): [ts, cpu, kind, detail]
     interleaving: list[list[Any]] = field(default_factory=list)
@@ -195,7 +195,7 @@ class _Analyzer:
         self.log: list[tuple[int, int, str, int, int, dict[int, int]]] = []
         self.clock: list[tuple[int, float]] = []
         self.first_rcv: int | None = None
-        self.since: dict[int, int] = {}                # cpu -> ts of its first event, or of its last gap
+        self.gap_at: dict[int, int] = {}               # cpu -> ts of its last gap (its recorder restarts there)
         self.recent: deque[list[Any]] = deque(maxlen=INTERLEAVING_BEFORE)
         self.after = -1                                # events still to keep after the focus (-1: no focus yet)
 
@@ -248,7 +248,6 @@ class _Analyzer:
             return
         a.cpus.add(cpu)
         self.last[cpu] = ts
-        self.since.setdefault(cpu, ts)
         if kind == "rcvret":
             o = self.open.pop(cpu, None)
             if o is not None:
@@ -317,7 +316,7 @@ class _Analyzer:
                 keep.append(e)
         self.log.extend(reversed(keep))
         self.last[cpu] = ts
-        self.since[cpu] = ts       # the recorder of this CPU starts again here
+        self.gap_at[cpu] = ts      # the recorder of this CPU starts again here
 
     def finish(self) -> Analysis:
         a = self.a
@@ -343,8 +342,12 @@ class _Analyzer:
             a.span_s = _round(t(a.last_ts) - t0) if a.last_ts is not None else None
             a.first_hit_s = _round(t(a.first_hit_ts) - t0) if a.first_hit_ts is not None else None
             a.first_overlap_s = _round(t(a.first_overlap_ts) - t0) if a.first_overlap_ts is not None else None
-        if a.violation_ts is not None and len(self.clock) >= 2:
-            a.recorder_s = {c: _round(t(a.violation_ts) - t(s)) for c, s in self.since.items()
+        if a.violation_ts is not None and a.first_ts is not None and len(self.clock) >= 2:
+            # a CPU's recorder covers the whole trace unless it lost events: one that began
+            # receiving late was recorded, idle, from the start (a full ring buffer that
+            # overwrote its oldest pages shows as a gap, where its coverage begins)
+            start = {c: self.gap_at.get(c, a.first_ts) for c in a.cpus | self.gap_at.keys()}
+            a.recorder_s = {c: _round(t(a.violation_ts) - t(s)) for c, s in start.items()
                             if s <= a.violation_ts}
         if a.gaps:
             a.notes.append(f"{a.gaps} gap(s) where a CPU lost events ({a.lost} known lost); "

@@ -65,10 +65,10 @@ def test_a_recorder_with_the_marker_and_the_window_before_it():
     assert a.violation_ts == 2000 and a.violation_mark.startswith("racelab violation kind=poison")
     assert a.hits_before_violation == a.window_hits == 200
     # both CPUs traced from t=0: 2 s before the marker at 1 ms a tick
-    assert a.recorder_s == {0: 2.0, 1: 1.998}
+    assert a.recorder_s == {0: 2.0, 1: 2.0}
     ev = _ev(a)
     assert evidence.recorder_check(ev, saw_violation=True) == []
-    assert ev["hits_before_violation"] == 200 and ev["recorder_min_s"] == 1.998
+    assert ev["hits_before_violation"] == 200 and ev["recorder_min_s"] == 2.0
     # the interleaving kept ends at the marker (tracing stops there) and is bounded
     il = ev["interleaving"]
     assert ev["interleaving_focus"] == "violation" and il[-1][2] == "mark"
@@ -85,6 +85,18 @@ def test_a_short_recorder_is_named_per_cpu():
     problems = evidence.recorder_check(ev, saw_violation=True)
     assert len(problems) == 1 and "cpu1 10 ms" in problems[0] and "cpu0" not in problems[0], problems
     assert ">= 500 ms" in problems[0]
+
+
+def test_a_cpu_that_starts_receiving_late_was_recorded_all_along():
+    # cpu0 receives from t=0; cpu1's first receive is 10 ms before the marker.  Its ring
+    # buffer lost nothing, so the recorder covered it (idle) from the trace's start.
+    events = [e for k in range(0, 1000, 3) for e in ((k, 0, "rcv", XS, None), (k + 1, 0, "rcvret", 0, None),
+                                                      (k + 2, 0, "flush", XS, None))]
+    events += _racy(990, 6)[2:4] + [(996, 1, "flush", XS, None)]
+    events.append((1000, 1, "mark", "racelab violation kind=order dev=veth0 queue=0 addr=0", None))
+    ev = _ev(_feed(_clocked(events)))
+    assert ev["recorder_s"] == {"0": 1.0, "1": 1.0}
+    assert evidence.recorder_check(ev, saw_violation=True) == []
 
 
 def test_a_clean_run_keeps_the_first_window_hit_interleaving():

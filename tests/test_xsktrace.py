@@ -355,3 +355,17 @@ def test_fetch_evidence_moves_a_trace_with_hits(xsktrace, tmp_path):
     assert not trace.exists(), "on this machine (netns backend) the agent's trace file is removed"
     assert e["window_hits"] == e["guest_analysis"]["overlap_hits"] == 316
     assert e["interleaving_focus"] == "violation" and e["violation_mark"].startswith("racelab violation")
+
+
+def test_a_late_cpu_is_covered_from_the_traces_start(xsktrace, tmp_path):
+    """cpu1 first receives just before the marker: it was covered from the trace's start, as
+    lab.evidence counts it (the gap case: test_evidence_recorder's short recorder)."""
+    t = write_trace(tmp_path / "late.trace", [
+        (0, page(10, [clock(10, 1.0), (20, ev("rcv", S1)), (30, ev("rcvret", 0)), (40, ev("flush", S1)),
+                      clock(1010, 2.0)])),
+        (1, page(990, [(995, ev("rcv", S1)), (996, ev("rcvret", 0)),
+                       (1000, ev("mark", "racelab violation kind=order"))])),
+    ])
+    c, p = assert_same(xsktrace, t)
+    assert c["recorder_s"] == p["recorder_s"] and set(c["recorder_s"]) == {"0", "1"}
+    assert abs(c["recorder_s"]["1"] - c["recorder_s"]["0"]) < 1e-3 and c["recorder_s"]["1"] > 0.9
