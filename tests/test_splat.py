@@ -85,7 +85,7 @@ def follow(tmp_path, *chunks, load_after=None):
         for n, c in enumerate(chunks):
             with open(log, "a") as f:
                 f.write(c)
-            time.sleep(0.2)
+            w.poll()   # each chunk read as written, whatever the watcher's thread is doing
             if load_after == n:
                 w.on_agent_event({"type": "load-start"})
     return w.splats
@@ -520,7 +520,9 @@ def test_a_splat_without_an_end_is_closed_after_its_window(tmp_path):
     with SplatWatcher(log, seen.append, interval=0.05, window=0.3):
         with open(log, "a") as f:
             f.write(STALL)
-        time.sleep(0.6)
+        deadline = time.monotonic() + 30        # the watcher's thread closes it after 0.3 s
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(seen) == 1                   # reported while the guest still runs
         with open(log, "a") as f:
             f.write("[   40.0] rcu: INFO: rcu_sched self-detected stall on CPU\n")
