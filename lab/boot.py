@@ -5,7 +5,7 @@ builds them a small busybox initramfs (cached per kernel) that loads the
 modules and switch_roots into the image.  Catalog source kernels have those
 drivers built in and boot the image directly.  kernel_for_boot() gives QEMU the
 bzImage's payload as a PVH ELF where it can (no decompressor run under TCG), and
-probe_initrd() is the tiny initramfs of the KVM probe (lab.vm).
+probe_initrd() is the tiny initramfs of the KVM probe (lab.accel).
 """
 
 from __future__ import annotations

@@ -320,7 +320,7 @@ def run_fleets(cfg: RunConfig, s: Scenario, kernel_names: list[str], artifacts: 
     control: sees every agent's events and may end a load early (lab.repro.ControlStop).
     An error that is not an infrastructure loss (BadInput, a bug) in any
     fleet is raised here once every fleet has torn itself down."""
-    from lab.vm import accel_text
+    from lab.accel import accel_text
 
     vmcfg = s["vm"]
     trace = _trace_opts(cfg, s)
@@ -524,7 +524,7 @@ def amplifier_plans(s: Scenario, names: list[str], artifacts: list[KernelArtifac
 def _single(kernel_name: str, vcpus: int, memory_mib: int) -> Iterator[VM]:
     from lab import image as imagemod
     from lab import vm as vmmod
-    from lab.vm import accel_text
+    from lab.accel import accel_text
 
     preflight_vm()
     (art,) = build_kernels([kernel_name])

@@ -22,7 +22,6 @@ from urllib.parse import quote
 
 import pytest
 
-from lab import boot as bootmod
 from lab import image as imagemod
 from lab import vm as vmmod
 from lab.remote import SshHost
@@ -76,16 +75,6 @@ def test_domain_xml_escapes_the_cmdline():
     assert root.find("os/cmdline").text == "a=<b> c='d' & e"
 
 
-def test_accel_override(monkeypatch):
-    monkeypatch.setenv("RACELAB_ACCEL", "tcg")
-    assert vmmod.detect_accel(object()) == ("tcg", "forced by RACELAB_ACCEL=tcg")
-    assert vmmod.detect_accel(object())[0] is vmmod.Accel.TCG
-    assert [a.value for a in vmmod.Accel] == ["kvm", "tcg"]    # the words RACELAB_ACCEL and --accel take
-    monkeypatch.setenv("RACELAB_ACCEL", "hvf")
-    with pytest.raises(BadInput, match="RACELAB_ACCEL='hvf'"):
-        vmmod.detect_accel(object())
-
-
 def test_remote_command_line_quotes_and_sets_pythonpath():
     h = SshHost("g", 1, Path("/nonexistent"), "ssh-ed25519 AAAA")
     line = h.command_line(["echo", "a b", "$HOME", "it's"], env={"X": "1 2"})
@@ -116,98 +105,12 @@ def test_pinning_spreads_guests_over_host_cpus():
     assert len(overcommit_notes(4, 2, ("a", "b"), two)) == 1
 
 
-def test_accelerator_line_says_why():
-    assert vmmod.accel_text("tcg", "no /dev/kvm on this host") == "tcg (kvm unusable: no /dev/kvm on this host)"
-    assert vmmod.accel_text("tcg", "forced by RACELAB_ACCEL=tcg") == "tcg (forced by RACELAB_ACCEL=tcg)"
-    assert vmmod.accel_text("kvm", "KVM probe booted the kernel in 0.8s") == \
-        "kvm (KVM probe booted the kernel in 0.8s)"
-    assert vmmod.accel_text("tcg", "") == "tcg"
-
-
 def test_owner_lineage_names_the_processes_that_started_the_owner():
     out = subprocess.run([sys.executable, "-c", "from lab.vm import _owner_meta; "
                           "print(_owner_meta('')['lineage'])"],
                          cwd=project_root(), capture_output=True, text=True, check=True).stdout
     assert str(os.getpid()) in out.strip().split(",")
     assert vmmod._owner_meta("")["lineage"].split(",")[0] == str(os.getppid())
-
-
-def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch, tmp_path):
-    import libvirt
-
-    class Dom:
-        destroyed = False
-
-        def destroy(self):
-            Dom.destroyed = True
-
-    class Conn:
-        def getDomainCapabilities(self, *a):
-            return ""
-
-        def getCapabilities(self):
-            return "<capabilities><host><uuid>0-0</uuid></host></capabilities>"
-
-        def getVersion(self):
-            return 9000000
-
-        def createXML(self, xml, flags):
-            return Dom()
-
-        def close(self):
-            pass
-
-    def broken_stream(*a):
-        raise libvirt.libvirtError("console stream failed")
-
-    kernel = tmp_path / "bzImage"
-    kernel.write_bytes(b"k")
-    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(vmmod, "connect", lambda uri: Conn())
-    monkeypatch.setattr(vmmod, "upload", lambda conn, path, name: f"/pool/{name}")
-    monkeypatch.setattr(vmmod, "ConsoleStream", broken_stream)
-    monkeypatch.setattr(bootmod, "kernel_for_boot", lambda k: kernel)
-    monkeypatch.setattr(bootmod, "probe_initrd", lambda: kernel)
-    with pytest.raises(libvirt.libvirtError):
-        vmmod._remote_accel(vmmod.BareKernel(kernel), "qemu+ssh://lab2/system")
-    assert Dom.destroyed
-
-
-def test_the_remote_kvm_probe_is_cached_per_host_not_per_uri(monkeypatch, tmp_path):
-    import libvirt
-
-    started = []
-
-    class Conn:
-        def getDomainCapabilities(self, *a):
-            return ""
-
-        def getCapabilities(self):
-            return "<capabilities><host><uuid>5a1e-host</uuid></host></capabilities>"
-
-        def getVersion(self):
-            return 9000000
-
-        def createXML(self, xml, flags):
-            started.append(xml)
-            raise libvirt.libvirtError("no KVM for you")
-
-        def close(self):
-            pass
-
-    kernel = tmp_path / "bzImage"
-    kernel.write_bytes(b"k")
-    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(vmmod, "connect", lambda uri: Conn())
-    monkeypatch.setattr(vmmod, "upload", lambda conn, path, name: f"/pool/{name}")
-    monkeypatch.setattr(bootmod, "kernel_for_boot", lambda k: kernel)
-    monkeypatch.setattr(bootmod, "probe_initrd", lambda: kernel)
-    k = vmmod.BareKernel(kernel)
-    accel, why = vmmod._remote_accel(k, "qemu+ssh://root@lab2:2201/system?keyfile=/a")
-    assert accel == "tcg" and "did not start" in why and len(started) == 1
-    # the same host through another port and key: its libvirt host UUID finds the probe
-    accel, why = vmmod._remote_accel(k, "qemu+ssh://lab@lab2:2202/system?keyfile=/b")
-    assert accel == "tcg" and why.endswith("(cached probe)") and len(started) == 1
 
 
 def test_the_tunnel_reaches_a_host_as_libvirt_does_with_the_uris_ssh_settings(tmp_path):
