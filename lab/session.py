@@ -13,7 +13,6 @@ import os
 import platform
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from typing import Any
 from lab import amplifier, report, results
 from lab.config import RunConfig, fmt_duration, to_jsonable
 from lab.host import LocalHost
+from lab.progress import Display
 from lab.run import BadInput, log, require_root, require_tools
 from lab.scenario import Scenario, from_data
 from lab.verdict import INCONCLUSIVE, Row, decide, verdict_text
@@ -34,17 +34,16 @@ AF_XDP = 44
 
 
 class Progress:
-    """A live line: elapsed, packets and violations summed over targets."""
+    """A run's live line, fed from its targets' events (from any thread), on the one progress
+    display (lab.progress): elapsed, targets, packets and violations summed over targets, and
+    a line that stays for the first violation on each target."""
 
-    def __init__(self, enabled: bool = True, interval: float = 0.5) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.interval = interval if self.tty else 10.0
+    def __init__(self, enabled: bool = True, every: float = 10.0) -> None:
+        self.display = Display(enabled, every=every)
         self.t0 = time.monotonic()
         self.rx: dict[str, int] = {}
         self.viol: dict[str, int] = {}
         self.first: dict[str, float] = {}
-        self._last = 0.0
         self._lock = threading.Lock()
 
     def on_event(self, label: str, ev: dict[str, Any]) -> None:
@@ -57,29 +56,16 @@ class Progress:
                 self.viol[label] = self.viol.get(label, 0) + 1
                 if label not in self.first:
                     self.first[label] = time.monotonic() - self.t0
-                    if self.enabled:
-                        self._print(f"first violation on {label}: {ev.get('kind')} "
-                                    f"(queue {ev.get('queue')}, cpu {ev.get('cpu')})", newline=True)
-            now = time.monotonic()
-            if self.enabled and now - self._last >= self.interval:
-                self._last = now
-                self._print(self.line())
+                    self.display.note(f"first violation on {label}: {ev.get('kind')} "
+                                      f"(queue {ev.get('queue')}, cpu {ev.get('cpu')})")
+            self.display.update(self.line())
 
     def line(self) -> str:
         return (f"[{fmt_duration(time.monotonic() - self.t0):>6}] targets {len(self.rx)}  "
                 f"packets {sum(self.rx.values()):,}  violations {sum(self.viol.values()):,}")
 
-    def _print(self, text: str, newline: bool = False) -> None:
-        if self.tty:
-            sys.stderr.write("\r\033[K" + text + ("\n" if newline else ""))
-        else:
-            sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
     def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+        self.display.close()
 
 
 @dataclass

@@ -1,12 +1,120 @@
-"""Live output: a kernel build's percentage and ETA from a comparable build, a fleet that says
-it is booting, a matrix that says when each cell starts and ends."""
+"""Live output: the one progress display (lab.progress) on a TTY and in a log, a kernel build's
+percentage and ETA from a comparable build, a run's live line fed from several guest threads,
+a fleet that says it is booting, a matrix that says when each cell starts and ends."""
+import io
 import json
 import logging
+import sys
 import threading
 import time
 
+import pytest
 
+from lab import progress, session
 from lab.kernels import kbuild
+from lab.run import BuildFailed
+
+
+class FakeTTY(io.StringIO):
+    """A terminal that keeps what was written to it."""
+
+    def isatty(self):
+        return True
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def messages(caplog):
+    return [r.getMessage() for r in caplog.records]
+
+
+def cleared(out, text):
+    """text was shown on the terminal and the display's line is erased after its last showing."""
+    return text in out and "\x1b[2K" in out[out.rindex(text):] and out.endswith("\x1b[2K")
+
+
+# ------------------------------------------------------------------ the display
+
+
+def test_plain_lines_come_at_most_every_interval_the_first_at_once(caplog):
+    clock = Clock()
+    with caplog.at_level(logging.INFO, logger="racelab"):
+        d = progress.Display(True, every=10.0, stream=io.StringIO(), clock=clock)
+        assert not d.tty
+        d.update("a")
+        clock.t += 9
+        d.update("b")                          # too soon
+        clock.t += 1
+        d.update(lambda: "c")
+        d.update(lambda: pytest.fail("a line that is not shown is never made"))
+        d.close()
+        d.update("after close")
+    assert messages(caplog) == ["a", "c"]
+
+
+def test_quiet_or_disabled_shows_nothing(caplog, capsys):
+    t = FakeTTY()
+    with caplog.at_level(logging.WARNING, logger="racelab"):   # -q
+        d = progress.Display(True, stream=t)
+        d.update("x")
+        d.note("y")
+        d.close()
+    with caplog.at_level(logging.INFO, logger="racelab"):
+        d = progress.Display(False, stream=t)
+        d.update("x")
+        d.note("y")
+        d.close()
+    assert t.getvalue() == "" and messages(caplog) == []
+    assert capsys.readouterr() == ("", "")
+
+
+def test_on_a_tty_the_line_is_redrawn_log_records_go_above_it_and_it_is_cleared(caplog, capsys):
+    t = FakeTTY()
+    h = logging.StreamHandler(t)                # as setup_logging's handler on stderr
+    logging.getLogger().addHandler(h)
+    try:
+        with caplog.at_level(logging.INFO, logger="racelab"), progress.Display(True, stream=t) as d:
+            assert d.tty
+            d.update("packets 1")
+            assert h.stream is not t            # through rich while the line is up
+            logging.getLogger("racelab").info("a record")
+            print('{"json": "document"}')     # stdout is left alone (--json)
+            d.update("packets 2")
+    finally:
+        logging.getLogger().removeHandler(h)
+    out = t.getvalue()
+    assert "\r\x1b[2Ka record\n" in out        # the line erased, the record, then the line again
+    assert cleared(out, "packets 2") and "\x1b[?25h" in out   # and the cursor back
+    assert h.stream is t
+    assert capsys.readouterr().out == '{"json": "document"}\n' and "json" not in out
+
+
+def test_ctrl_c_stops_the_display_and_clears_its_line(caplog):
+    t = FakeTTY()
+    with (caplog.at_level(logging.INFO, logger="racelab"), pytest.raises(KeyboardInterrupt),
+          progress.Display(True, stream=t) as d):
+        d.update("packets 1")
+        raise KeyboardInterrupt
+    with caplog.at_level(logging.INFO, logger="racelab"):
+        assert d.closed and cleared(t.getvalue(), "packets 1")
+        d.update("a guest thread's late event")  # never brings the display back
+    assert progress._active is None             # so the next display can start
+    assert "late" not in t.getvalue()
+
+
+def test_a_second_display_while_one_is_up_shows_plain_lines(caplog):
+    with caplog.at_level(logging.INFO, logger="racelab"), progress.Display(True, stream=FakeTTY()) as first:
+        first.update("the first")
+        with progress.Display(True, stream=FakeTTY()) as second:
+            second.update("the second")
+            assert not second.tty
+    assert messages(caplog) == ["the second"]
 
 
 def tree(build, name, full_steps=None):
@@ -70,6 +178,98 @@ def test_without_a_model_only_steps_and_time():
     assert p.text().startswith("[kernel] k: 25 steps, 0m0")
     p.line("  not a step\n")
     assert p.steps == 25
+
+
+def test_a_build_off_a_tty_logs_a_line_every_interval(caplog):
+    with caplog.at_level(logging.INFO, logger="racelab"):
+        p = kbuild.Progress("k", True, estimate=kbuild.Estimate(100, "x"), every=30.0)
+        clock = Clock()
+        p.display.clock = clock
+        steps(p, 10)
+        clock.t += 30
+        steps(p, 1)
+        p.done()
+    lines = [m for m in messages(caplog) if "steps" in m]
+    assert lines[0] == "[kernel] k: ~100 steps expected (from x)"
+    assert len(lines) == 3 and lines[1].startswith("[kernel] k: 1 steps of ~100 (~1%), 0m")
+    assert lines[2].startswith("[kernel] k: 11 steps of ~100 (~11%)")
+
+
+def test_a_failed_make_leaves_no_bar_on_the_terminal(tmp_path, monkeypatch, caplog):
+    t = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", t)
+    (tmp_path / "Makefile").write_text("bzImage:\n\t@echo '  CC      a.o'\n\t@echo '  CC      b.o'\n\t@false\n")
+    with caplog.at_level(logging.INFO, logger="racelab"):
+        p = kbuild.Progress("k", True, estimate=kbuild.Estimate(10, "x"))
+        with open(tmp_path / "log", "w") as logf, pytest.raises(BuildFailed):
+            kbuild.make(tmp_path, ["bzImage"], logf, p)
+    assert p.steps == 2 and p.display.closed
+    assert cleared(t.getvalue(), "[kernel] k")
+    assert progress._active is None
+
+
+def test_a_run_line_sums_packets_and_violations_and_says_each_first_violation_once(caplog, capsys):
+    with caplog.at_level(logging.INFO, logger="racelab"):
+        p = session.Progress(enabled=True, every=0.0)
+        p.on_event("vm-0", {"type": "stats", "rx": 1000, "violations": 0})
+        p.on_event("vm-1", {"type": "stats", "rx": 500, "violations": 0})
+        p.on_event("vm-1", {"type": "violation", "kind": "order", "queue": 0, "cpu": 1})
+        p.on_event("vm-1", {"type": "violation", "kind": "order", "queue": 0, "cpu": 1})
+        p.close()
+    line = p.line()
+    assert "targets 2" in line and "packets 1,500" in line and "violations 2" in line
+    msgs = messages(caplog)
+    assert "targets 1  packets 1,000  violations 0" in msgs[0]        # said as it goes
+    assert [m for m in msgs if m.startswith("first")] == ["first violation on vm-1: order (queue 0, cpu 1)"]
+    assert capsys.readouterr() == ("", "")                           # a log line, never stdout
+
+
+def test_a_run_line_can_be_silenced(caplog, capsys):
+    with caplog.at_level(logging.INFO, logger="racelab"):
+        p = session.Progress(enabled=False)
+        p.on_event("vm-0", {"type": "violation", "kind": "poison"})
+        p.close()
+    assert messages(caplog) == [] and capsys.readouterr() == ("", "")
+
+
+def test_several_guest_threads_feed_one_run_line(caplog, monkeypatch):
+    # each thread feeds many targets of its own, so that new targets appear while the other
+    # threads sum them up, and says each one's violations as they come
+    t = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", t)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)                # threads switch as often as they can
+    n, labels, per = 8, 40, 5
+    start = threading.Barrier(n)
+    errors = []
+
+    def guest(i):
+        start.wait()
+        try:
+            for k in range(per):
+                for j in range(labels):
+                    p.on_event(f"vm-{i}-{j}", {"type": "violation", "kind": "order", "queue": j, "cpu": i})
+                    p.on_event(f"vm-{i}-{j}", {"type": "stats", "rx": k + 1, "violations": 0})
+        except Exception as e:                 # a thread's error would be lost otherwise
+            errors.append(e)
+    try:
+        with caplog.at_level(logging.INFO, logger="racelab"):
+            p = session.Progress(True)
+            threads = [threading.Thread(target=guest, args=(i,)) for i in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            p.close()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []
+    total = n * labels * per
+    assert p.line().endswith(f"targets {n * labels}  packets {total:,}  violations {total:,}")
+    firsts = sorted(m for m in messages(caplog) if m.startswith("first violation on"))
+    assert firsts == sorted(f"first violation on vm-{i}-{j}: order (queue {j}, cpu {i})"
+                            for i in range(n) for j in range(labels))
+    assert cleared(t.getvalue(), "targets") and progress._active is None
 
 
 def test_a_matrix_says_when_each_cell_starts_and_ends_with_a_tally(monkeypatch, tmp_path, caplog):

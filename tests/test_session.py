@@ -1,33 +1,13 @@
-"""The live progress line of a run (lab.session.Progress)."""
+"""One `racelab run` (lab.session): rows from targets, and Ctrl-C for real (root).
+(Its live line is in test_progress.py.)"""
 import pytest
 
-from lab.session import Progress
-
-
-def test_progress_line_sums_packets_and_violations_and_announces_the_first(capsys):
-    p = Progress(enabled=True)
-    p.on_event("vm-0", {"type": "stats", "rx": 1000, "violations": 0})
-    p.on_event("vm-1", {"type": "stats", "rx": 500, "violations": 0})
-    p.on_event("vm-1", {"type": "violation", "kind": "order", "queue": 0, "cpu": 1})
-    line = p.line()
-    assert "targets 2" in line and "packets 1,500" in line and "violations 1" in line
-    err = capsys.readouterr().err
-    assert "packets 1,000" in err                       # printed as it goes
-    assert "first violation on vm-1: order (queue 0, cpu 1)" in err
-
-
-def test_progress_can_be_silenced(capsys):
-    p = Progress(enabled=False)
-    p.on_event("vm-0", {"type": "violation", "kind": "poison"})
-    p.close()
-    assert capsys.readouterr().err == ""
+from lab.session import rows_from_targets
+from lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from lab.workload import TargetResult
 
 
 # ------------------------------------------------------------------ rows from targets
-
-from lab.session import rows_from_targets  # noqa: E402
-from lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED  # noqa: E402
-from lab.workload import TargetResult  # noqa: E402
 
 
 def target(label, rx_per_half_second, seconds=60.0, **kw):

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import IO
 
 from lab.cache import atomic_write
 from lab.kernels import bzimage
+from lab.progress import Display
 from lab.run import BadInput, BuildFailed, cache_dir, log, run, spawn
 
 ARCH = "x86_64"
@@ -335,50 +335,29 @@ def estimate_steps(build_dir: Path, fresh: bool) -> Estimate | None:
 
 
 class Progress:
-    """A kernel build's progress: a rich progress bar (percentage, ETA) on a TTY; otherwise a log
-    line every `every` seconds.  The total comes from a comparable earlier build (estimate_steps),
-    so the percentage and ETA are estimates: a build may take more steps than its model."""
+    """A kernel build's progress, fed from make's output, on the one progress display
+    (lab.progress): a bar with a percentage and an ETA on a TTY, otherwise a log line every
+    `every` seconds.  The total comes from a comparable earlier build (estimate_steps), so
+    the percentage and ETA are estimates: a build may take more steps than its model."""
 
     def __init__(self, label: str, enabled: bool, expected: int = 0, every: float = 30.0,
                  estimate: Estimate | None = None) -> None:
         self.label = label
         self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
         self.estimate = estimate or (Estimate(expected, "an earlier build") if expected else None)
         self.expected = self.estimate.steps if self.estimate else 0
-        self.every = every
         self.start = time.monotonic()
-        self.last = self.start
         self.steps = 0
-        self._bar = None
-        self._task = None
+        self.display = Display(enabled, every=every, bar=f"[kernel] {label}")
         if self.enabled and self.estimate:
             log.info("[kernel] %s: ~%d steps expected (from %s)", label, self.expected, self.estimate.source)
-        if self.tty:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TaskProgressColumn,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-            self._bar = Bar(TextColumn(f"[kernel] {label}", markup=False), BarColumn(), TaskProgressColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                            TimeRemainingColumn(), TextColumn("{task.fields[current]}", markup=False),
-                            console=Console(stderr=True), transient=True)
-            self._task = self._bar.add_task("build", total=self.expected or None, current="")
-            self._bar.start()
 
     def line(self, text: str) -> None:
         if _COMPILE.match(text):
             self.steps += 1
-        if not self.enabled:
-            return
-        if self._bar is not None and self._task is not None:
-            # a build past its model's step count stays below 100% until it ends
-            total = max(self.expected, self.steps + 1) if self.expected else None
-            self._bar.update(self._task, completed=self.steps, total=total, current=text.strip()[-50:])
-            return
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            self.show()
+        # a build past its model's step count stays below 100% until it ends
+        total = max(self.expected, self.steps + 1) if self.expected else None
+        self.display.update(self.text, completed=self.steps, total=total, current=text.strip()[-50:])
 
     def fraction(self) -> float | None:
         """Done so far, by the model's step count (below 1 until the build ends)."""
@@ -403,13 +382,8 @@ class Progress:
             msg += f", ETA ~{int(eta) // 60}m{int(eta) % 60:02d}s" if eta else ", ETA: past the estimate"
         return msg
 
-    def show(self, current: str = "") -> None:
-        log.info("%s", self.text())
-
     def done(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        self.display.close()
 
 
 # ccache hashes a source and the headers it includes, never a file that an
@@ -444,8 +418,9 @@ def make(tree: Path, targets: Sequence[str], logf: IO[str], progress: Progress) 
     logf.write(f"+ {' '.join(argv)}\n")
     logf.flush()
     tail: list[str] = []
-    with spawn(argv, cwd=tree, env=_make_env(), stdout=subprocess.PIPE,
-               stderr=subprocess.STDOUT, grace=10) as proc:
+    # the bar is gone however make ends: done, failed, or Ctrl-C
+    with progress.display, spawn(argv, cwd=tree, env=_make_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, grace=10) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             logf.write(line)
@@ -455,7 +430,6 @@ def make(tree: Path, targets: Sequence[str], logf: IO[str], progress: Progress) 
             progress.line(line)
         rc = proc.wait()
     logf.flush()
-    progress.done()
     if rc != 0:
         raise BuildFailed(f"kernel build failed (make exit {rc}) in {tree}:\n    " + "\n    ".join(tail[-25:]),
                           hint=f"full log: {logf.name}")
