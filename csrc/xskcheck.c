@@ -15,6 +15,12 @@
  * all per-frame bookkeeping for them, so the hot path takes no locks.  The
  * main thread prints stats and handles signals.
  *
+ * main() runs its phases in order, each a function at the end of this file:
+ * find the devices, lay out the groups and UMEMs, size the rings and tables
+ * (--selfbench stops here), load the BPF objects, open and poison the
+ * sockets, post the FILL rings, attach XDP, print "ready", start the
+ * workers, print stats until the stop, then join, detach and print "done".
+ *
  * Output: JSON lines on stdout (ready, violation, stats, done); diagnostics
  * on stderr.  Exit 0 ok, 2 bad arguments / no XDP sockets / not permitted,
  * 3 runtime failure.
@@ -246,9 +252,12 @@ static int ngroups;
 static uint8_t *fstate, *fflags; /* per global frame */
 static uint64_t *fseq;		  /* pooled: per frame, its FILL posting number in its pool */
 static uint8_t *fsock;		  /* pooled: per frame, the slot of the socket that last received it */
+static const char *dev_name[2]; /* --dev, --peer-dev */
 static int ifindex[2];
 static int xskmap_fd[2] = { -1, -1 }, prog_fd[2] = { -1, -1 }, ctl_fd = -1;
 static bool attached[2];
+static uint8_t *shared_map; /* --shared-umem: the one UMEM */
+static size_t shared_maplen;
 
 #define INC(x) __atomic_store_n(&(x), (x) + 1, __ATOMIC_RELAXED)
 #define ADD(x, n) __atomic_store_n(&(x), (x) + (n), __ATOMIC_RELAXED)
@@ -1487,6 +1496,10 @@ static void close_all(void)
 			munmap(s->umem, s->umem_maplen);
 	}
 	nsocks = 0;
+	if (shared_map) {
+		munmap(shared_map, shared_maplen);
+		shared_map = NULL;
+	}
 }
 
 static void bail(int code)
@@ -1933,36 +1946,33 @@ static int selfbench(void)
 	return 0;
 }
 
-int main(int argc, char **argv)
+/* ------------------------------------------------------------------ */
+/* main's phases, in the order it runs them                            */
+
+/* The devices by name and ifindex (dev_name[], ifindex[]), before anything
+ * is allocated.  Returns 0, or the exit code. */
+static int find_devices(void)
 {
-	struct rlimit rl = { RLIM_INFINITY, RLIM_INFINITY };
-	struct sigaction sa;
-	sigset_t block, old;
-	uint32_t per_group, rem, fpos = 0, max_group = 0;
-	uint8_t *shared = NULL;
-	size_t shared_len = 0;
-	const char *devs[2];
-	uint64_t deadline = 0, next_stats;
-	char err[256];
-	int rc = 0;
-
-	setvbuf(stdout, NULL, _IOFBF, 1 << 16);
-	parse_args(argc, argv);
-	devs[0] = opt.dev;
-	devs[1] = opt.peer_dev;
-	exp_off = XDP_HEADROOM + opt.headroom;
-	fs_shift = (unsigned)__builtin_ctz(opt.frame_size);
-	setrlimit(RLIMIT_MEMLOCK, &rl);
-
+	dev_name[0] = opt.dev;
+	dev_name[1] = opt.peer_dev;
 	for (int d = 0; d < (opt.forward ? 2 : 1) && !opt.selfbench; d++) {
-		ifindex[d] = (int)if_nametoindex(devs[d]);
+		ifindex[d] = (int)if_nametoindex(dev_name[d]);
 		if (!ifindex[d]) {
-			fprintf(stderr, "xskcheck: no such device: %s\n", devs[d]);
+			fprintf(stderr, "xskcheck: no such device: %s\n", dev_name[d]);
 			return 2;
 		}
 	}
+	return 0;
+}
 
-	/* groups and their frames */
+/* Splits the frames among the groups (one per queue) and lays out their
+ * sockets: groups[0..ngroups), socks[0..nsocks) with their home frames, pool
+ * and peer, the per-frame tables, and the UMEMs mmapped (shared_map with
+ * --shared-umem).  No socket is open yet.  Returns 0, or the exit code. */
+static int make_groups(void)
+{
+	uint32_t per_group, rem, fpos = 0;
+
 	ngroups = opt.queues;
 	per_group = opt.frames / (uint32_t)ngroups;
 	rem = opt.frames % (uint32_t)ngroups;
@@ -1971,10 +1981,11 @@ int main(int argc, char **argv)
 	fseq = calloc(opt.frames, sizeof(*fseq));
 	fsock = calloc(opt.frames, 1);
 	if (opt.shared_umem) {
-		shared_len = ((size_t)opt.frames * opt.frame_size + 4095) & ~(size_t)4095;
-		shared = mmap(NULL, shared_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
-			      -1, 0);
-		if (shared == MAP_FAILED) {
+		shared_maplen = ((size_t)opt.frames * opt.frame_size + 4095) & ~(size_t)4095;
+		shared_map = mmap(NULL, shared_maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
+				  -1, 0);
+		if (shared_map == MAP_FAILED) {
+			shared_map = NULL;
 			perror("xskcheck: mmap UMEM");
 			return 3;
 		}
@@ -2002,7 +2013,7 @@ int main(int argc, char **argv)
 			s->g = g;
 			s->slot = j;
 			s->devno = opt.forward ? j : 0;
-			s->dev = devs[s->devno];
+			s->dev = dev_name[s->devno];
 			s->ifindex = ifindex[s->devno];
 			s->queue = (uint32_t)gi;
 			s->fq = opt.forward || j == 0 ? s : g->s[0];
@@ -2020,11 +2031,11 @@ int main(int argc, char **argv)
 				s->owns_umem = false;
 				s->umem_maplen = g->s[0]->umem_maplen;
 			} else if (opt.shared_umem) {
-				s->umem = shared;
+				s->umem = shared_map;
 				s->umem_frames = opt.frames;
 				s->gbase = 0;
 				s->owns_umem = s == &socks[0];
-				s->umem_maplen = shared_len;
+				s->umem_maplen = shared_maplen;
 			} else {
 				s->umem_maplen = ((size_t)n * opt.frame_size + 4095) & ~(size_t)4095;
 				s->umem = mmap(NULL, s->umem_maplen, PROT_READ | PROT_WRITE,
@@ -2044,13 +2055,22 @@ int main(int argc, char **argv)
 		}
 		g->umem = g->s[0]->umem;
 		g->umem_gbase = g->s[0]->gbase;
-		if (n > max_group)
-			max_group = n;
 		fpos += n;
 	}
+	return 0;
+}
+
+/* opt.ring: without --ring, the smallest power of two that holds a
+ * group's frames, so that RX can never overflow (overflow reorders on a
+ * correct kernel); the injected duplicate FILL entry needs one more slot. */
+static void choose_ring_size(void)
+{
+	uint32_t max_group = 0;
+
+	for (int gi = 0; gi < ngroups; gi++)
+		if (groups[gi].nframes > max_group)
+			max_group = groups[gi].nframes;
 	if (!opt.ring) {
-		/* RX can never overflow (overflow reorders on a correct kernel);
-		 * the injected duplicate FILL entry needs one more slot. */
 		uint32_t need = max_group + (opt.inject == K_DUPLICATE ? 1 : 0);
 
 		opt.ring = 4;
@@ -2060,6 +2080,13 @@ int main(int argc, char **argv)
 		fprintf(stderr, "xskcheck: note: --ring %u < %u frames per queue: RX may overflow and reorder\n",
 			opt.ring, max_group);
 	}
+}
+
+/* Each socket's checker state, sized from opt.ring and its group: the FILL
+ * FIFO, the flow table, the frames waiting for FILL space.  Returns 0, or
+ * the exit code. */
+static int alloc_tables(void)
+{
 	for (int i = 0; i < nsocks; i++) {
 		struct xsk *s = &socks[i];
 		uint32_t cap = 4;
@@ -2075,11 +2102,14 @@ int main(int argc, char **argv)
 			return 3;
 		}
 	}
+	return 0;
+}
 
-	if (opt.selfbench)
-		return selfbench();
-
-	/* BPF objects, before any socket so that EPERM is reported early */
+/* The BPF objects (ctl_fd, xskmap_fd[], prog_fd[]), before any socket so
+ * that EPERM is reported early.  Nothing is attached yet.  Returns 0, or the
+ * exit code. */
+static int load_bpf(void)
+{
 	ctl_fd = map_create(BPF_MAP_TYPE_ARRAY, 2, "xskcheck_ctl"); /* [0] length bias, [1] rr pick */
 	if (ctl_fd < 0) {
 		fprintf(stderr, "xskcheck: cannot create a BPF map: %s\n", strerror(errno));
@@ -2097,14 +2127,27 @@ int main(int argc, char **argv)
 			return errno == EPERM ? 2 : 3;
 		}
 	}
+	return 0;
+}
 
-	/* signals: only the main thread takes them */
+/* SIGTERM and SIGINT set stop_flag; start_workers() keeps them off the
+ * workers, so only the main thread takes them. */
+static void catch_signals(void)
+{
+	struct sigaction sa;
+
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_signal;
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 	signal(SIGPIPE, SIG_IGN);
+}
 
+/* Opens, maps, poisons (poison_rings(), before bind()) and binds every
+ * socket, and puts it in its device's XSKMAP.  Exits 3 on failure (2 when
+ * not permitted), closing what it opened. */
+static void open_sockets(void)
+{
 	for (int i = 0; i < nsocks; i++) {
 		struct xsk *s = &socks[i];
 
@@ -2119,7 +2162,12 @@ int main(int argc, char **argv)
 			bail(3);
 		}
 	}
-	/* every frame starts in its home socket's FILL ring */
+}
+
+/* Every frame starts in its home socket's FILL ring; the groups' fill
+ * counters stay 0 (the initial posting is not counted). */
+static void post_initial_fill(void)
+{
 	for (int i = 0; i < nsocks; i++) {
 		struct xsk *s = &socks[i];
 		uint32_t *list = calloc(s->home_n ? s->home_n : 1, sizeof(uint32_t));
@@ -2129,9 +2177,16 @@ int main(int argc, char **argv)
 		post_fill(s->g, s, list, s->home_n);
 		free(list);
 	}
-	for (int i = 0; i < ngroups; i++) { /* don't count the initial posting */
+	for (int i = 0; i < ngroups; i++)
 		groups[i].st.fill = 0;
-	}
+}
+
+/* The XDP program on each device, in the --xdp mode (attached[] says which
+ * are, for detach_all()).  Exits 3 on failure. */
+static void attach_xdp(void)
+{
+	char err[256];
+	int rc;
 
 	for (int d = 0; d < (opt.forward ? 2 : 1); d++) {
 		/* a program left by a killed checker (either mode) would block us */
@@ -2140,32 +2195,37 @@ int main(int argc, char **argv)
 		rc = xdp_set(ifindex[d], prog_fd[d], xdp_mode_flag(), err, sizeof(err));
 		if (rc) {
 			fprintf(stderr, "xskcheck: attaching XDP (%s) to %s: %s%s%s\n", opt.native ? "native" : "generic",
-				devs[d], strerror(-rc), err[0] ? ": " : "", err);
+				dev_name[d], strerror(-rc), err[0] ? ": " : "", err);
 			bail(3);
 		}
 		attached[d] = true;
 	}
+}
 
-	if (opt.trace_marker || opt.stop_on_first)
-		open_tracing();
+/* The "ready" event: what the checker runs with, at t = 0. */
+static void print_ready(void)
+{
+	char line[768];
 
-	t0 = now_ns();
-	{
-		char line[768];
+	snprintf(line, sizeof(line),
+		 "{\"type\":\"ready\",\"t\":0.0,\"sockets\":%d,\"queues\":%d,\"xdp\":\"%s\",\"mode\":\"%s\","
+		 "\"frames\":%u,\"frame_size\":%u,\"headroom\":%u,\"expected_offset\":%u,\"ring\":%u,"
+		 "\"shared_umem\":%s,\"sockets_per_queue\":%d,\"pick\":\"%s\",\"busy_poll_usec\":%d,\"checks\":\"%s\",\"inject\":%s%s%s,\"dev\":\"%s\",\"peer_dev\":%s%s%s,"
+		 "\"pid\":%d}\n",
+		 nsocks, opt.queues, opt.native ? "native" : "generic", opt.forward ? "forward" : "rxdrop",
+		 opt.frames, opt.frame_size, opt.headroom, exp_off, opt.ring, opt.shared_umem ? "true" : "false",
+		 opt.spq, opt.pick_rr ? "rr" : "cpu", opt.busy_poll_us, opt.checks ? "all" : "none", opt.inject >= 0 ? "\"" : "",
+		 opt.inject >= 0 ? kind_name[opt.inject] : "null", opt.inject >= 0 ? "\"" : "", opt.dev,
+		 opt.peer_dev ? "\"" : "", opt.peer_dev ? opt.peer_dev : "null", opt.peer_dev ? "\"" : "",
+		 (int)getpid());
+	emit(line);
+}
 
-		snprintf(line, sizeof(line),
-			 "{\"type\":\"ready\",\"t\":0.0,\"sockets\":%d,\"queues\":%d,\"xdp\":\"%s\",\"mode\":\"%s\","
-			 "\"frames\":%u,\"frame_size\":%u,\"headroom\":%u,\"expected_offset\":%u,\"ring\":%u,"
-			 "\"shared_umem\":%s,\"sockets_per_queue\":%d,\"pick\":\"%s\",\"busy_poll_usec\":%d,\"checks\":\"%s\",\"inject\":%s%s%s,\"dev\":\"%s\",\"peer_dev\":%s%s%s,"
-			 "\"pid\":%d}\n",
-			 nsocks, opt.queues, opt.native ? "native" : "generic", opt.forward ? "forward" : "rxdrop",
-			 opt.frames, opt.frame_size, opt.headroom, exp_off, opt.ring, opt.shared_umem ? "true" : "false",
-			 opt.spq, opt.pick_rr ? "rr" : "cpu", opt.busy_poll_us, opt.checks ? "all" : "none", opt.inject >= 0 ? "\"" : "",
-			 opt.inject >= 0 ? kind_name[opt.inject] : "null", opt.inject >= 0 ? "\"" : "", opt.dev,
-			 opt.peer_dev ? "\"" : "", opt.peer_dev ? opt.peer_dev : "null", opt.peer_dev ? "\"" : "",
-			 (int)getpid());
-		emit(line);
-	}
+/* One worker() thread per group (groups[].th), with SIGTERM and SIGINT
+ * blocked in them.  Exits 3 if one cannot start, after stopping the others. */
+static void start_workers(void)
+{
+	sigset_t block, old;
 
 	sigemptyset(&block);
 	sigaddset(&block, SIGTERM);
@@ -2181,6 +2241,15 @@ int main(int argc, char **argv)
 		}
 	}
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* The main thread while the workers check: a "stats" event every
+ * --stats-ms, until a signal, a worker (stop_flag) or --duration
+ * (stop_reason "duration") ends the run.  It sleeps at most 50 ms at a
+ * time, so that a stop is seen soon. */
+static void wait_for_stop(void)
+{
+	uint64_t deadline = 0, next_stats;
 
 	if (opt.duration > 0)
 		deadline = t0 + (uint64_t)(opt.duration * 1e9);
@@ -2208,13 +2277,55 @@ int main(int argc, char **argv)
 		ts.tv_nsec = (long)((wake - n) % 1000000000ull);
 		nanosleep(&ts, NULL);
 	}
+}
+
+/* Stops and joins the workers, detaches XDP before the final counters are
+ * read, prints "done", closes everything.  Returns the exit code: 3 if a
+ * worker failed, else 0. */
+static int finish(void)
+{
 	stop_flag = 1;
 	for (int i = 0; i < ngroups; i++)
 		pthread_join(groups[i].th, NULL);
 	detach_all();
 	print_stats("done");
 	close_all();
-	if (shared)
-		munmap(shared, shared_len);
 	return fatal_flag ? 3 : 0;
+}
+
+/* Each phase leaves behind what the next one needs; see its comment.
+ * --selfbench stops after the layout and runs against an in-memory kernel. */
+int main(int argc, char **argv)
+{
+	struct rlimit rl = { RLIM_INFINITY, RLIM_INFINITY };
+	int rc;
+
+	setvbuf(stdout, NULL, _IOFBF, 1 << 16);
+	parse_args(argc, argv);
+	exp_off = XDP_HEADROOM + opt.headroom;
+	fs_shift = (unsigned)__builtin_ctz(opt.frame_size);
+	setrlimit(RLIMIT_MEMLOCK, &rl);
+
+	if ((rc = find_devices()) || (rc = make_groups()))
+		return rc;
+	choose_ring_size();
+	if ((rc = alloc_tables()))
+		return rc;
+	if (opt.selfbench)
+		return selfbench();
+
+	if ((rc = load_bpf()))
+		return rc;
+	catch_signals();
+	open_sockets();
+	post_initial_fill();
+	attach_xdp();
+	if (opt.trace_marker || opt.stop_on_first)
+		open_tracing();
+
+	t0 = now_ns();
+	print_ready();
+	start_workers();
+	wait_for_stop();
+	return finish();
 }
