@@ -348,6 +348,47 @@ def _delay_and_gate(chosen: str, amp: Mapping[str, Any]) -> dict[str, Any]:
             "hold_ns": (int(amp.get("hold_ns", 0)) or delay) if holds else 0}
 
 
+# A hold's symbol under its older names: xdp_do_flush() was xdp_do_flush_map() before Linux 5.6
+HOLD_ALIASES: dict[str, tuple[str, ...]] = {"xdp_do_flush": ("xdp_do_flush_map",)}
+
+
+def resolve_holds(holds: Sequence[str], symbols: str | None, kernel: str) -> tuple[tuple[str, ...], str]:
+    """The holds as this kernel names them: SYM+OFF whose SYM is not in its symbol table
+    (System.map or /proc/kallsyms text; None: unknown, taken as given) becomes the older
+    name of HOLD_ALIASES that is.  Raises BadInput, before anything boots, for a hold
+    symbol the kernel has under no name.  Returns the holds and what was renamed."""
+    if symbols is None or not holds:
+        return tuple(holds), ""
+    names = {parts[2] for line in symbols.splitlines()
+             if len(parts := line.split()) >= 3 and parts[1] in "tTwW"}
+    out, renamed = [], []
+    for h in holds:
+        sym, plus, off = h.partition("+")
+        if sym in names:
+            out.append(h)
+            continue
+        alias = next((a for a in HOLD_ALIASES.get(sym, ()) if a in names), None)
+        if alias is None:
+            raise BadInput(f"kernel {kernel}: amplifier.hold {h!r}: no text symbol {sym} in this kernel",
+                           hint="name the flushing function as this kernel does (--set amplifier.hold="
+                                "SYM+OFF), or --set amplifier.hold= for no hold")
+        out.append(alias + plus + off)
+        renamed.append(f"{sym} is {alias} in this kernel")
+    return tuple(out), "; ".join(renamed)
+
+
+def _symbols_text(artifact: KernelArtifact, kallsyms: str | None) -> str | None:
+    if kallsyms is not None:
+        return kallsyms
+    sm = getattr(artifact, "system_map", None)
+    if sm is not None and usable_map(sm):
+        try:
+            return Path(sm).read_text(errors="replace")
+        except OSError:
+            return None
+    return None
+
+
 def needs_guest(p: Plan) -> bool:
     """A probe plan whose site is found only once the guest is up (no System.map)."""
     return p.method in ("kprobe", "kprobe-delay") and not p.probes
@@ -398,7 +439,11 @@ def plan(amp: Mapping[str, Any], artifact: KernelArtifact, kallsyms: str | None 
         found = sites_for(artifact, kallsyms)
         probes = tuple(dict.fromkeys(s.probe for s in found))
         sites = tuple(asdict(s) for s in found)
-    return Plan(chosen, why, probes=probes, sites=sites, **_delay_and_gate(chosen, amp))
+    waits = _delay_and_gate(chosen, amp)
+    if waits.get("holds"):
+        waits["holds"], renamed = resolve_holds(waits["holds"], _symbols_text(artifact, kallsyms), name)
+        why += f"; {renamed}" if renamed else ""
+    return Plan(chosen, why, probes=probes, sites=sites, **waits)
 
 
 def summary(plan: Plan, targets: Sequence[Any]) -> dict[str, Any]:
@@ -478,7 +523,15 @@ def host_plan(amp: Mapping[str, Any]) -> Plan:
                          + ", ".join(n for n in CANDIDATES if n in core),
                          hint="--set amplifier.probe=SYMBOL+OFFSET, or --set amplifier.method=off")
         probes = tuple(dict.fromkeys(s.probe for s in found))
-    return Plan(chosen, "this machine's kernel", probes=probes, **_delay_and_gate(chosen, amp))
+    waits, why = _delay_and_gate(chosen, amp), "this machine's kernel"
+    if waits.get("holds"):
+        try:
+            syms: str | None = Path("/proc/kallsyms").read_text()
+        except OSError:
+            syms = None
+        waits["holds"], renamed = resolve_holds(waits["holds"], syms, "of this machine")
+        why += f"; {renamed}" if renamed else ""
+    return Plan(chosen, why, probes=probes, **waits)
 
 
 PROBE_SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*\+(0x[0-9a-fA-F]+|\d+)$")

@@ -214,6 +214,29 @@ def test_a_hold_is_planned_with_its_wait_and_its_hits_kept_apart_from_the_window
     assert s["hits"] == 0 and s["hold_hits"] == 10 and "never fired" in s["warning"]
 
 
+def test_a_hold_takes_the_name_the_kernel_has(tmp_path):
+    @dataclass
+    class K:
+        system_map: Path
+        name: str = "5.4.0"
+        config: None = None
+    amp = {"method": "kprobe-delay", "delay_ns": 50000, "probe": "__xsk_rcv_zc+0x7a", "hold": "xdp_do_flush+0"}
+    old = "".join(f"ffffffff81{i:06x} T sym_{i}\n" for i in range(9000)) + "ffffffff82000000 T xdp_do_flush_map\n"
+    sm = tmp_path / "System.map"
+    sm.write_text(old)
+    p = amplifier.plan(amp, K(sm))                  # before 5.6 the flush had its older name
+    assert p.holds == ("xdp_do_flush_map+0",) and "xdp_do_flush is xdp_do_flush_map in this kernel" in p.why
+    sm.write_text(old.replace("xdp_do_flush_map", "xdp_do_flush"))
+    assert amplifier.plan(amp, K(sm)).holds == ("xdp_do_flush+0",)
+    sm.write_text(old.replace("xdp_do_flush_map", "something_else"))
+    with pytest.raises(BadInput, match="no text symbol xdp_do_flush"):
+        amplifier.plan(amp, K(sm))
+    # the guest's /proc/kallsyms (a kernel without a System.map) names it as well
+    assert amplifier.resolve_holds(("xdp_do_flush+0",), "0000000000000000 T xdp_do_flush_map\n",
+                                   "k")[0] == ("xdp_do_flush_map+0",)
+    assert amplifier.resolve_holds(("xdp_do_flush+0",), None, "k") == (("xdp_do_flush+0",), "")
+
+
 def test_on_a_host_without_kprobes_auto_is_off_out_loud_and_an_explicit_probe_is_bad_input(tmp_path, monkeypatch):
     monkeypatch.setattr(amplifier, "KPROBE_PMU", tmp_path / "no-kprobe-pmu")
     monkeypatch.setattr(amplifier, "PATCH_KNOB", str(tmp_path / "no-knob"))
