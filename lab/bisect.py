@@ -167,7 +167,7 @@ def first_window_s(outcome: Outcome) -> float | None:
     return min(times) if times else None
 
 
-def judge(signal: str, row: v.Row, unamplified: str) -> tuple[str, str]:
+def step_outcome(signal: str, row: v.Row, unamplified: str) -> tuple[str, str]:
     """A step's outcome on its signal: (reproduced | clean | skip, why for a skip).
 
     Corruption is proof on either signal.  On the window signal a window hit is too; a
@@ -246,7 +246,7 @@ def test_commit(st: State, sha: str, label: str, signal: str | None = None,
         rec["first_window_s"] = first_window_s(outcome)
     # the calibration's rate was measured with the amplifier: a clean run without it is
     # no evidence against the race at this commit (git bisect skip, never "clean")
-    judged, why = judge(signal, row, _amplifier_missing(s, row))
+    judged, why = step_outcome(signal, row, _amplifier_missing(s, row))
     if judged == "skip":
         rec.update(outcome="skip", reason=why, confidence=1.0)
     else:

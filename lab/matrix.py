@@ -98,7 +98,7 @@ def build_info(artifact: Any, spec: Any = None) -> dict[str, Any]:
     return info
 
 
-def judge(expected: str, row: Row) -> str:
+def cell_outcome(expected: str, row: Row) -> str:
     """expected: the level this cell judges (lab.verdict.EXPECT_LEVELS)."""
     if row.verdict == INCONCLUSIVE:
         return ERROR
@@ -109,7 +109,7 @@ def judge(expected: str, row: Row) -> str:
 
 @dataclass(frozen=True)
 class Decision:
-    outcome: str       # what the cell showed: PASS, FAIL, MISSED or ERROR (judge())
+    outcome: str       # what the cell showed: PASS, FAIL, MISSED or ERROR (cell_outcome())
     status: str        # how it counts: PASSED, FAILED, SKIPPED or ERROR
     message: str       # why, for any status but PASSED
 
@@ -122,7 +122,7 @@ def decide(kernel: str, scenario: str, expected: str, row: Row, *, budget: float
     as, "fail" (the default: the catalog says it is affected, so that is news) or "skip"."""
     if missed not in MISSED_POLICIES:
         raise ValueError(f"unknown missed policy {missed!r}: one of {', '.join(MISSED_POLICIES)}")
-    outcome = judge(expected, row)
+    outcome = cell_outcome(expected, row)
     if outcome == PASS:
         return Decision(PASS, PASSED, "")
     if outcome == ERROR:
@@ -364,5 +364,5 @@ def main(a: MatrixArgs) -> int:
     return 1 if any(c.status == FAILED for c in cells) else 0
 
 
-__all__ = ["Cell", "Decision", "decide", "judge", "expected_for", "MISSED_POLICIES", "run_matrix",
+__all__ = ["Cell", "Decision", "decide", "cell_outcome", "expected_for", "MISSED_POLICIES", "run_matrix",
            "parse_junit", "main"]

@@ -114,7 +114,6 @@ def print_table(rows: list[Row], title: str) -> None:
         t.add_row(r.kernel, str(r.vms), fmt_duration(r.wall), f"{r.packets:,}", kinds, first,
                   level_text(r.corruption, r.packets, r.confidence), window,
                   f"[{style}]{_short(verdict_text(r))}[/]")
-    import sys
     width = shutil.get_terminal_size((140, 24)).columns if sys.stdout.isatty() else 220
     Console(width=max(140, width)).print(t)
 

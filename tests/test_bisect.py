@@ -276,15 +276,15 @@ def _row(verdict_kind, packets=100_000, hits=0, available=True):
 
 
 def test_the_window_signal_judges_hits_and_refuses_an_unmeasured_window():
-    assert b.judge("window", _row("clean", hits=12), "") == ("reproduced", "")
-    assert b.judge("window", _row("clean", hits=0), "") == ("clean", "")
-    assert b.judge("window", _row("corrupt"), "") == ("reproduced", ""), "corruption is proof on any signal"
-    out, why = b.judge("window", _row("clean", available=False), "")
+    assert b.step_outcome("window", _row("clean", hits=12), "") == ("reproduced", "")
+    assert b.step_outcome("window", _row("clean", hits=0), "") == ("clean", "")
+    assert b.step_outcome("window", _row("corrupt"), "") == ("reproduced", ""), "corruption is proof on any signal"
+    out, why = b.step_outcome("window", _row("clean", available=False), "")
     assert out == "skip" and "window not measurable" in why and "no kprobes" in why
     # on the corruption signal the same hits decide nothing: clean
-    assert b.judge("corruption", _row("clean", hits=12), "") == ("clean", "")
-    assert b.judge("corruption", _row("clean"), "no probe site")[0] == "skip"
-    assert b.judge("window", _row("clean", packets=0), "")[0] == "skip", "INCONCLUSIVE is a skip"
+    assert b.step_outcome("corruption", _row("clean", hits=12), "") == ("clean", "")
+    assert b.step_outcome("corruption", _row("clean"), "no probe site")[0] == "skip"
+    assert b.step_outcome("window", _row("clean", packets=0), "")[0] == "skip", "INCONCLUSIVE is a skip"
 
 
 def test_auto_calibrates_the_window_then_corruption_within_a_window_step(monkeypatch, tmp_path):

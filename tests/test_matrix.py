@@ -7,12 +7,12 @@ def row(kind_counts, packets=1000):
     return v.decide("k", vms=1, packets=packets, seconds=10, wall=12, by_kind=kind_counts, first_violation_s=None)
 
 
-def test_judge():
-    assert m.judge("clean", row({})) == m.PASS
-    assert m.judge("clean", row({"order": 1})) == m.FAIL
-    assert m.judge("reproduced", row({"order": 1})) == m.PASS
-    assert m.judge("reproduced", row({})) == m.MISSED
-    assert m.judge("clean", row({}, packets=0)) == m.ERROR
+def test_cell_outcome():
+    assert m.cell_outcome("clean", row({})) == m.PASS
+    assert m.cell_outcome("clean", row({"order": 1})) == m.FAIL
+    assert m.cell_outcome("reproduced", row({"order": 1})) == m.PASS
+    assert m.cell_outcome("reproduced", row({})) == m.MISSED
+    assert m.cell_outcome("clean", row({}, packets=0)) == m.ERROR
 
 
 def test_expected_from_catalog_affected():
@@ -53,13 +53,13 @@ def wrow(hits, kinds=None):
 
 def test_cells_judge_the_level_they_name():
     # a fixed kernel's window hit fails its cell: the window is the race
-    assert m.judge("clean", wrow(4)) == m.FAIL
-    assert m.judge("clean", wrow(0)) == m.PASS
-    assert m.judge("window", wrow(4)) == m.PASS
-    assert m.judge("window", wrow(0, {"poison": 1})) == m.PASS
-    assert m.judge("window", wrow(0)) == m.MISSED
+    assert m.cell_outcome("clean", wrow(4)) == m.FAIL
+    assert m.cell_outcome("clean", wrow(0)) == m.PASS
+    assert m.cell_outcome("window", wrow(4)) == m.PASS
+    assert m.cell_outcome("window", wrow(0, {"poison": 1})) == m.PASS
+    assert m.cell_outcome("window", wrow(0)) == m.MISSED
     # judged at corruption, a window hit is not enough: missed, never pass
-    assert m.judge("reproduced", wrow(4)) == m.MISSED
+    assert m.cell_outcome("reproduced", wrow(4)) == m.MISSED
     c = m.Cell("6.1.192+revert-veth-napi", "veth-napi-race", "window", wrow(4), m.PASS)
     assert m.cell_text(c) == ("WINDOW HIT (4 interleavings, no corruption in 50,000 pkts) "
                               "[pass, judged: window]")

@@ -291,7 +291,7 @@ def test_a_matrix_says_when_each_cell_starts_and_ends_with_a_tally(monkeypatch, 
         bad = cell.kernel.endswith("revert-generic-rx") and cell.scenario == "veth-napi-race"
         cell.row = v.decide(cell.kernel, vms=1, packets=1000, seconds=5, wall=6,
                             by_kind={"order": 1} if bad else {}, first_violation_s=None)
-        cell.outcome = m.judge(cell.expected, cell.row)
+        cell.outcome = m.cell_outcome(cell.expected, cell.row)
         with lock:
             running[0] -= 1
         return cell
