@@ -338,6 +338,9 @@ def test_tab_completes_catalog_kernels():
 
 def test_tab_completes_commands_but_not_the_internal_one():
     assert complete("racelab bis") == ["bisect"]
+    assert complete("racelab de") == []                  # racelab dev: hidden, but its tools complete
+    assert complete("racelab dev spl") == ["splat"]
+    assert complete("racelab vm run 6.1.192 --ac") == ["--accel"]
     assert {"-v", "--verbose", "--json"} <= set(complete("racelab kernel list -"))
 
 
