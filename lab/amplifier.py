@@ -26,7 +26,6 @@ A probe is symbol+offset, so KASLR does not move it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lab.cache import atomic_write
-from lab.run import BadInput, RacelabError, cache_dir, log, require_tools, run, setup_logging
+from lab.run import BadInput, cache_dir, log, require_tools, run
 
 if TYPE_CHECKING:
     from lab.kernels.kernel import KernelArtifact
@@ -560,27 +559,20 @@ def _dump(bzimage: Path, system_map: Path, kallsyms: str | None) -> str:
     return f"# {json.dumps({'symbol': name, 'start': f'{a:#x}', 'size': size})}\n{body}\n"
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
+def cli_sites(kernel_spec: str, kallsyms: Path | None = None, objdump: Path | None = None) -> int:
+    """`racelab dev amplifier KERNEL`: where the amplifier's probe would go in that kernel
+    (built if needed); exit 1 if nowhere."""
     from lab.kernels import kernel
 
-    ap = argparse.ArgumentParser(prog="python -m lab.amplifier", description=__doc__.split("\n")[0])
-    ap.add_argument("kernel", help="a kernel name or spec, as for --kernel (built if needed)")
-    ap.add_argument("--kallsyms", type=Path, help="a booted guest's /proc/kallsyms, for a kernel "
-                                                  "without a System.map (racelab vm run K -- cat /proc/kallsyms)")
-    ap.add_argument("--objdump", type=Path, help="also write the candidates' disassembly here "
-                                                 "(the form of tests/fixtures/amplifier/)")
-    ap.add_argument("-v", "--verbose", action="count", default=0)
-    a = ap.parse_args(argv)
-    setup_logging(a.verbose)
     try:
-        art = kernel.ensure(kernel.resolve(a.kernel))
-        syms_text = a.kallsyms.read_text() if a.kallsyms else None
-        sites, looked = kernel_sites(Path(art.bzimage), Path(art.system_map), syms_text)
-        if a.objdump:
-            a.objdump.write_text(_dump(Path(art.bzimage), Path(art.system_map), syms_text))
-    except (RacelabError, OSError) as e:
-        print(f"racelab: {e}", file=sys.stderr)
-        return 2
+        syms_text = kallsyms.read_text() if kallsyms else None
+    except OSError as e:
+        raise BadInput(f"--kallsyms {kallsyms}: {e.strerror}",
+                       hint="save a booted guest's: racelab vm run K -- cat /proc/kallsyms > FILE") from None
+    art = kernel.ensure(kernel.resolve(kernel_spec))
+    sites, looked = kernel_sites(Path(art.bzimage), Path(art.system_map), syms_text)
+    if objdump:
+        objdump.write_text(_dump(Path(art.bzimage), Path(art.system_map), syms_text))
     print(f"looked in: {looked}")
     for s in sites:
         print(f"{s.probe:24} {s.insn:32} after {s.after}")
@@ -591,5 +583,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lab.amplifier ...` is `racelab dev amplifier ...`, declared once in lab.cli."""
+    from lab import cli
+    return cli.module_main("lab.amplifier", argv)
+
+
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(main())

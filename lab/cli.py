@@ -298,7 +298,7 @@ def cmd_selftest(a: argparse.Namespace) -> int:
 
     if a.jobs < 1:
         raise BadInput(f"--jobs must be >= 1, got {a.jobs}")
-    return selftest.main(xdp_modes=a.xdp, kinds=a.kind, seconds=parse_duration(a.duration), as_json=a.json,
+    return selftest.run_all(xdp_modes=a.xdp, kinds=a.kind, seconds=parse_duration(a.duration), as_json=a.json,
                          jobs=a.jobs)
 
 
@@ -350,20 +350,56 @@ def cmd_scenario(a: argparse.Namespace) -> int:
 def cmd_image(a: argparse.Namespace) -> int:
     from lab import image
 
-    img = image.ensure_image(progress=True)
-    print(img.path)
+    if a.icmd == "key":
+        print(image.load_recipe().key())
+    else:
+        image.cli_build(as_json=a.json)
     return EXIT_OK
 
 
 def cmd_vm(a: argparse.Namespace) -> int:
     from lab import fleet
 
+    opts = {"vcpus": a.vcpus, "memory_mib": a.memory, "cmdline": a.cmdline, "accel": a.accel,
+            "results": Path(a.results) if a.results else None}
     if a.vcmd == "run":
-        argv = a.command[1:] if a.command and a.command[0] == "--" else a.command
+        argv = a.command
         if not argv:
-            raise BadInput("racelab vm run KERNEL -- COMMAND...: no command given")
-        return fleet.vm_run(a.kernel, argv, vcpus=a.vcpus, memory_mib=a.memory)
-    return fleet.vm_shell(a.kernel, vcpus=a.vcpus, memory_mib=a.memory)
+            raise BadInput("racelab vm run KERNEL -- COMMAND...: no command given",
+                           hint="for a shell in the guest: racelab vm shell KERNEL")
+        return fleet.vm_run(a.kernel, argv, **opts)
+    return fleet.vm_shell(a.kernel, **opts)
+
+
+def cmd_dev(a: argparse.Namespace) -> int:
+    """`racelab dev TOOL ...`: each tool's work is its module's; only the parsing is here."""
+    if a.tool == "amplifier":
+        from lab import amplifier
+        return amplifier.cli_sites(a.kernel, a.kallsyms, a.objdump)
+    if a.tool == "dataplane":
+        from lab import dataplane
+        print(dataplane.build(force=a.force))
+    elif a.tool == "evidence":
+        from lab import evidence
+        if a.ecmd == "analyze":
+            evidence.cli_analyze(a.trace)
+        elif a.ecmd == "dump":
+            evidence.dump(a.trace, a.around, a.count)
+        else:
+            evidence.cli_trim(a.trace, a.out, a.lo, a.hi)
+    elif a.tool == "export":
+        from lab import export
+        export.cli_kcidb(a.file)
+    elif a.tool == "remote":
+        from lab import remote
+        return remote.cli_run(a.port, a.command)
+    elif a.tool == "results":
+        from lab import results
+        return results.cli_validate(a.file, a.kind)
+    elif a.tool == "splat":
+        from lab import splat
+        splat.cli_list(a.log)
+    return EXIT_OK
 
 
 def cmd_cleanup(a: argparse.Namespace) -> int:
@@ -469,7 +505,7 @@ def _glue_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> l
 
 # options checked before anything runs (STYLE.md point 4): every problem named at once
 _DURATIONS = ("duration", "budget", "calibrate_budget", "min_step", "older_than")
-_AT_LEAST = {"vms": 1, "jobs": 1, "calibrate_runs": 1, "keep": 0, "vcpus": 1, "memory": 64}
+_AT_LEAST = {"vms": 1, "jobs": 1, "calibrate_runs": 1, "keep": 0, "vcpus": 1, "memory": 64, "count": 0}
 _RESULT_DIRS = ("run", "repro", "matrix", "bisect")   # where --out is a results directory
 
 
@@ -501,9 +537,14 @@ def validate_args(a: argparse.Namespace) -> None:
                 why = file_problem(Path(getattr(a, flag)))
                 if why:
                     problems.append(f"--{flag} {getattr(a, flag)}: {why}")
+    if a.cmd == "vm" and a.results:
+        why = writable_dir_problem(Path(a.results))
+        if why:
+            problems.append(f"--results {a.results}: {why}")
     if problems:
+        command = " ".join(n for n in (a.cmd, getattr(a, "tool", None)) if n)
         raise BadInput("bad option(s):\n  " + "\n  ".join(problems),
-                       hint="fix the options named above; `racelab " + a.cmd + " --help` lists them")
+                       hint=f"fix the options named above; `racelab {command} --help` lists them")
 
 
 # ---------------------------------------------------------------- shell completion
@@ -572,7 +613,25 @@ def _examples(*lines: str) -> str:
 
 
 _RAW = argparse.RawDescriptionHelpFormatter
-HIDDEN_COMMANDS = ("bisect-step",)     # internal: neither in --help nor offered on TAB
+HIDDEN_COMMANDS = ("bisect-step", "dev")     # internal: neither in --help nor offered on TAB
+
+# the developer tools under `racelab dev` (each its module's: lab.splat, lab.evidence, ...)
+DEV_TOOLS = ("amplifier", "dataplane", "evidence", "export", "remote", "results", "splat")
+
+# `python -m MODULE ARGS` is `racelab *ENTRY_POINTS[MODULE] ARGS` (module_main): every command
+# line is declared in this file once, with its help, examples, checks and exit codes
+ENTRY_POINTS: dict[str, tuple[str, ...]] = {
+    "lab.kernels.kernel": ("kernel",),
+    "lab.image": ("image",),
+    "lab.vm": ("vm",),
+    "lab.selftest": ("selftest",),
+    **{f"lab.{tool}": ("dev", tool) for tool in DEV_TOOLS},
+}
+
+
+def module_main(module: str, argv: Sequence[str] | None = None) -> int:
+    """A module's `main()`, its `python -m` entry point: the racelab command ENTRY_POINTS names."""
+    return main([*ENTRY_POINTS[module], *(sys.argv[1:] if argv is None else argv)])
 
 # what `racelab --help` ends with
 _ROOT_EPILOG = _examples(
@@ -656,6 +715,68 @@ def _kernel_commands(ks: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       epilog=_examples("racelab kernel gc --keep 3",
                                        "racelab cache gc --dry-run        # the whole cache, not only kernels"))
     g.add_argument("--keep", type=int, default=5, help="kernels kept, most recently used first (default 5)")
+
+
+def _dev_commands(ds: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`racelab dev TOOL ...`, the same as `python -m lab.TOOL ...` (DEV_TOOLS, ENTRY_POINTS)."""
+    a = ds.add_parser("amplifier", help="where the race-window amplifier's probe goes in a kernel (exit 1: nowhere)",
+                      formatter_class=_RAW, epilog=_examples(
+                          "racelab dev amplifier 6.1.192",
+                          "racelab dev amplifier deb:6.1.0-47-amd64 --kallsyms kallsyms.txt --objdump sites.txt"))
+    _complete(a.add_argument("kernel", help="a kernel name or spec, as for --kernel (built if needed)"),
+              _complete_kernel)
+    a.add_argument("--kallsyms", type=Path, metavar="FILE",
+                   help="a booted guest's /proc/kallsyms, for a kernel without a System.map "
+                        "(racelab vm run K -- cat /proc/kallsyms)")
+    a.add_argument("--objdump", type=Path, metavar="FILE",
+                   help="also write the candidates' disassembly here (the form of tests/fixtures/amplifier/)")
+    d = ds.add_parser("dataplane", help="the C data plane (csrc/): build", formatter_class=_RAW,
+                      epilog=_examples("racelab dev dataplane build          # prints the binary directory"))
+    b = d.add_subparsers(dest="dcmd", required=True).add_parser(
+        "build", help="build xskcheck, xsksend, xskamp and xsktrace; print their directory", formatter_class=_RAW,
+        epilog=_examples("racelab dev dataplane build", "racelab dev dataplane build --force"))
+    b.add_argument("--force", action="store_true", help="rebuild even if the cached build is complete")
+    e = ds.add_parser("evidence", help="a saved kernel trace: analyze, dump, trim", formatter_class=_RAW,
+                      epilog=_examples("racelab dev evidence analyze results/DIR/evidence/K/vm-0.trace"))
+    es = e.add_subparsers(dest="ecmd", required=True)
+    t = es.add_parser("analyze", help="print the interleaving analysis of a trace as JSON", formatter_class=_RAW,
+                      epilog=_examples("racelab dev evidence analyze vm-0.trace | jq .window_hits"))
+    t.add_argument("trace", type=Path, help="a raw or text trace (evidence/ of a results directory)")
+    t = es.add_parser("dump", help="print a trace as text", formatter_class=_RAW,
+                      epilog=_examples("racelab dev evidence dump vm-0.trace --around 37919 --count 50"))
+    t.add_argument("trace", type=Path, help="a raw or text trace")
+    t.add_argument("--around", type=int, help="counter value to centre on (e.g. first_hit_ts)")
+    t.add_argument("--count", type=int, default=200, help="events before and after --around (default 200)")
+    t = es.add_parser("trim", help="keep the pages of a raw trace around [FROM, TO]", formatter_class=_RAW,
+                      epilog=_examples("racelab dev evidence trim vm-0.trace cut.trace 37900 37940"))
+    t.add_argument("trace", type=Path, help="a raw trace")
+    t.add_argument("out", type=Path, help="where the trimmed trace goes")
+    t.add_argument("lo", type=int, metavar="FROM", help="first counter value kept")
+    t.add_argument("hi", type=int, metavar="TO", help="last counter value kept")
+    x = ds.add_parser("export", help="results in other formats: kcidb", formatter_class=_RAW,
+                      epilog=_examples("racelab dev export kcidb results/matrix-DIR/matrix.json > kcidb.json"))
+    k = x.add_subparsers(dest="xcmd", required=True).add_parser(
+        "kcidb", help="print a matrix.json as a KCIDB v4 document", formatter_class=_RAW,
+        epilog=_examples("racelab dev export kcidb results/matrix-DIR/matrix.json"))
+    k.add_argument("file", type=Path, help="a matrix.json that `racelab matrix` wrote")
+    r = ds.add_parser("remote", help="run a command in a running guest, by its SSH port", formatter_class=_RAW,
+                      epilog=_examples("racelab dev remote 40022 -- uname -r",
+                                       "racelab dev remote 40022                 # a shell"))
+    r.add_argument("port", type=int, help="the guest's SSH port forward on 127.0.0.1 (its console log says it)")
+    r.add_argument("command", nargs="*", help="the command, after -- (default: a shell)")
+    v = ds.add_parser("results", help="results documents: validate", formatter_class=_RAW,
+                      epilog=_examples("racelab dev results validate results/DIR/summary.json"))
+    val = v.add_subparsers(dest="rcmd", required=True).add_parser(
+        "validate", help="check a summary.json, matrix.json or bisect.json against its schema (exit 1 if not)",
+        formatter_class=_RAW, epilog=_examples("racelab dev results validate results/DIR/summary.json",
+                                               "racelab dev results validate renamed.json --kind matrix"))
+    val.add_argument("file", type=Path, help="the document")
+    # lab.results' VERSIONS (a test keeps them equal)
+    val.add_argument("--kind", choices=("bisect", "matrix", "summary"),
+                     help="which schema to check against (default: from the file's name, else its keys)")
+    s = ds.add_parser("splat", help="the kernel splats in a saved console log", formatter_class=_RAW,
+                      epilog=_examples("racelab dev splat results/DIR/vms/K/vm-0.console.log"))
+    s.add_argument("log", type=Path, help="a console log or kmsg dump")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -747,9 +868,17 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--check", action="store_true", help="only say whether it is up to date (exit 1 if not)")
     p.set_defaults(func=cmd_scenario)
 
-    p = sub.add_parser("image", help="guest image", formatter_class=_RAW,
-                       epilog=_examples("racelab image build            # build or find it; prints its path"))
-    p.add_argument("icmd", choices=("build",), help="build: build the guest image (or find it cached)")
+    p = sub.add_parser("image", help="guest image: build, key", formatter_class=_RAW,
+                       epilog=_examples("racelab image build            # build or find it; prints its path",
+                                        "racelab image key"))
+    ims = p.add_subparsers(dest="icmd", required=True)
+    b = ims.add_parser("build", help="build the guest image (or find it cached); prints its path",
+                       formatter_class=_RAW, epilog=_examples("racelab image build",
+                                                              "racelab image build --json | jq -r .ssh_key"))
+    b.add_argument("--json", action="store_true",
+                   help="print path, key, size_bytes, allocated_bytes, ssh_key and host_pubkey as JSON")
+    ims.add_parser("key", help="the base layer's recipe key (images/recipe.toml's hash)", formatter_class=_RAW,
+                   epilog=_examples("racelab image key"))
     p.set_defaults(func=cmd_image)
 
     p = sub.add_parser("vm", help="boot one guest: run a command, or a shell", formatter_class=_RAW,
@@ -758,7 +887,8 @@ def make_parser() -> argparse.ArgumentParser:
     for name, what, examples in (
             ("run", "boot a guest, run COMMAND in it over SSH, tear it down",
              ("racelab vm run 6.1.192 -- uname -r",
-              "racelab vm run 6.1.192+revert-generic-rx --vcpus 4 -- cat /proc/interrupts")),
+              "racelab vm run 6.1.192+revert-generic-rx --vcpus 4 -- cat /proc/interrupts",
+              "racelab vm run 6.1.192 --accel tcg --cmdline nokaslr --results out -- dmesg")),
             ("shell", "boot a guest and open a shell in it; torn down when the shell ends",
              ("racelab vm shell 6.12.117 --memory 2048",))):
         v = vs.add_parser(name, help=what, formatter_class=_RAW, epilog=_examples(*examples))
@@ -766,8 +896,16 @@ def make_parser() -> argparse.ArgumentParser:
                   _complete_kernel)
         v.add_argument("--vcpus", type=int, default=2, help="guest vCPUs (default 2)")
         v.add_argument("--memory", type=int, default=1024, help="guest memory in MiB (default 1024)")
+        v.add_argument("--cmdline", default="", help="extra kernel command line, after racelab's own")
+        # lab.vm's Accel values (a test keeps them equal): importing lab.vm here would slow TAB
+        v.add_argument("--accel", choices=("kvm", "tcg"), default=None,
+                       help="kvm or tcg (default: kvm where a probe shows it boots this kernel; "
+                            "RACELAB_ACCEL says the same)")
+        _complete(v.add_argument("--results", default=None, metavar="DIR",
+                                 help="keep the console log (NAME.console.log) and QEMU's log in DIR "
+                                      "(default: removed with the guest)"), _complete_dirs)
         if name == "run":
-            v.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+            v.add_argument("command", nargs="*", help="the command, after --")
     p.set_defaults(func=cmd_vm)
 
     p = sub.add_parser("cleanup", help="remove guests and namespaces left by killed runs", formatter_class=_RAW,
@@ -832,12 +970,39 @@ def make_parser() -> argparse.ArgumentParser:
 
     # internal (HIDDEN_COMMANDS), so without help= (that would list it), left out of the metavar
     # below and out of shell completion
+    p = sub.add_parser("dev", description="developer tools, each also `python -m lab.TOOL ...`",
+                       formatter_class=_RAW, epilog=_examples("racelab dev splat results/DIR/vms/K/vm-0.console.log",
+                                                              "python -m lab.splat results/DIR/vms/K/vm-0.console.log"))
+    _dev_commands(p.add_subparsers(dest="tool", required=True))
+    p.set_defaults(func=cmd_dev)
+
     p = sub.add_parser("bisect-step", description="internal: one `git bisect run` step (exit 0/1/125)")
     p.add_argument("--state", required=True, help="the bisection's state file")
     p.set_defaults(func=cmd_bisect_step)
     sub.metavar = "{" + ",".join(c for c in sub.choices if c not in HIDDEN_COMMANDS) + "}"
     _verbosity_everywhere(ap)
     return ap
+
+
+def _parse(ap: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argv parsed; for a command that runs a COMMAND (`vm run K --vcpus 4 -- CMD...`, `dev
+    remote`), what follows the first `--` is that command, whatever options came between: argparse
+    alone gives a positional list after another positional only the words right after it."""
+    if "--" in argv and any(x.dest == "command" for x in _leaf(ap, argv[:argv.index("--")])._actions):
+        i = argv.index("--")
+        a = ap.parse_args(argv[:i])
+        a.command = [*a.command, *argv[i + 1:]]
+        return a
+    return ap.parse_args(argv)
+
+
+def _leaf(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser:
+    """The (sub)command parser the words name (`vm run K --vcpus 4` -> `racelab vm run`)."""
+    for w in words:
+        subs = [x for x in parser._actions if isinstance(x, argparse._SubParsersAction)]
+        if subs and w in subs[0].choices:
+            parser = subs[0].choices[w]
+    return parser
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -851,7 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and exit, before anything heavier than the parser is imported
         import argcomplete
         argcomplete.autocomplete(ap, exclude=list(HIDDEN_COMMANDS))
-    a = ap.parse_args(_glue_negative_values(ap, list(sys.argv[1:] if argv is None else argv)))
+    a = _parse(ap, _glue_negative_values(ap, list(sys.argv[1:] if argv is None else argv)))
     setup_logging(a.verbose, quiet=a.quiet)
     # SIGTERM and SIGHUP unwind like Ctrl-C: guests, namespaces and files are removed
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -10,7 +10,6 @@ is lab.agent.dataplane (the agent runs them).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from lab import cache
 from lab.agent.dataplane import BINARIES
-from lab.run import BadInput, BuildFailed, RacelabError, cache_dir, project_root, require_tools, run
+from lab.run import BadInput, BuildFailed, cache_dir, project_root, require_tools, run
 
 _SRC_SUFFIXES = (".c", ".h")
 _SRC_NAMES = ("Makefile",)
@@ -90,20 +89,11 @@ def require_static_libc() -> None:
 
 # ---------------------------------------------------------------- CLI
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.dataplane", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build xskcheck, xsksend and xskamp; print their directory")
-    b.add_argument("--force", action="store_true", help="rebuild even if the cached build is complete")
-    args = ap.parse_args(argv)
-    try:
-        if args.cmd == "build":
-            print(build(force=args.force))
-    except RacelabError as e:
-        print(f"racelab: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lab.dataplane ...` is `racelab dev dataplane ...`, declared once in lab.cli."""
+    from lab import cli
+    return cli.module_main("lab.dataplane", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(main())

@@ -27,20 +27,20 @@ builds the Analysis from it (analysis_from_summary).  Anything else, or a
 scanner that is missing or fails (said in guest_analysis_note), is fetched and
 analysed here as before.
 
-`python -m lab.evidence analyze FILE` prints the analysis as JSON;
-`python -m lab.evidence dump FILE [--around TS] [--count N]` prints a raw
-trace as text (the flight recorder's last events before a violation).
+`python -m lab.evidence analyze FILE` (`racelab dev evidence`) prints the
+analysis as JSON; `python -m lab.evidence dump FILE [--around TS] [--count N]`
+prints a raw trace as text (the flight recorder's last events before a
+violation); `trim` keeps the pages of a raw trace around two counter values.
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 import re
 import sys
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -613,32 +613,20 @@ def dump(path: Path, around: int | None = None, count: int = 200, out: Any = sys
             break
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.evidence")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("analyze", help="print the interleaving analysis of a trace as JSON")
-    p.add_argument("trace", type=Path)
-    p = sub.add_parser("dump", help="print a trace as text")
-    p.add_argument("trace", type=Path)
-    p.add_argument("--around", type=int, help="counter value to centre on (e.g. first_hit_ts)")
-    p.add_argument("--count", type=int, default=200, help="events before and after --around")
-    p = sub.add_parser("trim", help="keep the pages of a raw trace around [FROM, TO]")
-    p.add_argument("trace", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("lo", type=int, metavar="FROM")
-    p.add_argument("hi", type=int, metavar="TO")
-    args = ap.parse_args(argv)
-    if args.cmd == "trim":
-        print(f"{trim(args.trace, args.out, args.lo, args.hi)} page(s) kept")
-        return 0
-    if args.cmd == "analyze":
-        print(json.dumps(analyze_file(args.trace).to_dict(), indent=1))
-    else:
-        try:
-            dump(args.trace, args.around, args.count)
-        except BrokenPipeError:
-            pass
-    return 0
+def cli_analyze(trace: Path) -> None:
+    """`racelab dev evidence analyze TRACE`: the interleaving analysis, as JSON."""
+    print(json.dumps(analyze_file(trace).to_dict(), indent=1))
+
+
+def cli_trim(trace: Path, out: Path, lo: int, hi: int) -> None:
+    """`racelab dev evidence trim TRACE OUT FROM TO`: the pages around [FROM, TO] into OUT."""
+    print(f"{trim(trace, out, lo, hi)} page(s) kept")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lab.evidence ...` is `racelab dev evidence ...`, declared once in lab.cli."""
+    from lab import cli
+    return cli.module_main("lab.evidence", argv)
 
 
 if __name__ == "__main__":

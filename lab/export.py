@@ -29,7 +29,6 @@ matrix's KCIDB document.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -38,10 +37,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from lab.matrix import ERROR, FAIL, FAILED, MISSED, PASS, PASSED, SKIPPED, Cell, cell_text
-from lab.run import writable_dir_problem
+from lab.run import BadInput, writable_dir_problem
 from lab.verdict import INCONCLUSIVE, Row, level_text, matches, verdict_text
 
 ORIGIN = "racelab"
@@ -300,19 +300,21 @@ def write_kcidb(path: Path, matrix_doc: dict[str, Any]) -> Path:
     return _write(path, json.dumps(kcidb(matrix_doc), indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.export", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    k = sub.add_parser("kcidb", help="print a matrix.json as a KCIDB v4 document")
-    k.add_argument("file", type=Path, help="a matrix.json that `racelab matrix` wrote")
-    a = ap.parse_args(argv)
+def cli_kcidb(path: Path) -> None:
+    """`racelab dev export kcidb FILE`: a matrix.json that `racelab matrix` wrote, as KCIDB v4."""
     try:
-        doc = json.loads(a.file.read_text())
-        print(json.dumps(kcidb(doc), indent=2))
+        doc = json.loads(path.read_text())
+        out = kcidb(doc)
     except (OSError, ValueError, KeyError) as e:
-        print(f"{a.file}: not a readable matrix.json ({e!r})", file=sys.stderr)
-        return 2
-    return 0
+        raise BadInput(f"{path}: not a readable matrix.json ({e!r})",
+                       hint="give the matrix.json of a results/matrix-... directory") from None
+    print(json.dumps(out, indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lab.export ...` is `racelab dev export ...`, declared once in lab.cli."""
+    from lab import cli
+    return cli.module_main("lab.export", argv)
 
 
 if __name__ == "__main__":

@@ -521,7 +521,8 @@ def amplifier_plans(s: Scenario, names: list[str], artifacts: list[KernelArtifac
 # --- single guests, for `racelab vm run|shell` ---------------------------------
 
 @contextmanager
-def _single(kernel_name: str, vcpus: int, memory_mib: int) -> Iterator[VM]:
+def _single(kernel_name: str, vcpus: int, memory_mib: int, cmdline: str = "", accel: str | None = None,
+            results: Path | None = None) -> Iterator[VM]:
     from lab import image as imagemod
     from lab import vm as vmmod
     from lab.accel import accel_text
@@ -530,25 +531,30 @@ def _single(kernel_name: str, vcpus: int, memory_mib: int) -> Iterator[VM]:
     (art,) = build_kernels([kernel_name])
     img = imagemod.ensure_image()
     log.info("booting 1 guest on %s...", kernel_name)
-    # the console log lives as long as the guest: nothing is left in /tmp afterwards
-    with tempfile.TemporaryDirectory(prefix="racelab-vm-") as out, \
-            vmmod.VM(art, img, name=f"racelab-{os.getpid()}-single-0", vcpus=vcpus,
-                     memory_mib=memory_mib, cmdline="", pin=None, results_dir=Path(out)) as m:
+    # without --results the console log lives as long as the guest: nothing is left in /tmp afterwards
+    with ExitStack() as stack:
+        out = results or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="racelab-vm-")))
+        out.mkdir(parents=True, exist_ok=True)
+        m = stack.enter_context(vmmod.VM(art, img, name=f"racelab-{os.getpid()}-single-0", vcpus=vcpus,
+                                         memory_mib=memory_mib, cmdline=cmdline, pin=None, results_dir=out,
+                                         accel=accel))
         log.info("guest up in %.1fs (accelerator: %s); console while it runs: %s", m.boot_seconds,
                  accel_text(m.accel, m.accel_reason), m.console_path)
         yield m
 
 
-def vm_run(kernel_name: str, argv: list[str], vcpus: int = 2, memory_mib: int = 1024) -> int:
+def vm_run(kernel_name: str, argv: list[str], vcpus: int = 2, memory_mib: int = 1024, cmdline: str = "",
+           accel: str | None = None, results: Path | None = None) -> int:
     """`racelab vm run K -- CMD`: CMD's output streams as the guest prints it; its exit status is ours."""
     from lab.remote import shell_or_command
 
-    with _single(kernel_name, vcpus, memory_mib) as m:
+    with _single(kernel_name, vcpus, memory_mib, cmdline, accel, results) as m:
         return shell_or_command(m.host, argv)
 
 
-def vm_shell(kernel_name: str, vcpus: int = 2, memory_mib: int = 1024) -> int:
-    with _single(kernel_name, vcpus, memory_mib) as m:
+def vm_shell(kernel_name: str, vcpus: int = 2, memory_mib: int = 1024, cmdline: str = "",
+             accel: str | None = None, results: Path | None = None) -> int:
+    with _single(kernel_name, vcpus, memory_mib, cmdline, accel, results) as m:
         return int(m.host.interactive_shell() or 0)
 
 

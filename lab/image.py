@@ -9,12 +9,12 @@ Two cached layers, each keyed by a hash of what it is made from:
 
 What a kernel needs to boot this image (an initramfs, a PVH kernel) is lab.boot.
 
-`python -m lab.image build` builds (or finds) the image and prints it.
+`racelab image build` (the same as `python -m lab.image build`) builds (or finds)
+the image and prints its path; `racelab image key` prints the base's recipe key.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -24,7 +24,7 @@ import shutil
 import stat
 import sys
 import tomllib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -265,7 +265,7 @@ def dataplane_binaries() -> list[Path]:
     if not found or missing:
         raise BuildFailed(f"lab.dataplane.build() gave no {', '.join(missing) or 'binaries'}: "
                           "the guest image needs the C checker and senders",
-                          hint="build them alone to see why: python -m lab.dataplane")
+                          hint="build them alone to see why: python -m lab.dataplane build")
     return found
 
 
@@ -439,29 +439,22 @@ def _say(progress: bool, msg: str) -> None:
     (log.info if progress else log.debug)("%s", msg)
 
 
-def _main(argv: list[str] | None = None) -> int:
-    from lab.run import RacelabError, setup_logging
-
-    ap = argparse.ArgumentParser(prog="python -m lab.image", description=__doc__.split("\n")[0])
-    ap.add_argument("-v", "--verbose", action="count", default=0)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build", help="build (or find) the guest image and print its path")
-    sub.add_parser("key", help="print the recipe (base) key")
-    args = ap.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        if args.cmd == "key":
-            print(load_recipe().key())
-            return 0
-        img = ensure_image(progress=True)
-    except RacelabError as e:
-        print(f"racelab: {e}", file=sys.stderr)
-        return e.exit_code
+def cli_build(as_json: bool = False) -> None:
+    """`racelab image build`: the image's path, or with --json what a guest is made from."""
+    img = ensure_image(progress=True)
+    if not as_json:
+        print(img.path)
+        return
     print(json.dumps({"path": str(img.path), "key": img.key, "size_bytes": img.size_bytes,
                       "allocated_bytes": _allocated(img.path), "ssh_key": str(img.ssh_key),
                       "host_pubkey": img.host_pubkey}, indent=2))
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lab.image ...` is `racelab image ...`, declared once in lab.cli."""
+    from lab import cli
+    return cli.module_main("lab.image", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(main())

@@ -19,7 +19,6 @@ that is already up (for debugging).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shlex
@@ -502,28 +501,27 @@ def shell_or_command(host: SshHost, command: list[str]) -> int:
     return rc
 
 
-def _main(argv: list[str] | None = None) -> int:
+def cli_run(port: int, command: list[str]) -> int:
+    """`racelab dev remote PORT -- CMD...`: CMD (else a shell) in a running guest whose SSH
+    is forwarded to 127.0.0.1:PORT; its exit status."""
     from lab.image import ensure_keys
-    from lab.run import setup_logging
 
-    ap = argparse.ArgumentParser(prog="python -m lab.remote",
-                                 description="run a command in a running racelab guest")
-    ap.add_argument("port", type=int, help="the guest's SSH port forward on 127.0.0.1")
-    ap.add_argument("command", nargs="*", help="command (default: an interactive shell)")
-    ap.add_argument("-v", "--verbose", action="count", default=0)
-    args = ap.parse_args(argv)
-    setup_logging(args.verbose)
+    if not 0 < port < 65536:
+        raise BadInput(f"port {port} is not a TCP port", hint="the guest's SSH forward, e.g. 40022: its "
+                                                             "console log and `racelab -v vm shell` say it")
     keys = ensure_keys()
-    h = SshHost(f"port-{args.port}", args.port, keys.client, keys.host_pub)
-    try:
-        if not args.command:
-            return h.interactive_shell()
-        with h:
-            return shell_or_command(h, args.command)
-    except RacelabError as e:
-        print(f"racelab: {e}", file=sys.stderr)
-        return e.exit_code
+    h = SshHost(f"port-{port}", port, keys.client, keys.host_pub)
+    if not command:
+        return h.interactive_shell()
+    with h:
+        return shell_or_command(h, command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lab.remote ...` is `racelab dev remote ...`, declared once in lab.cli."""
+    from lab import cli
+    return cli.module_main("lab.remote", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(main())

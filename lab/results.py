@@ -14,9 +14,9 @@ conform (exit 1), or "ok".  Which schema applies is told by the file's name
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,31 +62,31 @@ def problems(doc: Any, name: str = "summary") -> list[str]:
             for e in sorted(v.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.results", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    val = sub.add_parser("validate", help="check a summary.json, matrix.json or bisect.json against its schema")
-    val.add_argument("file", type=Path)
-    val.add_argument("--kind", choices=sorted(VERSIONS),
-                     help="which schema to check against (default: from the file's name, else its keys)")
-    a = ap.parse_args(argv)
+def cli_validate(path: Path, kind: str | None = None) -> int:
+    """`racelab dev results validate FILE`: "ok", or each place FILE does not follow its
+    schema (exit 1)."""
+    from lab.run import BadInput
+
     try:
-        doc = json.loads(a.file.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        print(f"{a.file}: {e}", file=sys.stderr)
-        return 2
-    kind = a.kind or kind_of(doc, a.file)
+        raise BadInput(f"{path}: {e}") from None
+    kind = kind or kind_of(doc, path)
     if kind is None:
-        print(f"{a.file}: not a summary.json, matrix.json or bisect.json (no rows, cells or culprit at its top)",
-              file=sys.stderr)
-        print("  hint: name the schema with --kind summary|matrix|bisect", file=sys.stderr)
-        return 2
+        raise BadInput(f"{path}: not a summary.json, matrix.json or bisect.json (no rows, cells or culprit "
+                       "at its top)", hint="name the schema with --kind summary|matrix|bisect")
     found = problems(doc, kind)
     for p in found:
-        print(f"{a.file}: {p}")
+        print(f"{path}: {p}")
     if not found:
-        print(f"{a.file}: ok ({kind} schema version {VERSIONS[kind]})")
+        print(f"{path}: ok ({kind} schema version {VERSIONS[kind]})")
     return 1 if found else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lab.results ...` is `racelab dev results ...`, declared once in lab.cli."""
+    from lab import cli
+    return cli.module_main("lab.results", argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +113,7 @@ def plan_cases(modes: list[str], kinds: list[str]) -> list[tuple[str, str, str]]
     return plan
 
 
-def main(xdp_modes: list[str] | None = None, kinds: list[str] | None = None, seconds: float = 3.0,
+def run_all(xdp_modes: list[str] | None = None, kinds: list[str] | None = None, seconds: float = 3.0,
          as_json: bool = False, jobs: int = JOBS) -> int:
     modes = xdp_modes or ["generic", "native"]
     kinds = kinds or list(INJECT_KINDS)
@@ -147,6 +148,12 @@ def main(xdp_modes: list[str] | None = None, kinds: list[str] | None = None, sec
         print(f"selftest: {len(checks) - len(failed)} detectors ok, {len(failed)} failed "
               f"({time.monotonic() - t0:.0f}s, kernel {platform.release()})")
     return 0 if not failed else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lab.selftest ...` is `racelab selftest ...`, declared once in lab.cli."""
+    from lab import cli
+    return cli.module_main("lab.selftest", argv)
 
 
 if __name__ == "__main__":

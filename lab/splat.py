@@ -17,7 +17,6 @@ splat printed before it is never taken for one of the load's.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import re
@@ -491,21 +490,23 @@ def host_splats(res: TargetResult, kmsg: KmsgWatcher, stalls: str, traced: bool,
     res.evidence.setdefault("kernel_log", str(ev / "host-kmsg.log"))
 
 
-def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lab.splat",
-                                description="list the kernel splats in a saved console log")
-    p.add_argument("log", type=Path)
-    a = p.parse_args(argv)
+def cli_list(log: Path) -> None:
+    """`racelab dev splat LOG`: the kernel splats in a saved console log, each under its kind."""
     found: list[Splat] = []
     parser = SplatParser(found.append, window=float("inf"))
-    for line in a.log.read_text(errors="replace").replace("\r", "").split("\n"):
+    for line in log.read_text(errors="replace").replace("\r", "").split("\n"):
         parser.feed(line, 0.0)
     parser.close()
     for s in found:
         print(f"--- {splat_kind(s.text)}\n{s.text}")
     print(f"{len(found)} splat(s)", file=sys.stderr)
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lab.splat ...` is `racelab dev splat ...`, declared once in lab.cli."""
+    from lab import cli
+    return cli.module_main("lab.splat", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(main())

@@ -31,12 +31,11 @@ is not done on remote hosts: libvirt's per-domain QEMU log is
 not collected, and overlays of guests whose racelab died are reaped only
 when that host's libvirtd still has their domain.
 
-`python -m lab.vm run KERNEL -- CMD...` boots one guest, runs CMD, tears down.
+`python -m lab.vm run KERNEL -- CMD...` (`racelab vm run`) boots one guest, runs CMD, tears down.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -63,10 +62,10 @@ import libvirt
 
 from lab import boot as bootmod
 from lab import image as imagemod
-from lab.accel import QEMU, Accel, accel_text, detect_accel
+from lab.accel import QEMU, Accel, detect_accel
 from lab.libvirtd import (POOL_NAME, SYSTEM_URI, ConsoleStream, check_uri, connect,
                           ensure_libvirtd, is_local, overlay_volume, upload)
-from lab.remote import SshHost, shell_or_command
+from lab.remote import SshHost
 from lab.run import BadInput, InfraError, LostVM, cache_dir, require_tools, run, slug, spawn
 
 __all__ = ["VM", "ensure_libvirtd", "reap_stale", "domain_xml", "DomainSpec"]
@@ -685,51 +684,11 @@ class BareKernel:
     module_load_order: tuple[str, ...] = ()
 
 
-def _resolve_kernel(text: str) -> bootmod.KernelLike:
-    p = Path(text)
-    if p.is_file():
-        return BareKernel(p.resolve())
-    from lab.kernels import kernel as kmod
-
-    return kmod.ensure(kmod.resolve(text))
-
-
-def _main(argv: list[str] | None = None) -> int:
-    from lab.run import RacelabError, setup_logging
-
-    ap = argparse.ArgumentParser(prog="python -m lab.vm", description="boot one racelab guest")
-    ap.add_argument("-v", "--verbose", action="count", default=0)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="boot KERNEL, run CMD over SSH (a shell if none), tear down")
-    r.add_argument("kernel", help="a bzImage path, or a kernel name lab.kernels.kernel knows")
-    r.add_argument("command", nargs="*")
-    r.add_argument("--vcpus", type=int, default=2)
-    r.add_argument("--memory", type=int, default=1024, help="MiB")
-    r.add_argument("--cmdline", default="")
-    r.add_argument("--accel", choices=[a.value for a in Accel])
-    r.add_argument("--results", type=Path, help="keep the console log here")
-    sub.add_parser("reap", help="destroy guests and directories left by dead racelab processes")
-    args = ap.parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        if args.cmd == "reap":
-            for n in reap_stale():
-                print(n)
-            return 0
-        k = _resolve_kernel(args.kernel)
-        img = imagemod.ensure_image()
-        with VM(k, img, vcpus=args.vcpus, memory_mib=args.memory, cmdline=args.cmdline,
-                accel=args.accel, results_dir=args.results) as vm:
-            print(f"# {vm.domain_name}: ready in {vm.boot_seconds:.1f}s "
-                  f"(accelerator: {accel_text(vm.accel, vm.accel_reason)}); "
-                  f"console {vm.console_path}", file=sys.stderr)
-            return shell_or_command(vm.host, args.command)
-    except RacelabError as e:
-        print(f"racelab: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lab.vm ...` is `racelab vm ...`, declared once in lab.cli."""
+    from lab import cli
+    return cli.module_main("lab.vm", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(main())

@@ -2,6 +2,7 @@
 messages that name the actual problem."""
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -337,6 +338,9 @@ def test_tab_completes_catalog_kernels():
 
 def test_tab_completes_commands_but_not_the_internal_one():
     assert complete("racelab bis") == ["bisect"]
+    assert complete("racelab de") == []                  # racelab dev: hidden, but its tools complete
+    assert complete("racelab dev spl") == ["splat"]
+    assert complete("racelab vm run 6.1.192 --ac") == ["--accel"]
     assert {"-v", "--verbose", "--json"} <= set(complete("racelab kernel list -"))
 
 
@@ -365,3 +369,122 @@ def test_the_readme_line_enables_completion_in_bash():
                        env={**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"})
     assert p.returncode == 0, p.stderr
     assert [line.strip() for line in p.stdout.splitlines()] == ["generic-rx-race", "6.1.0-47-cloud-amd64"], p.stderr
+
+
+# ---------------------------------------------------------------- `python -m lab.X` is a racelab command
+
+def _python_m(*argv, env=None):
+    return subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "100", **(env or {})})
+
+
+@pytest.mark.parametrize("module", sorted(cli.ENTRY_POINTS))
+def test_each_python_m_entry_point_is_its_racelab_command(module):
+    """`python -m MODULE` parses with the racelab command ENTRY_POINTS names: the same help, word
+    for word (so the same options), and argparse's exit 2 for a bad argument."""
+    prefix = cli.ENTRY_POINTS[module]
+    own = _python_m(module, "--help")
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.startswith(f"usage: racelab {' '.join(prefix)} "), own.stdout
+    assert own.stdout == _python_m("lab.cli", *prefix, "--help").stdout
+    bad = _python_m(module, "--no-such-option")
+    assert bad.returncode == 2, bad.stderr
+    # the first thing argparse finds wrong: a positional still missing, else the option (which
+    # argparse reports from the top parser, as for `racelab selftest --no-such-option`)
+    assert re.search(r"^racelab[ a-z]*: error: (the following arguments are required|unrecognized arguments: "
+                     r"--no-such-option)", bad.stderr, flags=re.M), bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_no_module_declares_a_command_line_of_its_own():
+    """Only lab/cli.py builds parsers; a module run with `python -m` is in ENTRY_POINTS.  The guest
+    side (lab/agent/) keeps its own: it may not import lab.cli (tests/test_agent_boundary.py)."""
+    runnable, parsers = set(), set()
+    for path in (ROOT / "lab").rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[1] == "agent" or rel.name in ("cli.py", "__main__.py"):
+            continue
+        text = path.read_text()
+        module = ".".join(rel.with_suffix("").parts)
+        if '__name__ == "__main__"' in text:
+            runnable.add(module)
+        if "argparse" in text:
+            parsers.add(module)
+    assert runnable == set(cli.ENTRY_POINTS)
+    assert parsers == set()
+
+
+def test_the_dev_tools_are_hidden_from_racelab_help_and_listed_in_their_own():
+    ap = cli.make_parser()
+    assert "dev" not in ap.format_usage() and "splat" not in ap.format_help()
+    dev = ap._subparsers._group_actions[0].choices["dev"]
+    assert set(dev._subparsers._group_actions[0].choices) == set(cli.DEV_TOOLS)
+    assert all(f"\n    {t} " in dev.format_help() for t in cli.DEV_TOOLS)
+
+
+def test_choices_copied_into_the_parser_are_the_modules():
+    """The parser keeps its imports light (TAB runs it); these copies must follow their modules."""
+    from lab import accel, results
+    sub = cli.make_parser()._subparsers._group_actions[0].choices
+
+    def option(parser, flag):
+        return next(a for a in parser._actions if flag in a.option_strings)
+    vm_run = sub["vm"]._subparsers._group_actions[0].choices["run"]
+    assert list(option(vm_run, "--accel").choices) == [a.value for a in accel.Accel]
+    validate = sub["dev"]._subparsers._group_actions[0].choices["results"]._subparsers._group_actions[0].choices[
+        "validate"]
+    assert list(option(validate, "--kind").choices) == sorted(results.VERSIONS)
+
+
+def test_vm_run_takes_what_python_m_lab_vm_took(monkeypatch, capsys, tmp_path):
+    """--cmdline, --accel and --results (once only lab.vm's) reach the guest; a command is required."""
+    from lab import fleet
+    got = {}
+    monkeypatch.setattr(fleet, "vm_run", lambda k, argv, **kw: got.update(kernel=k, argv=argv, **kw) or 7)
+    monkeypatch.setattr(fleet, "vm_shell", lambda k, **kw: got.update(kernel=k, shell=True, **kw) or 0)
+    from lab import vm
+    assert vm.main(["run", "6.1.192", "--accel", "tcg", "--cmdline", "nokaslr", "--results", str(tmp_path / "r"),
+                    "--vcpus", "3", "--", "uname", "-r"]) == 7
+    assert got == {"kernel": "6.1.192", "argv": ["uname", "-r"], "vcpus": 3, "memory_mib": 1024,
+                   "cmdline": "nokaslr", "accel": "tcg", "results": tmp_path / "r"}
+    got.clear()
+    assert cli.main(["vm", "shell", "6.1.192", "--memory", "2048"]) == 0
+    assert got == {"kernel": "6.1.192", "shell": True, "vcpus": 2, "memory_mib": 2048, "cmdline": "",
+                   "accel": None, "results": None}
+    capsys.readouterr()
+    assert cli.main(["vm", "run", "6.1.192"]) == 2
+    assert "no command given" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    got.clear()
+    assert cli.main(["vm", "run", "6.1.192", "--results", str(tmp_path / "file" / "sub"), "--", "true"]) == 2
+    assert "--results" in capsys.readouterr().err and got == {}
+    with pytest.raises(SystemExit) as e:
+        cli.main(["vm", "run", "6.1.192", "--accel", "hvf", "--", "true"])
+    assert e.value.code == 2
+
+
+def test_image_key_is_the_recipes(capsys):
+    from lab import image
+    assert image.main(["key"]) == 0
+    assert capsys.readouterr().out.strip() == image.load_recipe().key()
+
+
+def test_dev_tools_do_their_work_and_keep_their_exit_codes(tmp_path):
+    """Through `python -m` as a developer types it: splats found in a log, a results document
+    checked (0 ok, 1 does not conform, 2 not one), a bad port refused before any SSH."""
+    log = tmp_path / "vm-0.console.log"
+    log.write_text("[    1.0] booting\n[   12.000001] ------------[ cut here ]------------\n"
+                   "[   12.000002] WARNING: CPU: 1 PID: 812 at net/xdp/xsk.c:211 __xsk_rcv+0x1a/0x90\n"
+                   "[   12.000003] Modules linked in: veth\n[   13.0] after\n")
+    p = _python_m("lab.splat", str(log))
+    assert p.returncode == 0 and "1 splat(s)" in p.stderr and "__xsk_rcv" in p.stdout, p.stderr
+    summary = ROOT / "tests" / "fixtures" / "results" / "summary-repro-generic-vm.json"
+    p = _python_m("lab.results", "validate", str(summary))
+    assert p.returncode == 0 and p.stdout.endswith("ok (summary schema version 1)\n")
+    p = _python_m("lab.results", "validate", str(summary), "--kind", "matrix")
+    assert p.returncode == 1 and "required property" in p.stdout
+    (tmp_path / "x.json").write_text("{}")
+    p = _python_m("lab.results", "validate", str(tmp_path / "x.json"))
+    assert p.returncode == 2 and "hint: name the schema with --kind" in p.stderr
+    p = _python_m("lab.remote", "0", "--", "true")
+    assert p.returncode == 2 and "port 0 is not a TCP port" in p.stderr

@@ -44,7 +44,7 @@ def test_an_injection_case_is_stopped_at_its_own_kind_only():
 
 @pytest.mark.root
 def test_selftest_passes_and_an_injection_case_ends_early(capsys):
-    rc = selftest.main(xdp_modes=["generic"], kinds=["order", "late"], seconds=3.0, jobs=3)
+    rc = selftest.run_all(xdp_modes=["generic"], kinds=["order", "late"], seconds=3.0, jobs=3)
     out = capsys.readouterr().out
     assert rc == 0, out
     lines = [ln for ln in out.splitlines() if ln.startswith("ok ")]

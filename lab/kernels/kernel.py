@@ -840,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m lab.kernels.kernel ...` is `racelab kernel ...`: one declaration of these commands
     (lab.cli), with its help, examples and exit codes."""
     from lab import cli
-    return cli.main(["kernel", *(sys.argv[1:] if argv is None else argv)])
+    return cli.module_main("lab.kernels.kernel", argv)
 
 
 __all__ = ["KernelSpec", "KernelArtifact", "Catalog", "load_catalog", "resolve", "ensure", "plan",
