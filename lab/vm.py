@@ -125,7 +125,9 @@ def domain_xml(s: DomainSpec) -> str:
         serial = "<serial type='pty'><target port='0'/></serial><console type='pty'/>"
     netdev = (f"user,id=racelabnet,restrict=on,"
               f"hostfwd=tcp:127.0.0.1:{s.ssh_port}-:22")
-    nic = f"virtio-net-pci,netdev=racelabnet,bus=pcie.0,addr={NIC_ADDR}"
+    # romfile= (none): SeaBIOS would otherwise load and run the NIC's iPXE option ROM
+    # on every boot, for a guest that boots its kernel directly
+    nic = f"virtio-net-pci,netdev=racelabnet,bus=pcie.0,addr={NIC_ADDR},romfile="
     return f"""<domain type='{dom_type}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{escape(s.name)}</name>
   <title>{escape(s.title or s.name)}</title>

@@ -54,7 +54,7 @@ def test_domain_xml_tcg_with_user_net_forward_and_console():
     assert root.find("devices/disk/backingStore/source").get("file") == "/i/racelab.img"
     args = [a.get("value") for a in root.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
     assert "user,id=racelabnet,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22" in args
-    assert "virtio-net-pci,netdev=racelabnet,bus=pcie.0,addr=0x10" in args
+    assert "virtio-net-pci,netdev=racelabnet,bus=pcie.0,addr=0x10,romfile=" in args   # no iPXE ROM to run
     assert root.find("cputune") is None
     assert root.find("on_reboot").text == "destroy"     # panic=-1 -> gone -> LostVM
     assert root.find("seclabel/label").text == "+0:+0"
