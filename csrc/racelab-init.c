@@ -142,13 +142,14 @@ static void parse_opts(const char *opts, struct mount_opts *o)
 static bool is_mounted(const char *target)
 {
 	FILE *f = setmntent("/proc/self/mounts", "re");
-	struct mntent *m;
+	struct mntent m;
+	char buf[4096];
 	bool found = false;
 
 	if (!f)
 		return false;
-	while (!found && (m = getmntent(f)))
-		found = !strcmp(m->mnt_dir, target);
+	while (!found && getmntent_r(f, &m, buf, sizeof(buf)))
+		found = !strcmp(m.mnt_dir, target);
 	endmntent(f);
 	return found;
 }
@@ -159,14 +160,15 @@ static bool is_mounted(const char *target)
 static bool mount_all(void)
 {
 	FILE *f = setmntent(FSTAB, "re");
-	struct mntent *m;
+	struct mntent *m, ent;
+	char buf[4096];     /* getmntent_r: is_mounted() reads another table meanwhile */
 	bool ok = true;
 
 	if (!f) {
 		say("warning: cannot read %s: %s", FSTAB, strerror(errno));
 		return false;
 	}
-	while ((m = getmntent(f))) {
+	while ((m = getmntent_r(f, &ent, buf, sizeof(buf)))) {
 		struct mount_opts o;
 
 		parse_opts(m->mnt_opts, &o);
