@@ -733,7 +733,7 @@ def _dev_commands(ds: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     d = ds.add_parser("dataplane", help="the C data plane (csrc/): build", formatter_class=_RAW,
                       epilog=_examples("racelab dev dataplane build          # prints the binary directory"))
     b = d.add_subparsers(dest="dcmd", required=True).add_parser(
-        "build", help="build xskcheck, xsksend, xskamp and xsktrace; print their directory", formatter_class=_RAW,
+        "build", help="build the C binaries (csrc/, racelab-init too); print their directory", formatter_class=_RAW,
         epilog=_examples("racelab dev dataplane build", "racelab dev dataplane build --force"))
     b.add_argument("--force", action="store_true", help="rebuild even if the cached build is complete")
     e = ds.add_parser("evidence", help="a saved kernel trace: analyze, dump, trim", formatter_class=_RAW,

@@ -1,4 +1,5 @@
-"""Building the C data plane (csrc/): xskcheck, xsksend, xskamp and xsktrace.
+"""Building the C data plane (csrc/): xskcheck, xsksend, xskamp and xsktrace, and
+racelab-init, the guest's PID 1 (lab.image installs it as GUEST_INIT).
 
 The binaries are static, so the same build runs on the host and in any guest.
 A build is keyed by the hash of csrc/, so editing a source file rebuilds and
@@ -19,6 +20,10 @@ from pathlib import Path
 from lab import cache
 from lab.agent.dataplane import BINARIES
 from lab.run import BadInput, BuildFailed, cache_dir, project_root, require_tools, run
+
+# Built with the data plane but not run by the agent: lab.image puts it at GUEST_INIT.
+INIT_BINARY = "racelab-init"
+BUILT: tuple[str, ...] = (*BINARIES, INIT_BINARY)
 
 _SRC_SUFFIXES = (".c", ".h")
 _SRC_NAMES = ("Makefile",)
@@ -43,7 +48,7 @@ def source_hash(src: Path | None = None) -> str:
 
 
 def _complete(d: Path) -> bool:
-    return all(os.access(d / b, os.X_OK) for b in BINARIES)
+    return all(os.access(d / b, os.X_OK) for b in BUILT)
 
 
 def build(force: bool = False) -> Path:

@@ -36,7 +36,7 @@ log = logging.getLogger("racelab.image")
 
 IMAGES_DIR = project_root() / "images"
 RECIPE_PATH = IMAGES_DIR / "recipe.toml"
-READY_MARKER = "racelab-init: ready"     # printed by images/init on the console
+READY_MARKER = "racelab-init: ready"     # printed by csrc/racelab-init.c on the console
 GUEST_INIT = "/sbin/racelab-init"
 GUEST_LAB_ROOT = "/opt/racelab"
 GUEST_SITE = "/opt/racelab/site"          # pyroute2 (pure Python) lives here
@@ -242,8 +242,8 @@ def _venv_pyroute2() -> list[Path]:
 
 
 def dataplane_binaries() -> list[Path]:
-    """The C checker/senders from lab.dataplane.build().  A guest without them
-    cannot run any scenario, so an image is never built without them."""
+    """The C checker/senders and the guest's init from lab.dataplane.build().  A guest
+    without them cannot boot or run any scenario, so an image is never built without them."""
     try:
         from lab import dataplane
     except ImportError as e:
@@ -261,10 +261,10 @@ def dataplane_binaries() -> list[Path]:
     else:
         items = [Path(x) for x in built]
     found = sorted({x for x in items if x.is_file() and os.access(x, os.X_OK)})
-    missing = sorted(set(getattr(dataplane, "BINARIES", ())) - {x.name for x in found})
+    missing = sorted(set(dataplane.BUILT) - {x.name for x in found})
     if not found or missing:
         raise BuildFailed(f"lab.dataplane.build() gave no {', '.join(missing) or 'binaries'}: "
-                          "the guest image needs the C checker and senders",
+                          "the guest image needs the C checker, senders and init",
                           hint="build them alone to see why: python -m lab.dataplane build")
     return found
 
@@ -278,9 +278,11 @@ def lab_layer(keys: Keys, binaries: list[Path], lab_dir: Path | None = None) -> 
     files += _tree(lab_dir / "agent", f"{GUEST_LAB_ROOT}/lab/agent")
     for p in _venv_pyroute2():
         files += _tree(p, f"{GUEST_SITE}/{p.name}")
-    files += [LayerFile(f"{GUEST_BIN}/{b.name}", 0o755, source=b) for b in binaries]
+    # the built init (csrc/racelab-init.c) is PID 1, at the path init= names; the rest are tools
+    init = Path(GUEST_INIT).name
+    files += [LayerFile(GUEST_INIT if b.name == init else f"{GUEST_BIN}/{b.name}", 0o755, source=b)
+              for b in binaries]
     files += [
-        LayerFile(GUEST_INIT, 0o755, source=IMAGES_DIR / "init"),
         LayerFile("/etc/racelab/fstab", 0o644, source=IMAGES_DIR / "fstab"),
         LayerFile("/etc/ssh/sshd_config", 0o644, source=IMAGES_DIR / "sshd_config"),
         LayerFile("/etc/ssh/ssh_host_ed25519_key", 0o600, source=keys.host),

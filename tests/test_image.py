@@ -3,6 +3,7 @@
 No network, no root, no mmdebstrap: everything here runs on the default tier.
 """
 import gzip
+import re
 import shutil
 import stat
 import struct
@@ -17,6 +18,7 @@ from lab import boot, image
 from lab.run import BadInput
 
 IMAGES = image.IMAGES_DIR
+CSRC = IMAGES.parent / "csrc"
 
 
 @pytest.fixture
@@ -79,19 +81,32 @@ def test_bad_recipe_names_every_bad_field(tmp_path):
 
 # --- guest scripts ----------------------------------------------------------------
 
-def test_init_script_is_valid_sh_and_does_its_job():
-    init = IMAGES / "init"
-    assert init.read_text().startswith("#!/bin/sh\n")
-    subprocess.run(["sh", "-n", str(init)], check=True)
-    text = init.read_text()
-    # say() prefixes "racelab-init: ", so this prints READY_MARKER
-    assert 'say() { echo "racelab-init: $*"; }' in text and '\nsay "ready ' in text
+def test_init_is_c_and_does_its_job():
+    # csrc/racelab-init.c is PID 1; what it must do, read from its source
+    text = (CSRC / "racelab-init.c").read_text()
+    assert '"racelab-init: "' in text and 'say("ready host=%s nic=%s uptime=%ss"' in text
     assert image.READY_MARKER == "racelab-init: ready"
-    assert "/usr/sbin/sshd -D" in text
-    assert "/lib/modules/racelab/load-order" in text
-    assert "10.0.2.15/24" in text              # QEMU user-net defaults, no DHCP
-    assert "wait" in text and "sleep infinity &" in text   # PID 1 reaps orphans
+    assert '"/usr/sbin/sshd"' in text and '"-D", "-r", "-E", "/run/racelab/sshd.log"' in text
+    assert '"/lib/modules/racelab"' in text and "finit_module" in text
+    assert '"10.0.2.15/24"' in text                 # QEMU user-net defaults, no DHCP
+    assert '"/etc/racelab/fstab"' in text and "is_mounted(" in text
+    # sshd is the only program it runs: each exec costs ~100 ms under TCG
+    assert re.findall(r"\b(?:exec[lv]p?e?|posix_spawnp?|system|popen)\(", text) == ["execv("]
     assert "systemd" not in text.replace("no systemd", "")
+
+
+@pytest.fixture(scope="module")
+def built_init():
+    from lab import dataplane
+    if shutil.which("gcc") is None or shutil.which("make") is None:
+        pytest.skip("needs gcc and make: apt-get install build-essential")
+    return dataplane.build() / dataplane.INIT_BINARY
+
+
+def test_init_refuses_to_run_as_a_command(built_init):
+    # not PID 1: it must not mount or start sshd on the host
+    p = subprocess.run([str(built_init)], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2 and "PID 1" in p.stderr
 
 
 def test_fstab_mounts_what_the_lab_needs():
@@ -123,14 +138,17 @@ def test_initramfs_init_is_valid_busybox_sh():
 
 # --- lab layer --------------------------------------------------------------------
 
-def test_lab_layer_holds_lab_pyroute2_keys_and_init(cache):
+def test_lab_layer_holds_lab_pyroute2_keys_and_init(cache, tmp_path):
     keys = image.ensure_keys()
-    files = {f.guest: f for f in image.lab_layer(keys, binaries=[])}
+    init = tmp_path / "racelab-init"
+    init.write_bytes(b"\x7fELF the built init")
+    files = {f.guest: f for f in image.lab_layer(keys, binaries=[init])}
     assert "/opt/racelab/lab/agent/run.py" in files
     assert not any(g.startswith("/opt/racelab/lab/") and not g.startswith("/opt/racelab/lab/agent/")
                    for g in files)          # the host's modules stay out of the guest
     assert "/opt/racelab/site/pyroute2/__init__.py" in files
     assert files[image.GUEST_INIT].mode == 0o755
+    assert files[image.GUEST_INIT].content() == b"\x7fELF the built init"
     assert files["/etc/ssh/ssh_host_ed25519_key"].mode == 0o600
     assert files["/root/.ssh/authorized_keys"].content().decode().startswith("ssh-ed25519 ")
     assert not any("__pycache__" in g for g in files)
@@ -320,7 +338,26 @@ def test_an_image_without_the_c_binaries_is_an_error(monkeypatch, tmp_path):
         image.dataplane_binaries()
     (half / "xsktrace").write_text("#!/bin/sh\n")
     (half / "xsktrace").chmod(0o755)
-    assert [p.name for p in image.dataplane_binaries()] == ["xskamp", "xskcheck", "xsksend", "xsktrace"]
+    with pytest.raises(BuildFailed, match="racelab-init"):
+        image.dataplane_binaries()
+    (half / "racelab-init").write_text("#!/bin/sh\n")
+    (half / "racelab-init").chmod(0o755)
+    assert [p.name for p in image.dataplane_binaries()] == ["racelab-init", "xskamp", "xskcheck", "xsksend",
+                                                            "xsktrace"]
+
+
+def test_the_layer_boots_the_built_init_not_a_script(built_init, cache, monkeypatch):
+    # the real build (made in the real cache): its init lands at the path init= names,
+    # the tools under GUEST_BIN
+    from lab import dataplane
+    assert image.GUEST_INIT.rsplit("/", 1)[1] == dataplane.INIT_BINARY
+    monkeypatch.setattr(dataplane, "build", lambda: built_init.parent)
+    files = {f.guest: f for f in image.lab_layer(image.ensure_keys(), image.dataplane_binaries())}
+    init = files[image.GUEST_INIT]
+    assert init.mode == 0o755 and init.source == built_init
+    assert init.content()[:4] == b"\x7fELF"                  # static C, no interpreter line
+    assert f"{image.GUEST_BIN}/{dataplane.INIT_BINARY}" not in files
+    assert {f"{image.GUEST_BIN}/{b}" for b in dataplane.BINARIES} <= set(files)
 
 
 def test_size_limit():

@@ -240,6 +240,41 @@ def test_boot_debian_kernel_and_run_uname(deb_kernel, image, tmp_path):
 def test_boot_catalog_source_kernel_and_run_uname(source_kernel, image, tmp_path):
     with vmmod.VM(source_kernel, image, name="src", results_dir=tmp_path) as vm:
         _check_boot(vm, source_kernel.version)
+        _check_init(vm, "src", "10.0.2.15/24")      # no initramfs: the kernel runs the init itself
+
+
+def _check_init(vm: vmmod.VM, host: str, cidr: str) -> None:
+    """PID 1 is the static C init (csrc/racelab-init.c), and it did the shell init's job."""
+    h = vm.host
+    # a script's PID 1 would be /bin/sh running it: the executable itself is the init
+    assert h.cmd(["readlink", "/proc/1/exe"]).stdout.strip().endswith("/racelab-init")
+    assert h.cmd(["head", "-c", "4", imagemod.GUEST_INIT]).stdout == "\x7fELF"
+    marker = re.search(r"racelab-init: ready host=(\S+) nic=(\S+) uptime=\d+\.\d\ds\r?$",
+                       vm.console_path.read_text(errors="replace"), re.M)
+    assert marker and marker.group(1) == host, "no ready marker in the script's format"
+    assert h.cmd(["hostname"]).stdout.strip() == host
+    addrs = h.cmd(["ip", "-4", "-o", "addr", "show", "dev", marker.group(2)]).stdout
+    assert f"inet {cidr} " in addrs and " brd " not in addrs       # what `ip addr add` made
+    assert "UP" in h.cmd(["ip", "-o", "link", "show", "lo"]).stdout
+    mounts = {line.split()[1]: line.split()[2] for line in h.cmd(["cat", "/proc/mounts"]).stdout.splitlines()}
+    for target, fstype in (("/proc", "proc"), ("/dev", "devtmpfs"), ("/dev/pts", "devpts"), ("/run", "tmpfs"),
+                           ("/sys/kernel/tracing", "tracefs"), ("/sys/kernel/debug", "debugfs")):
+        assert mounts.get(target) == fstype, (target, mounts.get(target))
+    # sshd: started by PID 1 with the shell init's umask (its environ is not readable:
+    # sshd writes its process title over it)
+    sshd = h.cmd(["pgrep", "-o", "-x", "sshd"]).stdout.strip()
+    status = h.cmd(["cat", f"/proc/{sshd}/status"]).stdout
+    assert re.search(r"^PPid:\s+1$", status, re.M) and re.search(r"^Umask:\s+0022$", status, re.M)
+    assert h.cmd(["test", "-f", "/run/racelab/sshd.log"], check=False).returncode == 0
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+def test_the_c_init_takes_hostname_and_address_from_the_cmdline(deb_kernel, image, tmp_path):
+    # /25, not QEMU's /24: the address must come from racelab.ip= (hostfwd still reaches .15)
+    with vmmod.VM(deb_kernel, image, name="init-check", results_dir=tmp_path,
+                  cmdline="racelab.ip=10.0.2.15/25") as vm:
+        _check_init(vm, "init-check", "10.0.2.15/25")
 
 
 @pytest.mark.vm
