@@ -1,5 +1,5 @@
 /* Shared by xskcheck and xsksend: the payload format, its checksum, and
- * small helpers (clock, CPU lists).
+ * small helpers (clock, CPU lists, integer options).
  *
  * A racelab frame is Ethernet + IPv4 (IHL 5) + UDP + this payload:
  *
@@ -15,8 +15,10 @@
 #ifndef RACELAB_COMMON_H
 #define RACELAB_COMMON_H
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -36,6 +38,22 @@ static inline uint64_t now_ns(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* An integer option in [lo, hi] (decimal, 0x hex): its value, or exit 2 naming the
+ * option, the range and what was given.  prog: the binary's name for the message. */
+static inline long parse_long_opt(const char *prog, const char *s, const char *name, long lo, long hi)
+{
+	char *end;
+	long v;
+
+	errno = 0;
+	v = strtol(s, &end, 0);
+	if (errno || *end || end == s || v < lo || v > hi) {
+		fprintf(stderr, "%s: --%s must be an integer in [%ld, %ld], got '%s'\n", prog, name, lo, hi, s);
+		exit(2);
+	}
+	return v;
 }
 
 static inline uint64_t splitmix64(uint64_t *s)

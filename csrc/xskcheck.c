@@ -1622,16 +1622,7 @@ static void die_usage(const char *fmt, const char *arg)
 
 static long parse_long(const char *s, const char *name, long lo, long hi)
 {
-	char *end;
-	long v;
-
-	errno = 0;
-	v = strtol(s, &end, 0);
-	if (errno || *end || end == s || v < lo || v > hi) {
-		fprintf(stderr, "xskcheck: --%s must be an integer in [%ld, %ld], got '%s'\n", name, lo, hi, s);
-		exit(2);
-	}
-	return v;
+	return parse_long_opt("xskcheck", s, name, lo, hi);
 }
 
 static void parse_args(int argc, char **argv)
