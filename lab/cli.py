@@ -196,17 +196,24 @@ def _write_tap(path: str | None, outcome: Outcome, cfg: RunConfig, levels: dict[
 
 
 def _report(outcome: Outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:
-    from lab import report
-
     _write_tap(tap, outcome, cfg, {r.kernel: cfg.expect for r in outcome.rows})
-    if as_json:
-        print((outcome.out / "summary.json").read_text())
-    else:
-        report.print_table(outcome.rows, f"racelab {cfg.scenario} ({cfg.backend}), seed {cfg.seed}")
-        report.print_interleavings(outcome.targets)
-        _print_amplifiers(outcome.rows)
+    if _show(outcome, as_json, f"racelab {cfg.scenario} ({cfg.backend}), seed {cfg.seed}"):
         print(f"results: {outcome.out}  (summary.json, events.jsonl, junit.xml, report.html)")
     return _exit_for(outcome, cfg.expect)
+
+
+def _show(outcome: Outcome, as_json: bool, title: str) -> bool:
+    """summary.json on stdout (--json), else the verdict table, the interleavings and the
+    amplifiers.  True when the table was shown (the caller's own lines follow it)."""
+    from lab import report
+
+    if as_json:
+        print((outcome.out / "summary.json").read_text())
+        return False
+    report.print_table(outcome.rows, title)
+    report.print_interleavings(outcome.targets)
+    _print_amplifiers(outcome.rows)
+    return True
 
 
 def _print_amplifiers(rows: Sequence[Row]) -> None:
@@ -259,18 +266,12 @@ def cmd_repro(a: argparse.Namespace) -> int:
 
 
 def _report_repro(outcome: Outcome, cfg: RunConfig, as_json: bool, tap: str | None = None) -> int:
-    from lab import report
     from lab.verdict import INCONCLUSIVE
 
     # judged as the exit code below: --expect, else what the catalog expects of each kernel
     levels = outcome.meta.get("expected", {})
     _write_tap(tap, outcome, cfg, {r.kernel: cfg.expect or levels.get(r.kernel) for r in outcome.rows})
-    if as_json:
-        print((outcome.out / "summary.json").read_text())
-    else:
-        report.print_table(outcome.rows, f"racelab repro {cfg.scenario} ({cfg.backend}), seed {cfg.seed}")
-        report.print_interleavings(outcome.targets)
-        _print_amplifiers(outcome.rows)
+    if _show(outcome, as_json, f"racelab repro {cfg.scenario} ({cfg.backend}), seed {cfg.seed}"):
         for r in outcome.rows:
             stop = r.extra.get("control_stop") or {}
             if stop.get("text"):
