@@ -29,6 +29,40 @@ def test_accelerator_line_says_why():
     assert accelmod.accel_text("tcg", "") == "tcg"
 
 
+class _Conn:
+    """A remote libvirtd as the probe sees it: its host UUID, and createXML as `create` does it."""
+
+    def __init__(self, uuid, create):
+        self.uuid, self.create = uuid, create
+
+    def getDomainCapabilities(self, *a):
+        return ""
+
+    def getCapabilities(self):
+        return f"<capabilities><host><uuid>{self.uuid}</uuid></host></capabilities>"
+
+    def getVersion(self):
+        return 9000000
+
+    def createXML(self, xml, flags):
+        return self.create(xml)
+
+    def close(self):
+        pass
+
+
+def _remote(monkeypatch, tmp_path, conn):
+    """A fake remote for accel._remote_accel: its connection, pool and boot files."""
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"k")
+    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(accelmod, "connect", lambda uri: conn)
+    monkeypatch.setattr(accelmod, "upload", lambda conn, path, name: f"/pool/{name}")
+    monkeypatch.setattr(bootmod, "kernel_for_boot", lambda k: kernel)
+    monkeypatch.setattr(bootmod, "probe_initrd", lambda: kernel)
+    return BareKernel(kernel)
+
+
 def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch, tmp_path):
     import libvirt
 
@@ -38,35 +72,13 @@ def test_remote_kvm_probe_destroys_its_domain_when_the_console_fails(monkeypatch
         def destroy(self):
             Dom.destroyed = True
 
-    class Conn:
-        def getDomainCapabilities(self, *a):
-            return ""
-
-        def getCapabilities(self):
-            return "<capabilities><host><uuid>0-0</uuid></host></capabilities>"
-
-        def getVersion(self):
-            return 9000000
-
-        def createXML(self, xml, flags):
-            return Dom()
-
-        def close(self):
-            pass
-
     def broken_stream(*a):
         raise libvirt.libvirtError("console stream failed")
 
-    kernel = tmp_path / "bzImage"
-    kernel.write_bytes(b"k")
-    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(accelmod, "connect", lambda uri: Conn())
-    monkeypatch.setattr(accelmod, "upload", lambda conn, path, name: f"/pool/{name}")
+    k = _remote(monkeypatch, tmp_path, _Conn("0-0", lambda xml: Dom()))
     monkeypatch.setattr(accelmod, "ConsoleStream", broken_stream)
-    monkeypatch.setattr(bootmod, "kernel_for_boot", lambda k: kernel)
-    monkeypatch.setattr(bootmod, "probe_initrd", lambda: kernel)
     with pytest.raises(libvirt.libvirtError):
-        accelmod._remote_accel(BareKernel(kernel), "qemu+ssh://lab2/system")
+        accelmod._remote_accel(k, "qemu+ssh://lab2/system")
     assert Dom.destroyed
 
 
@@ -75,31 +87,11 @@ def test_the_remote_kvm_probe_is_cached_per_host_not_per_uri(monkeypatch, tmp_pa
 
     started = []
 
-    class Conn:
-        def getDomainCapabilities(self, *a):
-            return ""
+    def create(xml):
+        started.append(xml)
+        raise libvirt.libvirtError("no KVM for you")
 
-        def getCapabilities(self):
-            return "<capabilities><host><uuid>5a1e-host</uuid></host></capabilities>"
-
-        def getVersion(self):
-            return 9000000
-
-        def createXML(self, xml, flags):
-            started.append(xml)
-            raise libvirt.libvirtError("no KVM for you")
-
-        def close(self):
-            pass
-
-    kernel = tmp_path / "bzImage"
-    kernel.write_bytes(b"k")
-    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(accelmod, "connect", lambda uri: Conn())
-    monkeypatch.setattr(accelmod, "upload", lambda conn, path, name: f"/pool/{name}")
-    monkeypatch.setattr(bootmod, "kernel_for_boot", lambda k: kernel)
-    monkeypatch.setattr(bootmod, "probe_initrd", lambda: kernel)
-    k = BareKernel(kernel)
+    k = _remote(monkeypatch, tmp_path, _Conn("5a1e-host", create))
     accel, why = accelmod._remote_accel(k, "qemu+ssh://root@lab2:2201/system?keyfile=/a")
     assert accel == "tcg" and "did not start" in why and len(started) == 1
     # the same host through another port and key: its libvirt host UUID finds the probe
