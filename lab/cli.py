@@ -898,7 +898,7 @@ def make_parser() -> argparse.ArgumentParser:
         v.add_argument("--vcpus", type=int, default=2, help="guest vCPUs (default 2)")
         v.add_argument("--memory", type=int, default=1024, help="guest memory in MiB (default 1024)")
         v.add_argument("--cmdline", default="", help="extra kernel command line, after racelab's own")
-        # lab.vm's Accel values (a test keeps them equal): importing lab.vm here would slow TAB
+        # lab.accel's Accel values (a test keeps them equal): importing it here would slow TAB
         v.add_argument("--accel", choices=("kvm", "tcg"), default=None,
                        help="kvm or tcg (default: kvm where a probe shows it boots this kernel; "
                             "RACELAB_ACCEL says the same)")

@@ -58,7 +58,7 @@ class Progress:
                     self.first[label] = time.monotonic() - self.t0
                     self.display.note(f"first violation on {label}: {ev.get('kind')} "
                                       f"(queue {ev.get('queue')}, cpu {ev.get('cpu')})")
-            self.display.update(self.line())
+            self.display.update(self.line)   # formatted only when shown
 
     def line(self) -> str:
         return (f"[{fmt_duration(time.monotonic() - self.t0):>6}] targets {len(self.rx)}  "
