@@ -665,8 +665,11 @@ def reap_stale(conn: libvirt.virConnect | None = None) -> list[str]:
         try:
             owner = json.loads((d / "owner").read_text())
         except (OSError, ValueError):
-            if time.time() - d.stat().st_mtime < 60:
-                continue  # being created right now
+            try:
+                if time.time() - d.stat().st_mtime < 60:
+                    continue  # being created right now
+            except FileNotFoundError:
+                continue      # removed right now, by the guest's own teardown
             owner = {}
         if not _owner_alive(owner.get("pid", ""), owner.get("start", ""), owner.get("host", "")):
             shutil.rmtree(d, ignore_errors=True)

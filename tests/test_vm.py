@@ -619,3 +619,24 @@ def test_one_slug_for_file_and_domain_names():
     assert slug("6.1.192+revert-generic-rx/vm 3") == "6.1.192_revert-generic-rx_vm_3"
     long = "k" * 60
     assert slug(long) == long and slug(long, 40) == "k" * 40
+
+
+def test_reap_skips_a_guest_directory_removed_while_it_looks(monkeypatch, tmp_path):
+    """Another guest's teardown removes its directory between the glob and the look at its
+    age (a dangling link stands in for that moment): the reap goes on, and a VM start
+    that reaps first is not failed by someone else's teardown."""
+    monkeypatch.setenv("RACELAB_CACHE", str(tmp_path))
+    vms = tmp_path / "vms"
+    vms.mkdir()
+    (vms / "racelab-1-pytest-0").symlink_to(tmp_path / "gone")
+    stale = vms / "racelab-2-x-0"
+    stale.mkdir()
+    import json
+    (stale / "owner").write_text(json.dumps({**vmmod._owner_meta(""), "pid": "999999999"}))   # gone
+
+    class Conn:
+        def listAllDomains(self):
+            return []
+
+    assert vmmod.reap_stale(Conn()) == []
+    assert not stale.exists(), "a dead owner's directory still goes"
